@@ -1,0 +1,285 @@
+"""Destinations: the parsed, validated form of a destination service's MAIL destination.
+
+A destination arrives as a JSON object of string keys and string values (SPEC section 1).
+:func:`parse_destination` turns it into a frozen :class:`Destination` or raises
+:class:`DestinationError` naming the destination and the offending key.  Secret-bearing
+fields are excluded from ``repr`` so a destination can be logged safely.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import attrs
+from attrs import field, frozen
+
+#: Canonical protocol name -> (protocol family, implicit TLS, default port).
+PROTOCOLS: dict[str, tuple[str, bool, int]] = {
+    "smtp": ("smtp", False, 587),
+    "smtps": ("smtp", True, 465),
+    "imap4": ("imap", False, 143),
+    "imap4s": ("imap", True, 993),
+    "pop3": ("pop3", False, 110),
+    "pop3s": ("pop3", True, 995),
+}
+
+#: Accepted spellings that are not canonical.
+PROTOCOL_ALIASES = {"imap": "imap4", "imaps": "imap4s"}
+
+PROXY_TYPES = ("Internet", "OnPremise")
+
+NO_AUTH = "NoAuthentication"
+BASIC = "BasicAuthentication"
+OAUTH2_CLIENT_CREDENTIALS = "OAuth2ClientCredentials"
+OAUTH2_REFRESH_TOKEN = "OAuth2RefreshToken"
+OAUTH2_AUTHORIZATION_CODE = "OAuth2AuthorizationCode"
+AUTHENTICATION_TYPES = (
+    NO_AUTH,
+    BASIC,
+    OAUTH2_CLIENT_CREDENTIALS,
+    OAUTH2_REFRESH_TOKEN,
+    OAUTH2_AUTHORIZATION_CODE,
+)
+OAUTH2_TYPES = (OAUTH2_CLIENT_CREDENTIALS, OAUTH2_REFRESH_TOKEN, OAUTH2_AUTHORIZATION_CODE)
+#: Authentication types where the application presents a secret the gateway exchanges.
+LAZY_TYPES = (OAUTH2_REFRESH_TOKEN, OAUTH2_AUTHORIZATION_CODE)
+
+TOKEN_URL_TYPES = ("Dedicated", "Common")
+
+
+class DestinationError(ValueError):
+    """A destination is invalid.  The message names the destination and the key."""
+
+    def __init__(self, destination: str, key: str | None, problem: str):
+        self.destination = destination
+        self.key = key
+        self.problem = problem
+        where = f"destination {destination!r}"
+        if key:
+            where += f", key {key!r}"
+        super().__init__(f"{where}: {problem}")
+
+
+@frozen
+class Destination:
+    """One MAIL destination, validated.  Values here are typed; secrets are not in repr."""
+
+    name: str
+    protocol: str  # canonical: smtp smtps imap4 imap4s pop3 pop3s
+    host: str
+    port: int
+    proxy_type: str = "Internet"
+    authentication: str = NO_AUTH
+    auth: bool = True  # mail.<p>.auth
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token_service_url: str | None = None
+    token_service_url_type: str = "Dedicated"
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    scope: str | None = None
+    location_id: str | None = None
+    starttls_enable: bool = True
+    starttls_required: bool = False
+    trust_store: str | None = None
+    key_store: str | None = None
+    trust_all: bool = False
+
+    @property
+    def family(self) -> str:
+        """``smtp``, ``imap`` or ``pop3``."""
+        return PROTOCOLS[self.protocol][0]
+
+    @property
+    def implicit_tls(self) -> bool:
+        return PROTOCOLS[self.protocol][1]
+
+    @property
+    def default_port(self) -> int:
+        return PROTOCOLS[self.protocol][2]
+
+    @property
+    def on_premise(self) -> bool:
+        return self.proxy_type == "OnPremise"
+
+    @property
+    def lazy(self) -> bool:
+        """True when the application presents the secret (refresh token or code)."""
+        return self.authentication in LAZY_TYPES
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def with_tenant_token_url(self, tenant: str | None) -> str | None:
+        """The token service URL for ``tenant`` (SPEC: ``tokenServiceURLType``)."""
+        url = self.token_service_url
+        if url is None or tenant is None or self.token_service_url_type != "Common":
+            return url
+        if "{tenant}" in url:
+            return url.replace("{tenant}", tenant)
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            return f"{tenant}.{url}"
+        return f"{scheme}://{tenant}.{rest}"
+
+
+def _bool(name: str, key: str, value: Any, default: bool) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise DestinationError(name, key, f'must be "true" or "false", not {value!r}')
+
+
+def parse_destination(obj: Mapping[str, Any], origin: str | None = None) -> Destination:
+    """Validate a destination JSON object and return a :class:`Destination`.
+
+    ``origin`` (a file name, a Secret) is only used in error messages.
+    """
+    if not isinstance(obj, Mapping):
+        raise DestinationError(origin or "?", None, f"must be a JSON object, not {type(obj).__name__}")
+    raw_name = obj.get("Name")
+    if not isinstance(raw_name, str) or not raw_name.strip():
+        raise DestinationError(origin or "?", "Name", "is missing or empty")
+    name = raw_name.strip()
+
+    def text(key: str, required: bool = False) -> str | None:
+        value = obj.get(key)
+        if value is None:
+            if required:
+                raise DestinationError(name, key, "is missing")
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise DestinationError(name, key, f"must be a string, not {type(value).__name__}")
+        value = value.strip()
+        if required and not value:
+            raise DestinationError(name, key, "is empty")
+        return value or None
+
+    kind = text("Type", required=True)
+    if kind != "MAIL":
+        raise DestinationError(name, "Type", f"must be MAIL, not {kind!r}")
+
+    proxy_type = text("ProxyType") or "Internet"
+    if proxy_type not in PROXY_TYPES:
+        raise DestinationError(
+            name, "ProxyType", f"must be one of {', '.join(PROXY_TYPES)}, not {proxy_type!r}"
+        )
+
+    authentication = text("Authentication") or NO_AUTH
+    if authentication not in AUTHENTICATION_TYPES:
+        raise DestinationError(
+            name,
+            "Authentication",
+            f"must be one of {', '.join(AUTHENTICATION_TYPES)}, not {authentication!r}",
+        )
+
+    given_protocol = text("mail.transport.protocol", required=True)
+    protocol = PROTOCOL_ALIASES.get(given_protocol.lower(), given_protocol.lower())
+    if protocol not in PROTOCOLS:
+        raise DestinationError(
+            name,
+            "mail.transport.protocol",
+            f"must be one of {', '.join(PROTOCOLS)}, not {given_protocol!r}",
+        )
+
+    # Keys may use the alias spelling (mail.imaps.host for imap4s); accept both.
+    spellings = [protocol] + [alias for alias, canon in PROTOCOL_ALIASES.items() if canon == protocol]
+    if given_protocol.lower() not in spellings:
+        spellings.append(given_protocol.lower())
+
+    def proto_key(suffix: str) -> tuple[str, str | None]:
+        for spelling in spellings:
+            key = f"mail.{spelling}.{suffix}"
+            if key in obj:
+                return key, text(key)
+        return f"mail.{protocol}.{suffix}", None
+
+    host_key, host = proto_key("host")
+    if not host:
+        raise DestinationError(name, host_key, "is missing")
+    if any(c.isspace() for c in host) or "/" in host:
+        raise DestinationError(name, host_key, f"is not a host name: {host!r}")
+
+    port_key, port_text = proto_key("port")
+    if port_text is None:
+        port = PROTOCOLS[protocol][2]
+    else:
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise DestinationError(name, port_key, f"must be a port number, not {port_text!r}") from None
+        if not 0 < port < 65536:
+            raise DestinationError(name, port_key, f"must be between 1 and 65535, not {port}")
+
+    auth_key, auth_text = proto_key("auth")
+    auth = _bool(name, auth_key, auth_text, True)
+    enable_key, enable_text = proto_key("starttls.enable")
+    starttls_enable = _bool(name, enable_key, enable_text, True)
+    required_key, required_text = proto_key("starttls.required")
+    starttls_required = _bool(name, required_key, required_text, False)
+    if starttls_required and not starttls_enable:
+        raise DestinationError(name, required_key, f"is true but {enable_key} is false")
+
+    user = text("mail.user")
+    password = text("mail.password")
+    if authentication == BASIC and auth:
+        if not user:
+            raise DestinationError(name, "mail.user", "is required for BasicAuthentication")
+        if password is None:
+            raise DestinationError(name, "mail.password", "is required for BasicAuthentication")
+
+    token_url = text("tokenServiceURL")
+    token_url_type = text("tokenServiceURLType") or "Dedicated"
+    if token_url_type not in TOKEN_URL_TYPES:
+        raise DestinationError(
+            name, "tokenServiceURLType", f"must be Dedicated or Common, not {token_url_type!r}"
+        )
+    client_id = text("clientId")
+    client_secret = text("clientSecret")
+    if authentication in OAUTH2_TYPES:
+        if not token_url:
+            raise DestinationError(name, "tokenServiceURL", f"is required for {authentication}")
+        if not token_url.startswith(("https://", "http://")):
+            raise DestinationError(name, "tokenServiceURL", "must be an http(s) URL")
+        if not client_id:
+            raise DestinationError(name, "clientId", f"is required for {authentication}")
+        if client_secret is None:
+            raise DestinationError(name, "clientSecret", f"is required for {authentication}")
+        if authentication == OAUTH2_CLIENT_CREDENTIALS and not user:
+            raise DestinationError(name, "mail.user", "is required for OAuth2ClientCredentials")
+
+    trust_all = _bool(name, "TrustAll", obj.get("TrustAll"), False)
+
+    return Destination(
+        name=name,
+        protocol=protocol,
+        host=host,
+        port=port,
+        proxy_type=proxy_type,
+        authentication=authentication,
+        auth=auth,
+        user=user,
+        password=password,
+        token_service_url=token_url,
+        token_service_url_type=token_url_type,
+        client_id=client_id,
+        client_secret=client_secret,
+        scope=text("scope"),
+        location_id=text("CloudConnectorLocationId"),
+        starttls_enable=starttls_enable,
+        starttls_required=starttls_required,
+        trust_store=text("TrustStoreLocation"),
+        key_store=text("KeyStoreLocation"),
+        trust_all=trust_all,
+    )
+
+
+def evolve(destination: Destination, **changes: Any) -> Destination:
+    """A copy of ``destination`` with ``changes`` (used by sources for tenant-specific data)."""
+    return attrs.evolve(destination, **changes)
