@@ -1,0 +1,266 @@
+"""gateway.yaml: the standalone gateway's configuration file (SPEC section 2).
+
+:func:`load_config` reads YAML or JSON, resolves secret references (``{"env": NAME}``,
+``{"file": path}``), validates every destination and listener and returns a frozen
+:class:`GatewayConfig`.  Every problem is a :class:`ConfigError` whose one-line message
+names the file, the destination and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from attrs import field, frozen
+
+from .destination import Destination, DestinationError, parse_destination
+from .endpoints.tls import TLSConfigError, check_tls_files
+from .session import Settings
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says where and why."""
+
+
+@frozen
+class ListenerConfig:
+    destination: str
+    listen: str  # a Twisted server endpoint string
+    tenant: str | None = None
+
+
+@frozen
+class ProxyConfig:
+    """The SOCKS5 connectivity proxy used by OnPremise destinations."""
+
+    host: str
+    port: int
+    authentication: str = "none"  # none | userpass | sap
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token_service_url: str | None = None  # sap: where the proxy's JWT comes from
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+
+
+@frozen
+class HttpConfig:
+    listen: str
+
+
+@frozen
+class GatewayConfig:
+    destinations: dict[str, Destination]
+    listeners: tuple[ListenerConfig, ...]
+    connectivity_proxy: ProxyConfig | None = None
+    http: HttpConfig | None = None
+    settings: Settings = Settings()
+    drain_timeout: float = 30.0
+    origin: str = "<config>"
+
+
+_SETTING_KEYS = {
+    # gateway.yaml name: (section, Settings attribute)
+    ("timeouts", "connect"): "connect_timeout",
+    ("timeouts", "tls"): "tls_timeout",
+    ("timeouts", "login"): "login_timeout",
+    ("timeouts", "idle"): "idle_timeout",
+    ("timeouts", "relayIdle"): "relay_idle_timeout",
+    ("limits", "maxLine"): "max_line",
+    ("limits", "maxSessionsPerDestination"): "max_sessions_per_destination",
+}
+
+
+def resolve_secret(value: Any, where: str, base: Path) -> Any:
+    """Replace ``{"env": NAME}`` and ``{"file": path}`` with the secret they point at."""
+    if not (isinstance(value, Mapping) and len(value) == 1 and next(iter(value)) in ("env", "file")):
+        return value
+    kind, ref = next(iter(value.items()))
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"{where}: {kind} reference must be a non-empty string")
+    if kind == "env":
+        if ref not in os.environ:
+            raise ConfigError(f"{where}: environment variable {ref} is not set")
+        return os.environ[ref]
+    path = base / ref
+    try:
+        return path.read_text().rstrip("\r\n")
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read secret file {path}: {e.strerror}") from None
+
+
+def _load_document(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)  # YAML is a superset of JSON
+    except (ValueError, yaml.YAMLError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where} not valid YAML/JSON: {problem}") from None
+
+
+def _destination(raw: Any, origin: str, base: Path) -> Destination:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{origin}: a destination must be a mapping, not {type(raw).__name__}")
+    name = raw.get("Name", "?")
+    resolved = {key: resolve_secret(value, f"{origin}: destination {name!r}, key {key!r}", base) for key, value in raw.items()}
+    try:
+        destination = parse_destination(resolved, origin)
+        check_tls_files(destination)
+    except (DestinationError, TLSConfigError) as e:
+        raise ConfigError(f"{origin}: {e}") from None
+    return destination
+
+
+def _destinations(raw: Any, origin: str, base: Path) -> dict[str, Destination]:
+    items: list[tuple[Any, str]] = []
+    if isinstance(raw, str):  # a directory of *.json files
+        directory = base / raw
+        if not directory.is_dir():
+            raise ConfigError(f"{origin}: destinations: {directory} is not a directory")
+        for path in sorted(directory.glob("*.json")):
+            items.append((_load_document(path), str(path)))
+    elif isinstance(raw, list):
+        items = [(item, origin) for item in raw]
+    else:
+        raise ConfigError(f"{origin}: destinations must be a list or a directory name")
+    result: dict[str, Destination] = {}
+    for item, item_origin in items:
+        destination = _destination(item, item_origin, base)
+        if destination.name in result:
+            raise ConfigError(f"{item_origin}: destination {destination.name!r} is defined twice")
+        result[destination.name] = destination
+    return result
+
+
+def _listeners(raw: Any, origin: str, destinations: Mapping[str, Destination]) -> tuple[ListenerConfig, ...]:
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise ConfigError(f"{origin}: listeners must be a list")
+    result = []
+    for index, item in enumerate(raw):
+        where = f"{origin}: listeners[{index}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{where}: must be a mapping with destination and listen")
+        unknown = set(item) - {"destination", "listen", "tenant"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        name, listen, tenant = item.get("destination"), item.get("listen"), item.get("tenant")
+        if not isinstance(name, str) or name not in destinations:
+            raise ConfigError(f"{where}, key 'destination': no destination named {name!r}")
+        if not isinstance(listen, str) or not listen:
+            raise ConfigError(f"{where}, key 'listen': must be a Twisted endpoint string like tcp:2525:interface=127.0.0.1")
+        if tenant is not None and not isinstance(tenant, str):
+            raise ConfigError(f"{where}, key 'tenant': must be a string")
+        result.append(ListenerConfig(destination=name, listen=listen, tenant=tenant))
+    return tuple(result)
+
+
+def _proxy(raw: Any, origin: str, base: Path) -> ProxyConfig | None:
+    if raw is None:
+        return None
+    where = f"{origin}: connectivityProxy"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: must be a mapping")
+    values = {key: resolve_secret(value, f"{where}, key {key!r}", base) for key, value in raw.items()}
+    known = {"host", "port", "authentication", "username", "password", "tokenServiceURL", "clientId", "clientSecret"}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    host, port = values.get("host"), values.get("port")
+    if not isinstance(host, str) or not host:
+        raise ConfigError(f"{where}, key 'host': is missing")
+    try:
+        port = int(port)
+        if not 0 < port < 65536:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}, key 'port': must be a port number") from None
+    auth = values.get("authentication", "none")
+    if auth not in ("none", "userpass", "sap"):
+        raise ConfigError(f"{where}, key 'authentication': must be none, userpass or sap, not {auth!r}")
+    needed = {"none": (), "userpass": ("username", "password"), "sap": ("tokenServiceURL", "clientId", "clientSecret")}[auth]
+    for key in needed:
+        if not values.get(key):
+            raise ConfigError(f"{where}, key {key!r}: is required for authentication {auth}")
+    return ProxyConfig(
+        host=host, port=port, authentication=auth,
+        username=values.get("username"), password=values.get("password"),
+        token_service_url=values.get("tokenServiceURL"), client_id=values.get("clientId"),
+        client_secret=values.get("clientSecret"),
+    )
+
+
+def _settings(doc: Mapping[str, Any], origin: str) -> tuple[Settings, float]:
+    changes: dict[str, Any] = {}
+    drain = 30.0
+    for section in ("timeouts", "limits"):
+        raw = doc.get(section) or {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{origin}: {section} must be a mapping")
+        for key, value in raw.items():
+            if section == "timeouts" and key == "drain":
+                attribute = "drain"
+            else:
+                attribute = _SETTING_KEYS.get((section, key))
+            if attribute is None:
+                raise ConfigError(f"{origin}: {section}: unknown key {key!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{origin}: {section}, key {key!r}: must be a positive number")
+            if attribute == "drain":
+                drain = float(value)
+            else:
+                changes[attribute] = int(value) if section == "limits" else float(value)
+    hostname = doc.get("hostname")
+    if hostname is not None:
+        if not isinstance(hostname, str) or not hostname.isascii() or not hostname:
+            raise ConfigError(f"{origin}: hostname must be an ASCII host name")
+        changes["hostname"] = hostname
+    return Settings(**changes), drain
+
+
+_TOP_LEVEL = {"destinations", "listeners", "connectivityProxy", "http", "timeouts", "limits", "hostname"}
+
+
+def parse_config(doc: Any, origin: str = "<config>", base: Path | None = None) -> GatewayConfig:
+    """Validate an already-parsed configuration document."""
+    base = base or Path.cwd()
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{origin}: must be a mapping with destinations and listeners")
+    unknown = set(doc) - _TOP_LEVEL
+    if unknown:
+        raise ConfigError(f"{origin}: unknown key {sorted(unknown)[0]!r}")
+    destinations = _destinations(doc.get("destinations", []), origin, base)
+    listeners = _listeners(doc.get("listeners"), origin, destinations)
+    proxy = _proxy(doc.get("connectivityProxy"), origin, base)
+    for destination in destinations.values():
+        if destination.on_premise and proxy is None:
+            raise ConfigError(
+                f"{origin}: destination {destination.name!r}, key 'ProxyType': is OnPremise but no connectivityProxy is configured"
+            )
+    http = doc.get("http")
+    if http is not None:
+        if not isinstance(http, Mapping) or not isinstance(http.get("listen"), str):
+            raise ConfigError(f"{origin}: http: must be a mapping with a listen endpoint string")
+        http = HttpConfig(listen=http["listen"])
+    settings, drain = _settings(doc, origin)
+    return GatewayConfig(
+        destinations=destinations, listeners=listeners, connectivity_proxy=proxy,
+        http=http, settings=settings, drain_timeout=drain, origin=origin,
+    )
+
+
+def load_config(path: str | os.PathLike) -> GatewayConfig:
+    """Read and validate ``path`` (YAML or JSON)."""
+    path = Path(path)
+    return parse_config(_load_document(path), str(path), path.parent)

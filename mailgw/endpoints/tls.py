@@ -1,0 +1,116 @@
+"""TLS client settings for a destination: trust, client certificate, host-name checks.
+
+The handshake itself is started by the session (``transport.startTLS``) for implicit TLS
+and STARTTLS alike, so one code path serves both and it works through a SOCKS tunnel
+(the SOCKS layer hands the real TCP transport to the mail protocol).
+"""
+
+from __future__ import annotations
+
+import re
+
+from OpenSSL import SSL
+from twisted.internet import ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..destination import Destination
+
+log = Logger()
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+class TLSConfigError(ValueError):
+    """A destination's TrustStoreLocation or KeyStoreLocation cannot be used."""
+
+
+def _read(destination: Destination, key: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSConfigError(
+            f"destination {destination.name!r}, key {key!r}: cannot read {path}: {e.strerror}"
+        ) from None
+
+
+def _certificates(destination: Destination, key: str, pem: bytes) -> list[ssl.Certificate]:
+    blocks = _PEM_CERT.findall(pem)
+    if not blocks:
+        raise TLSConfigError(f"destination {destination.name!r}, key {key!r}: no PEM certificate in the file")
+    try:
+        return [ssl.Certificate.loadPEM(block) for block in blocks]
+    except Exception:
+        raise TLSConfigError(f"destination {destination.name!r}, key {key!r}: unreadable PEM certificate") from None
+
+
+def _client_certificate(destination: Destination) -> tuple[ssl.PrivateCertificate | None, list]:
+    if not destination.key_store:
+        return None, []
+    pem = _read(destination, "KeyStoreLocation", destination.key_store)
+    certs = _certificates(destination, "KeyStoreLocation", pem)
+    try:
+        key = ssl.KeyPair.load(pem, ssl.FILETYPE_PEM)
+    except Exception:
+        raise TLSConfigError(
+            f"destination {destination.name!r}, key 'KeyStoreLocation': no usable private key in the file"
+        ) from None
+    leaf = ssl.PrivateCertificate.fromCertificateAndKeyPair(certs[0], key)
+    # optionsForClientTLS sends only the leaf unless the chain is given explicitly.
+    return leaf, [c.original for c in certs[1:]]
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedClientTLS:
+    """TrustAll: no chain or host-name checks, but SNI is still sent."""
+
+    def __init__(self, hostname: str, options: ssl.CertificateOptions):
+        self._hostname = hostname
+        self._options = options
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = SSL.Connection(self._options.getContext(), None)
+        connection.set_app_data(tlsProtocol)
+        connection.set_connect_state()
+        if not (isIPAddress(self._hostname) or isIPv6Address(self._hostname)):
+            connection.set_tlsext_host_name(self._hostname.encode("idna"))
+        return connection
+
+
+def client_tls_options(destination: Destination) -> IOpenSSLClientConnectionCreator:
+    """The connection creator for ``destination``'s upstream TLS (verification on by default)."""
+    client_cert, chain = _client_certificate(destination)
+    extra = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}
+    if chain:
+        extra["extraCertChain"] = chain
+    if destination.trust_all:
+        log.warn(
+            "destination {destination}: TrustAll is set, the upstream certificate is NOT verified",
+            destination=destination.name,
+        )
+        options = ssl.CertificateOptions(
+            verify=False,
+            privateKey=client_cert.privateKey.original if client_cert else None,
+            certificate=client_cert.original if client_cert else None,
+            **extra,
+        )
+        return _UnverifiedClientTLS(destination.host, options)
+    if destination.trust_store:
+        pem = _read(destination, "TrustStoreLocation", destination.trust_store)
+        trust_root = ssl.trustRootFromCertificates(_certificates(destination, "TrustStoreLocation", pem))
+    else:
+        trust_root = ssl.platformTrust()
+    return ssl.optionsForClientTLS(
+        destination.host,
+        trustRoot=trust_root,
+        clientCertificate=client_cert,
+        extraCertificateOptions=extra,
+    )
+
+
+def check_tls_files(destination: Destination) -> None:
+    """Raise :class:`TLSConfigError` now if the destination's PEM files are unusable."""
+    client_tls_options(destination) if not destination.trust_all else _client_certificate(destination)

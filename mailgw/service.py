@@ -1,0 +1,151 @@
+"""Builds the running gateway: listeners, the http listener, draining on stop."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Mapping
+
+from twisted.application import internet, service
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+
+from . import metrics
+from .config import ConfigError, GatewayConfig, ProxyConfig
+from .destination import Destination
+from .endpoints.chain import upstream_endpoint
+from .errors import GatewayError
+from .session import GatewayFactory, GatewaySession, Route, Settings
+
+log = Logger()
+
+
+class StaticSource:
+    """Destinations from the configuration file."""
+
+    def __init__(self, destinations: Mapping[str, Destination]):
+        self.destinations = dict(destinations)
+
+    def lookup(self, name: str, tenant: str | None = None) -> Destination:
+        try:
+            return self.destinations[name]
+        except KeyError:
+            raise GatewayError(f"unknown destination {name!r}") from None
+
+
+class Gateway:
+    """What every session shares: reactor, settings, destinations, tokens, proxy."""
+
+    def __init__(self, reactor, settings: Settings, source, *, tokens=None, proxy: ProxyConfig | None = None, proxy_endpoint=None):
+        self.reactor = reactor
+        self.settings = settings
+        self.source = source
+        self.tokens = tokens
+        self.proxy = proxy
+        self.proxy_endpoint = proxy_endpoint  # (destination, tenant) -> IStreamClientEndpoint
+        self.sessions: set[GatewaySession] = set()
+        self._per_destination: Counter[str] = Counter()
+        self.draining = False
+
+    def lookup(self, route: Route):
+        return self.source.lookup(route.destination, route.tenant)
+
+    def family_of(self, route: Route) -> str:
+        destination = getattr(self.source, "destinations", {}).get(route.destination)
+        return destination.family if destination else "smtp"
+
+    def upstream_endpoint(self, destination: Destination, tenant: str | None):
+        return upstream_endpoint(
+            self.reactor, destination, tenant,
+            connect_timeout=self.settings.connect_timeout, proxy=self.proxy_endpoint,
+        )
+
+    def session_started(self, session: GatewaySession) -> None:
+        self.sessions.add(session)
+        self._per_destination[session.route.destination] += 1
+        metrics.SESSIONS_ACCEPTED.labels(session.route.destination).inc()
+        metrics.SESSIONS_ACTIVE.labels(session.route.destination).inc()
+
+    def session_ended(self, session: GatewaySession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self._per_destination[session.route.destination] -= 1
+            metrics.SESSIONS_ACTIVE.labels(session.route.destination).dec()
+
+    def over_session_limit(self, session: GatewaySession) -> bool:
+        return self._per_destination[session.route.destination] > self.settings.max_sessions_per_destination
+
+    def drain(self, timeout: float) -> defer.Deferred:
+        """Wait for open sessions to finish, up to ``timeout``; then close the rest."""
+        self.draining = True
+        if not self.sessions:
+            return defer.succeed(None)
+        log.info("draining {count} open sessions (up to {timeout:.0f}s)", count=len(self.sessions), timeout=timeout)
+        waiting = defer.DeferredList([s.closed for s in list(self.sessions)], consumeErrors=True)
+
+        def give_up():
+            for session in list(self.sessions):
+                session.shutdown("the gateway is shutting down")
+
+        timer = self.reactor.callLater(timeout, give_up)
+        waiting.addBoth(lambda _: timer.cancel() if timer.active() else None)
+        return waiting
+
+
+class GatewayService(service.MultiService):
+    """The standalone gateway: one listening service per listener, plus http."""
+
+    def __init__(self, gateway: Gateway, drain_timeout: float):
+        super().__init__()
+        self.gateway = gateway
+        self.drain_timeout = drain_timeout
+        self.listeners = service.MultiService()
+        self.listeners.setServiceParent(self)
+
+    def listening_ports(self) -> defer.Deferred:
+        """Fires with the listening ports (``getHost()`` tells where port 0 landed)."""
+        # StreamServerEndpointService keeps its port Deferred privately; this is the one
+        # place that reads it.
+        return defer.gatherResults([s._waitingForPort for s in self.listeners])
+
+    def stopService(self):
+        # Stop accepting first, report not ready, then let open sessions finish.
+        self.gateway.draining = True
+        d = defer.maybeDeferred(self.listeners.stopService)
+        d.addCallback(lambda _: self.gateway.drain(self.drain_timeout))
+        d.addCallback(lambda _: super(GatewayService, self).stopService())
+        return d
+
+
+def _server_endpoint(reactor, description: str, where: str):
+    try:
+        return endpoints.serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{where}: invalid endpoint string {description!r}: {e}") from None
+
+
+def make_service(config: GatewayConfig, reactor=None, *, tokens=None, proxy_endpoint=None) -> GatewayService:
+    """The gateway for ``config``; nothing listens until the service starts."""
+    if reactor is None:
+        from twisted.internet import reactor  # noqa: F811 - the global reactor by default
+    gateway = Gateway(
+        reactor, config.settings, StaticSource(config.destinations),
+        tokens=tokens, proxy=config.connectivity_proxy, proxy_endpoint=proxy_endpoint,
+    )
+    top = GatewayService(gateway, config.drain_timeout)
+    for index, listener in enumerate(config.listeners):
+        route = Route(listener.destination, listener.tenant)
+        endpoint = _server_endpoint(reactor, listener.listen, f"{config.origin}: listeners[{index}]")
+        listening = internet.StreamServerEndpointService(endpoint, GatewayFactory(route, gateway))
+        listening._raiseSynchronously = True  # a port in use fails start-up, loudly
+        listening.setName(f"listener {route} on {listener.listen}")
+        listening.setServiceParent(top.listeners)
+    if config.http is not None:
+        from .web import make_site
+
+        endpoint = _server_endpoint(reactor, config.http.listen, f"{config.origin}: http")
+        http = internet.StreamServerEndpointService(endpoint, make_site(gateway))
+        http._raiseSynchronously = True
+        http.setServiceParent(top)
+    return top
+
+
