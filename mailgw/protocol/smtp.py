@@ -110,17 +110,15 @@ class SMTPUpstream:
         self.extensions: tuple[str, ...] = ()
         self.tls_active = False
         self._replies = ReplyReader(max_line)
-        self._state = "new"
+        # With implicit TLS nothing may arrive before the handshake completes.
+        self._state = "implicit-tls" if implicit_tls else "greeting"
         self._pending = UpstreamBuffer()
 
     # -- inputs --------------------------------------------------------------------
 
     def start(self) -> list:
-        if self.implicit_tls:
-            self._state = "implicit-tls"
-            return [StartTLS()]
-        self._state = "greeting"
-        return []
+        """Actions to take as soon as the connection is up."""
+        return [StartTLS()] if self.implicit_tls else []
 
     def tls_established(self) -> list:
         self.tls_active = True
@@ -202,7 +200,7 @@ class SMTPUpstream:
             return [StartTLS()]
         if state == "auth":
             return self._on_auth_reply(reply)
-        raise ProtocolError(f"unexpected upstream reply in state {state}")  # pragma: no cover
+        return self._fail(f"unexpected upstream reply in state {state}: {reply}")
 
     def _after_ehlo(self) -> list:
         if not self.tls_active and self.starttls_enable:

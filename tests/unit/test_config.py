@@ -1,0 +1,146 @@
+"""Destination validation and gateway.yaml parsing."""
+
+import json
+
+import pytest
+
+from mailgw.config import ConfigError, load_config, parse_config
+from mailgw.destination import DestinationError, parse_destination
+
+BASIC = {
+    "Name": "office", "Type": "MAIL", "ProxyType": "Internet", "Authentication": "BasicAuthentication",
+    "mail.transport.protocol": "smtps", "mail.smtps.host": "smtp.example.org",
+    "mail.user": "app@example.org", "mail.password": "pa55word",
+}
+
+
+def with_(**changes):
+    d = dict(BASIC)
+    for key, value in changes.items():
+        key = key.replace("__", ".")
+        if value is None:
+            d.pop(key, None)
+        else:
+            d[key] = value
+    return d
+
+
+@pytest.mark.parametrize(
+    "protocol, port", [("smtp", 587), ("smtps", 465), ("imap4", 143), ("imap4s", 993), ("pop3", 110), ("pop3s", 995)]
+)
+def test_default_ports(protocol, port):
+    d = parse_destination({**with_(mail__smtps__host=None), "mail.transport.protocol": protocol, f"mail.{protocol}.host": "h"})
+    assert d.port == port and d.protocol == protocol
+
+
+def test_aliases_and_explicit_values():
+    d = parse_destination({**with_(mail__smtps__host=None), "mail.transport.protocol": "imaps", "mail.imaps.host": "h", "mail.imaps.port": "1993"})
+    assert (d.protocol, d.port, d.family, d.implicit_tls) == ("imap4s", 1993, "imap", True)
+
+
+def test_secrets_not_in_repr():
+    d = parse_destination({**BASIC, "clientSecret": "cs-123"})
+    assert "pa55word" not in repr(d) and "cs-123" not in repr(d)
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        (dict(mail__smtps__host=None), "mail.smtps.host"),
+        (dict(mail__transport__protocol="smtpx"), "mail.transport.protocol"),
+        (dict(Authentication="Kerberos"), "Authentication"),
+        (dict(Type="HTTP"), "Type"),
+        (dict(ProxyType="Moon"), "ProxyType"),
+        (dict(mail__smtps__port="70000"), "mail.smtps.port"),
+        (dict(mail__smtps__port="abc"), "mail.smtps.port"),
+        (dict(mail__password=None), "mail.password"),
+        (dict(Authentication="OAuth2RefreshToken"), "tokenServiceURL"),
+        (dict(Authentication="OAuth2RefreshToken", tokenServiceURL="https://t/x"), "clientId"),
+        (dict(TrustAll="yes"), "TrustAll"),
+        (dict(mail__smtps__starttls__required="maybe"), "mail.smtps.starttls.required"),
+    ],
+)
+def test_invalid_destination_names_key(changes, key):
+    with pytest.raises(DestinationError) as info:
+        parse_destination(with_(**changes))
+    assert info.value.key == key and "office" in str(info.value) and key in str(info.value)
+    assert "pa55word" not in str(info.value)
+
+
+def test_common_token_url():
+    d = parse_destination(with_(Authentication="OAuth2ClientCredentials", tokenServiceURL="https://{tenant}.auth.example/oauth/token",
+                                 clientId="c", clientSecret="s", tokenServiceURLType="Common"))
+    assert d.with_tenant_token_url("acme") == "https://acme.auth.example/oauth/token"
+    d2 = parse_destination(with_(Authentication="OAuth2ClientCredentials", tokenServiceURL="https://auth.example/t",
+                                 clientId="c", clientSecret="s", tokenServiceURLType="Common"))
+    assert d2.with_tenant_token_url("acme") == "https://acme.auth.example/t"
+    assert d2.with_tenant_token_url(None) == "https://auth.example/t"
+
+
+def write(tmp_path, text, name="gateway.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_yaml_config_with_secret_references(tmp_path, monkeypatch):
+    monkeypatch.setenv("OFFICE_PASSWORD", "from-env")
+    (tmp_path / "secret.txt").write_text("from-file\n")
+    path = write(tmp_path, """
+destinations:
+  - {Name: office, Type: MAIL, ProxyType: Internet, Authentication: BasicAuthentication,
+     mail.transport.protocol: smtps, mail.smtps.host: smtp.example.org,
+     mail.user: app@example.org, mail.password: {env: OFFICE_PASSWORD}}
+  - {Name: other, Type: MAIL, Authentication: BasicAuthentication,
+     mail.transport.protocol: imap4s, mail.imap4s.host: imap.example.org,
+     mail.user: u, mail.password: {file: secret.txt}}
+listeners:
+  - {destination: office, listen: "tcp:2465:interface=127.0.0.1"}
+  - {destination: office, listen: "tcp:2466:interface=127.0.0.1", tenant: acme}
+http:
+  listen: "tcp:9494:interface=127.0.0.1"
+timeouts: {connect: 5, relayIdle: 600, drain: 3}
+limits: {maxLine: 4096}
+""")
+    config = load_config(path)
+    assert config.destinations["office"].password == "from-env"
+    assert config.destinations["other"].password == "from-file"
+    assert [l.tenant for l in config.listeners] == [None, "acme"]
+    assert config.settings.connect_timeout == 5 and config.settings.max_line == 4096 and config.drain_timeout == 3
+
+
+def test_json_config_and_directory_of_destinations(tmp_path):
+    (tmp_path / "dests").mkdir()
+    (tmp_path / "dests" / "office.json").write_text(json.dumps(BASIC))
+    path = write(tmp_path, json.dumps({"destinations": "dests", "listeners": [{"destination": "office", "listen": "tcp:0"}]}), "gw.json")
+    assert list(load_config(path).destinations) == ["office"]
+
+
+@pytest.mark.parametrize(
+    "doc, expected",
+    [
+        ({"destinations": [with_(mail__smtps__host=None)]}, "destination 'office', key 'mail.smtps.host': is missing"),
+        ({"destinations": [BASIC, BASIC]}, "defined twice"),
+        ({"destinations": [BASIC], "listeners": [{"destination": "nope", "listen": "tcp:1"}]}, "no destination named 'nope'"),
+        ({"destinations": [BASIC], "listeners": [{"destination": "office"}]}, "key 'listen'"),
+        ({"destinations": [{**BASIC, "mail.password": {"env": "MAILGW_UNSET_VAR"}}]}, "MAILGW_UNSET_VAR is not set"),
+        ({"destinations": [{**BASIC, "ProxyType": "OnPremise"}]}, "no connectivityProxy"),
+        ({"destinations": [{**BASIC, "TrustStoreLocation": "/nonexistent.pem"}]}, "key 'TrustStoreLocation': cannot read"),
+        ({"destinations": [], "connectivityProxy": {"host": "p", "port": 1, "authentication": "sap"}}, "key 'tokenServiceURL'"),
+        ({"destinations": [], "bogus": 1}, "unknown key 'bogus'"),
+        ({"destinations": [], "timeouts": {"connect": -1}}, "positive number"),
+    ],
+)
+def test_config_errors_are_one_clear_line(doc, expected, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc, "gw.yaml", tmp_path)
+    message = str(info.value)
+    assert expected in message and message.startswith("gw.yaml") and "\n" not in message
+    assert "pa55word" not in message
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="line 3"):
+        load_config(write(tmp_path, "destinations:\n  - [unclosed\n"))
