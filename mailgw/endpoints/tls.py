@@ -53,12 +53,11 @@ def _client_certificate(destination: Destination) -> tuple[ssl.PrivateCertificat
     pem = _read(destination, "KeyStoreLocation", destination.key_store)
     certs = _certificates(destination, "KeyStoreLocation", pem)
     try:
-        key = ssl.KeyPair.load(pem, ssl.FILETYPE_PEM)
+        leaf = ssl.PrivateCertificate.loadPEM(pem)  # the first certificate and the key
     except Exception:
         raise TLSConfigError(
             f"destination {destination.name!r}, key 'KeyStoreLocation': no usable private key in the file"
         ) from None
-    leaf = ssl.PrivateCertificate.fromCertificateAndKeyPair(certs[0], key)
     # optionsForClientTLS sends only the leaf unless the chain is given explicitly.
     return leaf, [c.original for c in certs[1:]]
 

@@ -283,3 +283,57 @@ def test_password_never_in_logs_or_app_stream(certs, gateway_factory):
         assert form not in text, "secret in logs"
         assert form.encode() not in bytes(stream), "secret in the application's stream"
     assert "session" in text  # the capture did see the gateway's logs
+
+
+# -- TLS settings --------------------------------------------------------------------
+
+
+class _ClientCertRequired:
+    """``Certs`` look-alike whose server context demands a client certificate."""
+
+    def __init__(self, certs):
+        self.certs = certs
+
+    def server_context(self):
+        context = self.certs.server_context()
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(str(self.certs.ca_pem))
+        return context
+
+
+def test_mutual_tls_with_keystore(certs, gateway_factory):
+    with realservers.SMTPSink(tls_certs=_ClientCertRequired(certs), implicit_tls=True) as sink:
+        base = dest("mtls", "smtps", sink.port, certs, Authentication="NoAuthentication",
+                    **{"mail.user": None, "mail.password": None})
+        running = gateway_factory({"destinations": [
+            {**base, "KeyStoreLocation": str(certs.client_pem)},
+            {**base, "Name": "no-client-cert"},
+        ]})
+        mark = marker()
+        with smtplib.SMTP(*running.address(0), timeout=30) as client:
+            client.sendmail("a@example.org", ["b@example.org"], message(mark))
+        wait_delivered(sink, mark)
+        code, text = greeting_of(running.address(1))
+        assert code in (421, 554) and b"destination no-client-cert" in text
+
+
+def test_trust_all_skips_verification_and_warns_each_time(postfix, certs, smtp_sink, gateway_factory):
+    with LogCapture() as logs:
+        running = gateway_factory({"destinations": [
+            dest("trust-all", "smtps", postfix.smtps_port, certs, TrustStoreLocation=str(certs.untrusted_ca_pem), TrustAll="true"),
+        ]})
+        for _ in range(2):
+            mark = marker()
+            with smtplib.SMTP(*running.address(), timeout=30) as client:
+                client.sendmail("alice@example.org", ["rcpt@example.org"], message(mark))
+            wait_delivered(smtp_sink, mark)
+    assert logs.text().count("TrustAll is set, the upstream certificate is NOT verified") >= 2
+
+
+def test_starttls_required_but_not_offered(postfix, certs, gateway_factory):
+    running = gateway_factory({"destinations": [
+        dest("needs-tls", "smtp", postfix.plain_port, certs, Authentication="NoAuthentication",
+             **{"mail.user": None, "mail.password": None, "mail.smtp.starttls.required": "true"}),
+    ]})
+    code, text = greeting_of(running.address())
+    assert code == 554 and b"does not offer STARTTLS" in text
