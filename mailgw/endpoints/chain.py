@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from ..destination import Destination
@@ -35,4 +36,10 @@ def upstream_endpoint(
                 f"destination {destination.name!r} is OnPremise but no connectivityProxy is configured"
             )
         return proxy(destination, tenant)
+    # An address needs no name resolution (HostnameEndpoint would still go through the
+    # resolver's thread pool, which costs milliseconds per session).
+    if isIPAddress(destination.host):
+        return TCP4ClientEndpoint(reactor, destination.host, destination.port, timeout=connect_timeout)
+    if isIPv6Address(destination.host):
+        return TCP6ClientEndpoint(reactor, destination.host, destination.port, timeout=connect_timeout)
     return HostnameEndpoint(reactor, destination.host, destination.port, timeout=connect_timeout)
