@@ -233,7 +233,8 @@ class _SOCKSAttempt:
             self._jwt_d = defer.maybeDeferred(self._ep._jwt_provider)
             self._jwt_d.addCallbacks(self._got_jwt, self._jwt_failed)
         if not self._finished:
-            self._proxy_d = self._ep._proxy.connect(_HandshakeFactory(self))
+            self._proxy_d = defer.maybeDeferred(self._ep._proxy.connect,
+                                                _HandshakeFactory(self))
             self._proxy_d.addCallbacks(self._proxy_connected, self._proxy_failed)
         return self.result
 
