@@ -1,0 +1,601 @@
+"""SOCKS5ClientEndpoint against real proxies: microsocks, Dante and the 0x80 test server.
+
+The reactor runs in a background thread (started once, tolerated if already running);
+tests are plain blocking code that call into it with ``blockingCallFromThread``.  The
+target is a small threaded STARTTLS line server (trustme certificates) so the tests can
+prove: banner bytes right after the CONNECT reply, STARTTLS through the tunnel with
+certificate verification reaching the real TCP transport, and the typed errors.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import socketserver
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from twisted.internet import defer, task
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.threads import blockingCallFromThread
+from zope.interface import implementer
+
+from mailgw.endpoints.socks5 import (
+    ProxyConnectError,
+    ProxyConnectionLost,
+    SOCKS5ClientEndpoint,
+    SOCKSTimeoutError,
+)
+from mailgw.protocol.socks5 import (
+    AddressTypeNotSupported,
+    CommandNotSupported,
+    ConnectionNotAllowed,
+    ConnectionRefused,
+    GeneralFailure,
+    HostUnreachable,
+    NetworkUnreachable,
+    NoAcceptableMethod,
+    SAPAuthRejected,
+    TTLExpired,
+    UserPassRejected,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from socks80 import SAPSocksServer  # noqa: E402  (tests/socks80.py)
+
+LOCAL = "127.0.0.1"
+JWT = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJtYWlsZ3cifQ.sig-secret"
+PROXY_USER, PROXY_PASSWORD = "gw", "proxy-pw-secret"
+BANNER = b"220 banner ready\r\n"
+
+
+# --------------------------------------------------------------------- skip policy
+
+
+def _need(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        reason = f"{binary} is not installed (apt-get install microsocks dante-server)"
+        if os.environ.get("MAILGW_REQUIRE_SERVERS") == "1":
+            pytest.fail(f"{reason}; MAILGW_REQUIRE_SERVERS=1 forbids skipping", pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOCAL, 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((LOCAL, port), timeout=0.2).close()
+            return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+class _Process:
+    """A server subprocess in its own session, stopped by signalling its group."""
+
+    def __init__(self, argv: list[str], port: int, log: Path):
+        self.port = port
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            _wait_port(port, self.proc)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"{argv[0]} did not start: {log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        # Signal the main process first so that it stops and reaps its own children
+        # (Dante's mother does); then make sure nothing of the group is left.
+        try:
+            self.proc.terminate()
+            self.proc.wait(3)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(3)
+        self._log.close()
+
+
+# --------------------------------------------------------------------- reactor thread
+
+_reactor_thread: threading.Thread | None = None
+
+
+def _stop_reactor_at_exit() -> None:
+    from twisted.internet import reactor
+
+    if _reactor_thread is not None and reactor.running:
+        reactor.callFromThread(reactor.stop)
+        _reactor_thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def reactor():
+    """The global reactor running in a daemon thread (reused if already running)."""
+    global _reactor_thread
+    from twisted.internet import reactor
+
+    if not reactor.running:
+        if getattr(reactor, "_startedBefore", False):
+            pytest.fail("the global reactor was already run and stopped; it cannot restart")
+        started = threading.Event()
+        reactor.callWhenRunning(started.set)
+        _reactor_thread = threading.Thread(
+            target=reactor.run, kwargs={"installSignalHandlers": False},
+            name="twisted-reactor", daemon=True,
+        )
+        _reactor_thread.start()
+        atexit.register(_stop_reactor_at_exit)
+        assert started.wait(10), "reactor thread did not start"
+    return reactor
+
+
+def call(reactor, fn, *args, timeout: float = 5.0):
+    """Run ``fn(*args)`` in the reactor thread and wait for its (Deferred) result."""
+
+    def run():
+        d = defer.maybeDeferred(fn, *args)
+        d.addTimeout(timeout, reactor)
+        return d
+
+    return blockingCallFromThread(reactor, run)
+
+
+# --------------------------------------------------------------------- the target
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    other_ca = trustme.CA()
+    d = tmp_path_factory.mktemp("socks5-certs")
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    leaf.configure_cert(server_ctx)
+    return {
+        "server_ctx": server_ctx,
+        "ca": Certificate.loadPEM(ca.cert_pem.bytes()),
+        "other_ca": Certificate.loadPEM(other_ca.cert_pem.bytes()),
+    }
+
+
+def _readline(sock) -> bytes | None:
+    line = b""
+    while not line.endswith(b"\r\n"):
+        c = sock.recv(1)
+        if not c:
+            return None
+        line += c
+        if len(line) > 1000:
+            return None
+    return line[:-2]
+
+
+class _LineHandler(socketserver.BaseRequestHandler):
+    """Banner, then ``STARTTLS`` (go-ahead + TLS), ``QUIT`` or echo of any line."""
+
+    def handle(self):
+        sock = self.request
+        sock.settimeout(5)
+        tls = False
+        try:
+            sock.sendall(BANNER)
+            while (line := _readline(sock)) is not None:
+                if line == b"STARTTLS":
+                    sock.sendall(b"220 go ahead\r\n")
+                    sock = self.server.ctx.wrap_socket(sock, server_side=True)
+                    tls = True
+                elif line == b"QUIT":
+                    sock.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    sock.sendall(b"echo: " + line + (b" (tls)" if tls else b"") + b"\r\n")
+        except (OSError, ssl.SSLError) as e:
+            self.server.errors.append(e)
+
+
+@pytest.fixture(scope="module")
+def target(certs):
+    server = socketserver.ThreadingTCPServer((LOCAL, 0), _LineHandler)
+    server.daemon_threads = True
+    server.block_on_close = False
+    server.ctx = certs["server_ctx"]
+    server.errors = []
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True)
+    t.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    t.join(2)
+
+
+@implementer(IHandshakeListener)
+class LineClient(Protocol):
+    """The 'application protocol': collects bytes, can wait for a marker."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.buf = b""
+        self.waiters: list[tuple[bytes, defer.Deferred]] = []
+        self.handshake_done = False
+        self.lost = defer.Deferred()
+        self.chunks_in_connect_turn: list[bytes] = []
+        self._in_connect_turn = False
+
+    def connectionMade(self):
+        # Data delivered in the same reactor turn as connectionMade can only be the
+        # leftover the endpoint hands over; a later read comes in a later turn.
+        self._in_connect_turn = True
+        self.reactor.callLater(0, setattr, self, "_in_connect_turn", False)
+
+    def dataReceived(self, data):
+        if self._in_connect_turn:
+            self.chunks_in_connect_turn.append(data)
+        self.buf += data
+        for marker, d in list(self.waiters):
+            if marker in self.buf:
+                self.waiters.remove((marker, d))
+                d.callback(self.buf)
+
+    def until(self, marker: bytes) -> defer.Deferred:
+        if marker in self.buf:
+            return defer.succeed(self.buf)
+        d = defer.Deferred()
+        self.waiters.append((marker, d))
+        return d
+
+    def send_and_wait(self, line: bytes, marker: bytes) -> defer.Deferred:
+        self.transport.write(line + b"\r\n")
+        return self.until(marker)
+
+    def handshakeCompleted(self):
+        self.handshake_done = True
+
+    def connectionLost(self, reason):
+        for _, d in self.waiters:
+            d.errback(reason)
+        self.waiters = []
+        self.lost_reason = reason
+        self.lost.callback(None)  # a Failure here would turn into an errback
+
+
+class LineClientFactory(Factory):
+    def __init__(self, reactor):
+        self.reactor = reactor
+
+    def buildProtocol(self, addr):
+        return LineClient(self.reactor)
+
+
+def open_tunnel(reactor, endpoint) -> LineClient:
+    return call(reactor, endpoint.connect, LineClientFactory(reactor))
+
+
+def close(reactor, client: LineClient) -> None:
+    if not client.lost.called:
+        call(reactor, lambda: (client.transport.loseConnection(), client.lost)[1])
+
+
+def starttls_round_trip(reactor, client: LineClient, trust_root) -> bytes:
+    call(reactor, client.until, BANNER)
+    call(reactor, client.send_and_wait, b"STARTTLS", b"220 go ahead\r\n")
+
+    def start_tls():
+        client.transport.startTLS(optionsForClientTLS("localhost", trustRoot=trust_root))
+        return client.send_and_wait(b"PING", b"echo: PING (tls)\r\n")
+
+    return call(reactor, start_tls)
+
+
+def endpoint(reactor, proxy_port, host, port, **kw):
+    kw.setdefault("timeout", 5)
+    return SOCKS5ClientEndpoint(TCP4ClientEndpoint(reactor, LOCAL, proxy_port), host, port,
+                                reactor=reactor, **kw)
+
+
+def closed_port() -> int:
+    return _free_port()
+
+
+# --------------------------------------------------------------------- proxies
+
+
+@pytest.fixture(scope="module")
+def microsocks(tmp_path_factory):
+    binary = _need("microsocks")
+    d = tmp_path_factory.mktemp("microsocks")
+    port = _free_port()
+    p = _Process([binary, "-i", LOCAL, "-p", str(port)], port, d / "log")
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def microsocks_auth(tmp_path_factory):
+    binary = _need("microsocks")
+    d = tmp_path_factory.mktemp("microsocks-auth")
+    port = _free_port()
+    p = _Process([binary, "-i", LOCAL, "-p", str(port), "-u", PROXY_USER, "-P", PROXY_PASSWORD],
+                 port, d / "log")
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def blocked_port():
+    """A port Dante's ruleset refuses (reply 0x02)."""
+    return _free_port()
+
+
+@pytest.fixture(scope="module")
+def dante(tmp_path_factory, blocked_port):
+    binary = _need("danted")
+    d = tmp_path_factory.mktemp("dante")
+    port = _free_port()
+    (d / "danted.conf").write_text(f"""\
+logoutput: {d / 'danted.log'}
+internal: {LOCAL} port = {port}
+external: {LOCAL}
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {{
+  from: 127.0.0.0/8 to: 0.0.0.0/0
+}}
+socks block {{
+  from: 127.0.0.0/8 to: 127.0.0.1/32 port = {blocked_port}
+}}
+socks pass {{
+  from: 127.0.0.0/8 to: 0.0.0.0/0
+}}
+""")
+    p = _Process([binary, "-f", str(d / "danted.conf"), "-p", str(d / "danted.pid"), "-N", "1"],
+                 port, d / "stdout")
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def sap_proxy():
+    with SAPSocksServer(expected_jwt=JWT) as server:
+        yield server
+
+
+@pytest.fixture
+def sap(sap_proxy):
+    sap_proxy.configure(expected_jwt=JWT)
+    yield sap_proxy
+    sap_proxy.configure(expected_jwt=JWT)
+
+
+@pytest.fixture
+def silent_listener():
+    """Accepts TCP (through the backlog) and never says a word."""
+    s = socket.socket()
+    s.bind((LOCAL, 0))
+    s.listen(8)
+    yield s.getsockname()[1]
+    s.close()
+
+
+# --------------------------------------------------------------------- microsocks
+
+
+def test_microsocks_plain_tunnel(reactor, microsocks, target):
+    client = open_tunnel(reactor, endpoint(reactor, microsocks.port, LOCAL, target.server_address[1]))
+    call(reactor, client.until, BANNER)
+    assert call(reactor, client.send_and_wait, b"HELLO", b"echo: HELLO\r\n").startswith(BANNER)
+    close(reactor, client)
+
+
+def test_microsocks_starttls_through_tunnel_verifies_certificate(reactor, microsocks, target,
+                                                                  certs):
+    client = open_tunnel(reactor, endpoint(reactor, microsocks.port, LOCAL, target.server_address[1]))
+    starttls_round_trip(reactor, client, certs["ca"])
+    # startTLS reached the real TCP transport, and the handshake callback the app.
+    assert client.handshake_done
+    assert ISSLTransport.providedBy(client.transport)
+    assert client.transport.getPeerCertificate() is not None
+    close(reactor, client)
+
+
+def test_starttls_through_tunnel_rejects_untrusted_certificate(reactor, microsocks, target,
+                                                               certs):
+    client = open_tunnel(reactor, endpoint(reactor, microsocks.port, LOCAL, target.server_address[1]))
+    with pytest.raises(Exception) as exc:
+        starttls_round_trip(reactor, client, certs["other_ca"])
+    assert "certificate verify failed" in str(exc.value) or "SSL" in repr(exc.value)
+    assert not client.handshake_done
+
+
+def test_microsocks_target_refused(reactor, microsocks):
+    with pytest.raises(ConnectionRefused, match="127.0.0.1:"):
+        open_tunnel(reactor, endpoint(reactor, microsocks.port, LOCAL, closed_port()))
+
+
+def test_microsocks_userpass(reactor, microsocks_auth, target):
+    ep = endpoint(reactor, microsocks_auth.port, LOCAL, target.server_address[1],
+                  method="userpass", username=PROXY_USER, password=PROXY_PASSWORD)
+    client = open_tunnel(reactor, ep)
+    call(reactor, client.until, BANNER)
+    close(reactor, client)
+
+
+def test_microsocks_wrong_password(reactor, microsocks_auth, target):
+    ep = endpoint(reactor, microsocks_auth.port, LOCAL, target.server_address[1],
+                  method="userpass", username=PROXY_USER, password="wrong-secret")
+    with pytest.raises(UserPassRejected) as exc:
+        open_tunnel(reactor, ep)
+    assert "wrong-secret" not in str(exc.value) and PROXY_USER in str(exc.value)
+
+
+def test_no_acceptable_method_against_auth_proxy(reactor, microsocks_auth, target):
+    with pytest.raises(NoAcceptableMethod):
+        open_tunnel(reactor, endpoint(reactor, microsocks_auth.port, LOCAL, target.server_address[1]))
+
+
+# --------------------------------------------------------------------- Dante
+
+
+def test_dante_starttls_through_tunnel(reactor, dante, target, certs):
+    # HostnameEndpoint (what the chain uses) wraps the protocol twice; the hand-over
+    # must still put the app protocol right on the TCP transport.
+    ep = SOCKS5ClientEndpoint(HostnameEndpoint(reactor, LOCAL, dante.port), LOCAL,
+                              target.server_address[1], timeout=5, reactor=reactor)
+    client = open_tunnel(reactor, ep)
+    assert client.transport.protocol is client
+    starttls_round_trip(reactor, client, certs["ca"])
+    assert client.handshake_done
+    close(reactor, client)
+
+
+def test_dante_ruleset_block_is_no_access_mapping(reactor, dante, blocked_port):
+    with pytest.raises(ConnectionNotAllowed, match="no access mapping for 127.0.0.1:"):
+        open_tunnel(reactor, endpoint(reactor, dante.port, LOCAL, blocked_port))
+
+
+def test_dante_unresolvable_host(reactor, dante):
+    with pytest.raises(HostUnreachable, match="nonexistent.invalid:25"):
+        open_tunnel(reactor, endpoint(reactor, dante.port, "nonexistent.invalid", 25))
+
+
+def test_dante_target_refused(reactor, dante):
+    with pytest.raises(ConnectionRefused):
+        open_tunnel(reactor, endpoint(reactor, dante.port, LOCAL, closed_port()))
+
+
+# --------------------------------------------------------------------- proxy failures
+
+
+def test_proxy_down(reactor):
+    with pytest.raises(ProxyConnectError, match="cannot connect to the SOCKS5 proxy.*refused"):
+        open_tunnel(reactor, endpoint(reactor, closed_port(), "mail.corp", 25))
+
+
+def test_stalling_proxy_times_out(reactor, silent_listener):
+    t0 = time.monotonic()
+    with pytest.raises(SOCKSTimeoutError, match="timed out after 0.4 s.*method selection"):
+        open_tunnel(reactor, endpoint(reactor, silent_listener, "mail.corp", 25, timeout=0.4))
+    assert time.monotonic() - t0 < 3
+
+
+# --------------------------------------------------------------------- method 0x80
+
+
+def test_sap_success_records_jwt_and_location_and_hands_banner_over(reactor, sap, target,
+                                                                     certs):
+    sap.configure(coalesce=2.0)  # reply and banner leave the proxy in one send()
+    n = len(sap.sessions)
+
+    def provider():  # like the OAuth client: the token arrives a little later
+        return task.deferLater(reactor, 0.05, lambda: JWT)
+
+    ep = endpoint(reactor, sap.port, "localhost", target.server_address[1], method="sap",
+                  jwt_provider=provider, location_id="Walldorf-1")
+    client = open_tunnel(reactor, ep)
+    session = sap.sessions[n]
+    assert (session.jwt, session.jwt_valid, session.location_id) == (JWT, True, "Walldorf-1")
+    assert session.methods == b"\x80" and session.atyp == 0x03
+    assert (session.target_host, session.target_port) == ("localhost", target.server_address[1])
+    assert session.error is None
+    # The banner came with the CONNECT reply and was handed over at once.
+    call(reactor, client.until, BANNER)
+    assert client.chunks_in_connect_turn == [BANNER]
+    starttls_round_trip(reactor, client, certs["ca"])
+    assert client.handshake_done
+    close(reactor, client)
+
+
+def test_sap_without_location_id(reactor, sap, target):
+    n = len(sap.sessions)
+    ep = endpoint(reactor, sap.port, "localhost", target.server_address[1], method="sap",
+                  jwt_provider=lambda: defer.succeed(JWT))
+    client = open_tunnel(reactor, ep)
+    assert sap.sessions[n].location_id is None and sap.sessions[n].jwt_valid
+    call(reactor, client.until, BANNER)
+    close(reactor, client)
+
+
+def test_sap_wrong_jwt(reactor, sap, target):
+    sap.configure(expected_jwt="another-token")
+    ep = endpoint(reactor, sap.port, "localhost", target.server_address[1], method="sap",
+                  jwt_provider=lambda: defer.succeed(JWT))
+    with pytest.raises(SAPAuthRejected) as exc:
+        open_tunnel(reactor, ep)
+    assert JWT not in str(exc.value)
+    assert sap.sessions[-1].jwt_valid is False
+
+
+@pytest.mark.parametrize("code, cls, text", [
+    (0x01, GeneralFailure, "general failure"),
+    (0x02, ConnectionNotAllowed, "no access mapping for onprem.corp:993"),
+    (0x03, NetworkUnreachable, "connector unreachable or unknown location"),
+    (0x04, HostUnreachable, "host unreachable"),
+    (0x05, ConnectionRefused, "refused"),
+    (0x06, TTLExpired, "TTL expired"),
+    (0x07, CommandNotSupported, "not supported"),
+    (0x08, AddressTypeNotSupported, "address type"),
+])
+def test_sap_reply_codes(reactor, sap, code, cls, text):
+    sap.configure(reply=code)
+    ep = endpoint(reactor, sap.port, "onprem.corp", 993, method="sap",
+                  jwt_provider=lambda: defer.succeed(JWT), location_id="loc")
+    with pytest.raises(cls, match=text):
+        open_tunnel(reactor, ep)
+    assert sap.sessions[-1].reply == code
+
+
+def test_sap_unknown_host_is_host_unreachable(reactor, sap):
+    ep = endpoint(reactor, sap.port, "not-local.corp", 25, method="sap",
+                  jwt_provider=lambda: defer.succeed(JWT))
+    with pytest.raises(HostUnreachable):
+        open_tunnel(reactor, ep)
+
+
+def test_sap_proxy_closes_during_auth(reactor, sap):
+    sap.configure(close="auth")
+    ep = endpoint(reactor, sap.port, "localhost", 25, method="sap",
+                  jwt_provider=lambda: defer.succeed(JWT))
+    with pytest.raises(ProxyConnectionLost, match="during the handshake.*authentication reply"):
+        open_tunnel(reactor, ep)
+
+
+def test_sap_proxy_stalls_at_connect(reactor, sap):
+    sap.configure(stall="connect")
+    ep = endpoint(reactor, sap.port, "localhost", 25, method="sap",
+                  jwt_provider=lambda: defer.succeed(JWT), timeout=0.4)
+    with pytest.raises(SOCKSTimeoutError, match="CONNECT reply"):
+        open_tunnel(reactor, ep)
+    # The endpoint aborted the connection, so the stalled handler finished.
+    assert sap.sessions[-1].done.wait(2)
