@@ -1,0 +1,732 @@
+"""OAuth2 access tokens: grants through requests-oauthlib, a cache, single flight.
+
+- :class:`TokenClient` runs the three grants (client credentials, refresh token,
+  authorisation code) with requests-oauthlib in a private thread pool -- never on the
+  reactor thread -- and hands back Deferreds that fire with an :class:`AccessToken` or
+  fail with a :class:`TokenError`.
+- :class:`TokenCache` keeps tokens until shortly before they expire and lets concurrent
+  callers for the same key share one in-flight request (SPEC section 3).
+- :class:`TokenProvider` ties both to a :class:`~mailgw.destination.Destination`.
+
+Secrets (client secrets, refresh tokens, authorisation codes, access tokens) never reach
+an exception message, a ``repr`` or a log line.  Exceptions from requests and oauthlib
+can carry request bodies or URLs, so they are never chained or logged: we build our own
+:class:`TokenError` outside the ``except`` block, so it has no ``__context__`` either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import threading
+from typing import Any, Callable, Hashable
+from urllib.parse import quote, urlsplit
+
+import requests
+from attrs import define, field, frozen
+from oauthlib.oauth2 import BackendApplicationClient, InsecureTransportError, WebApplicationClient
+from requests.auth import HTTPBasicAuth
+from requests_oauthlib import OAuth2Session
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail, maybeDeferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from .destination import OAUTH2_AUTHORIZATION_CODE, OAUTH2_REFRESH_TOKEN, Destination
+
+log = Logger(namespace="mailgw.oauth")
+
+#: Lifetime assumed for a token whose response has no ``expires_in``.
+DEFAULT_LIFETIME = 300.0
+#: How long before expiry a cached token stops being handed out.
+DEFAULT_MARGIN = 60.0
+
+CLIENT_CREDENTIALS = "client_credentials"
+REFRESH_TOKEN = "refresh_token"
+AUTHORIZATION_CODE = "authorization_code"
+CLIENT_AUTH_METHODS = ("basic", "body")
+
+#: Error codes of our own (besides the token service's ``error`` values).
+UNREACHABLE = "unreachable"
+TIMEOUT = "timeout"
+TLS_ERROR = "tls_error"
+HTTP_ERROR = "http_error"
+MALFORMED_RESPONSE = "malformed_response"
+INSECURE_TRANSPORT = "insecure_transport"
+INVALID_CONFIGURATION = "invalid_configuration"
+STOPPED = "stopped"
+INTERNAL_ERROR = "internal_error"
+
+
+class TokenError(Exception):
+    """A token could not be obtained.
+
+    ``error_code`` is the token service's ``error`` (``invalid_grant``,
+    ``invalid_client``, ...) or one of ours: ``unreachable``, ``timeout``, ``tls_error``,
+    ``http_error`` (a non-2xx answer without an OAuth2 error), ``malformed_response``,
+    ``insecure_transport``, ``invalid_configuration``, ``stopped``, ``internal_error``.
+    The message names the token service host and the cause, never a secret.
+    """
+
+    def __init__(self, error_code: str, message: str, *, host: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.error_code = error_code
+        self.message = message
+        self.host = host
+        self.status = status
+
+    def __repr__(self) -> str:
+        return f"TokenError({self.error_code!r}, {self.message!r})"
+
+
+@frozen
+class AccessToken:
+    """An access token as the token service issued it.
+
+    ``expires_in`` is the lifetime granted (``DEFAULT_LIFETIME`` when the service sent
+    none); ``expires_at`` is the receiving reactor's time plus that lifetime.
+    """
+
+    access_token: str = field(repr=False)
+    expires_at: float
+    token_type: str = "Bearer"
+    refresh_token: str | None = field(default=None, repr=False)
+    expires_in: float = DEFAULT_LIFETIME
+    scope: str | None = None
+
+    def expired(self, now: float) -> bool:
+        return now >= self.expires_at
+
+
+# ---------------------------------------------------------------------------------------
+# helpers that keep secrets out of messages
+
+
+def _host(url: str | None) -> str:
+    """``host[:port]`` of a URL, without user info, path or query."""
+    try:
+        parts = urlsplit(url or "")
+        host = parts.hostname or "?"
+        port = parts.port
+    except ValueError:
+        return "?"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}" if port else host
+
+
+_ERROR_CODE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_UNPRINTABLE_RE = re.compile(r"[^\x20-\x7e]")
+
+
+def _redact(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if secret:
+            for form in {secret, quote(secret, safe=""), quote(secret)}:
+                text = text.replace(form, "***")
+    return text
+
+
+def _safe_description(value: Any, secrets: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        return ""
+    text = _UNPRINTABLE_RE.sub("?", _redact(value, secrets)).strip()
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+class _DropBelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def _quiet_requests_oauthlib() -> None:
+    # requests-oauthlib logs request bodies (client secret, refresh token, code) and the
+    # token it obtained at DEBUG level on the stdlib logger; drop those records.
+    logger = logging.getLogger("requests_oauthlib.oauth2_session")
+    if not any(isinstance(f, _DropBelowWarning) for f in logger.filters):
+        logger.addFilter(_DropBelowWarning())
+
+
+# ---------------------------------------------------------------------------------------
+# the blocking part (runs in the pool)
+
+
+@frozen
+class _Grant:
+    grant_type: str
+    token_url: str
+    client_id: str
+    client_secret: str = field(repr=False)
+    client_auth: str = "basic"
+    scope: str | None = None
+    tenant: str | None = None
+    refresh_token: str | None = field(default=None, repr=False)
+    code: str | None = field(default=None, repr=False)
+    redirect_uri: str | None = None
+
+    @property
+    def host(self) -> str:
+        return _host(self.token_url)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return tuple(s for s in (self.client_secret, self.refresh_token, self.code) if s)
+
+    def describe(self) -> str:
+        text = f"{self.grant_type} grant for client {self.client_id!r}"
+        return text + (f", tenant {self.tenant!r}" if self.tenant else "")
+
+
+@frozen
+class _Response:
+    """A validated token response (before the reactor stamps ``expires_at``)."""
+
+    access_token: str = field(repr=False)
+    token_type: str
+    expires_in: float
+    refresh_token: str | None = field(repr=False)
+    scope: str | None
+
+
+class _Abandoned(Exception):
+    """The caller gave up (timeout, stop) before the pool got to the request."""
+
+
+def _parse_response(response: requests.Response, grant: _Grant) -> _Response:
+    """Validate a token endpoint response or raise :class:`TokenError`."""
+    host = grant.host
+    status = response.status_code
+    content_type = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    obj: Any = None
+    try:
+        obj = json.loads(response.content)
+    except (ValueError, RecursionError):
+        obj = None
+    where = f"token service {host}"
+    if isinstance(obj, dict) and isinstance(obj.get("error"), str) and obj["error"]:
+        code = obj["error"] if _ERROR_CODE_RE.fullmatch(obj["error"]) else "unknown_error"
+        description = _safe_description(obj.get("error_description"), grant.secrets)
+        message = f"{where} refused the {grant.describe()}: {code}"
+        if description:
+            message += f" ({description})"
+        raise TokenError(code, f"{message} [HTTP {status}]", host=host, status=status)
+    if not 200 <= status < 300:
+        reason = _safe_description(response.reason, grant.secrets)
+        raise TokenError(
+            HTTP_ERROR, f"{where} answered HTTP {status} {reason}".rstrip() + f" to the {grant.describe()}", host=host, status=status
+        )
+    if obj is None:
+        raise TokenError(
+            MALFORMED_RESPONSE,
+            f"{where} answered the {grant.describe()} with a body that is not JSON ({content_type or 'no content type'})",
+            host=host,
+            status=status,
+        )
+    if not isinstance(obj, dict):
+        raise TokenError(MALFORMED_RESPONSE, f"{where} answered the {grant.describe()} with JSON that is not an object", host=host, status=status)
+
+    def malformed(what: str) -> TokenError:
+        return TokenError(MALFORMED_RESPONSE, f"{where} answered the {grant.describe()} {what}", host=host, status=status)
+
+    access_token = obj.get("access_token")
+    if not isinstance(access_token, str) or not access_token:
+        raise malformed("without an access_token")
+    if any(c.isspace() or ord(c) < 0x21 or ord(c) == 0x7F for c in access_token):
+        raise malformed("with an access_token that contains invalid characters")
+    token_type = obj.get("token_type", "Bearer")
+    if token_type is None:
+        token_type = "Bearer"
+    if not isinstance(token_type, str) or not token_type:
+        raise malformed("with an invalid token_type")
+    if token_type.lower() == "bearer":
+        token_type = "Bearer"
+    raw_expires = obj.get("expires_in")
+    if raw_expires is None:
+        expires_in = DEFAULT_LIFETIME
+    else:
+        if isinstance(raw_expires, bool):
+            raise malformed("with an invalid expires_in")
+        try:
+            expires_in = float(raw_expires)
+        except (TypeError, ValueError, OverflowError):
+            raise malformed("with an invalid expires_in") from None
+        if not math.isfinite(expires_in):
+            raise malformed("with an invalid expires_in")
+        expires_in = max(0.0, expires_in)
+    refresh = obj.get("refresh_token")
+    if not isinstance(refresh, str) or not refresh:
+        refresh = None
+    scope = obj.get("scope")
+    if isinstance(scope, list) and all(isinstance(s, str) for s in scope):
+        scope = " ".join(scope)
+    if not isinstance(scope, str) or not scope:
+        scope = None
+    return _Response(access_token, token_type, expires_in, refresh, scope)
+
+
+def _request_blocking(grant: _Grant, timeout: float, abandoned: threading.Event) -> _Response:
+    """Run one grant with requests-oauthlib.  Blocks: call it in a pool thread."""
+    if abandoned.is_set():
+        raise _Abandoned()
+    parsed: list[_Response] = []
+
+    def check(response: requests.Response) -> requests.Response:
+        # Our validation runs before oauthlib's own parsing; a TokenError raised here
+        # travels out of requests-oauthlib unchanged.
+        parsed.append(_parse_response(response, grant))
+        return response
+
+    if grant.grant_type == CLIENT_CREDENTIALS:
+        client = BackendApplicationClient(client_id=grant.client_id, scope=grant.scope)
+    else:
+        client = WebApplicationClient(client_id=grant.client_id, scope=grant.scope)
+    in_body = grant.client_auth == "body"
+    auth = None if in_body else HTTPBasicAuth(grant.client_id, grant.client_secret)
+    error: TokenError | None = None
+    where = f"token service {grant.host}"
+    try:
+        with OAuth2Session(client=client, redirect_uri=grant.redirect_uri) as session:
+            session.register_compliance_hook("access_token_response", check)
+            session.register_compliance_hook("refresh_token_response", check)
+            if grant.grant_type == REFRESH_TOKEN:
+                extra = {"client_id": grant.client_id, "client_secret": grant.client_secret} if in_body else {}
+                session.refresh_token(
+                    grant.token_url, refresh_token=grant.refresh_token, auth=auth, timeout=(timeout, timeout), **extra
+                )
+            else:
+                session.fetch_token(
+                    grant.token_url,
+                    code=grant.code if grant.grant_type == AUTHORIZATION_CODE else None,
+                    auth=auth,
+                    include_client_id=in_body,
+                    client_secret=grant.client_secret if in_body else None,
+                    timeout=(timeout, timeout),
+                )
+    except TokenError as exc:
+        error = TokenError(exc.error_code, exc.message, host=exc.host, status=exc.status)
+    except requests.exceptions.Timeout:
+        error = TokenError(TIMEOUT, f"{where} did not answer the {grant.describe()} within {timeout:g}s", host=grant.host)
+    except requests.exceptions.SSLError:
+        error = TokenError(TLS_ERROR, f"TLS with {where} failed ({grant.describe()})", host=grant.host)
+    except requests.exceptions.ConnectionError:
+        error = TokenError(UNREACHABLE, f"{where} is unreachable ({grant.describe()})", host=grant.host)
+    except requests.exceptions.RequestException as exc:
+        error = TokenError(UNREACHABLE, f"request to {where} failed: {type(exc).__name__} ({grant.describe()})", host=grant.host)
+    except InsecureTransportError:
+        error = TokenError(INSECURE_TRANSPORT, f"{where}: token URL must use https ({grant.describe()})", host=grant.host)
+    except Exception as exc:  # oauthlib's own parsing after ours (e.g. a scope Warning)
+        if not parsed:
+            error = TokenError(MALFORMED_RESPONSE, f"{where}: unusable answer to the {grant.describe()} ({type(exc).__name__})", host=grant.host)
+    if error is not None:
+        raise error  # raised here, outside the except blocks: no __context__ with secrets
+    if not parsed:
+        raise TokenError(MALFORMED_RESPONSE, f"{where}: no usable answer to the {grant.describe()}", host=grant.host)
+    return parsed[-1]
+
+
+# ---------------------------------------------------------------------------------------
+# the client
+
+
+@define
+class _Call:
+    grant: _Grant
+    abandoned: threading.Event = field(factory=threading.Event)
+    reason: str | None = None
+    deferred: Deferred | None = None
+
+
+class TokenClient(Service):
+    """Obtains tokens from token services, off the reactor thread.
+
+    ``timeout`` bounds each HTTP connect and read; ``deadline`` (default three times
+    ``timeout``) bounds a whole call including waiting for a slot, after which the
+    Deferred fails with ``timeout`` even if a thread is still stuck.  At most
+    ``max_concurrent`` (default ``pool_size``) requests run at once.
+
+    Call :meth:`start` before use and :meth:`stop` (returns a Deferred) at the end; as a
+    twisted ``Service`` it does both with its parent.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        pool_size: int = 4,
+        timeout: float = 10.0,
+        max_concurrent: int | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        if pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+        self._reactor = reactor
+        self._pool_size = pool_size
+        self.timeout = float(timeout)
+        self.deadline = float(deadline) if deadline is not None else 3 * self.timeout
+        self.max_concurrent = max_concurrent or pool_size
+        self._semaphore = DeferredSemaphore(self.max_concurrent)
+        self._pool: ThreadPool | None = None
+        self._call_objs: dict[int, _Call] = {}
+        _quiet_requests_oauthlib()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._pool is not None
+
+    def start(self) -> None:
+        """Start the private thread pool."""
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=self._pool_size, name="mailgw-oauth")
+            self._pool.start()
+
+    def stop(self) -> Deferred[None]:
+        """Fail calls in flight with ``stopped`` and join the pool's threads.
+
+        The join happens in a helper thread (a thread stuck in an HTTP read can take up
+        to ``timeout``); the returned Deferred fires when it is done.
+        """
+        pool, self._pool = self._pool, None
+        for call in list(self._call_objs.values()):
+            self._abandon(call, STOPPED)
+        if pool is None:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+
+        def join() -> None:
+            try:
+                pool.stop()
+            finally:
+                self._reactor.callFromThread(done.callback, None)
+
+        threading.Thread(target=join, name="mailgw-oauth-stop", daemon=True).start()
+        return done
+
+    def startService(self) -> None:
+        super().startService()
+        self.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.stop()
+
+    # -- grants ---------------------------------------------------------------------------
+
+    def client_credentials(
+        self,
+        token_url: str,
+        client_id: str,
+        client_secret: str,
+        scope: str | None = None,
+        tenant: str | None = None,
+        client_auth: str = "basic",
+    ) -> Deferred[AccessToken]:
+        """The client-credentials grant.  ``tenant`` is only used in messages."""
+        return self._grant(CLIENT_CREDENTIALS, token_url, client_id, client_secret, client_auth, scope=scope, tenant=tenant)
+
+    def refresh_token(
+        self,
+        token_url: str,
+        client_id: str,
+        client_secret: str,
+        refresh_token: str,
+        scope: str | None = None,
+        tenant: str | None = None,
+        client_auth: str = "basic",
+    ) -> Deferred[AccessToken]:
+        """The refresh-token grant, with client authentication (Basic or in the body)."""
+        if not refresh_token:
+            return fail(TokenError(INVALID_CONFIGURATION, "empty refresh token", host=_host(token_url)))
+        return self._grant(
+            REFRESH_TOKEN, token_url, client_id, client_secret, client_auth, scope=scope, tenant=tenant, refresh_token=refresh_token
+        )
+
+    def authorization_code(
+        self,
+        token_url: str,
+        client_id: str,
+        client_secret: str,
+        code: str,
+        redirect_uri: str | None = None,
+        tenant: str | None = None,
+        client_auth: str = "basic",
+    ) -> Deferred[AccessToken]:
+        """The authorisation-code grant (the code was obtained by the application)."""
+        if not code:
+            return fail(TokenError(INVALID_CONFIGURATION, "empty authorization code", host=_host(token_url)))
+        return self._grant(
+            AUTHORIZATION_CODE, token_url, client_id, client_secret, client_auth, tenant=tenant, code=code, redirect_uri=redirect_uri
+        )
+
+    # -- machinery ----------------------------------------------------------------------
+
+    def _grant(self, grant_type: str, token_url: str, client_id: str, client_secret: str, client_auth: str, **kw: Any) -> Deferred[AccessToken]:
+        if client_auth not in CLIENT_AUTH_METHODS:
+            raise ValueError(f"client_auth must be one of {CLIENT_AUTH_METHODS}, not {client_auth!r}")
+        host = _host(token_url)
+        if not token_url or not client_id or client_secret is None:
+            return fail(TokenError(INVALID_CONFIGURATION, f"token URL, client id and client secret are required ({host})", host=host))
+        grant = _Grant(grant_type, token_url, client_id, client_secret, client_auth, **kw)
+        if self._pool is None:
+            return fail(TokenError(STOPPED, f"token client is not running ({grant.describe()} at {host})", host=host))
+        return self._run(grant)
+
+    def _run(self, grant: _Grant) -> Deferred[AccessToken]:
+        call = _Call(grant)
+        pool = self._pool
+        started = self._reactor.seconds()
+
+        def in_pool() -> Deferred[_Response]:
+            if self._pool is not pool:  # stopped while this call waited for a slot
+                call.reason = call.reason or STOPPED
+                raise _Abandoned()
+            return deferToThreadPool(self._reactor, pool, _request_blocking, grant, self.timeout, call.abandoned)
+
+        log.debug("token request: {grant} at {host}", grant=grant.describe(), host=grant.host)
+        d = self._semaphore.run(in_pool)
+        call.deferred = d
+        self._call_objs[id(call)] = call
+        timer = self._reactor.callLater(self.deadline, self._abandon, call, TIMEOUT)
+
+        def finish(result: Any) -> Any:
+            self._call_objs.pop(id(call), None)
+            if timer.active():
+                timer.cancel()
+            elapsed = self._reactor.seconds() - started
+            if isinstance(result, Failure):
+                call.abandoned.set()
+                error = self._error_for(call, result)
+                if error is None:
+                    return result  # cancelled by our caller: CancelledError, as usual
+                log.warn(
+                    "token request failed: {error_code}: {reason} ({elapsed:.3f}s)",
+                    error_code=error.error_code,
+                    reason=error.message,
+                    elapsed=elapsed,
+                )
+                return Failure(error)
+            log.info(
+                "token obtained: {grant} at {host}, expires in {expires_in:g}s ({elapsed:.3f}s)",
+                grant=grant.describe(),
+                host=grant.host,
+                expires_in=result.expires_in,
+                elapsed=elapsed,
+            )
+            return AccessToken(
+                access_token=result.access_token,
+                expires_at=self._reactor.seconds() + result.expires_in,
+                token_type=result.token_type,
+                refresh_token=result.refresh_token,
+                expires_in=result.expires_in,
+                scope=result.scope,
+            )
+
+        d.addBoth(finish)
+        return d
+
+    def _error_for(self, call: _Call, failure: Failure) -> TokenError | None:
+        grant = call.grant
+        if failure.check(TokenError):
+            return failure.value
+        if failure.check(CancelledError, _Abandoned):
+            if call.reason == TIMEOUT:
+                return TokenError(
+                    TIMEOUT, f"token service {grant.host} did not answer the {grant.describe()} within {self.deadline:g}s", host=grant.host
+                )
+            if call.reason == STOPPED:
+                return TokenError(STOPPED, f"token client stopped during the {grant.describe()} at {grant.host}", host=grant.host)
+            return None
+        # A bug of ours: never show the exception itself, it might hold a secret.
+        log.error("token request: unexpected {type} ({grant})", type=failure.type.__name__, grant=grant.describe())
+        return TokenError(INTERNAL_ERROR, f"internal error during the {grant.describe()} at {grant.host}", host=grant.host)
+
+    def _abandon(self, call: _Call, reason: str) -> None:
+        call.reason = reason
+        call.abandoned.set()
+        if call.deferred is not None and id(call) in self._call_objs:
+            call.deferred.cancel()
+
+
+# ---------------------------------------------------------------------------------------
+# the cache
+
+
+def client_credentials_key(token_url: str, client_id: str, tenant: str | None = None, scope: str | None = None) -> tuple:
+    """Cache key of a client-credentials token."""
+    return (CLIENT_CREDENTIALS, token_url, client_id, tenant, scope)
+
+
+def exchange_key(token_url: str, client_id: str, secret: str) -> tuple:
+    """Cache key of a token exchanged for ``secret``: only its SHA-256 is kept."""
+    digest = hashlib.sha256(secret.encode("utf-8")).hexdigest()
+    return ("exchange", token_url, client_id, digest)
+
+
+@define
+class _Entry:
+    token: AccessToken
+    valid_until: float
+
+
+class TokenCache:
+    """Access tokens by key until ``margin`` seconds before expiry; single flight.
+
+    A token is handed out until ``obtained + expires_in - m`` on ``clock``, where ``m``
+    is ``margin`` or, for tokens shorter lived than twice the margin, half the lifetime
+    (so a short-lived token is still shared, and no entry has a negative lifetime).
+    Concurrent :meth:`get` calls for a key share one fetch; each gets its own Deferred.
+    Failures are delivered to every waiter and are not cached.
+    """
+
+    def __init__(self, clock: Any, margin: float = DEFAULT_MARGIN, max_entries: int = 10000) -> None:
+        self._clock = clock
+        self.margin = max(0.0, float(margin))
+        self.max_entries = max_entries
+        self._entries: dict[Hashable, _Entry] = {}
+        self._inflight: dict[Hashable, list[Deferred[AccessToken]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def peek(self, key: Hashable) -> AccessToken | None:
+        """The cached, still valid token for ``key``, without fetching."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if self._clock.seconds() < entry.valid_until:
+            return entry.token
+        del self._entries[key]
+        return None
+
+    def invalidate(self, key: Hashable) -> None:
+        """Forget ``key`` (e.g. the upstream refused the token)."""
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def get(self, key: Hashable, fetch: Callable[[], Deferred[AccessToken]]) -> Deferred[AccessToken]:
+        """A valid token for ``key``: cached, joined to a fetch in flight, or fetched."""
+        token = self.peek(key)
+        if token is not None:
+            return succeed(token)
+
+        def cancel_waiter(waiter: Deferred[AccessToken]) -> None:
+            waiters = self._inflight.get(key)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+
+        waiter: Deferred[AccessToken] = Deferred(cancel_waiter)
+        waiters = self._inflight.get(key)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._inflight[key] = [waiter]
+        maybeDeferred(fetch).addBoth(self._settle, key)
+        return waiter
+
+    def _settle(self, result: Any, key: Hashable) -> None:
+        waiters = self._inflight.pop(key, [])
+        if not isinstance(result, Failure):
+            self._store(key, result)
+        for waiter in waiters:
+            waiter.callback(result)  # each waiter has its own Deferred and callbacks
+        return None  # the fetch's failure is handled by the waiters
+
+    def _store(self, key: Hashable, token: AccessToken) -> None:
+        now = self._clock.seconds()
+        lifetime = max(0.0, token.expires_in)
+        valid_until = now + lifetime - min(self.margin, lifetime / 2)
+        if valid_until <= now:
+            return
+        self._entries.pop(key, None)
+        self._entries[key] = _Entry(token, valid_until)
+        if len(self._entries) > self.max_entries:
+            for stale in [k for k, e in self._entries.items() if e.valid_until <= now]:
+                del self._entries[stale]
+            while len(self._entries) > self.max_entries:
+                del self._entries[next(iter(self._entries))]  # the oldest
+
+
+# ---------------------------------------------------------------------------------------
+# the facade
+
+
+class TokenProvider:
+    """Tokens for destinations: the client-credentials grant, or an exchange of the
+    refresh token / authorisation code an application presents, through the cache."""
+
+    def __init__(self, client: TokenClient, cache: TokenCache, client_auth: str = "basic") -> None:
+        if client_auth not in CLIENT_AUTH_METHODS:
+            raise ValueError(f"client_auth must be one of {CLIENT_AUTH_METHODS}, not {client_auth!r}")
+        self.client = client
+        self.cache = cache
+        self.client_auth = client_auth
+
+    def _url(self, destination: Destination, tenant: str | None) -> str | None:
+        url = destination.with_tenant_token_url(tenant)
+        if url is not None and "{tenant}" in url:
+            return None  # a Common URL with a placeholder but no tenant to put in it
+        return url
+
+    def _missing(self, destination: Destination, tenant: str | None) -> Deferred[AccessToken]:
+        url = destination.token_service_url or ""
+        if "{tenant}" in url and not tenant:
+            problem = "has a tokenServiceURL with {tenant} but the route has no tenant"
+        else:
+            problem = "has no tokenServiceURL, clientId or clientSecret"
+        return fail(TokenError(INVALID_CONFIGURATION, f"destination {destination.name!r} {problem}", host=_host(url)))
+
+    def client_credentials_key(self, destination: Destination, tenant: str | None = None) -> tuple:
+        return client_credentials_key(self._url(destination, tenant) or "", destination.client_id or "", tenant, destination.scope)
+
+    def for_client_credentials(self, destination: Destination, tenant: str | None = None) -> Deferred[AccessToken]:
+        """A client-credentials token for ``destination`` (per tenant), cached."""
+        url = self._url(destination, tenant)
+        if not url or not destination.client_id or destination.client_secret is None:
+            return self._missing(destination, tenant)
+        key = client_credentials_key(url, destination.client_id, tenant, destination.scope)
+        return self.cache.get(
+            key,
+            lambda: self.client.client_credentials(
+                url, destination.client_id, destination.client_secret, destination.scope, tenant, self.client_auth
+            ),
+        )
+
+    def exchange(self, destination: Destination, tenant: str | None, secret: str) -> Deferred[AccessToken]:
+        """Exchange the application's secret: refresh-token or authorisation-code grant,
+        chosen by ``destination.authentication``; cached by the secret's hash."""
+        if destination.authentication not in (OAUTH2_REFRESH_TOKEN, OAUTH2_AUTHORIZATION_CODE):
+            raise ValueError(f"destination {destination.name!r} does not exchange secrets ({destination.authentication})")
+        url = self._url(destination, tenant)
+        if not url or not destination.client_id or destination.client_secret is None:
+            return self._missing(destination, tenant)
+        if not secret:
+            return fail(TokenError(INVALID_CONFIGURATION, "empty refresh token or authorization code", host=_host(url)))
+        key = exchange_key(url, destination.client_id, secret)
+        if destination.authentication == OAUTH2_REFRESH_TOKEN:
+            fetch = lambda: self.client.refresh_token(  # noqa: E731
+                url, destination.client_id, destination.client_secret, secret, destination.scope, tenant, self.client_auth
+            )
+        else:
+            fetch = lambda: self.client.authorization_code(  # noqa: E731
+                url, destination.client_id, destination.client_secret, secret, None, tenant, self.client_auth
+            )
+        return self.cache.get(key, fetch)
+
+    def invalidate(self, destination: Destination, tenant: str | None = None, secret: str | None = None) -> None:
+        """Forget the cached token (the upstream refused it)."""
+        url = self._url(destination, tenant) or ""
+        if secret is None:
+            self.cache.invalidate(client_credentials_key(url, destination.client_id or "", tenant, destination.scope))
+        else:
+            self.cache.invalidate(exchange_key(url, destination.client_id or "", secret))
