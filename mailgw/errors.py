@@ -30,6 +30,10 @@ def describe(failure: Failure | BaseException, address: str) -> tuple[str, bool]
     some library put into an exception message cannot leak through here.
     """
     exc = failure.value if isinstance(failure, Failure) else failure
+    if isinstance(exc, ProtocolError):
+        # Our machines' and the SOCKS layer's errors (also those that subclass Twisted's
+        # timeout and connection errors) carry safe, specific messages.
+        return str(exc), not isinstance(exc, (defer.TimeoutError, error.ConnectError, error.ConnectionLost))
     if isinstance(exc, error.ConnectionRefusedError):
         return f"connection refused by {address}", False
     if isinstance(exc, (error.TimeoutError, defer.TimeoutError, defer.CancelledError)):
@@ -44,8 +48,6 @@ def describe(failure: Failure | BaseException, address: str) -> tuple[str, bool]
         return f"TLS handshake with {address} failed: {_ssl_reason(exc)}", True
     if isinstance(exc, (error.ConnectionDone, error.ConnectionLost)):
         return f"{address} closed the connection", False
-    if isinstance(exc, ProtocolError):  # machine errors never carry secrets
-        return str(exc), True
     explain = getattr(exc, "safe_message", None)  # typed errors of our own layers
     if isinstance(explain, str):
         return explain, getattr(exc, "permanent", True)

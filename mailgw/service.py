@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from . import metrics
 from .config import ConfigError, GatewayConfig, ProxyConfig
 from .destination import Destination
-from .endpoints.chain import upstream_endpoint
+from .endpoints.chain import socks_proxy, upstream_endpoint
 from .errors import GatewayError
 from .session import GatewayFactory, GatewaySession, Route, Settings
 
@@ -127,6 +127,11 @@ def make_service(config: GatewayConfig, reactor=None, *, tokens=None, proxy_endp
     """The gateway for ``config``; nothing listens until the service starts."""
     if reactor is None:
         from twisted.internet import reactor  # noqa: F811 - the global reactor by default
+    if proxy_endpoint is None and config.connectivity_proxy is not None:
+        proxy_endpoint = socks_proxy(
+            reactor, config.connectivity_proxy, connect_timeout=config.settings.connect_timeout,
+            jwt_for_tenant=lambda tenant: tokens.for_connectivity_proxy(config.connectivity_proxy, tenant),
+        )
     gateway = Gateway(
         reactor, config.settings, StaticSource(config.destinations),
         tokens=tokens, proxy=config.connectivity_proxy, proxy_endpoint=proxy_endpoint,

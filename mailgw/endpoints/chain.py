@@ -36,10 +36,42 @@ def upstream_endpoint(
                 f"destination {destination.name!r} is OnPremise but no connectivityProxy is configured"
             )
         return proxy(destination, tenant)
-    # An address needs no name resolution (HostnameEndpoint would still go through the
-    # resolver's thread pool, which costs milliseconds per session).
-    if isIPAddress(destination.host):
-        return TCP4ClientEndpoint(reactor, destination.host, destination.port, timeout=connect_timeout)
-    if isIPv6Address(destination.host):
-        return TCP6ClientEndpoint(reactor, destination.host, destination.port, timeout=connect_timeout)
-    return HostnameEndpoint(reactor, destination.host, destination.port, timeout=connect_timeout)
+    return tcp_endpoint(reactor, destination.host, destination.port, connect_timeout)
+
+
+def tcp_endpoint(reactor, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    """A TCP client endpoint; addresses skip name resolution."""
+    # HostnameEndpoint resolves even an address through the resolver's thread pool,
+    # which costs milliseconds per session.
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
+def socks_proxy(reactor, proxy, *, connect_timeout: float, jwt_for_tenant=None) -> ProxyEndpointFactory:
+    """The factory of SOCKS5 endpoints through the connectivity proxy ``proxy``
+    (a :class:`mailgw.config.ProxyConfig`).  For ``sap`` authentication
+    ``jwt_for_tenant(tenant)`` returns a Deferred JWT (a cached client-credentials token).
+    """
+    from .socks5 import SOCKS5ClientEndpoint
+
+    def endpoint(destination: Destination, tenant: str | None) -> IStreamClientEndpoint:
+        jwt_provider = None
+        if proxy.authentication == "sap":
+            jwt_provider = lambda: jwt_for_tenant(tenant)  # noqa: E731
+        return SOCKS5ClientEndpoint(
+            tcp_endpoint(reactor, proxy.host, proxy.port, connect_timeout),
+            destination.host,
+            destination.port,
+            method=proxy.authentication,
+            username=proxy.username,
+            password=proxy.password,
+            jwt_provider=jwt_provider,
+            location_id=destination.location_id,
+            timeout=connect_timeout,
+            reactor=reactor,
+        )
+
+    return endpoint
