@@ -1,0 +1,753 @@
+"""The IMAP machines, bytes in and actions out."""
+
+import base64
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailgw.protocol.actions import (
+    Close,
+    ProtocolError,
+    Release,
+    SendToApp,
+    SendUpstream,
+    StartTLS,
+    UpstreamFailed,
+    UpstreamReady,
+)
+from mailgw.protocol.credentials import BearerToken, Password
+from mailgw.protocol.imap import IMAPAppSide, IMAPUpstream, login_command, quote
+
+CAPS_PLAIN = b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS LOGINDISABLED"
+CAPS_TLS = b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN"
+POST_LOGIN = b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT THREAD=REFERENCES MOVE LITERAL+"
+POST_LOGIN_CAPS = tuple(POST_LOGIN.decode().split())
+
+
+def sent(actions):
+    assert all(isinstance(a, SendUpstream) for a in actions), actions
+    return b"".join(a.data for a in actions)
+
+
+def upstream(**kw):
+    kw.setdefault("implicit_tls", False)
+    m = IMAPUpstream(**kw)
+    assert m.start() == ([StartTLS()] if kw["implicit_tls"] else [])
+    if kw["implicit_tls"]:
+        assert m.tls_established() == []
+    return m
+
+
+def failure(actions):
+    assert len(actions) == 1 and isinstance(actions[0], UpstreamFailed), actions
+    return actions[0]
+
+
+def feed_bytewise(m, data):
+    actions = []
+    for i in range(len(data)):
+        actions += m.receive(data[i : i + 1])
+    return actions
+
+
+# -- upstream: greeting, CAPABILITY, STARTTLS ------------------------------------------
+
+
+def test_starttls_then_authenticate_plain_with_sasl_ir():
+    m = upstream(credentials=Password("alice", "s3cret"))
+    assert sent(m.receive(b"* OK Dovecot ready.\r\n")) == b"g1 CAPABILITY\r\n"
+    assert sent(m.receive(b"* CAPABILITY " + CAPS_PLAIN + b"\r\ng1 OK Pre-login capabilities listed.\r\n")) == (
+        b"g2 STARTTLS\r\n"
+    )
+    assert m.receive(b"g2 OK Begin TLS negotiation now.\r\n") == [StartTLS()]
+    assert sent(m.tls_established()) == b"g3 CAPABILITY\r\n"
+    ir = base64.b64encode(b"\0alice\0s3cret")
+    assert sent(m.receive(b"* CAPABILITY " + CAPS_TLS + b"\r\ng3 OK done\r\n")) == (
+        b"g4 AUTHENTICATE PLAIN " + ir + b"\r\n"
+    )
+    actions = m.receive(b"g4 OK [CAPABILITY " + POST_LOGIN + b"] Logged in\r\n")
+    assert actions == [UpstreamReady(POST_LOGIN_CAPS)]
+
+
+def test_greeting_with_capability_skips_capability_command():
+    m = upstream(implicit_tls=True, credentials=Password("alice", "pw"))
+    out = sent(m.receive(b"* OK [CAPABILITY " + CAPS_TLS + b"] Dovecot ready.\r\n"))
+    assert out == b"g1 AUTHENTICATE PLAIN " + base64.b64encode(b"\0alice\0pw") + b"\r\n"
+
+
+def test_authenticate_plain_without_sasl_ir_waits_for_continuation():
+    m = upstream(implicit_tls=True, credentials=Password("alice", "pw"))
+    assert sent(m.receive(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n")) == b"g1 AUTHENTICATE PLAIN\r\n"
+    assert sent(m.receive(b"+ \r\n")) == base64.b64encode(b"\0alice\0pw") + b"\r\n"
+    # No capability in the tagged OK: ask for it.
+    assert sent(m.receive(b"g1 OK Logged in\r\n")) == b"g2 CAPABILITY\r\n"
+    assert m.receive(b"* CAPABILITY IMAP4rev1 IDLE\r\ng2 OK done\r\n") == [UpstreamReady(("IMAP4rev1", "IDLE"))]
+
+
+def test_post_login_capability_from_untagged_response():
+    m = upstream(implicit_tls=True, credentials=Password("alice", "pw"))
+    m.receive(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] hi\r\n")
+    actions = m.receive(b"* CAPABILITY IMAP4rev1 MOVE\r\ng1 OK Logged in\r\n")
+    assert actions == [UpstreamReady(("IMAP4rev1", "MOVE"))]
+
+
+def test_continuation_after_plain_response_fails():
+    m = upstream(implicit_tls=True, credentials=Password("alice", "pw"))
+    m.receive(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] hi\r\n")
+    assert "more authentication data" in failure(m.receive(b"+ \r\n")).reason
+
+
+def test_preauth_greeting_is_ready_without_login():
+    m = upstream(implicit_tls=True, credentials=Password("alice", "pw"))
+    assert m.receive(b"* PREAUTH [CAPABILITY IMAP4rev1 IDLE] logged in already\r\n") == [
+        UpstreamReady(("IMAP4rev1", "IDLE"))
+    ]
+
+
+def test_preauth_in_plaintext_when_starttls_required_fails():
+    m = upstream(starttls_required=True, credentials=Password("alice", "pw"))
+    assert "PREAUTH" in failure(m.receive(b"* PREAUTH [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n")).reason
+
+
+def test_bye_greeting_fails_transiently():
+    m = upstream()
+    f = failure(m.receive(b"* BYE Too many connections\r\n"))
+    assert not f.permanent and "Too many connections" in f.reason
+
+
+@pytest.mark.parametrize("greeting", [b"hello\r\n", b"a1 OK hi\r\n", b"+ go\r\n", b"* NO hi\r\n"])
+def test_malformed_greeting(greeting):
+    assert "malformed" in failure(upstream().receive(greeting)).reason
+
+
+def test_no_credentials_and_starttls_disabled():
+    m = upstream(starttls_enable=False)
+    assert m.receive(b"* OK [CAPABILITY IMAP4rev1 STARTTLS IDLE] hi\r\n") == [
+        UpstreamReady(("IMAP4rev1", "STARTTLS", "IDLE"))
+    ]
+
+
+def test_starttls_required_but_not_offered():
+    m = upstream(starttls_required=True, credentials=Password("a", "b"))
+    f = failure(m.receive(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n"))
+    assert "STARTTLS" in f.reason and "requires" in f.reason
+
+
+def test_starttls_not_offered_optional_carries_on():
+    m = upstream(credentials=Password("a", "b"))
+    assert sent(m.receive(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n")).startswith(b"g1 AUTHENTICATE PLAIN")
+
+
+def test_starttls_refused_optional_carries_on_and_required_fails():
+    m = upstream(credentials=Password("a", "b"))
+    m.receive(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n")
+    assert sent(m.receive(b"g1 NO not now\r\n")) == b'g2 LOGIN "a" "b"\r\n'
+    m = upstream(starttls_required=True, credentials=Password("a", "b"))
+    m.receive(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n")
+    f = failure(m.receive(b"g1 BAD not now\r\n"))
+    assert "refused STARTTLS" in f.reason and "BAD not now" in f.reason
+
+
+@pytest.mark.parametrize(
+    "after_ok, later",
+    [
+        (b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n", None),  # same read
+        (b"*", None),  # even a partial line in the same read
+        (b"", b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n"),  # a later read before the handshake
+        (b"", b"x"),
+    ],
+)
+def test_starttls_injection_aborts(after_ok, later):
+    m = upstream(credentials=Password("a", "b"))
+    m.receive(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n")
+    actions = m.receive(b"g1 OK Begin TLS\r\n" + after_ok)
+    if later is None:
+        assert "injection" in failure(actions).reason
+        return
+    assert actions == [StartTLS()]
+    assert "injection" in failure(m.receive(later)).reason
+    assert m.receive(b"more") == []
+
+
+def test_capabilities_asked_again_after_starttls_and_old_ones_forgotten():
+    m = upstream(credentials=Password("a", "b"))
+    # Plaintext offered AUTH=PLAIN, after TLS only LOGIN: the second list counts.
+    m.receive(b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN SASL-IR] hi\r\n")
+    m.receive(b"g1 OK go\r\n")
+    assert sent(m.tls_established()) == b"g2 CAPABILITY\r\n"
+    assert sent(m.receive(b"* CAPABILITY IMAP4rev1\r\ng2 OK\r\n")) == b'g3 LOGIN "a" "b"\r\n'
+
+
+def test_tls_established_in_wrong_state_raises_protocol_error():
+    m = upstream()
+    with pytest.raises(ProtocolError):
+        m.tls_established()
+
+
+# -- upstream: LOGIN, quoting and literals ---------------------------------------------
+
+
+def login_machine(password, user="alice", caps=b"IMAP4rev1"):
+    m = upstream(implicit_tls=True, credentials=Password(user, password))
+    return m, sent(m.receive(b"* OK [CAPABILITY " + caps + b"] hi\r\n"))
+
+
+def test_login_quoted_with_specials():
+    m, out = login_machine('p"a\\ss word')
+    assert out == b'g1 LOGIN "alice" "p\\"a\\\\ss word"\r\n'
+    assert m.receive(b"g1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n") == [UpstreamReady(("IMAP4rev1", "IDLE"))]
+
+
+def test_login_empty_password_is_quoted():
+    assert login_machine("")[1] == b'g1 LOGIN "alice" ""\r\n'
+
+
+def test_login_8bit_password_uses_synchronizing_literal():
+    password = "pässwörd"
+    raw = password.encode("utf-8")
+    m, out = login_machine(password)
+    assert out == b'g1 LOGIN "alice" {%d}\r\n' % len(raw)
+    assert sent(m.receive(b"+ OK\r\n")) == raw + b"\r\n"
+    assert m.receive(b"g1 OK [CAPABILITY IMAP4rev1] ok\r\n") == [UpstreamReady(("IMAP4rev1",))]
+
+
+def test_login_crlf_in_both_uses_two_literals():
+    m, out = login_machine("pw\r\nx", user="us\ner")
+    assert out == b"g1 LOGIN {5}\r\n"
+    assert sent(m.receive(b"+ Ready\r\n")) == b"us\ner {5}\r\n"
+    assert sent(m.receive(b"+ Ready\r\n")) == b"pw\r\nx\r\n"
+    assert "more authentication data" in failure(m.receive(b"+ again\r\n")).reason
+
+
+def test_login_literal_plus_sends_everything_at_once():
+    m, out = login_machine("pw\0x", caps=b"IMAP4rev1 LITERAL+")
+    assert out == b'g1 LOGIN "alice" {4+}\r\npw\0x\r\n'
+
+
+def test_login_literal_minus_only_for_small_literals():
+    big = "é" * 3000  # 6000 bytes > 4096
+    assert login_machine("é", caps=b"IMAP4rev1 LITERAL-")[1] == b'g1 LOGIN "alice" {2+}\r\n\xc3\xa9\r\n'
+    assert login_machine(big, caps=b"IMAP4rev1 LITERAL-")[1] == b'g1 LOGIN "alice" {6000}\r\n'
+
+
+def test_login_command_helper_and_quote():
+    assert quote(b'a"b\\c') == b'"a\\"b\\\\c"'
+    assert login_command(b"t", b"u", b"p", False, False) == [b't LOGIN "u" "p"\r\n']
+
+
+def test_login_literal_refused_by_server():
+    m, _ = login_machine("pässwörd")
+    f = failure(m.receive(b"g1 BAD literal not allowed\r\n"))
+    assert "BAD literal not allowed" in f.reason and "pässwörd" not in f.reason
+
+
+def test_logindisabled_without_auth_plain_fails_clearly():
+    m = upstream(starttls_enable=False, credentials=Password("a", "b"))
+    f = failure(m.receive(b"* OK [CAPABILITY IMAP4rev1 LOGINDISABLED AUTH=CRAM-MD5] hi\r\n"))
+    assert "disables LOGIN" in f.reason and "not encrypted" in f.reason
+
+
+def test_logindisabled_with_auth_plain_authenticates():
+    m = upstream(starttls_enable=False, credentials=Password("a", "b"))
+    out = sent(m.receive(b"* OK [CAPABILITY IMAP4rev1 LOGINDISABLED AUTH=PLAIN] hi\r\n"))
+    assert out == b"g1 AUTHENTICATE PLAIN\r\n"
+
+
+def test_credentials_refused_names_reply_not_secret():
+    m = upstream(implicit_tls=True, credentials=Password("alice", "hunter2"))
+    m.receive(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] hi\r\n")
+    f = failure(m.receive(b"g1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n\x00"))
+    assert f.permanent
+    assert f.reason == "upstream refused the credentials: NO [AUTHENTICATIONFAILED] Authentication failed."
+    assert "hunter2" not in f.reason and base64.b64encode(b"\0alice\0hunter2").decode() not in f.reason
+
+
+def test_failure_text_is_sanitised():
+    m = upstream(implicit_tls=True, credentials=Password("alice", "pw"))
+    m.receive(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
+    f = failure(m.receive(b"g1 NO bad\x1b[31m\xffuser\r\n"))
+    assert f.reason.isprintable() and "\x1b" not in f.reason
+
+
+def test_password_with_nul_and_auth_plain_fails_without_secret():
+    m = upstream(implicit_tls=True, credentials=Password("alice", "a\0secret"))
+    f = failure(m.receive(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n"))
+    assert "NUL" in f.reason and "secret" not in f.reason
+
+
+# -- upstream: bearer tokens -----------------------------------------------------------
+
+
+ERROR_CHALLENGE = base64.b64encode(json.dumps({"status": "401", "schemes": "bearer"}).encode())
+
+
+def test_xoauth2_with_sasl_ir_and_failure_dance():
+    m = upstream(implicit_tls=True, credentials=BearerToken("alice", "s3cr3t-t0ken"))
+    ir = base64.b64encode(b"user=alice\x01auth=Bearer s3cr3t-t0ken\x01\x01")
+    out = sent(m.receive(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2 AUTH=OAUTHBEARER] hi\r\n"))
+    assert out == b"g1 AUTHENTICATE XOAUTH2 " + ir + b"\r\n"
+    assert sent(m.receive(b"+ " + ERROR_CHALLENGE + b"\r\n")) == b"\r\n"
+    f = failure(m.receive(b"g1 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)\r\n"))
+    assert "Invalid credentials" in f.reason and "status 401" in f.reason and "s3cr3t" not in f.reason
+
+
+def test_xoauth2_without_sasl_ir_waits_for_continuation_then_succeeds():
+    m = upstream(implicit_tls=True, credentials=BearerToken("alice", "tok"))
+    assert sent(m.receive(b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] hi\r\n")) == b"g1 AUTHENTICATE XOAUTH2\r\n"
+    assert sent(m.receive(b"+ \r\n")) == base64.b64encode(b"user=alice\x01auth=Bearer tok\x01\x01") + b"\r\n"
+    assert m.receive(b"g1 OK [CAPABILITY IMAP4rev1 IDLE] ok\r\n") == [UpstreamReady(("IMAP4rev1", "IDLE"))]
+
+
+def test_oauthbearer_when_only_that_is_offered():
+    m = upstream(implicit_tls=True, credentials=BearerToken("alice", "tok"))
+    out = sent(m.receive(b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=OAUTHBEARER] hi\r\n"))
+    assert out == b"g1 AUTHENTICATE OAUTHBEARER " + base64.b64encode(b"n,a=alice,\x01auth=Bearer tok\x01\x01") + b"\r\n"
+    assert sent(m.receive(b"+ eyJzdGF0dXMiOiJpbnZhbGlkX3Rva2VuIn0=\r\n")) == b"AQ==\r\n"
+    assert "status invalid_token" in failure(m.receive(b"g1 NO nope\r\n")).reason
+
+
+def test_bearer_without_mechanism():
+    m = upstream(implicit_tls=True, credentials=BearerToken("alice", "tok"))
+    f = failure(m.receive(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n"))
+    assert "no XOAUTH2 or OAUTHBEARER" in f.reason and "PLAIN" in f.reason
+
+
+# -- upstream: reading -----------------------------------------------------------------
+
+
+def test_responses_split_byte_by_byte():
+    m = upstream(credentials=Password("alice", "pw"))
+    script = [
+        (b"* OK Dovecot ready.\r\n", b"g1 CAPABILITY\r\n"),
+        (b"* CAPABILITY IMAP4rev1 STARTTLS\r\ng1 OK listed\r\n", b"g2 STARTTLS\r\n"),
+    ]
+    for data, expected in script:
+        assert sent(feed_bytewise(m, data)) == expected
+    assert feed_bytewise(m, b"g2 OK go\r\n") == [StartTLS()]
+    m.tls_established()
+    assert sent(feed_bytewise(m, b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\ng3 OK\r\n")) == b"g4 AUTHENTICATE PLAIN\r\n"
+    assert sent(feed_bytewise(m, b"+ \r\n")) == base64.b64encode(b"\0alice\0pw") + b"\r\n"
+    assert feed_bytewise(m, b"g4 OK [CAPABILITY IMAP4rev1 IDLE] in\r\n") == [UpstreamReady(("IMAP4rev1", "IDLE"))]
+
+
+def test_literals_in_untagged_responses_are_skipped_even_split_byte_by_byte():
+    m = upstream(implicit_tls=True, credentials=Password("alice", "pw"))
+    m.receive(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
+    # An untagged data response carrying literals (one looks like a tagged OK, one like
+    # a literal announcement itself) before the tagged OK.
+    data = b'* ID ("name" {14}\r\ng1 OK fake\r\n\r\n "x" {5}\r\n{99}\r)\r\ng1 OK [CAPABILITY IMAP4rev1 X] in\r\n'
+    assert feed_bytewise(m, data) == [UpstreamReady(("IMAP4rev1", "X"))]
+
+
+def test_status_responses_are_never_followed_by_literals():
+    m = upstream(implicit_tls=True, credentials=Password("alice", "pw"))
+    m.receive(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
+    actions = m.receive(b"* OK weird text {5}\r\ng1 OK [CAPABILITY IMAP4rev1] in\r\n")
+    assert actions == [UpstreamReady(("IMAP4rev1",))]
+
+
+def test_huge_literal_in_response_fails():
+    m = upstream(implicit_tls=True, credentials=Password("alice", "pw"), max_line=256)
+    m.receive(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
+    assert "longer than" in failure(m.receive(b"* 1 FETCH (BODY[] {99999999999999999999}\r\n")).reason
+    m = upstream(implicit_tls=True, credentials=Password("alice", "pw"), max_line=256)
+    m.receive(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
+    assert "longer than" in failure(m.receive(b"* 1 FETCH (BODY[] {70000}\r\n")).reason
+
+
+def test_overlong_response_line_fails():
+    m = upstream(max_line=100)
+    assert "longer than 100" in failure(m.receive(b"* OK " + b"x" * 200)).reason
+
+
+def test_unknown_tag_and_stray_continuation_fail():
+    m = upstream()
+    m.receive(b"* OK hi\r\n")
+    assert "unknown tag" in failure(m.receive(b"zz OK\r\n")).reason
+    m = upstream()
+    m.receive(b"* OK hi\r\n")
+    assert "continuation" in failure(m.receive(b"+ go on\r\n")).reason
+
+
+def test_untagged_bye_during_login_fails():
+    m = upstream(implicit_tls=True, credentials=Password("alice", "pw"))
+    m.receive(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
+    f = failure(m.receive(b"* BYE shutting down\r\n"))
+    assert "shutting down" in f.reason and not f.permanent
+
+
+def test_unsolicited_bytes_after_ready_are_kept_in_order():
+    m = upstream(starttls_enable=False)
+    actions = m.receive(b"* OK [CAPABILITY IMAP4rev1] hi\r\n* 3 EXISTS\r\n* 1 RECENT")
+    assert actions == [UpstreamReady(("IMAP4rev1",))]
+    assert m.receive(b"\r\n* OK still here\r\n") == []
+    assert m.take_pending() == b"* 3 EXISTS\r\n* 1 RECENT\r\n* OK still here\r\n"
+    assert m.take_pending() == b""
+
+
+def test_unsolicited_flood_after_ready_fails():
+    m = upstream(starttls_enable=False)
+    m.receive(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
+    assert not failure(m.receive(b"x" * 70000)).permanent
+
+
+def test_data_before_start_fails():
+    m = IMAPUpstream(implicit_tls=False)
+    assert isinstance(m.receive(b"* OK\r\n")[0], UpstreamFailed)
+
+
+def test_data_before_implicit_tls_handshake_fails():
+    m = IMAPUpstream(implicit_tls=True)
+    m.start()
+    assert "injection" in failure(m.receive(b"* OK\r\n")).reason
+
+
+# -- application side ------------------------------------------------------------------
+
+
+def app(**kw):
+    kw.setdefault(
+        "capabilities",
+        ("IMAP4rev1", "SASL-IR", "ID", "IDLE", "LITERAL+", "STARTTLS", "AUTH=PLAIN", "AUTH=XOAUTH2", "LOGINDISABLED", "MOVE"),
+    )
+    return IMAPAppSide(**kw)
+
+
+def to_app(actions):
+    return b"".join(a.data for a in actions if isinstance(a, SendToApp))
+
+
+CAPS_LINE = b"IMAP4rev1 ID IDLE LITERAL+ MOVE AUTH=PLAIN"
+
+
+def test_greeting_and_capability():
+    m = app()
+    assert m.greeting() == b"* OK [CAPABILITY " + CAPS_LINE + b"] mailgw ready\r\n"
+    assert to_app(m.receive(b"a1 CAPABILITY\r\n")) == b"* CAPABILITY " + CAPS_LINE + b"\r\na1 OK CAPABILITY completed\r\n"
+    assert to_app(m.receive(b"a2 capability\n")).endswith(b"a2 OK CAPABILITY completed\r\n")
+
+
+def test_greeting_without_upstream_capabilities():
+    assert IMAPAppSide().greeting() == b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] mailgw ready\r\n"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        b"a LOGIN alice secret\r\n",
+        b'a LOGIN "alice" "p\\"a\\\\ss word"\r\n',
+        b"a login alice \"\"\r\n",
+    ],
+)
+def test_login_answered_locally(command):
+    assert app().receive(command) == [SendToApp(b"a OK LOGIN completed\r\n")]
+
+
+def test_login_with_synchronizing_literals():
+    m = app()
+    assert m.receive(b"a LOGIN {5}\r\n") == [SendToApp(b"+ Ready for literal data\r\n")]
+    assert m.receive(b"alice {8}\r\n") == [SendToApp(b"+ Ready for literal data\r\n")]
+    assert m.receive(b"p\xc3\xa4ss\r\nx\r\n") == [SendToApp(b"a OK LOGIN completed\r\n")]
+    assert m.receive(b"b SELECT INBOX\r\n") == [Release(b"b SELECT INBOX\r\n")]
+
+
+def test_login_with_non_synchronizing_literals_and_pipelining():
+    m = app()
+    actions = m.receive(b'a LOGIN {5+}\r\nalice "pw"\r\nb LOGIN "u" {3+}\r\n{1}\r\nc SELECT INBOX\r\n')
+    assert actions == [
+        SendToApp(b"a OK LOGIN completed\r\n"),
+        SendToApp(b"b OK LOGIN completed\r\n"),
+        Release(b"c SELECT INBOX\r\n"),
+    ]
+
+
+def test_login_literal_split_byte_by_byte():
+    m = app()
+    data = b"a LOGIN {5}\r\nalice {9}\r\n{3}\r\nab\r\n\r\nb NOOP\r\nc LIST \"\" *\r\n"
+    actions = []
+    for i in range(len(data)):
+        actions += m.receive(data[i : i + 1])
+    assert actions == [
+        SendToApp(b"+ Ready for literal data\r\n"),
+        SendToApp(b"+ Ready for literal data\r\n"),
+        SendToApp(b"a OK LOGIN completed\r\n"),
+        SendToApp(b"b OK NOOP completed\r\n"),
+        Release(b'c LIST "" *\r\n'),
+    ]
+
+
+def test_huge_literal_claim_closes():
+    m = app(max_line=1000)
+    actions = m.receive(b"a LOGIN {100000}\r\n")
+    assert to_app(actions).startswith(b"* BYE mailgw: literal too large") and isinstance(actions[-1], Close)
+    assert m.receive(b"x" * 100) == []
+    m = app(max_line=1000)
+    actions = m.receive(b"a LOGIN {" + b"9" * 500 + b"+}\r\n")
+    assert isinstance(actions[-1], Close)
+
+
+def test_many_literals_in_one_login_are_bounded():
+    m = app(max_line=1000)
+    actions = m.receive(b"a LOGIN {5+}\r\n")
+    for _ in range(200):
+        actions = m.receive(b"xxxxx {5+}\r\n")
+        if actions:
+            break
+    assert isinstance(actions[-1], Close) and to_app(actions).startswith(b"* BYE mailgw: ")
+
+
+@pytest.mark.parametrize(
+    "dialogue",
+    [
+        [(b"a AUTHENTICATE PLAIN AGFsaWNlAHB3\r\n", b"a OK AUTHENTICATE completed\r\n")],
+        [(b"a AUTHENTICATE PLAIN\r\n", b"+ \r\n"), (b"AGFsaWNlAHB3\r\n", b"a OK AUTHENTICATE completed\r\n")],
+        [(b"a authenticate xoauth2 dXNlcj1h\r\n", b"a OK AUTHENTICATE completed\r\n")],
+        [(b"a AUTHENTICATE CRAM-MD5\r\n", b"+ \r\n"), (b"whatever\r\n", b"a OK AUTHENTICATE completed\r\n")],
+        [
+            (b"a AUTHENTICATE LOGIN\r\n", b"+ VXNlcm5hbWU6\r\n"),
+            (b"YWxpY2U=\r\n", b"+ UGFzc3dvcmQ6\r\n"),
+            (b"cHc=\r\n", b"a OK AUTHENTICATE completed\r\n"),
+        ],
+        [(b"a AUTHENTICATE PLAIN\r\n", b"+ \r\n"), (b"*\r\n", b"a BAD AUTHENTICATE cancelled\r\n")],
+        [(b"a AUTHENTICATE\r\n", b"a BAD AUTHENTICATE needs a mechanism\r\n")],
+    ],
+)
+def test_authenticate_answered_locally(dialogue):
+    m = app()
+    for line, reply in dialogue:
+        assert to_app(m.receive(line)) == reply
+
+
+def test_authenticate_continuation_line_is_not_a_command():
+    m = app()
+    m.receive(b"a AUTHENTICATE PLAIN\r\n")
+    # A response that looks like a command (or a literal) is still just the response.
+    assert m.receive(b"b SELECT {5}\r\n") == [SendToApp(b"a OK AUTHENTICATE completed\r\n")]
+
+
+def test_local_noop_id_logout_and_starttls():
+    m = app()
+    assert to_app(m.receive(b"a NOOP\r\n")) == b"a OK NOOP completed\r\n"
+    assert to_app(m.receive(b'b ID ("name" "x")\r\n')) == b"* ID NIL\r\nb OK ID completed\r\n"
+    assert to_app(m.receive(b"c STARTTLS\r\n")).startswith(b"c BAD")
+    assert to_app(m.receive(b"\r\n")).startswith(b"* BAD")
+    assert to_app(m.receive(b"d LOGIN\r\n")).startswith(b"d BAD")
+    actions = m.receive(b"e LOGOUT\r\nf SELECT INBOX\r\n")
+    assert to_app(actions) == b"* BYE mailgw logging out\r\ne OK LOGOUT completed\r\n"
+    assert isinstance(actions[-1], Close)
+    assert m.receive(b"g NOOP\r\n") == []
+
+
+def test_id_after_login_goes_upstream():
+    m = app()
+    m.receive(b"a LOGIN u p\r\n")
+    assert m.receive(b"b ID NIL\r\n") == [Release(b"b ID NIL\r\n")]
+
+
+def test_pipelined_login_then_commands_release_in_order():
+    m = app()
+    actions = m.receive(b"a LOGIN u p\r\nb SELECT INBOX\r\nc FETCH 1 BODY[]\r\n")
+    assert actions == [SendToApp(b"a OK LOGIN completed\r\n"), Release(b"b SELECT INBOX\r\nc FETCH 1 BODY[]\r\n")]
+    with pytest.raises(ProtocolError):
+        m.receive(b"more")
+
+
+@pytest.mark.parametrize("first", [b'2 LIST "" "*"\r\n', b"3 SELECT INBOX\r\n", b"5 FETCH 1 BODY[TEXT]\r\n"])
+def test_reference_no_login_flow_releases_at_once(first):
+    m = app()
+    assert m.receive(first) == [Release(first)]
+
+
+def test_reference_flow_pipelined_partial_line():
+    m = app()
+    assert m.receive(b'2 LIST "" "*"') == []
+    assert m.receive(b"\r\n3 SELECT INBOX\r\n5 FE") == [Release(b'2 LIST "" "*"\r\n3 SELECT INBOX\r\n5 FE')]
+
+
+def test_released_command_with_literal_goes_upstream_unread():
+    m = app()
+    # The upstream will answer the synchronizing literal with its own "+".
+    assert m.receive(b"a APPEND INBOX {11}\r\n") == [Release(b"a APPEND INBOX {11}\r\n")]
+    m = app()
+    assert m.receive(b"a APPEND INBOX {3+}\r\nabc\r\n") == [Release(b"a APPEND INBOX {3+}\r\nabc\r\n")]
+
+
+def test_line_too_long_closes():
+    m = app(max_line=100)
+    actions = m.receive(b"a LIST " + b"x" * 200)
+    assert to_app(actions) == b"* BYE mailgw: command line too long (limit 100 bytes)\r\n"
+    assert isinstance(actions[-1], Close)
+
+
+def test_refusal_and_goodbye():
+    assert IMAPAppSide.refusal("destination x: boom", permanent=True) == b"* BYE mailgw: destination x: boom\r\n"
+    assert IMAPAppSide.refusal("slow", permanent=False) == b"* BYE mailgw: slow\r\n"
+    assert IMAPAppSide.refusal("bad\r\nINJECT", permanent=True).count(b"\r\n") == 1
+    assert IMAPAppSide.goodbye("idle timeout") == b"* BYE mailgw: idle timeout\r\n"
+    assert IMAPAppSide.goodbye("é\r\n").count(b"\r\n") == 1
+
+
+# -- properties ------------------------------------------------------------------------
+
+MAX = 256
+chunks = st.lists(st.binary(max_size=300), max_size=30)
+
+UPSTREAM_PIECES = [
+    b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] hi\r\n",
+    b"* OK hi\r\n",
+    b"* PREAUTH hi\r\n",
+    b"* CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN AUTH=XOAUTH2 LITERAL+ LOGINDISABLED STARTTLS\r\n",
+    b"* CAPABILITY IMAP4rev1\r\n",
+    b"* 1 FETCH (BODY[] {10}\r\n",
+    b"{300}\r\n",
+    b"{5}",
+    b"\r\n",
+    b"+ \r\n",
+    b"+ " + ERROR_CHALLENGE + b"\r\n",
+    b"* BYE bye\r\n",
+]
+UPSTREAM_PIECES += [b"g%d %s done\r\n" % (n, status) for n in range(1, 6) for status in (b"OK", b"NO", b"BAD")]
+UPSTREAM_PIECES += [b"g%d OK [CAPABILITY IMAP4rev1 IDLE] in\r\n" % n for n in range(1, 6)]
+# Mostly plausible pieces (so the later states are reached), some arbitrary bytes.
+upstream_stream = st.lists(
+    st.one_of(*[st.sampled_from(UPSTREAM_PIECES)] * 4, st.binary(max_size=40)), max_size=30
+)
+
+
+def rechunk(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, last = [], 0
+    for p in points + [len(data)]:
+        pieces.append(data[last:p])
+        last = p
+    return pieces
+
+
+greetings = st.sampled_from([b"", UPSTREAM_PIECES[0], UPSTREAM_PIECES[1], UPSTREAM_PIECES[2]])
+
+
+@settings(max_examples=250, deadline=None)
+@given(
+    greetings,
+    upstream_stream,
+    st.lists(st.integers(min_value=0), max_size=20),
+    st.booleans(),
+    st.sampled_from([None, Password("a", "p\xe4ss\"\\"), BearerToken("a", "tok")]),
+    st.booleans(),
+)
+def test_upstream_never_raises_foreign_errors_and_stays_bounded(greeting, pieces, cuts, tls, creds, required):
+    m = IMAPUpstream(implicit_tls=tls, credentials=creds, starttls_required=required, max_line=MAX)
+    actions = m.start()
+    for chunk in rechunk(greeting + b"".join(pieces), cuts):
+        if any(isinstance(a, StartTLS) for a in actions):
+            actions = m.tls_established()
+        else:
+            actions = m.receive(chunk)
+        if any(isinstance(a, UpstreamFailed) for a in actions):
+            assert isinstance(actions[-1], UpstreamFailed)
+            return
+        assert len(m._reader.lines) <= MAX + 2
+        assert len(m._pending._data) <= m._pending.limit
+
+
+REACTIVE = [
+    b"* CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN AUTH=XOAUTH2 AUTH=OAUTHBEARER LITERAL+ STARTTLS\r\n",
+    b"* CAPABILITY IMAP4rev1 LOGINDISABLED LITERAL- STARTTLS\r\n",
+    b"* CAPABILITY IMAP4rev1\r\n",
+    b"* 2 FETCH (BODY[] {12}\r\nTAG OK\r\n{3}\r\n)\r\n",
+    b"+ \r\n",
+    b"+ " + ERROR_CHALLENGE + b"\r\n",
+    b"TAG OK done\r\n",
+    b"TAG OK done\r\n",
+    b"TAG OK [CAPABILITY IMAP4rev1 IDLE] done\r\n",
+    b"TAG NO no\r\n",
+    b"* BYE bye\r\n",
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(UPSTREAM_PIECES[:3]),
+    st.booleans(),
+    st.sampled_from([None, Password("a", "p\xe4ss\"\\"), Password("a\n", "p"), BearerToken("a", "tok")]),
+    st.booleans(),
+    st.data(),
+)
+def test_upstream_reactive_dialogues_stay_consistent(greeting, tls, creds, required, data):
+    """Plausible answers to whatever the machine last asked, in arbitrary chunks."""
+    m = IMAPUpstream(implicit_tls=tls, credentials=creds, starttls_required=required, max_line=MAX)
+    actions = m.start() + (m.tls_established() if tls else [])
+    reply = greeting
+    for _ in range(12):
+        for chunk in rechunk(reply, data.draw(st.lists(st.integers(min_value=0), max_size=4))):
+            actions = m.receive(chunk)
+            if any(isinstance(a, StartTLS) for a in actions):
+                assert actions == [StartTLS()]
+                actions = m.tls_established()
+                break
+            if any(isinstance(a, (UpstreamFailed, UpstreamReady)) for a in actions):
+                assert isinstance(actions[-1], (UpstreamFailed, UpstreamReady))
+                return
+        for action in actions:
+            assert isinstance(action, SendUpstream)
+            assert action.data.endswith(b"\r\n")
+        reply = data.draw(st.sampled_from(REACTIVE)).replace(b"TAG", m._tag)
+
+
+app_pieces = st.lists(
+    st.one_of(
+        st.sampled_from(
+            [
+                b"a LOGIN {5}\r\n",
+                b"a LOGIN u {3+}\r\n",
+                b"a LOGIN u p\r\n",
+                b"{200}\r\n",
+                b"{2}",
+                b"a AUTHENTICATE PLAIN\r\n",
+                b"a AUTHENTICATE PLAIN AGFAYg==\r\n",
+                b"*\r\n",
+                b"a CAPABILITY\r\n",
+                b"a NOOP\r\n",
+                b"\r\n",
+                b"x" * 100,
+            ]
+        ),
+        st.binary(max_size=40),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=250, deadline=None)
+@given(app_pieces, st.lists(st.integers(min_value=0), max_size=20))
+def test_app_side_never_raises_foreign_errors_and_stays_bounded(pieces, cuts):
+    m = app(max_line=MAX)
+    data = b"".join(pieces)
+    received = b""
+    for chunk in rechunk(data, cuts):
+        actions = m.receive(chunk)
+        received += chunk
+        releases = [a for a in actions if isinstance(a, Release)]
+        if releases:
+            # The leftover is always a suffix of what was received: nothing lost or reordered.
+            assert received.replace(b"\r\n", b"\n").endswith(releases[0].leftover.replace(b"\r\n", b"\n"))
+            return
+        if any(isinstance(a, Close) for a in actions):
+            return
+        assert len(m._lines) <= MAX + 2
+
+
+@settings(max_examples=150, deadline=None)
+@given(chunks)
+def test_app_side_arbitrary_bytes(data):
+    m = app(max_line=MAX)
+    for chunk in data:
+        try:
+            actions = m.receive(chunk)
+        except ProtocolError:
+            return
+        if any(isinstance(a, (Release, Close)) for a in actions):
+            return
+        assert len(m._lines) <= MAX + 2
