@@ -71,6 +71,8 @@ _SETTING_KEYS = {
     ("timeouts", "relayIdle"): "relay_idle_timeout",
     ("limits", "maxLine"): "max_line",
     ("limits", "maxSessionsPerDestination"): "max_sessions_per_destination",
+    ("timeouts", "token"): "token_timeout",
+    ("limits", "maxTokenRequests"): "max_token_requests",
 }
 
 

@@ -6,6 +6,7 @@ from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.python.failure import Failure
 
+from .oauth import TokenError
 from .protocol.actions import ProtocolError
 
 try:  # service_identity is a hard dependency, but keep this module importable alone
@@ -34,6 +35,8 @@ def describe(failure: Failure | BaseException, address: str) -> tuple[str, bool]
         # Our machines' and the SOCKS layer's errors (also those that subclass Twisted's
         # timeout and connection errors) carry safe, specific messages.
         return str(exc), not isinstance(exc, (defer.TimeoutError, error.ConnectError, error.ConnectionLost))
+    if isinstance(exc, TokenError):  # its message names host, grant and client, no secret
+        return f"token service: {exc}", exc.error_code not in ("unreachable", "timeout", "http_error", "stopped")
     if isinstance(exc, error.ConnectionRefusedError):
         return f"connection refused by {address}", False
     if isinstance(exc, (error.TimeoutError, defer.TimeoutError, defer.CancelledError)):

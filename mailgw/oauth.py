@@ -702,6 +702,20 @@ class TokenProvider:
             ),
         )
 
+    def for_connectivity_proxy(self, proxy, tenant: str | None = None) -> Deferred[str]:
+        """The JWT for the connectivity proxy's SOCKS5 method 0x80 (a client-credentials
+        token of the connectivity service; ``{tenant}`` in its URL is the tenant's)."""
+        url = proxy.token_service_url
+        if "{tenant}" in url:
+            if not tenant:
+                return fail(TokenError(INVALID_CONFIGURATION, "connectivityProxy tokenServiceURL has {tenant} but the route has no tenant", host=_host(url)))
+            url = url.replace("{tenant}", tenant)
+        key = client_credentials_key(url, proxy.client_id, tenant, None)
+        d = self.cache.get(
+            key, lambda: self.client.client_credentials(url, proxy.client_id, proxy.client_secret, None, tenant, self.client_auth)
+        )
+        return d.addCallback(lambda token: token.access_token)
+
     def exchange(self, destination: Destination, tenant: str | None, secret: str) -> Deferred[AccessToken]:
         """Exchange the application's secret: refresh-token or authorisation-code grant,
         chosen by ``destination.authentication``; cached by the secret's hash."""

@@ -14,6 +14,7 @@ from .config import ConfigError, GatewayConfig, ProxyConfig
 from .destination import Destination
 from .endpoints.chain import socks_proxy, upstream_endpoint
 from .errors import GatewayError
+from .oauth import TokenCache, TokenClient, TokenProvider
 from .session import GatewayFactory, GatewaySession, Route, Settings
 
 log = Logger()
@@ -127,6 +128,10 @@ def make_service(config: GatewayConfig, reactor=None, *, tokens=None, proxy_endp
     """The gateway for ``config``; nothing listens until the service starts."""
     if reactor is None:
         from twisted.internet import reactor  # noqa: F811 - the global reactor by default
+    token_client = None
+    if tokens is None:
+        token_client = TokenClient(reactor, timeout=config.settings.token_timeout, max_concurrent=config.settings.max_token_requests)
+        tokens = TokenProvider(token_client, TokenCache(reactor))
     if proxy_endpoint is None and config.connectivity_proxy is not None:
         proxy_endpoint = socks_proxy(
             reactor, config.connectivity_proxy, connect_timeout=config.settings.connect_timeout,
@@ -137,6 +142,8 @@ def make_service(config: GatewayConfig, reactor=None, *, tokens=None, proxy_endp
         tokens=tokens, proxy=config.connectivity_proxy, proxy_endpoint=proxy_endpoint,
     )
     top = GatewayService(gateway, config.drain_timeout)
+    if token_client is not None:
+        token_client.setServiceParent(top)  # its thread pool starts and stops with us
     for index, listener in enumerate(config.listeners):
         route = Route(listener.destination, listener.tenant)
         endpoint = _server_endpoint(reactor, listener.listen, f"{config.origin}: listeners[{index}]")

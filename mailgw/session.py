@@ -66,6 +66,8 @@ class Settings:
     relay_idle_timeout: float = 1800.0  # after release; long enough for IMAP IDLE
     max_line: int = 16384  # application command line before release
     max_sessions_per_destination: int = 1000
+    token_timeout: float = 10.0  # each HTTP call to a token service
+    max_token_requests: int = 8  # concurrent token requests, all destinations together
     hostname: str = "mailgw"
 
 
