@@ -1,0 +1,389 @@
+"""POP3, both sides, sans-IO.
+
+:class:`POP3Upstream` logs in to the real server: greeting, CAPA, STLS (with the
+injection guard), CAPA again, then AUTH PLAIN / XOAUTH2 / OAUTHBEARER or USER/PASS, and
+CAPA once more for the post-login list.  :class:`POP3AppSide` talks to the application
+until release: it greets, answers CAPA, USER, PASS, APOP, AUTH and QUIT locally and
+releases at the first other command.
+"""
+
+from __future__ import annotations
+
+from . import sasl
+from .actions import (
+    Close,
+    ProtocolError,
+    Release,
+    SendToApp,
+    SendUpstream,
+    StartTLS,
+    UpstreamFailed,
+    UpstreamReady,
+)
+from .common import UpstreamBuffer, first_word, printable
+from .credentials import BearerToken, Credentials, Password
+from .lines import LineReader, LineTooLong
+
+CRLF = b"\r\n"
+MAX_CAPA_LINES = 256
+
+INJECTION = "upstream sent data before the TLS handshake (possible STARTTLS injection)"
+
+
+def _is_ok(line: bytes) -> bool:
+    return line[:3].upper() == b"+OK" and line[3:4] in (b"", b" ")
+
+
+def _is_err(line: bytes) -> bool:
+    return line[:4].upper() == b"-ERR" and line[4:5] in (b"", b" ")
+
+
+def _is_continuation(line: bytes) -> bool:
+    return line == b"+" or line.startswith(b"+ ")
+
+
+def sasl_mechanisms(capabilities: tuple[str, ...]) -> set[str]:
+    """The mechanisms of the ``SASL`` CAPA line (RFC 5034)."""
+    mechanisms: set[str] = set()
+    for line in capabilities:
+        words = line.upper().split()
+        if words and words[0] == "SASL":
+            mechanisms.update(words[1:])
+    return mechanisms
+
+
+def _has_capability(capabilities: tuple[str, ...], keyword: str) -> bool:
+    return any(line.split(" ", 1)[0].upper() == keyword for line in capabilities)
+
+
+class POP3Upstream:
+    """Drives the upstream POP3 session until it is authenticated.
+
+    Same contract as the SMTP and IMAP upstream machines: :meth:`start`,
+    :meth:`receive`, :meth:`tls_established`, :meth:`take_pending`.
+    ``credentials=None`` means no login (NoAuthentication).
+    """
+
+    def __init__(
+        self,
+        *,
+        implicit_tls: bool,
+        starttls_enable: bool = True,
+        starttls_required: bool = False,
+        credentials: Credentials | None = None,
+        max_line: int = 8192,
+    ):
+        self.implicit_tls = implicit_tls
+        self.starttls_enable = starttls_enable and not implicit_tls
+        self.starttls_required = starttls_required and not implicit_tls
+        self.credentials = credentials
+        self.capabilities: tuple[str, ...] = ()
+        self.tls_active = False
+        self._lines = LineReader(max_line)
+        self._state = "new"
+        self._capa_lines: list[bytes] | None = None  # not None while a CAPA list is read
+        self._steps: list[bytes] = []  # what to send on a "+" continuation (or the PASS)
+        self._error_reply: bytes | None = None
+        self._pending = UpstreamBuffer()
+
+    # -- inputs --------------------------------------------------------------------
+
+    def start(self) -> list:
+        if self.implicit_tls:
+            self._state = "implicit-tls"
+            return [StartTLS()]
+        self._state = "greeting"
+        return []
+
+    def tls_established(self) -> list:
+        self.tls_active = True
+        if self._state == "implicit-tls":
+            self._state = "greeting"
+            return []
+        if self._state == "tls-handshake":
+            self.capabilities = ()  # RFC 2595: what was said in plaintext no longer counts
+            return self._send("capa", b"CAPA")
+        raise ProtocolError(f"TLS completed in unexpected state {self._state}")
+
+    def receive(self, data: bytes) -> list:
+        if self._state in ("ready", "failed"):
+            if self._state == "ready" and not self._pending.add(data):
+                return self._fail("upstream sent too much unsolicited data", permanent=False)
+            return []
+        if self._state in ("implicit-tls", "tls-handshake"):
+            return self._fail(INJECTION)
+        if self._state == "new":
+            return self._fail("upstream data before the session started")
+        self._lines.feed(data)
+        actions: list = []
+        while True:
+            try:
+                line = self._lines.read_line()
+            except LineTooLong as e:
+                return actions + self._fail(f"upstream sent a {e}")
+            if line is None:
+                return actions
+            actions += self._on_line(line)
+            if self._state == "tls-handshake" and len(self._lines):
+                # Plaintext after the go-ahead would be read as if it came through the
+                # TLS tunnel: a response-injection attack (CVE-2011-0411 and kin).
+                return self._fail(INJECTION)
+            if self._state == "failed":
+                return actions
+            if self._state == "ready":
+                leftover = self._lines.take_rest()
+                if leftover and not self._pending.add(leftover):
+                    return self._fail("upstream sent too much unsolicited data", permanent=False)
+                return actions
+
+    def take_pending(self) -> bytes:
+        """Upstream bytes that arrived after login, for the application at release."""
+        return self._pending.take()
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _fail(self, reason: str, permanent: bool = True) -> list:
+        self._state = "failed"
+        return [UpstreamFailed(reason, permanent=permanent)]
+
+    def _send(self, state: str, command: bytes) -> list:
+        self._state = state
+        return [SendUpstream(command + CRLF)]
+
+    def _malformed(self, line: bytes) -> list:
+        return self._fail(f"upstream sent a malformed POP3 response: {printable(line, 80)}")
+
+    # -- lines -----------------------------------------------------------------------
+
+    def _on_line(self, line: bytes) -> list:
+        state = self._state
+        if self._capa_lines is not None:
+            return self._on_capa_line(line)
+        if state == "greeting":
+            if _is_ok(line):
+                return self._send("capa", b"CAPA")
+            if _is_err(line):
+                return self._fail(f"upstream greeting refused: {printable(line)}", permanent=False)
+            return self._malformed(line)
+        if state in ("capa", "capa-after-login"):
+            if _is_ok(line):
+                self._capa_lines = []
+                return []
+            if _is_err(line):  # a server without CAPA (RFC 1939 only): carry on
+                return self._after_capa(None)
+            return self._malformed(line)
+        if state == "stls":
+            if _is_ok(line):
+                self._state = "tls-handshake"
+                return [StartTLS()]
+            if not _is_err(line):
+                return self._malformed(line)
+            if self.starttls_required:
+                return self._fail(f"upstream refused STLS: {printable(line)}")
+            self.starttls_enable = False  # carry on in plaintext, as configured
+            return self._login()
+        if state == "auth":
+            if _is_ok(line):
+                return self._logged_in()
+            if _is_continuation(line):
+                return self._on_continuation(line)
+            if _is_err(line):
+                return self._fail(f"upstream refused the credentials: {printable(line)}")
+            return self._malformed(line)
+        if state in ("user", "pass"):
+            if _is_ok(line):
+                if state == "user":
+                    return self._send("pass", b"PASS " + self._steps.pop())
+                return self._logged_in()
+            if _is_err(line):
+                what = "user name" if state == "user" else "credentials"
+                return self._fail(f"upstream refused the {what}: {printable(line)}")
+            return self._malformed(line)
+        raise ProtocolError(f"unexpected upstream response in state {state}")  # pragma: no cover
+
+    def _on_capa_line(self, line: bytes) -> list:
+        assert self._capa_lines is not None
+        if line == b".":
+            lines, self._capa_lines = self._capa_lines, None
+            return self._after_capa(tuple(printable(item, 512) for item in lines if item.strip()))
+        if line.startswith(b"."):
+            line = line[1:]  # dot-stuffing
+        self._capa_lines.append(line)
+        if len(self._capa_lines) > MAX_CAPA_LINES:
+            return self._fail(f"upstream CAPA list longer than {MAX_CAPA_LINES} lines")
+        return []
+
+    def _after_capa(self, capabilities: tuple[str, ...] | None) -> list:
+        if self._state == "capa-after-login":
+            return self._ready(capabilities if capabilities is not None else self.capabilities)
+        self.capabilities = capabilities or ()
+        if not self.tls_active and self.starttls_enable:
+            if _has_capability(self.capabilities, "STLS"):
+                return self._send("stls", b"STLS")
+            if self.starttls_required:
+                return self._fail("upstream does not offer STLS and the destination requires it")
+        return self._login()
+
+    def _login(self) -> list:
+        creds = self.credentials
+        if creds is None:
+            return self._ready(self.capabilities)
+        mechanisms = sasl_mechanisms(self.capabilities)
+        self._steps, self._error_reply = [], None
+        if isinstance(creds, Password):
+            if "PLAIN" in mechanisms:
+                try:
+                    response = sasl.plain_initial_response(creds.user, creds.password)
+                except sasl.SASLError:
+                    return self._fail("the configured user or password contains NUL, which PLAIN cannot carry")
+                # RFC 5034 allows the initial response; a server that still asks gets it again.
+                self._steps = [response]
+                return self._send("auth", b"AUTH PLAIN " + response)
+            if any(c in value for value in (creds.user, creds.password) for c in "\r\n\0"):
+                return self._fail("the configured user or password contains a line break or NUL, which USER/PASS cannot carry")
+            self._steps = [creds.password.encode("utf-8")]
+            return self._send("user", b"USER " + creds.user.encode("utf-8"))
+        if isinstance(creds, BearerToken):
+            for mechanism in ("XOAUTH2", "OAUTHBEARER"):
+                if mechanism in mechanisms:
+                    try:
+                        if mechanism == "XOAUTH2":
+                            response = sasl.xoauth2_initial_response(creds.user, creds.token)
+                        else:
+                            response = sasl.oauthbearer_initial_response(creds.user, creds.token)
+                    except sasl.SASLError:
+                        return self._fail(f"the access token cannot be sent with {mechanism}")
+                    self._error_reply = sasl.error_challenge_reply(mechanism)
+                    return self._send("auth", b"AUTH " + mechanism.encode("ascii") + b" " + response)
+            if not mechanisms:
+                return self._fail("upstream offers no XOAUTH2 or OAUTHBEARER authentication (no SASL capability)")
+            return self._fail(
+                f"upstream offers no XOAUTH2 or OAUTHBEARER authentication (offers {' '.join(sorted(mechanisms))})"
+            )
+        raise TypeError(f"unknown credentials type {type(creds).__name__}")  # pragma: no cover
+
+    def _on_continuation(self, line: bytes) -> list:
+        if self._steps:
+            return [SendUpstream(self._steps.pop(0) + CRLF)]
+        if self._error_reply is not None:
+            # XOAUTH2 / OAUTHBEARER: the token was refused and a JSON error challenge sent;
+            # answering it gets the final -ERR.
+            reply, self._error_reply = self._error_reply, None
+            return [SendUpstream(reply + CRLF)]
+        return self._fail("upstream asked for more authentication data than expected")
+
+    def _logged_in(self) -> list:
+        return self._send("capa-after-login", b"CAPA")
+
+    def _ready(self, capabilities: tuple[str, ...]) -> list:
+        self.capabilities = capabilities
+        self._state = "ready"
+        return [UpstreamReady(capabilities)]
+
+
+# ---------------------------------------------------------------------------------------
+# Application side
+
+#: CAPA lines never shown to the application: the gateway owns TLS and login.
+_HIDDEN = ("STLS", "SASL", "USER")
+
+_AUTH_PROMPTS = {b"LOGIN": [sasl.LOGIN_USER_CHALLENGE, sasl.LOGIN_PASSWORD_CHALLENGE]}
+
+
+class POP3AppSide:
+    """The application-facing POP3 dialogue before release.
+
+    CAPA, USER, PASS, APOP, AUTH and QUIT are answered locally (the offered credentials
+    are discarded); every other command releases the session with its line and any
+    pipelined bytes as the leftover, so the upstream sees them in order.
+    """
+
+    def __init__(self, *, capabilities: tuple[str, ...] = (), hostname: str = "mailgw", max_line: int = 16384):
+        self.hostname = hostname
+        self.capabilities = tuple(
+            line for line in capabilities if line.split(" ", 1)[0].upper() not in _HIDDEN
+        ) + ("USER", "SASL PLAIN")
+        self.max_line = max_line
+        self._lines = LineReader(max_line)
+        self._auth_prompts: list[bytes] | None = None  # not None while an AUTH is in progress
+        self._state = "command"  # command, released, closed
+
+    def greeting(self) -> bytes:
+        return b"+OK mailgw ready" + CRLF
+
+    @staticmethod
+    def refusal(reason: str, permanent: bool = True) -> bytes:
+        """The greeting that refuses the session."""
+        return b"-ERR mailgw: " + printable(reason.encode("utf-8", "replace"), 400).encode("ascii") + CRLF
+
+    @staticmethod
+    def goodbye(reason: str) -> bytes:
+        """What the application gets when the gateway closes a session (drain, idle)."""
+        return b"-ERR mailgw: " + printable(reason.encode("utf-8", "replace"), 400).encode("ascii") + CRLF
+
+    def receive(self, data: bytes) -> list:
+        if self._state == "released":
+            raise ProtocolError("receive() after release")
+        if self._state == "closed":
+            return []
+        self._lines.feed(data)
+        actions: list = []
+        while True:
+            try:
+                line = self._lines.read_line()
+            except LineTooLong:
+                self._state = "closed"
+                return actions + [
+                    SendToApp(f"-ERR mailgw: command line too long (limit {self.max_line} bytes)".encode() + CRLF),
+                    Close("application command line too long"),
+                ]
+            if line is None:
+                return actions
+            if self._auth_prompts is not None:
+                actions += self._auth_continue(line)
+                continue
+            actions += self._command(line)
+            if self._state != "command":
+                return actions
+
+    def _command(self, line: bytes) -> list:
+        verb, arg = first_word(line)
+        if not verb:
+            return [SendToApp(b"-ERR mailgw: empty command line" + CRLF)]
+        if verb == b"CAPA":
+            body = b"".join(cap.encode("ascii", "replace") + CRLF for cap in self.capabilities)
+            return [SendToApp(b"+OK Capability list follows" + CRLF + body + b"." + CRLF)]
+        if verb == b"USER":
+            return [SendToApp(b"+OK" + CRLF)]
+        if verb in (b"PASS", b"APOP"):
+            return [SendToApp(b"+OK Logged in." + CRLF)]
+        if verb == b"AUTH":
+            return self._auth_start(arg)
+        if verb == b"QUIT":
+            self._state = "closed"
+            return [SendToApp(b"+OK mailgw signing off" + CRLF), Close("application quit")]
+        if verb == b"STLS":
+            return [SendToApp(b"-ERR mailgw: STLS is not offered on this listener" + CRLF)]
+        self._state = "released"
+        return [Release(line + CRLF + self._lines.take_rest())]
+
+    def _auth_start(self, arg: bytes) -> list:
+        if not arg:
+            return [SendToApp(b"+OK" + CRLF + b"PLAIN" + CRLF + b"." + CRLF)]
+        mechanism, _, initial = arg.partition(b" ")
+        prompts = list(_AUTH_PROMPTS.get(mechanism.upper(), [b""]))
+        if initial.strip():
+            prompts.pop(0)  # the initial response answers the first prompt
+        if not prompts:
+            return [SendToApp(b"+OK Logged in." + CRLF)]
+        self._auth_prompts = prompts
+        return [SendToApp(b"+ " + self._auth_prompts.pop(0) + CRLF)]
+
+    def _auth_continue(self, line: bytes) -> list:
+        if line.strip() == b"*":
+            self._auth_prompts = None
+            return [SendToApp(b"-ERR Authentication cancelled" + CRLF)]
+        if self._auth_prompts:
+            return [SendToApp(b"+ " + self._auth_prompts.pop(0) + CRLF)]
+        self._auth_prompts = None
+        return [SendToApp(b"+OK Logged in." + CRLF)]
