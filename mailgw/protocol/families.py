@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ..destination import Destination
-from . import smtp
+from . import imap, pop3, smtp
 from .credentials import Credentials
 
-_UPSTREAM = {"smtp": smtp.SMTPUpstream}
-_APP_SIDE = {"smtp": smtp.SMTPAppSide}
+_UPSTREAM = {"smtp": smtp.SMTPUpstream, "imap": imap.IMAPUpstream, "pop3": pop3.POP3Upstream}
+_APP_SIDE = {"smtp": smtp.SMTPAppSide, "imap": imap.IMAPAppSide, "pop3": pop3.POP3AppSide}
 #: Settings only one family's upstream machine takes.
 _UPSTREAM_EXTRA = {"smtp": lambda settings: {"ehlo_name": settings.hostname}}
 
