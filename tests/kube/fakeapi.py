@@ -525,6 +525,9 @@ _PATH = re.compile(
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # headers and body go out in two writes: without this, Nagle and delayed ACKs add
+    # 40 ms to every request on a kept-alive connection
+    disable_nagle_algorithm = True
     fake: FakeKubeAPI
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet

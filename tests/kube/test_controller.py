@@ -1,0 +1,432 @@
+"""The controller end to end against the fake API server, with the real kubernetes client
+and a recording listener manager."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from kubernetes import client as k8s
+from twisted.internet.defer import succeed
+from twisted.internet.error import CannotListenError
+from zope.interface import implementer
+
+from conftest import wait_for
+from mailgw.kube import model
+from mailgw.kube.client import KubeApi
+from mailgw.kube.controller import KubeController, KubeSettings
+from mailgw.kube.listeners import IListenerManager
+from mailgw.kube.model import Route
+
+GW_NS = "mailgw-system"
+GW_LABELS = {"app.kubernetes.io/name": "mailgw"}
+
+SMTPS = {
+    "Name": "example-dest-smtps",
+    "Type": "MAIL",
+    "Authentication": "BasicAuthentication",
+    "mail.user": "app@example.org",
+    "mail.password": "secret",
+    "mail.transport.protocol": "smtps",
+    "mail.smtps.host": "smtp.example.org",
+    "mail.smtps.port": "465",
+    "ProxyType": "Internet",
+}
+
+
+@implementer(IListenerManager)
+class FakeListeners:
+    """Records what the controller asks for."""
+
+    def __init__(self):
+        self.open_routes: dict[Route, tuple[int, object]] = {}
+        self.log: list[tuple] = []
+        self.fail_ports: set[int] = set()
+
+    def open(self, route, port, destination):
+        if port in self.fail_ports:
+            raise CannotListenError("", port, OSError("address in use"))
+        assert route not in self.open_routes, f"{route} opened twice"
+        self.open_routes[route] = (port, destination)
+        self.log.append(("open", route, port))
+        return succeed(None)
+
+    def close(self, route):
+        del self.open_routes[route]
+        self.log.append(("close", route))
+        return succeed(None)
+
+    def ports(self):
+        return {r: p for r, (p, _) in dict(self.open_routes).items()}
+
+
+def secret(name, destination, ns="apps"):
+    return {
+        "metadata": {"name": name, "namespace": ns},
+        "data": {"destination.json": base64.b64encode(json.dumps(destination).encode()).decode()},
+    }
+
+
+def destination_cr(name="mymail", ref="example-dest-smtps", tenants=None, port=None, scope=None, instance=None):
+    spec = {"destinationRef": {"name": ref}}
+    if port:
+        spec["service"] = {"port": port}
+    if scope:
+        spec["accessControl"] = {"scope": scope}
+    if instance:
+        spec["destinationServiceInstanceName"] = instance
+    obj = {"apiVersion": "destination.connectivity.api.sap/v1", "kind": "Destination",
+           "metadata": {"name": name}, "spec": spec}
+    if tenants is not None:
+        obj["metadata"]["annotations"] = {model.TENANTS_ANNOTATION: tenants}
+    return obj
+
+
+def pod(name, ip, ready=True):
+    return {
+        "metadata": {"name": name, "namespace": GW_NS, "labels": dict(GW_LABELS)},
+        "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+    }
+
+
+def condition(fake, name="mymail", ns="apps"):
+    obj = fake.get("destinations", ns, name) or {}
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond["type"] == "Available":
+            return cond
+    return None
+
+
+def wait_condition(fake, status, reason, name="mymail", ns="apps", timeout=10):
+    def check():
+        cond = condition(fake, name, ns)
+        return cond is not None and (cond["status"], cond["reason"]) == (status, reason) and cond
+    return wait_for(check, timeout, f"{ns}/{name} to be {status}/{reason} (now {condition(fake, name, ns)})")
+
+
+@pytest.fixture
+def cluster(fake):
+    fake.create("pods", GW_NS, pod("gw-0", "10.0.0.10"))
+    fake.create("pods", GW_NS, pod("gw-1", "10.0.0.11"))
+    return fake
+
+
+@pytest.fixture
+def make_controller(cluster, reactor, in_reactor):
+    running = []
+
+    def make(identity="gw-0", leader_election=False, api_timeout=1.0, fail_ports=(), **overrides):
+        api = KubeApi(k8s.ApiClient(cluster.configuration()), timeout=api_timeout, connect_timeout=1.0)
+        settings = KubeSettings(
+            gateway_namespace=GW_NS, pod_labels=GW_LABELS, identity=identity, port_range=(20000, 20999),
+            resync_interval=3600, cache_ttl=0, watch_timeout=30, leader_election=leader_election,
+            retry_delay=0.05, lease_duration=1.0, renew_deadline=0.8, retry_period=0.1, **overrides,
+        )
+        listeners = FakeListeners()
+        listeners.fail_ports.update(fail_ports)
+        controller = in_reactor(KubeController.create, api, listeners, settings, reactor)
+        in_reactor(controller.startService)
+        running.append(controller)
+        wait_for(lambda: controller.ready, what="the controller's initial lists")
+        return controller, listeners
+
+    yield make
+    for controller in running:
+        if controller.running:
+            in_reactor(controller.stopService)
+
+
+def stop(in_reactor, controller):
+    in_reactor(controller.stopService)
+
+
+def settle(in_reactor, controller):
+    """Wait until nothing is queued or running (reconciles triggered by our own writes)."""
+    def idle():
+        return in_reactor(lambda: not controller._dirty and not controller._running)
+    wait_for(idle, what="the controller to go idle")
+
+
+# --- scenarios ----------------------------------------------------------------------
+
+
+def test_create_gives_service_slice_policy_status_event_and_listener(cluster, make_controller):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr())
+    controller, listeners = make_controller()
+    cond = wait_condition(cluster, "True", model.REASON_OK)
+    svc = cluster.get("services", "apps", "mymail")
+    port = int(svc["metadata"]["annotations"][model.PORT_ANNOTATION])
+    assert svc["spec"]["ports"] == [{"name": "mail", "protocol": "TCP", "port": 465, "targetPort": port}]
+    assert svc["metadata"]["ownerReferences"][0]["kind"] == "Destination"
+    es = cluster.get("endpointslices", "apps", "mymail-mailgw")
+    assert es["metadata"]["labels"]["kubernetes.io/service-name"] == "mymail"
+    assert sorted(e["addresses"][0] for e in es["endpoints"]) == ["10.0.0.10", "10.0.0.11"]
+    assert es["ports"][0]["port"] == port
+    (policy,) = cluster.list("networkpolicies", GW_NS)
+    assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": port}]
+    assert listeners.ports() == {Route("apps", "mymail"): port}
+    assert "mymail:465" in cond["message"]
+    events = wait_for(lambda: cluster.list("events", "apps"), what="the event")
+    assert [(e["type"], e["reason"]) for e in events] == [("Normal", model.REASON_OK)]
+    assert events[0]["involvedObject"]["name"] == "mymail"
+
+
+def test_listener_destination_lookup_follows_the_secret(cluster, make_controller, in_reactor):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr())
+    controller, listeners = make_controller()
+    wait_for(lambda: listeners.ports(), what="a listener")
+    (_, dest) = listeners.open_routes[Route("apps", "mymail")]
+    found = in_reactor(dest.lookup)
+    assert (found.host, found.protocol, found.user) == ("smtp.example.org", "smtps", "app@example.org")
+    assert in_reactor(dest.can_exchange) is False
+    changed = dict(SMTPS, **{"mail.smtps.host": "smtp2.example.org"})
+    cluster.update("secrets", "apps", "example-dest-smtps",
+                   {"data": secret("x", changed)["data"]})
+    assert in_reactor(dest.lookup).host == "smtp2.example.org"  # cache_ttl=0 here
+
+
+def test_tenants(cluster, make_controller):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr(tenants='["t1", "t2"]'))
+    controller, listeners = make_controller()
+    wait_condition(cluster, "True", model.REASON_OK)
+    assert {s["metadata"]["name"] for s in cluster.list("services", "apps")} == {"mymail-t1", "mymail-t2"}
+    status = cluster.get("destinations", "apps", "mymail")["status"]
+    assert [t["tenantSubdomain"] for t in status["tenants"]] == ["t1", "t2"]
+    ports = listeners.ports()
+    assert set(ports) == {Route("apps", "mymail", "t1"), Route("apps", "mymail", "t2")}
+    assert len(set(ports.values())) == 2
+
+
+def test_invalid_annotation(cluster, make_controller):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr(tenants="t1,t2"))
+    controller, listeners = make_controller()
+    cond = wait_condition(cluster, "False", model.REASON_ANNOTATION_INVALID)
+    assert model.TENANTS_ANNOTATION in cond["message"]
+    assert cluster.list("services", "apps") == []
+    assert listeners.ports() == {}
+    wait_for(lambda: any(e["type"] == "Warning" for e in cluster.list("events", "apps")), what="warning event")
+    assert cluster.list("events", "apps")[0]["reason"] == model.REASON_ANNOTATION_INVALID
+
+
+def test_destination_not_found_then_created_heals_on_resync(cluster, make_controller, in_reactor):
+    cluster.create("destinations", "apps", destination_cr())
+    controller, listeners = make_controller()
+    cond = wait_condition(cluster, "False", model.REASON_NOT_FOUND)
+    assert "example-dest-smtps" in cond["message"]
+    assert cluster.list("services", "apps") == []
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    in_reactor(controller.resync)
+    wait_condition(cluster, "True", model.REASON_OK)
+    assert cluster.get("services", "apps", "mymail") is not None
+
+
+def test_non_mail_destination(cluster, make_controller):
+    cluster.create("secrets", "apps", secret("web", {"Name": "web", "Type": "HTTP", "URL": "https://x"}))
+    cluster.create("destinations", "apps", destination_cr(ref="web"))
+    make_controller()
+    cond = wait_condition(cluster, "False", model.REASON_TYPE_NOT_SUPPORTED)
+    assert "HTTP" in cond["message"]
+
+
+def test_unsupported_proxy_type(cluster, make_controller):
+    cluster.create("secrets", "apps", secret("pl", dict(SMTPS, ProxyType="PrivateLink")))
+    cluster.create("destinations", "apps", destination_cr(ref="pl"))
+    make_controller()
+    wait_condition(cluster, "False", model.REASON_PROXY_TYPE_NOT_SUPPORTED)
+
+
+def test_unknown_instance(cluster, make_controller):
+    cluster.create("destinations", "apps", destination_cr(instance="nowhere"))
+    make_controller()
+    cond = wait_condition(cluster, "False", model.REASON_INSTANCE_NOT_FOUND)
+    assert "nowhere" in cond["message"]
+
+
+def test_name_clash_with_a_service_we_do_not_own(cluster, make_controller):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    foreign = cluster.create("services", "apps", {"metadata": {"name": "mymail", "labels": {"app": "theirs"}},
+                                                  "spec": {"ports": [{"port": 25}], "selector": {"app": "theirs"}}})
+    cluster.create("destinations", "apps", destination_cr())
+    controller, listeners = make_controller()
+    cond = wait_condition(cluster, "False", model.REASON_NAME_PRESENT)
+    assert "mymail" in cond["message"]
+    assert cluster.get("services", "apps", "mymail") == foreign  # untouched
+    assert cluster.list("endpointslices", "apps") == []
+    assert listeners.ports() == {}
+
+
+def test_cr_update_port_change(cluster, make_controller, in_reactor):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr())
+    controller, listeners = make_controller()
+    wait_condition(cluster, "True", model.REASON_OK)
+    before = listeners.ports()
+    cluster.update("destinations", "apps", "mymail", {"spec": {"service": {"port": 2465}}})
+    wait_for(lambda: cluster.get("services", "apps", "mymail")["spec"]["ports"][0]["port"] == 2465,
+             what="the Service port to change")
+    wait_for(lambda: "mymail:2465" in condition(cluster)["message"], what="status message")
+    assert cluster.get("destinations", "apps", "mymail")["status"]["observedGeneration"] == 2
+    assert listeners.ports() == before  # the gateway port did not move
+    assert [e for e in listeners.log if e[0] == "close"] == []
+
+
+def test_cr_delete_closes_listener_and_removes_objects(cluster, make_controller):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr(tenants='["t1"]'))
+    cluster.create("destinations", "apps", destination_cr(name="other"))
+    controller, listeners = make_controller()
+    wait_condition(cluster, "True", model.REASON_OK)
+    wait_condition(cluster, "True", model.REASON_OK, name="other")
+    assert len(listeners.ports()) == 2
+    cluster.delete("destinations", "apps", "mymail")
+    wait_for(lambda: Route("apps", "mymail", "t1") not in listeners.ports(), what="the listener to close")
+    wait_for(lambda: len(cluster.list("networkpolicies", GW_NS)) == 1, what="the policy to go")
+    names = {s["metadata"]["name"] for s in cluster.list("services", "apps")}
+    assert names == {"other"}
+    assert {s["metadata"]["name"] for s in cluster.list("endpointslices", "apps")} == {"other-mailgw"}
+    # the other CR's listener was never touched
+    assert [e for e in listeners.log if e[1] == Route("apps", "other")] == [("open", Route("apps", "other"), listeners.ports()[Route("apps", "other")])]
+
+
+def test_restart_reads_allocations_back(cluster, make_controller, in_reactor):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr(tenants='["t1", "t2"]'))
+    first, listeners1 = make_controller()
+    wait_condition(cluster, "True", model.REASON_OK)
+    settle(in_reactor, first)
+    ports = listeners1.ports()
+    stop(in_reactor, first)
+    writes = cluster.count("PATCH", "/services/") + cluster.count("POST", "/services")
+    # a restart where the hash-preferred ports are taken in between: read-back must win
+    second, listeners2 = make_controller(identity="gw-0-restarted")
+    wait_for(lambda: len(listeners2.ports()) == 2, what="listeners after the restart")
+    settle(in_reactor, second)
+    assert listeners2.ports() == ports
+    assert cluster.count("PATCH", "/services/") + cluster.count("POST", "/services") == writes
+
+
+def test_410_in_the_middle_of_the_stream(cluster, make_controller, in_reactor):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    controller, listeners = make_controller()
+    cr_watcher = controller.watchers[0]
+    cluster.expire()
+    wait_for(lambda: cr_watcher.lists == 2, what="the re-list")
+    cluster.create("destinations", "apps", destination_cr())
+    wait_condition(cluster, "True", model.REASON_OK)
+    assert cr_watcher.gone >= 1
+
+
+def test_api_error_during_apply_becomes_status_then_heals(cluster, make_controller):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.fault(r"/namespaces/apps/services$", method="POST", status=500, times=1)
+    cluster.create("destinations", "apps", destination_cr())
+    make_controller()
+    wait_for(lambda: any(e["reason"] == model.REASON_SERVICE_FAILED for e in cluster.list("events", "apps")),
+             what="a ServiceCreationFailed event")
+    wait_condition(cluster, "True", model.REASON_OK)
+    assert cluster.get("services", "apps", "mymail") is not None
+    history = [e["reason"] for e in cluster.list("events", "apps")]
+    assert model.REASON_SERVICE_FAILED in history
+
+
+def test_timeout_during_apply_is_retried(cluster, make_controller):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.fault(r"/endpointslices$", method="POST", status=None, delay=1.5, times=1)
+    cluster.create("destinations", "apps", destination_cr())
+    make_controller(api_timeout=0.5)
+    wait_condition(cluster, "True", model.REASON_OK)
+    wait_for(lambda: cluster.get("endpointslices", "apps", "mymail-mailgw") is not None, what="the slice")
+    assert cluster.count("POST", "/endpointslices$") >= 2
+
+
+def test_status_write_failure_is_retried(cluster, make_controller):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.fault(r"/mymail/status$", method="PATCH", status=503, times=2)
+    cluster.create("destinations", "apps", destination_cr())
+    make_controller()
+    wait_condition(cluster, "True", model.REASON_OK)
+    assert cluster.count("PATCH", "/mymail/status$") == 3
+
+
+def test_read_failure_is_retried(cluster, make_controller):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.fault(r"/namespaces/apps/services\?", method="GET", status=500, times=1)
+    cluster.create("destinations", "apps", destination_cr())
+    make_controller()
+    wait_condition(cluster, "True", model.REASON_OK)
+
+
+def test_secret_read_failure_is_transient(cluster, make_controller, in_reactor):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr())
+    controller, listeners = make_controller()
+    wait_condition(cluster, "True", model.REASON_OK)
+    settle(in_reactor, controller)
+    cluster.fault(r"/secrets/example-dest-smtps$", method="GET", status=500, times=None)
+    in_reactor(controller.resync)
+    wait_condition(cluster, "False", model.REASON_LOOKUP_FAILED)
+    assert cluster.get("services", "apps", "mymail") is not None  # kept during the outage
+    assert listeners.ports()
+    cluster.clear_faults()
+    in_reactor(controller.resync)
+    wait_condition(cluster, "True", model.REASON_OK)
+
+
+def test_gateway_pods_follow_into_the_endpoint_slice(cluster, make_controller):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr())
+    make_controller()
+    wait_condition(cluster, "True", model.REASON_OK)
+
+    def addresses():
+        es = cluster.get("endpointslices", "apps", "mymail-mailgw") or {}
+        return sorted(e["addresses"][0] for e in es.get("endpoints") or [])
+
+    cluster.create("pods", GW_NS, pod("gw-2", "10.0.0.12"))
+    wait_for(lambda: addresses() == ["10.0.0.10", "10.0.0.11", "10.0.0.12"], what="the new pod")
+    cluster.update("pods", GW_NS, "gw-0", {"status": {"conditions": [{"type": "Ready", "status": "False"}]}})
+    wait_for(lambda: addresses() == ["10.0.0.11", "10.0.0.12"], what="the unready pod to go")
+    cluster.delete("pods", GW_NS, "gw-1")
+    wait_for(lambda: addresses() == ["10.0.0.12"], what="the deleted pod to go")
+
+
+def test_port_that_cannot_be_bound_moves(cluster, make_controller):
+    from mailgw.kube.reconcile import allocate
+
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    route = Route("apps", "mymail")
+    natural = allocate([route], {}, (), (20000, 20999))[route]
+    cluster.create("destinations", "apps", destination_cr())
+    controller, listeners = make_controller(fail_ports={natural})
+    wait_condition(cluster, "True", model.REASON_OK)
+    port = listeners.ports()[route]
+    assert port != natural
+    svc = cluster.get("services", "apps", "mymail")
+    assert svc["metadata"]["annotations"][model.PORT_ANNOTATION] == str(port)
+
+
+def test_orphans_are_swept_on_resync(cluster, make_controller, in_reactor):
+    orphan_labels = {model.MANAGED_BY_LABEL: "mailgw", model.UID_LABEL: "gone-uid"}
+    cluster.create("services", "apps", {"metadata": {"name": "old", "labels": orphan_labels,
+                                                     "annotations": {model.CR_ANNOTATION: "apps/old"}}})
+    cluster.create("networkpolicies", GW_NS, {"metadata": {"name": "mailgw-apps-old", "labels": orphan_labels}})
+    cluster.create("services", "apps", {"metadata": {"name": "not-ours"}})
+    controller, _ = make_controller()
+    in_reactor(controller.resync)
+    wait_for(lambda: cluster.get("services", "apps", "old") is None, what="the orphan Service to go")
+    assert cluster.list("networkpolicies", GW_NS) == []
+    assert cluster.get("services", "apps", "not-ours") is not None
+
+
+def test_cluster_wide_scope(cluster, make_controller):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr(scope="clusterWide"))
+    make_controller()
+    wait_condition(cluster, "True", model.REASON_OK)
+    (policy,) = cluster.list("networkpolicies", GW_NS)
+    assert "from" not in policy["spec"]["ingress"][0]
