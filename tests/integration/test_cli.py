@@ -1,8 +1,7 @@
-"""The ``twistd mailgw`` command as an operator uses it: config errors, the demo, SIGTERM."""
+"""The ``twistd mailgw`` command as an operator uses it: config errors, SIGTERM (the demo: test_demo.py)."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -18,7 +17,6 @@ import uuid
 import pytest
 
 import realservers
-from gatewayharness import in_reactor
 
 # The twistd command, run by the same interpreter as the tests.
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -53,25 +51,6 @@ def test_bad_config_stops_startup_with_one_clear_line(tmp_path, config, expected
     assert "Traceback" not in output
     assert re.search(r"mailgw: configuration error: .*gateway\.yaml", output)
     assert expected in output
-
-
-def test_demo_service_delivers_through_the_gateway(reactor_thread):
-    from mailgw.demo import DemoService
-
-    out = io.StringIO()
-    from twisted.internet import reactor
-
-    demo = DemoService(reactor, smtp_listen="tcp:0:interface=127.0.0.1", http=None, out=out)
-    in_reactor(demo.startService)
-    try:
-        printed = out.getvalue()
-        host, port = re.search(r"SMTP for applications: ([\d.]+):(\d+)", printed).groups()
-        assert "swaks --server" in printed and "smtplib" in printed
-        with smtplib.SMTP(host, int(port), timeout=30) as client:
-            client.sendmail("app@example.org", ["you@example.org"], b"Subject: demo\r\n\r\nhi\r\n")
-        assert any(b"Subject: demo" in m for m in demo.mailbox.messages)
-    finally:
-        in_reactor(demo.stopService)
 
 
 def test_sigterm_drains_open_sessions(tmp_path, postfix, smtp_sink):
