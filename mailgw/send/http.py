@@ -1,0 +1,330 @@
+"""The send API over HTTP: ``POST /v1/send/<destination>[/<recipient>]`` (SPEC section 8).
+
+The request headers Subject, From, To, Cc, Bcc, Content-Type and MIME-Version become the
+mail's fields; any other header (except HTTP's own, see :data:`HTTP_HEADERS`) is copied
+into the mail, one header line per value.  The request body is the mail body: for a
+``text/*`` Content-Type it is decoded with the charset (so the mail carries readable
+quoted-printable text), otherwise it is sent as a binary part, or as it is in the
+MIME-Version pass-through case.  The response body is the SMTP server's final reply.
+
+Status codes: 200 sent; 400 malformed request (the message names the header);
+404 unknown destination; 405 not POST; 413 body over the size limit; 502 the mail was
+not sent (refused by the server, or it could not be reached).
+
+Mounting, for whoever builds the http listener's resource tree::
+
+    v1 = Resource(); root.putChild(b"v1", v1)
+    v1.putChild(b"send", SendResource(resolve))
+    site = Site(root)
+    site.requestFactory = limited_request_factory()   # refuse big bodies early
+
+``resolve(name)`` returns the :class:`~mailgw.send.SendConfig` for a destination (or
+``(host, port)`` of the gateway's SMTP listener for it, or ``None`` when unknown), or a
+Deferred of one of these.  Sending runs in the send API's private thread pool: the
+reactor never blocks.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from .connection import SendConfig, SendError, send_message_deferred
+from .message import MessageError, SendRequest, parse_content_type
+
+__all__ = [
+    "DEFAULT_MAX_BODY_SIZE",
+    "HTTP_HEADERS",
+    "LimitedRequest",
+    "SendResource",
+    "limited_request_factory",
+    "parse_send_request",
+]
+
+log = Logger(namespace="mailgw.send.http")
+
+DEFAULT_MAX_BODY_SIZE = 10 * 1024 * 1024
+
+#: Request headers that belong to HTTP (or to the client program), never to the mail.
+HTTP_HEADERS = frozenset(
+    name.lower()
+    for name in (
+        "Accept", "Accept-Charset", "Accept-Encoding", "Accept-Language",
+        "Authorization", "Cache-Control", "Connection", "Content-Encoding",
+        "Content-Length", "Cookie", "Expect", "Forwarded", "Host", "If-Match",
+        "If-Modified-Since", "If-None-Match", "If-Range", "If-Unmodified-Since",
+        "Keep-Alive", "Origin", "Pragma", "Proxy-Authorization", "Proxy-Connection",
+        "Range", "Referer", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
+        "User-Agent", "Via", "X-Forwarded-For", "X-Forwarded-Host",
+        "X-Forwarded-Proto", "X-Real-IP",
+    )
+)
+
+#: What ``curl -d`` sends when told nothing else: treated as an unset Content-Type.
+_FORM = "application/x-www-form-urlencoded"
+
+_SINGLE = ("Subject", "From", "MIME-Version")
+
+
+def _decode(name: str, value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MessageError(name, "header value is not UTF-8") from None
+
+
+def parse_send_request(recipient: str | None, headers, body: bytes) -> SendRequest:
+    """A :class:`SendRequest` from the path's recipient, HTTP headers and the body.
+
+    ``headers`` is an iterable of ``(name, [values])`` with names and values as bytes
+    (``Headers.getAllRawHeaders()``).  Raises :class:`MessageError` naming the header.
+    """
+    fields: dict[str, list[str]] = {}
+    extra: list[tuple[str, str]] = []
+    for raw_name, raw_values in headers:
+        try:
+            name = raw_name.decode("ascii")
+        except UnicodeDecodeError:
+            raise MessageError(repr(raw_name)[:40], "not a valid header name") from None
+        lname = name.lower()
+        if lname in HTTP_HEADERS:
+            continue
+        values = [_decode(name, v) for v in raw_values]
+        if lname in ("subject", "from", "to", "cc", "bcc", "content-type",
+                     "mime-version"):
+            fields.setdefault(lname, []).extend(values)
+        else:
+            extra.extend((name, v) for v in values)
+
+    for name in _SINGLE:
+        if len(fields.get(name.lower(), [])) > 1:
+            raise MessageError(name, "give this header once")
+
+    def one(name):
+        values = fields.get(name)
+        return values[0] if values else None
+
+    to = [v.strip() for v in fields.get("to", [])]
+    if recipient is None:
+        if not to:
+            raise MessageError(
+                "To", "no recipient: give one in the path (/v1/send/<destination>/"
+                "<recipient>) or in a To header")
+        recipient, to = to[0], to[1:]
+
+    # The first value is used when Content-Type is given more than once (reference).
+    content_type = one("content-type")
+    if content_type is not None and content_type.split(";")[0].strip().lower() == _FORM:
+        content_type = None
+    mime_version = one("mime-version")
+    passthrough = (
+        mime_version is not None
+        and content_type is not None
+        and content_type.strip().lower().startswith("multipart/mixed")
+    )
+    payload: str | bytes = body
+    if not passthrough:
+        maintype, _, params = parse_content_type(content_type)
+        if maintype == "text":
+            charset = params.get("charset") or "us-ascii"
+            try:
+                payload = body.decode(charset)
+            except LookupError:
+                raise MessageError("Content-Type", f"unknown charset {charset!r}") from None
+            except UnicodeDecodeError:
+                raise MessageError(
+                    "Content-Type", f"the body is not valid {charset!r} text") from None
+    return SendRequest(
+        primary_recipient=recipient,
+        body=payload,
+        from_address=one("from"),
+        subject=one("subject"),
+        to=to,
+        cc=fields.get("cc", []),
+        bcc=fields.get("bcc", []),
+        content_type=content_type,
+        mime_version=mime_version,
+        headers=extra,
+    )
+
+
+class SendResource(Resource):
+    """``POST /v1/send/<destination>[/<recipient>]``; mount it at ``/v1/send``.
+
+    ``resolve(destination_name)`` gives a :class:`SendConfig`, a ``(host, port)`` of
+    the gateway's SMTP listener for that destination, ``None`` for an unknown name, or
+    a Deferred of one of these.  ``send(request, config)`` returns a Deferred of the
+    final reply (default: :func:`~mailgw.send.send_message_deferred`).
+    """
+
+    isLeaf = True
+
+    def __init__(self, resolve: Callable, *, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+                 send: Callable | None = None, reactor=None):
+        super().__init__()
+        self._resolve = resolve
+        self.max_body_size = max_body_size
+        self._reactor = reactor
+        self._send = send or (lambda req, cfg: send_message_deferred(req, cfg, reactor))
+
+    def render(self, request):
+        if request.method != b"POST":
+            request.setHeader(b"allow", b"POST")
+            return _respond(request, 405, "use POST /v1/send/<destination>[/<recipient>]")
+        return self.render_POST(request)
+
+    def render_POST(self, request):
+        if len(request.postpath) == 2 and request.postpath[1] == b"":
+            request.postpath = request.postpath[:1]
+        if not 1 <= len(request.postpath) <= 2 or request.postpath[0] == b"":
+            return _respond(request, 404, "use POST /v1/send/<destination>[/<recipient>]")
+        try:
+            segments = [s.decode("utf-8") for s in request.postpath]
+        except UnicodeDecodeError:
+            return _respond(request, 400, "the path is not UTF-8")
+        destination = segments[0]
+        recipient = segments[1] if len(segments) == 2 and segments[1] else None
+
+        length = request.getHeader(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_size:
+            return _respond(request, 413, self._too_large())
+        request.content.seek(0)
+        body = request.content.read(self.max_body_size + 1)
+        if len(body) > self.max_body_size:
+            return _respond(request, 413, self._too_large())
+
+        try:
+            mail = parse_send_request(
+                recipient, request.requestHeaders.getAllRawHeaders(), body)
+        except MessageError as e:
+            return _respond(request, 400, f"bad request: {e}")
+
+        finished = []
+        request.notifyFinish().addBoth(finished.append)
+        d = defer.maybeDeferred(self._resolve, destination)
+        d.addCallback(self._config, destination)
+        d.addCallback(lambda config: self._send(mail, config))
+        d.addCallbacks(lambda reply: (200, reply), self._failure,
+                       errbackArgs=(destination,))
+
+        def done(result):
+            if not finished:  # the client may have gone away meanwhile
+                _finish(request, *result)
+
+        d.addCallback(done)
+        d.addErrback(lambda f: log.failure("send API response failed", f))
+        return NOT_DONE_YET
+
+    def _too_large(self) -> str:
+        return f"request body over the limit of {self.max_body_size} bytes"
+
+    @staticmethod
+    def _config(resolved, destination: str) -> SendConfig:
+        if resolved is None:
+            raise _UnknownDestination(destination)
+        if isinstance(resolved, SendConfig):
+            return resolved
+        host, port = resolved
+        return SendConfig.via_gateway(destination, host, port)
+
+    @staticmethod
+    def _failure(failure, destination: str):
+        if failure.check(_UnknownDestination):
+            return 404, f"unknown destination {destination!r}"
+        if failure.check(MessageError):
+            return 400, f"bad request: {failure.value}"
+        if failure.check(SendError):
+            log.info("send via {destination} failed: {error}",
+                     destination=destination, error=str(failure.value))
+            return 502, f"not sent: {failure.value}"
+        log.failure("send via {destination} failed unexpectedly", failure,
+                    destination=destination)
+        return 500, "internal error"
+
+
+class _UnknownDestination(LookupError):
+    pass
+
+
+def _respond(request, code: int, text: str) -> bytes:
+    """Set the status and headers; the body to return from ``render``."""
+    body = (text.rstrip("\n") + "\n").encode("utf-8")
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"content-length", str(len(body)).encode("ascii"))
+    return body
+
+
+def _finish(request, code: int, text: str) -> None:
+    """Answer a request whose ``render`` returned NOT_DONE_YET."""
+    body = _respond(request, code, text)
+    request.write(body)
+    request.finish()
+
+
+class LimitedRequest(server.Request):
+    """A request that refuses a body over ``max_body_size`` before storing it.
+
+    Twisted reads the whole body before a resource sees the request; this class
+    answers 413 as soon as Content-Length announces too much (before ``100 Continue``)
+    or the received bytes pass the limit (chunked bodies), then discards the rest and
+    closes the connection after a short linger, so the client can read the answer.
+    """
+
+    max_body_size = DEFAULT_MAX_BODY_SIZE
+    #: Seconds to keep discarding the client's upload after answering 413.
+    linger = 2.0
+
+    _received = 0
+    _refused = False
+
+    def gotLength(self, length):
+        if length is not None and length > self.max_body_size:
+            self.content = io.BytesIO()
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self.max_body_size:
+            self.content = io.BytesIO()
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command, path, version):
+        if self._refused:
+            self.channel.loseConnection()
+            return
+        super().requestReceived(command, path, version)
+
+    def _refuse(self):
+        self._refused = True
+        # No "100 Continue" after the answer: the client must not send the body.
+        self.requestHeaders.removeHeader(b"expect")
+        text = f"request body over the limit of {self.max_body_size} bytes\n".encode()
+        transport = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: " + str(len(text)).encode() + b"\r\n"
+            b"Connection: close\r\n\r\n" + text
+        )
+        self.channel.persistent = False
+        from twisted.internet import reactor
+
+        reactor.callLater(self.linger, self.channel.loseConnection)
+
+
+def limited_request_factory(max_body_size: int = DEFAULT_MAX_BODY_SIZE):
+    """A ``Site.requestFactory`` refusing bodies over ``max_body_size`` early."""
+    return type("LimitedRequest", (LimitedRequest,), {"max_body_size": max_body_size})
