@@ -101,6 +101,11 @@ class KubeSettings:
     retry_delay: float = 5.0
     #: destination source used when a CR names no ``destinationServiceInstanceName``
     default_instance: str | None = "secrets"
+    #: destination service instances: (instance name, binding Secret name) pairs; the
+    #: Secret (clientid, clientsecret, url, uri) lives in the gateway's namespace
+    btp_instances: tuple[tuple[str, str], ...] = field(
+        default=(), converter=lambda v: tuple(sorted(dict(v).items()))
+    )
     threads: int = 4
 
     @classmethod
@@ -201,10 +206,14 @@ class KubeController(Service):
         settings: KubeSettings,
         reactor: Any = None,
         extra_sources: Mapping[str, Any] | None = None,
+        session_factory: Callable[[], Any] | None = None,
     ) -> "KubeController":
-        """A controller with the ``secrets`` source (plus ``extra_sources``, e.g. ``btp``
-        instances built with :func:`btp_source`), each behind a cache of
-        ``settings.cache_ttl`` seconds."""
+        """A controller with its destination sources: ``secrets``, one ``btp`` source per
+        ``settings.btp_instances`` entry (binding Secret in the gateway's namespace), and
+        ``extra_sources`` (name -> source, or name -> callable(blocking) -> source); each
+        behind a cache of ``settings.cache_ttl`` seconds.  ``session_factory`` makes the
+        ``requests`` sessions of the btp sources (tests point it at a fake service)."""
+        from mailgw.sources.btp import BtpSource, secret_credentials
         from mailgw.sources.secrets import SecretsSource
 
         if reactor is None:
@@ -212,8 +221,15 @@ class KubeController(Service):
 
             reactor = default_reactor
         blocking = Blocking(reactor, maxthreads=settings.threads)
-        raw = {"secrets": SecretsSource(api, blocking)}
-        raw.update(extra_sources or {})
+        raw: dict[str, Any] = {"secrets": SecretsSource(api, blocking)}
+        for instance, secret_name in settings.btp_instances:
+            kwargs = {"session_factory": session_factory} if session_factory is not None else {}
+            raw[instance] = BtpSource(
+                secret_credentials(api, settings.gateway_namespace, secret_name),
+                blocking, reactor, timeout=settings.api_timeout, **kwargs,
+            )
+        for name, source in (extra_sources or {}).items():
+            raw[name] = source(blocking) if callable(source) and not hasattr(source, "lookup") else source
         sources = SourceRegistry(
             {name: CachingSource(src, settings.cache_ttl, reactor) for name, src in raw.items()},
             default=settings.default_instance,
@@ -702,12 +718,4 @@ class KubeController(Service):
         )
 
 
-def btp_source(api: KubeApi, blocking: Blocking, reactor: Any, namespace: str, secret_name: str,
-               timeout: float = 10.0) -> Any:
-    """A ``btp`` source whose binding is the Secret ``namespace/secret_name``."""
-    from mailgw.sources.btp import BtpSource, secret_credentials
-
-    return BtpSource(secret_credentials(api, namespace, secret_name), blocking, reactor, timeout=timeout)
-
-
-__all__ = ["KubeController", "KubeSettings", "btp_source"]
+__all__ = ["KubeController", "KubeSettings"]

@@ -252,6 +252,8 @@ class FakeKubeAPI:
         self.expire_with_http_status = False
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str]] = []
+        #: (method, path, User-Agent) of every request: tells who wrote what
+        self.agents: list[tuple[str, str, str]] = []
         self.open_watches = 0
         self._stopping = False
         self.server: http.server.ThreadingHTTPServer | None = None
@@ -576,6 +578,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body = self._body()
             with fake.cond:
                 fake.requests.append((method, self.path))
+                fake.agents.append((method, self.path, self.headers.get("User-Agent", "")))
                 fault = next((f for f in fake.faults if f.matches(method, self.path)), None)
                 if fault is not None:
                     fault.hits += 1

@@ -1,0 +1,156 @@
+"""A fake destination service (find-destination API, client-credentials protected) and
+its token service, on 127.0.0.1.
+
+Tenancy is by host name, as with the real service: the first label of the Host header
+is the subaccount's subdomain.  :class:`LoopbackSession` sends every request to this
+server while keeping the original Host header, so tests can use names like
+``http://provider.auth.test`` without DNS.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.server
+import json
+import threading
+import urllib.parse
+from typing import Any
+
+import requests
+
+
+class FakeDestinationService:
+    def __init__(self, clientid: str = "dest-client", clientsecret: str = "dest-secret"):
+        self.clientid = clientid
+        self.clientsecret = clientsecret
+        #: (subdomain, name) -> destination configuration
+        self.destinations: dict[tuple[str, str], dict[str, Any]] = {}
+        self.tokens: dict[str, str] = {}  # token -> subdomain
+        self.token_requests: list[str] = []  # subdomains
+        self.find_requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    # --- lifecycle --------------------------------------------------------------
+
+    def start(self) -> "FakeDestinationService":
+        svc = self
+
+        class Handler(_Handler):
+            service = svc
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> "FakeDestinationService":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def session_factory(self):
+        port = self.port
+
+        def make() -> requests.Session:
+            return LoopbackSession(port)
+
+        return make
+
+    def revoke_tokens(self) -> None:
+        with self.lock:
+            self.tokens.clear()
+
+
+class LoopbackSession(requests.Session):
+    """Sends everything to 127.0.0.1:port, keeping the URL's host as the Host header."""
+
+    def __init__(self, port: int):
+        super().__init__()
+        self.port = port
+
+    def request(self, method, url, *args, **kwargs):  # type: ignore[override]
+        parts = urllib.parse.urlsplit(url)
+        headers = dict(kwargs.pop("headers", None) or {})
+        headers["Host"] = parts.netloc
+        local = urllib.parse.urlunsplit(("http", f"127.0.0.1:{self.port}", parts.path, parts.query, ""))
+        return super().request(method, local, *args, headers=headers, **kwargs)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    service: FakeDestinationService
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, code: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _subdomain(self) -> str:
+        return (self.headers.get("Host") or "").split(".")[0]
+
+    def do_POST(self) -> None:
+        svc = self.service
+        length = int(self.headers.get("Content-Length") or 0)
+        form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+        if self.path != "/oauth/token":
+            return self._send(404, {"error": "not_found"})
+        auth = self.headers.get("Authorization", "")
+        expected = "Basic " + base64.b64encode(f"{svc.clientid}:{svc.clientsecret}".encode()).decode()
+        if auth != expected:
+            return self._send(401, {"error": "invalid_client", "error_description": "Bad credentials"})
+        if form.get("grant_type") != "client_credentials":
+            return self._send(400, {"error": "unsupported_grant_type"})
+        sub = self._subdomain()
+        with svc.lock:
+            token = f"tok-{sub}-{len(svc.token_requests)}"
+            svc.tokens[token] = sub
+            svc.token_requests.append(sub)
+        self._send(200, {"access_token": token, "token_type": "bearer", "expires_in": 3600})
+
+    def do_GET(self) -> None:
+        svc = self.service
+        prefix = "/destination-configuration/v1/destinations/"
+        if not self.path.startswith(prefix):
+            return self._send(404, {"ErrorMessage": "no such API"})
+        auth = self.headers.get("Authorization", "")
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        with svc.lock:
+            sub = svc.tokens.get(token)
+        if sub is None:
+            return self._send(401, {"ErrorMessage": "Unauthorized"})
+        name = urllib.parse.unquote(self.path[len(prefix):])
+        refresh = self.headers.get("X-refresh-token")
+        code = self.headers.get("X-code")
+        with svc.lock:
+            svc.find_requests.append({"subdomain": sub, "name": name, "refresh": refresh is not None,
+                                      "code": code is not None})
+            config = svc.destinations.get((sub, name))
+        if config is None:
+            return self._send(404, {"ErrorMessage": "Configuration with the specified name was not found"})
+        body: dict[str, Any] = {"owner": {"SubaccountId": sub}, "destinationConfiguration": config}
+        secret = refresh or code
+        if secret is not None:
+            if secret.startswith("bad"):
+                body["authTokens"] = [{"type": "", "value": "", "error": "Retrieval of OAuth token failed: invalid_grant"}]
+            else:
+                digest = hashlib.sha256(secret.encode()).hexdigest()[:12]
+                body["authTokens"] = [{"type": "Bearer", "value": f"access-{digest}", "expires_in": "3600",
+                                       "http_header": {"key": "Authorization", "value": f"Bearer access-{digest}"}}]
+        self._send(200, body)

@@ -1,0 +1,309 @@
+"""Destination sources: secrets, btp (against a fake destination service), the cache and
+the registry; and the btp source through the controller."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from kubernetes import client as k8s
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from conftest import wait_for
+from fakedestsvc import FakeDestinationService
+from mailgw.kube import model
+from mailgw.kube.client import Blocking, KubeApi
+from mailgw.kube.controller import KubeController, KubeSettings
+from mailgw.kube.model import (
+    DestinationNotFound,
+    InstanceNotFound,
+    InvalidDestination,
+    ProxyTypeNotSupported,
+    Route,
+    SourceUnavailable,
+    TypeNotSupported,
+)
+from mailgw.kube.sources import CachingSource, SourceRegistry, StaticSource, TokenExchangeFailed
+from mailgw.sources.btp import BtpCredentials, BtpSource, credentials_from_secret, tenant_url
+from mailgw.sources.secrets import SecretsSource
+from test_controller import GW_LABELS, GW_NS, SMTPS, FakeListeners, destination_cr, pod, secret, wait_condition
+
+
+def sync(fn, *args):
+    return maybeDeferred(fn, *args)
+
+
+def outcome(d: Deferred):
+    """The result of an already fired Deferred, or its exception."""
+    box = []
+    d.addBoth(box.append)
+    assert box, "the Deferred has not fired"
+    value = box[0]
+    return value.value if isinstance(value, Failure) else value
+
+
+# --- secrets --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def secrets(fake):
+    return SecretsSource(KubeApi(k8s.ApiClient(fake.configuration()), timeout=2), sync)
+
+
+def test_secrets_found(fake, secrets):
+    fake.create("secrets", "apps", secret("d1", SMTPS))
+    dest = outcome(secrets.lookup("apps", "d1"))
+    assert (dest.name, dest.host, dest.port, dest.password) == ("example-dest-smtps", "smtp.example.org", 465, "secret")
+    assert "secret" not in repr(dest)
+
+
+def test_secrets_tenant_key_preferred(fake, secrets):
+    obj = secret("d1", SMTPS)
+    obj["data"]["destination.t1.json"] = base64.b64encode(
+        json.dumps(dict(SMTPS, **{"mail.smtps.host": "t1.example.org"})).encode()).decode()
+    fake.create("secrets", "apps", obj)
+    assert outcome(secrets.lookup("apps", "d1", "t1")).host == "t1.example.org"
+    assert outcome(secrets.lookup("apps", "d1", "t2")).host == "smtp.example.org"
+    assert outcome(secrets.lookup("apps", "d1")).host == "smtp.example.org"
+
+
+@pytest.mark.parametrize(
+    "data,error,fragment",
+    [
+        (None, DestinationNotFound, "not found"),
+        ({}, DestinationNotFound, "destination.json"),
+        ({"destination.json": "%%%"}, InvalidDestination, "base64"),
+        ({"destination.json": base64.b64encode(b"{nope").decode()}, InvalidDestination, "JSON"),
+        ({"destination.json": base64.b64encode(b"\xff\xfe").decode()}, InvalidDestination, "UTF-8"),
+        ({"destination.json": base64.b64encode(b"[1]").decode()}, InvalidDestination, "object"),
+        ({"destination.json": base64.b64encode(json.dumps({"Name": "w", "Type": "HTTP"}).encode()).decode()},
+         TypeNotSupported, "HTTP"),
+        ({"destination.json": base64.b64encode(json.dumps(dict(SMTPS, ProxyType="PrivateLink")).encode()).decode()},
+         ProxyTypeNotSupported, "PrivateLink"),
+        ({"destination.json": base64.b64encode(json.dumps({k: v for k, v in SMTPS.items() if k != "mail.smtps.host"}).encode()).decode()},
+         InvalidDestination, "mail.smtps.host"),
+    ],
+)
+def test_secrets_failures(fake, secrets, data, error, fragment):
+    if data is not None:
+        fake.create("secrets", "apps", {"metadata": {"name": "d1"}, "data": data})
+    e = outcome(secrets.lookup("apps", "d1"))
+    assert isinstance(e, error), e
+    assert fragment in e.message
+    assert "secret" not in e.message.replace("Secret", "")
+
+
+def test_secrets_api_error_is_transient(fake, secrets):
+    fake.fault(r"/secrets/d1$", status=500)
+    e = outcome(secrets.lookup("apps", "d1"))
+    assert isinstance(e, SourceUnavailable) and not e.definitive
+
+
+# --- cache and registry -----------------------------------------------------------------
+
+
+class Scripted:
+    def __init__(self):
+        self.calls = []
+        self.pending = []
+
+    def lookup(self, ns, name, tenant=None):
+        self.calls.append((ns, name, tenant))
+        d = Deferred()
+        self.pending.append(d)
+        return d
+
+
+def test_cache_single_flight_and_expiry():
+    clock, inner = Clock(), Scripted()
+    cache = CachingSource(inner, 120, clock)
+    d1, d2 = cache.lookup("a", "x"), cache.lookup("a", "x")
+    assert len(inner.calls) == 1
+    inner.pending[0].callback("dest")
+    assert outcome(d1) == outcome(d2) == "dest"
+    assert outcome(cache.lookup("a", "x")) == "dest" and len(inner.calls) == 1
+    cache.lookup("a", "x", "t1")
+    assert len(inner.calls) == 2  # tenants are separate entries
+    clock.advance(121)
+    cache.lookup("a", "x")
+    assert len(inner.calls) == 3
+
+
+def test_cache_keeps_definitive_failures_only():
+    clock, inner = Clock(), Scripted()
+    cache = CachingSource(inner, 120, clock)
+    cache.lookup("a", "x")
+    inner.pending[0].errback(DestinationNotFound("gone"))
+    assert isinstance(outcome(cache.lookup("a", "x")), DestinationNotFound)
+    assert len(inner.calls) == 1
+    cache.lookup("a", "y")
+    inner.pending[1].errback(SourceUnavailable("down"))
+    cache.lookup("a", "y")
+    assert len(inner.calls) == 3
+    cache.invalidate("a")
+    cache.lookup("a", "x")
+    assert len(inner.calls) == 4
+
+
+def test_registry_default_and_unknown():
+    static = StaticSource({("a", "x"): "dest"})
+    reg = SourceRegistry({"secrets": static}, default="secrets")
+    assert outcome(reg.lookup(None, "a", "x")) == "dest"
+    assert isinstance(outcome(reg.lookup("nope", "a", "x")), InstanceNotFound)
+    assert isinstance(outcome(SourceRegistry({}, None).lookup(None, "a", "x")), InstanceNotFound)
+
+
+# --- btp ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def destsvc():
+    with FakeDestinationService() as svc:
+        svc.destinations[("provider", "example-dest-smtps")] = SMTPS
+        svc.destinations[("t1", "example-dest-smtps")] = dict(SMTPS, **{"mail.smtps.host": "t1.example.org"})
+        svc.destinations[("provider", "web")] = {"Name": "web", "Type": "HTTP", "URL": "https://x"}
+        lazy = dict(SMTPS, Authentication="OAuth2RefreshToken", tokenServiceURL="https://login.example/token",
+                    clientId="c", clientSecret="s")
+        del lazy["mail.password"]
+        svc.destinations[("provider", "lazy")] = lazy
+        yield svc
+
+
+CREDS = BtpCredentials("dest-client", "dest-secret", "http://provider.auth.test", "http://destination.test")
+
+
+@pytest.fixture
+def btp(destsvc, reactor):
+    blocking = Blocking(reactor, maxthreads=2)
+    blocking.start()
+    source = BtpSource(lambda: CREDS, blocking, reactor, timeout=5, session_factory=destsvc.session_factory())
+    yield source
+    blocking.stop()
+
+
+def test_btp_lookup_and_token_cache(btp, destsvc, in_reactor):
+    dest = in_reactor(btp.lookup, "apps", "example-dest-smtps")
+    assert dest.host == "smtp.example.org"
+    in_reactor(btp.lookup, "apps", "example-dest-smtps")
+    assert destsvc.token_requests == ["provider"]
+    assert [r["name"] for r in destsvc.find_requests] == ["example-dest-smtps"] * 2
+
+
+def test_btp_tenant_lookup_uses_the_tenant_token(btp, destsvc, in_reactor):
+    dest = in_reactor(btp.lookup, "apps", "example-dest-smtps", "t1")
+    assert dest.host == "t1.example.org"
+    assert destsvc.token_requests == ["t1"]
+    assert destsvc.find_requests[-1]["subdomain"] == "t1"
+
+
+def test_btp_not_found_and_wrong_type(btp, in_reactor):
+    with pytest.raises(DestinationNotFound, match="nothere"):
+        in_reactor(btp.lookup, "apps", "nothere")
+    with pytest.raises(DestinationNotFound, match="tenant t2"):
+        in_reactor(btp.lookup, "apps", "example-dest-smtps", "t2")
+    with pytest.raises(TypeNotSupported, match="HTTP"):
+        in_reactor(btp.lookup, "apps", "web")
+
+
+def test_btp_bad_credentials_do_not_leak(destsvc, reactor, in_reactor):
+    blocking = Blocking(reactor)
+    blocking.start()
+    try:
+        wrong = BtpCredentials("dest-client", "WRONG-SECRET", CREDS.url, CREDS.uri)
+        source = BtpSource(lambda: wrong, blocking, reactor, session_factory=destsvc.session_factory())
+        with pytest.raises(SourceUnavailable) as info:
+            in_reactor(source.lookup, "apps", "example-dest-smtps")
+        assert "invalid_client" in info.value.message and "401" in info.value.message
+        assert "WRONG-SECRET" not in info.value.message and "WRONG-SECRET" not in repr(wrong)
+    finally:
+        blocking.stop()
+
+
+def test_btp_revoked_token_is_renewed_once(btp, destsvc, in_reactor):
+    in_reactor(btp.lookup, "apps", "example-dest-smtps")
+    destsvc.revoke_tokens()
+    assert in_reactor(btp.lookup, "apps", "example-dest-smtps").host == "smtp.example.org"
+    assert destsvc.token_requests == ["provider", "provider"]
+
+
+def test_btp_exchange_refresh_token_and_code(btp, destsvc, in_reactor):
+    result = in_reactor(lambda: btp.exchange("apps", "lazy", refresh_token="rt-123"))
+    assert result.destination.lazy
+    assert result.auth_tokens[0].value.startswith("access-") and result.auth_tokens[0].type == "Bearer"
+    assert "access-" not in repr(result.auth_tokens[0])
+    assert destsvc.find_requests[-1]["refresh"] is True
+    in_reactor(lambda: btp.exchange("apps", "lazy", code="code-1"))
+    assert destsvc.find_requests[-1]["code"] is True
+    with pytest.raises(TokenExchangeFailed, match="invalid_grant") as info:
+        in_reactor(lambda: btp.exchange("apps", "lazy", refresh_token="bad-token-value"))
+    assert "bad-token-value" not in info.value.message
+
+
+def test_btp_service_down(reactor, in_reactor):
+    blocking = Blocking(reactor)
+    blocking.start()
+    try:
+        down = BtpCredentials("c", "s", "http://127.0.0.1:9", "http://127.0.0.1:9")
+        source = BtpSource(lambda: down, blocking, reactor, timeout=1)
+        with pytest.raises(SourceUnavailable, match="unreachable"):
+            in_reactor(source.lookup, "apps", "x")
+    finally:
+        blocking.stop()
+
+
+@pytest.mark.parametrize(
+    "url,tenant,expected",
+    [
+        ("https://provider.authentication.eu10.hana.ondemand.com", None,
+         "https://provider.authentication.eu10.hana.ondemand.com"),
+        ("https://provider.authentication.eu10.hana.ondemand.com", "t1",
+         "https://t1.authentication.eu10.hana.ondemand.com"),
+        ("https://provider.auth.test:8443/base", "t1", "https://t1.auth.test:8443/base"),
+        ("https://{tenant}.auth.test", "t1", "https://t1.auth.test"),
+        ("http://127.0.0.1:9000", "t1", "http://127.0.0.1:9000"),
+    ],
+)
+def test_tenant_url(url, tenant, expected):
+    assert tenant_url(url, tenant) == expected
+
+
+def test_credentials_from_secret():
+    enc = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
+    creds = credentials_from_secret({"data": {"clientid": enc("c"), "clientsecret": enc("s"),
+                                              "url": enc("https://a.auth"), "uri": enc("https://dest")}}, "S")
+    assert creds == BtpCredentials("c", "s", "https://a.auth", "https://dest")
+    with pytest.raises(SourceUnavailable, match="uri"):
+        credentials_from_secret({"data": {"clientid": enc("c"), "clientsecret": enc("s"), "url": enc("https://a")}}, "S")
+
+
+def test_btp_through_the_controller(fake, destsvc, reactor, in_reactor):
+    """A CR naming a btp instance whose binding is a Secret in the gateway namespace."""
+    enc = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
+    fake.create("secrets", GW_NS, {"metadata": {"name": "dest-svc-binding"}, "data": {
+        "clientid": enc("dest-client"), "clientsecret": enc("dest-secret"),
+        "url": enc("http://provider.auth.test"), "uri": enc("http://destination.test")}})
+    fake.create("pods", GW_NS, pod("gw-0", "10.0.0.10"))
+    fake.create("destinations", "apps", destination_cr(instance="dest-svc", tenants='["provider", "t1"]'))
+    api = KubeApi(k8s.ApiClient(fake.configuration()), timeout=2)
+    settings = KubeSettings(gateway_namespace=GW_NS, pod_labels=GW_LABELS, identity="gw-0",
+                            port_range=(20000, 20999), resync_interval=3600, cache_ttl=60,
+                            leader_election=False, retry_delay=0.05,
+                            btp_instances={"dest-svc": "dest-svc-binding"})
+    listeners = FakeListeners()
+    controller = in_reactor(KubeController.create, api, listeners, settings, reactor, None,
+                            destsvc.session_factory())
+    in_reactor(controller.startService)
+    try:
+        wait_condition(fake, "True", model.REASON_OK)
+        assert {s["metadata"]["name"] for s in fake.list("services", "apps")} == {"mymail-provider", "mymail-t1"}
+        route = Route("apps", "mymail", "t1")
+        wait_for(lambda: route in listeners.ports(), what="tenant listener")
+        dest = listeners.open_routes[route][1]
+        assert in_reactor(dest.lookup).host == "t1.example.org"
+        assert in_reactor(dest.can_exchange) is True
+        assert sorted(destsvc.token_requests) == ["provider", "t1"]
+    finally:
+        in_reactor(controller.stopService)
