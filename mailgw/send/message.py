@@ -31,9 +31,8 @@ import email.utils
 import re
 from datetime import datetime
 from email.message import EmailMessage, MIMEPart
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Union
 
-import attrs
 from attrs import field, frozen
 
 __all__ = [
