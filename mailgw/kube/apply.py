@@ -30,7 +30,7 @@ def apply_changes(api: KubeApi, changes: Iterable[Change]) -> ApplyResult:
         try:
             if change.action == "create":
                 assert change.body is not None
-                api.create(change.kind, change.namespace, change.body)
+                _create(api, change)
             elif change.action == "patch":
                 assert change.body is not None
                 api.patch(change.kind, change.namespace, change.name, change.body)
@@ -43,6 +43,28 @@ def apply_changes(api: KubeApi, changes: Iterable[Change]) -> ApplyResult:
         else:
             done.append(change)
     return ApplyResult(tuple(done), tuple(failures))
+
+
+def _create(api: KubeApi, change: Change) -> None:
+    """Create; when the object exists already and is ours (an earlier create whose answer
+    was lost to a timeout), patch it to the desired state instead."""
+    assert change.body is not None
+    try:
+        api.create(change.kind, change.namespace, change.body)
+        return
+    except KubeApiError as e:
+        if not e.conflict:
+            raise
+        found = api.get(change.kind, change.namespace, change.name)
+        labels = ((found or {}).get("metadata") or {}).get("labels") or {}
+        wanted = (change.body.get("metadata") or {}).get("labels") or {}
+        if found is None or labels.get(MANAGED_BY_LABEL) != MANAGED_BY or labels.get(UID_LABEL) != wanted.get(UID_LABEL):
+            raise KubeApiError(
+                f"create {change.kind} {change.namespace}/{change.name}: it already exists "
+                "and is not managed by mailgw for this Destination", 409, "AlreadyExists"
+            ) from None
+    body = {k: v for k, v in change.body.items() if k not in ("apiVersion", "kind")}
+    api.patch(change.kind, change.namespace, change.name, body)
 
 
 def _by_name(items: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:

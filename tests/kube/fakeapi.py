@@ -206,6 +206,18 @@ def match_fields(selector: str | None, obj: dict[str, Any]) -> bool:
     return True
 
 
+class QuietServer(http.server.ThreadingHTTPServer):
+    """Clients that hang up (a stopped watch, a timed-out call) are normal here."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
 class ApiError(Exception):
     def __init__(self, code: int, reason: str, message: str):
         super().__init__(message)
@@ -266,8 +278,7 @@ class FakeKubeAPI:
         class Handler(_Handler):
             fake = api
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-kube-api", daemon=True
         )
@@ -622,9 +633,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 else:
                     raise ApiError(405, "MethodNotAllowed", f"{method} not supported here")
         except ApiError as e:
-            self._send_json(e.code, e.status())
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+            try:
+                self._send_json(e.code, e.status())
+            except OSError:  # the client gave up (a timeout test)
+                self.close_connection = True
+        except OSError:
+            self.close_connection = True
 
     # --- watch --------------------------------------------------------------------
 

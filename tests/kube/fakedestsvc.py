@@ -19,6 +19,8 @@ from typing import Any
 
 import requests
 
+from fakeapi import QuietServer
+
 
 class FakeDestinationService:
     def __init__(self, clientid: str = "dest-client", clientsecret: str = "dest-secret"):
@@ -39,8 +41,7 @@ class FakeDestinationService:
         class Handler(_Handler):
             service = svc
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 

@@ -135,12 +135,14 @@ def test_cache_single_flight_and_expiry():
 def test_cache_keeps_definitive_failures_only():
     clock, inner = Clock(), Scripted()
     cache = CachingSource(inner, 120, clock)
-    cache.lookup("a", "x")
+    first = cache.lookup("a", "x")
     inner.pending[0].errback(DestinationNotFound("gone"))
+    assert isinstance(outcome(first), DestinationNotFound)
     assert isinstance(outcome(cache.lookup("a", "x")), DestinationNotFound)
     assert len(inner.calls) == 1
-    cache.lookup("a", "y")
+    transient = cache.lookup("a", "y")
     inner.pending[1].errback(SourceUnavailable("down"))
+    assert isinstance(outcome(transient), SourceUnavailable)
     cache.lookup("a", "y")
     assert len(inner.calls) == 3
     cache.invalidate("a")
