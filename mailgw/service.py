@@ -8,6 +8,7 @@ from typing import Mapping
 from twisted.application import internet, service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import metrics
 from .config import ConfigError, GatewayConfig, ProxyConfig
@@ -32,6 +33,10 @@ class StaticSource:
         except KeyError:
             raise GatewayError(f"unknown destination {name!r}") from None
 
+    def family(self, name: str) -> str | None:
+        destination = self.destinations.get(name)
+        return destination.family if destination else None
+
 
 class Gateway:
     """What every session shares: reactor, settings, destinations, tokens, proxy."""
@@ -51,8 +56,8 @@ class Gateway:
         return self.source.lookup(route.destination, route.tenant)
 
     def family_of(self, route: Route) -> str:
-        destination = getattr(self.source, "destinations", {}).get(route.destination)
-        return destination.family if destination else "smtp"
+        """The protocol family to refuse in when the destination itself is unavailable."""
+        return self.source.family(route.destination) or "smtp"
 
     def upstream_endpoint(self, destination: Destination, tenant: str | None):
         return upstream_endpoint(
@@ -102,11 +107,20 @@ class GatewayService(service.MultiService):
         self.listeners = service.MultiService()
         self.listeners.setServiceParent(self)
 
+    def send_address(self, name: str):
+        """Where the send API reaches destination ``name``: the host and port of its
+        first SMTP listener (``None`` when there is none), as a Deferred."""
+        destination = self.gateway.source.destinations.get(name) if isinstance(self.gateway.source, StaticSource) else None
+        if destination is None or destination.family != "smtp":
+            return defer.succeed(None)
+        for listener in self.listeners:
+            if listener.route.destination == name and listener.route.tenant is None:
+                return _port_of(listener).addCallback(_connectable)
+        return defer.succeed(None)
+
     def listening_ports(self) -> defer.Deferred:
         """Fires with the listening ports (``getHost()`` tells where port 0 landed)."""
-        # StreamServerEndpointService keeps its port Deferred privately; this is the one
-        # place that reads it.
-        return defer.gatherResults([s._waitingForPort for s in self.listeners])
+        return defer.gatherResults([_port_of(s) for s in self.listeners])
 
     def stopService(self):
         # Stop accepting first, report not ready, then let open sessions finish.
@@ -117,6 +131,29 @@ class GatewayService(service.MultiService):
         return d
 
 
+def _port_of(listening: internet.StreamServerEndpointService) -> defer.Deferred:
+    """A new Deferred for the service's listening port, leaving the service's own alone.
+
+    StreamServerEndpointService keeps its port Deferred privately (and stops the port
+    through it); this is the one place that reads it.
+    """
+    observed = defer.Deferred()
+
+    def tell(result):
+        observed.callback(result) if not isinstance(result, Failure) else observed.errback(result)
+        return result
+
+    listening._waitingForPort.addBoth(tell)
+    return observed
+
+
+def _connectable(port) -> tuple[str, int]:
+    """A listening port's address as a client on this host can reach it."""
+    address = port.getHost()
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
+    return host, address.port
+
+
 def _server_endpoint(reactor, description: str, where: str):
     try:
         return endpoints.serverFromString(reactor, description)
@@ -124,8 +161,11 @@ def _server_endpoint(reactor, description: str, where: str):
         raise ConfigError(f"{where}: invalid endpoint string {description!r}: {e}") from None
 
 
-def make_service(config: GatewayConfig, reactor=None, *, tokens=None, proxy_endpoint=None) -> GatewayService:
-    """The gateway for ``config``; nothing listens until the service starts."""
+def make_service(config: GatewayConfig, reactor=None, *, tokens=None, proxy_endpoint=None, source=None) -> GatewayService:
+    """The gateway for ``config``; nothing listens until the service starts.
+
+    ``source`` replaces the configuration's destinations (Kubernetes mode).
+    """
     if reactor is None:
         from twisted.internet import reactor  # noqa: F811 - the global reactor by default
     token_client = None
@@ -138,7 +178,7 @@ def make_service(config: GatewayConfig, reactor=None, *, tokens=None, proxy_endp
             jwt_for_tenant=lambda tenant: tokens.for_connectivity_proxy(config.connectivity_proxy, tenant),
         )
     gateway = Gateway(
-        reactor, config.settings, StaticSource(config.destinations),
+        reactor, config.settings, source or StaticSource(config.destinations),
         tokens=tokens, proxy=config.connectivity_proxy, proxy_endpoint=proxy_endpoint,
     )
     top = GatewayService(gateway, config.drain_timeout)
@@ -150,12 +190,13 @@ def make_service(config: GatewayConfig, reactor=None, *, tokens=None, proxy_endp
         listening = internet.StreamServerEndpointService(endpoint, GatewayFactory(route, gateway))
         listening._raiseSynchronously = True  # a port in use fails start-up, loudly
         listening.setName(f"listener {route} on {listener.listen}")
+        listening.route = route
         listening.setServiceParent(top.listeners)
     if config.http is not None:
         from .web import make_site
 
         endpoint = _server_endpoint(reactor, config.http.listen, f"{config.origin}: http")
-        http = internet.StreamServerEndpointService(endpoint, make_site(gateway))
+        http = internet.StreamServerEndpointService(endpoint, make_site(gateway, top.send_address))
         http._raiseSynchronously = True
         http.setServiceParent(top)
     return top
