@@ -1,0 +1,105 @@
+"""``twistd -n mailgw --kubernetes``: the controller opens gateway listeners per route.
+
+The controller (``mailgw.kube.controller``) decides which routes exist and on which
+port; :class:`ListenerManager` opens real gateway listeners for them, and
+:class:`RouteSource` answers each session's destination lookup through the controller's
+view of the CR (so a changed destination applies to the next session).
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from zope.interface import implementer
+
+from ..config import ConfigError, load_config, parse_config
+from ..errors import GatewayError
+from ..service import GatewayService, make_service
+from ..session import GatewayFactory, Route as SessionRoute
+from .listeners import IListenerManager, IRouteDestination
+from .model import Route
+from .sources import DestinationLookupError
+
+DEFAULT_HTTP = "tcp:9494"  # probes and metrics; the Deployment points at this port
+
+
+class RouteSource:
+    """Destinations for sessions on controller-opened listeners, keyed by ``Route.key``."""
+
+    def __init__(self):
+        self.routes: dict[str, IRouteDestination] = {}
+        self._families: dict[str, str] = {}
+
+    def lookup(self, name: str, tenant: str | None = None):
+        route_destination = self.routes.get(name)
+        if route_destination is None:
+            raise GatewayError(f"route {name} is no longer served")
+
+        def remember(destination):
+            self._families[name] = destination.family
+            return destination
+
+        def explain(failure):
+            failure.trap(DestinationLookupError)
+            raise GatewayError(getattr(failure.value, "message", None) or str(failure.value))
+
+        return route_destination.lookup().addCallbacks(remember, explain)
+
+    def family(self, name: str) -> str | None:
+        return self._families.get(name)
+
+
+@implementer(IListenerManager)
+class ListenerManager:
+    """Real listeners: one TCP port per route, all interfaces of the pod."""
+
+    def __init__(self, reactor, gateway, source: RouteSource, interface: str = ""):
+        self.reactor = reactor
+        self.gateway = gateway
+        self.source = source
+        self.interface = interface
+        self.ports: dict[Route, object] = {}
+
+    def open(self, route: Route, port: int, destination: IRouteDestination):
+        self.source.routes[route.key] = destination
+        endpoint = TCP4ServerEndpoint(self.reactor, port, interface=self.interface)
+        factory = GatewayFactory(SessionRoute(route.key, route.tenant), self.gateway)
+        factory.noisy = False
+
+        def listening(listening_port):
+            self.ports[route] = listening_port
+
+        return endpoint.listen(factory).addCallback(listening)
+
+    def close(self, route: Route):
+        # Sessions already running keep their connections and their destination.
+        self.source.routes.pop(route.key, None)
+        listening_port = self.ports.pop(route, None)
+        if listening_port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(listening_port.stopListening)
+
+
+def make_kubernetes_service(reactor, config_path: str | None, *, api=None, settings=None) -> GatewayService:
+    """The cluster-wide gateway: http listener, token client, controller, listeners."""
+    from .client import KubeApi, load_api_client
+    from .controller import KubeController, KubeSettings
+
+    try:
+        config = load_config(config_path) if config_path else parse_config({}, "(no --config)")
+    except ConfigError as e:
+        raise SystemExit(f"mailgw: configuration error: {e}") from None
+    if config.http is None:
+        config = parse_config({"http": {"listen": DEFAULT_HTTP}}, "(defaults)")
+    settings = settings or KubeSettings.from_environment()
+    if api is None:
+        api = KubeApi(load_api_client(os.environ.get("KUBECONFIG")), timeout=settings.api_timeout)
+    source = RouteSource()
+    service = make_service(config, reactor, source=source)
+    listeners = ListenerManager(reactor, service.gateway, source)
+    controller = KubeController.create(api, listeners, settings, reactor)
+    controller.setServiceParent(service)
+    service.controller = controller
+    return service

@@ -1,0 +1,75 @@
+"""Kubernetes mode end to end: a Destination CR on the fake API server, a `secrets`
+destination pointing at real Dovecot, and a client reading the mailbox through the
+listener the gateway opened on the allocated port."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+
+import pytest
+from kubernetes import client as k8s
+
+import realservers
+from conftest import wait_for
+from mailgw.kube.client import KubeApi
+from mailgw.kube.controller import KubeSettings
+from mailgw.kube.main import make_kubernetes_service
+
+
+def free_range(size=20):
+    """A run of ports nothing listens on (the allocator picks from it)."""
+    start = realservers.free_port()
+    return (start, start + size - 1)
+
+
+@pytest.fixture
+def gateway(fake, reactor, in_reactor, tmp_path):
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"http": {"listen": f"tcp:{realservers.free_port()}:interface=127.0.0.1"}}))
+    api = KubeApi(k8s.ApiClient(fake.configuration()), timeout=2.0, connect_timeout=1.0)
+    settings = KubeSettings(
+        gateway_namespace="mailgw-system", identity="gw-0", port_range=free_range(),
+        resync_interval=3600, cache_ttl=0, leader_election=False, retry_delay=0.05,
+    )
+    service = in_reactor(make_kubernetes_service, reactor, str(tmp_path / "gateway.yaml"), api=api, settings=settings)
+    in_reactor(service.startService)
+    yield service
+    in_reactor(service.stopService)
+
+
+def test_cr_with_secrets_destination_serves_the_mailbox(fake, gateway, dovecot, certs):
+    destination = {
+        "Name": "office-imap", "Type": "MAIL", "ProxyType": "Internet", "Authentication": "BasicAuthentication",
+        "mail.transport.protocol": "imap4s", "mail.imap4s.host": "localhost", "mail.imap4s.port": str(dovecot.imaps_port),
+        "mail.user": "alice", "mail.password": "secret", "TrustStoreLocation": str(certs.ca_pem),
+    }
+    fake.create("secrets", "apps", {
+        "metadata": {"name": "office-imap", "namespace": "apps"},
+        "data": {"destination.json": base64.b64encode(json.dumps(destination).encode()).decode()},
+    })
+    fake.create("destinations", "apps", {
+        "apiVersion": "destination.connectivity.api.sap/v1", "kind": "Destination",
+        "metadata": {"name": "mymail"}, "spec": {"destinationRef": {"name": "office-imap"}},
+    })
+    manager = gateway.controller.listeners
+    port = wait_for(lambda: next((p.getHost().port for p in dict(manager.ports).values()), None), what="a listener")
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"* OK [CAPABILITY")
+        sock.sendall(b"a1 SELECT INBOX\r\na2 FETCH 1 BODY[TEXT]\r\na3 LOGOUT\r\n")
+        data = b""
+        while b"a3 OK" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert b"a2 OK" in data and b"Hello from the seeded INBOX." in data
+
+    service = wait_for(lambda: fake.get("services", "apps", "mymail"), what="the Service")
+    assert service["spec"]["ports"][0]["port"] == 993
+
+    fake.delete("destinations", "apps", "mymail")
+    wait_for(lambda: not manager.ports, what="the listener to close")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
