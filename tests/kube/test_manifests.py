@@ -1,0 +1,290 @@
+"""k8s/ manifests and the Containerfile: they parse, the CRD's schema accepts the
+reference's Destination examples and rejects bad ones (locally and through the real
+client against the fake API server), RBAC covers what the code calls, the Deployment
+has what the gateway needs."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+import yaml
+from kubernetes import client as k8s
+
+from fakeapi import CRD_PATH, ROOT, load_crd_schema, validate
+from mailgw.kube.config import parse_kube_section
+from mailgw.kube.controller import KubeSettings
+from mailgw.kube.sources import destination_from_json
+
+K8S = os.path.join(ROOT, "k8s")
+GROUP = "destination.connectivity.api.sap"
+
+# The reference's Destination examples, transcribed: placeholders filled in, the
+# "// can be omitted ..." remarks dropped, and in the shared-mode examples destinationRef
+# put under spec (the reference shows it under metadata, which no schema requiring
+# spec.destinationRef can accept).
+REFERENCE_EXAMPLES = [
+    """
+apiVersion: destination.connectivity.api.sap/v1
+kind: Destination
+metadata:
+  name: my-smtps
+spec:
+  destinationRef:
+    name: "example-dest-smtps"
+  destinationServiceInstanceName: dest-svc
+""",
+    """
+apiVersion: destination.connectivity.api.sap/v1
+kind: Destination
+metadata:
+  name: my-smtps-shared
+  annotations:
+    transparent-proxy.connectivity.api.sap/tenant-subdomains: '["tenant-subdomain", "another-tenant-subdomain"]'
+spec:
+  destinationRef:
+    name: "example-dest-smtps"
+  destinationServiceInstanceName: dest-svc
+""",
+    """
+apiVersion: destination.connectivity.api.sap/v1
+kind: Destination
+metadata:
+  name: my-imaps
+spec:
+  destinationRef:
+    name: "example-dest-imaps"
+""",
+    """
+apiVersion: destination.connectivity.api.sap/v1
+kind: Destination
+metadata:
+  name: my-pop3
+spec:
+  destinationRef:
+    name: "example-dest-pop3"
+  destinationServiceInstanceName: dest-svc
+""",
+    # SPEC section 5's full example
+    """
+apiVersion: destination.connectivity.api.sap/v1
+kind: Destination
+metadata:
+  name: mymail
+  annotations:
+    transparent-proxy.connectivity.api.sap/tenant-subdomains: '["t1", "t2"]'
+spec:
+  destinationRef: {name: example-dest-smtps}
+  destinationServiceInstanceName: dest-svc
+  service: {port: 2465}
+  accessControl: {scope: namespaced}
+""",
+]
+
+BAD = [
+    ({"spec": {}}, "destinationRef is required"),
+    ({"spec": {"destinationRef": {}}}, "name is required"),
+    ({"spec": {"destinationRef": {"name": ""}}}, "shorter"),
+    ({"spec": {"destinationRef": {"name": "x"}, "service": {"port": 0}}}, ">= 1"),
+    ({"spec": {"destinationRef": {"name": "x"}, "service": {"port": 70000}}}, "<= 65535"),
+    ({"spec": {"destinationRef": {"name": "x"}, "service": {"port": "465"}}}, "integer"),
+    ({"spec": {"destinationRef": {"name": "x"}, "accessControl": {"scope": "world"}}}, "one of"),
+    ({}, "spec is required"),
+]
+
+
+def docs(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def all_docs():
+    return [(os.path.basename(p), d) for p in sorted(glob.glob(os.path.join(K8S, "*.yaml"))) for d in docs(p)]
+
+
+def find(kind, name=None):
+    return [d for _, d in all_docs() if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def test_every_manifest_parses_and_is_named():
+    files = glob.glob(os.path.join(K8S, "*.yaml"))
+    assert {"crd.yaml", "rbac.yaml", "deployment.yaml", "sidecar-example.yaml"} <= {os.path.basename(f) for f in files}
+    for filename, doc in all_docs():
+        assert doc.get("apiVersion") and doc.get("kind"), filename
+        assert doc["metadata"].get("name"), filename
+
+
+def test_crd_names_columns_and_status():
+    (crd,) = find("CustomResourceDefinition")
+    spec = crd["spec"]
+    assert crd["metadata"]["name"] == f"destinations.{GROUP}"
+    assert spec["group"] == GROUP and spec["scope"] == "Namespaced"
+    assert spec["names"]["kind"] == "Destination" and spec["names"]["plural"] == "destinations"
+    assert spec["names"]["shortNames"] == ["dst"]
+    (version,) = spec["versions"]
+    assert version["name"] == "v1" and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Destination"] == ".spec.destinationRef.name"
+    assert "Available" in columns and "Reason" in columns and "Age" in columns
+    schema = version["schema"]["openAPIV3Schema"]
+    assert schema["properties"]["spec"]["required"] == ["destinationRef"]
+
+
+@pytest.mark.parametrize("text", REFERENCE_EXAMPLES)
+def test_schema_accepts_the_reference_examples(text):
+    obj = yaml.safe_load(text)
+    given = (yaml.safe_load(text)["spec"].get("accessControl") or {}).get("scope")
+    assert validate(load_crd_schema(), obj) == []
+    # defaults as the API server applies them: scope namespaced
+    assert obj["spec"]["accessControl"]["scope"] == (given or "namespaced")
+
+
+@pytest.mark.parametrize("obj,fragment", BAD)
+def test_schema_rejects(obj, fragment):
+    obj = dict(obj, apiVersion=f"{GROUP}/v1", kind="Destination", metadata={"name": "x"})
+    errors = validate(load_crd_schema(), obj)
+    assert errors and any(fragment in e for e in errors), errors
+
+
+def test_status_written_by_the_controller_fits_the_schema():
+    from test_reconcile import run, cr_obj
+
+    _, plan = run(cr_obj(tenants='["t1", "t2"]'))
+    obj = dict(cr_obj(), status=json.loads(json.dumps(plan.status)))
+    assert validate(load_crd_schema(), obj) == []
+
+
+def test_real_client_create_is_validated_by_the_fake_api(fake):
+    custom = k8s.CustomObjectsApi(k8s.ApiClient(fake.configuration()))
+    for text in REFERENCE_EXAMPLES:
+        obj = yaml.safe_load(text)
+        created = custom.create_namespaced_custom_object(GROUP, "v1", "apps", "destinations", obj)
+        assert created["spec"]["accessControl"]["scope"] == "namespaced"
+    with pytest.raises(k8s.ApiException) as info:
+        custom.create_namespaced_custom_object(
+            GROUP, "v1", "apps", "destinations",
+            {"apiVersion": f"{GROUP}/v1", "kind": "Destination", "metadata": {"name": "noref"}, "spec": {}},
+        )
+    assert info.value.status == 422
+    assert "destinationRef is required" in info.value.body
+
+
+def test_example_destinations_are_valid():
+    examples = docs(os.path.join(K8S, "destinations-example.yaml"))
+    schema = load_crd_schema()
+    crs = [d for d in examples if d["kind"] == "Destination"]
+    assert crs
+    for cr in crs:
+        assert validate(schema, cr) == [], cr["metadata"]["name"]
+    (secret,) = [d for d in examples if d["kind"] == "Secret"]
+    dest = destination_from_json(json.loads(secret["stringData"]["destination.json"]), "example")
+    assert dest.protocol == "smtps"
+
+
+def _rules(kind):
+    (role,) = find(kind, "mailgw")
+    return role["rules"]
+
+
+def _allowed(rules, group, resource, verb, name=None):
+    for rule in rules:
+        if group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]:
+            if "resourceNames" not in rule or name in rule["resourceNames"]:
+                return True
+    return False
+
+
+# what the code calls: (group, resource, verb, cluster-wide?)
+NEEDED = [
+    (GROUP, "destinations", "list", True), (GROUP, "destinations", "watch", True),
+    (GROUP, "destinations/status", "patch", True),
+    ("", "services", "get", True), ("", "services", "list", True), ("", "services", "watch", True),
+    ("", "services", "create", True), ("", "services", "patch", True), ("", "services", "delete", True),
+    ("discovery.k8s.io", "endpointslices", "list", True), ("discovery.k8s.io", "endpointslices", "create", True),
+    ("discovery.k8s.io", "endpointslices", "patch", True), ("discovery.k8s.io", "endpointslices", "delete", True),
+    ("discovery.k8s.io", "endpointslices", "get", True),
+    ("", "secrets", "get", True), ("", "events", "create", True),
+    ("", "pods", "list", False), ("", "pods", "watch", False),
+    ("networking.k8s.io", "networkpolicies", "list", False), ("networking.k8s.io", "networkpolicies", "get", False),
+    ("networking.k8s.io", "networkpolicies", "create", False),
+    ("networking.k8s.io", "networkpolicies", "patch", False),
+    ("networking.k8s.io", "networkpolicies", "delete", False),
+    ("coordination.k8s.io", "leases", "create", False),
+]
+
+
+def test_rbac_covers_the_code_and_nothing_wild():
+    cluster, local = _rules("ClusterRole"), _rules("Role")
+    for group, resource, verb, cluster_wide in NEEDED:
+        rules = cluster if cluster_wide else local
+        assert _allowed(rules, group, resource, verb), (group, resource, verb)
+    for verb in ("get", "update"):
+        assert _allowed(local, "coordination.k8s.io", "leases", verb, KubeSettings().lease_name)
+    for rule in cluster + local:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+    # secrets: read one by name, never list or watch
+    assert not _allowed(cluster, "", "secrets", "list") and not _allowed(cluster, "", "secrets", "watch")
+    (binding,) = find("ClusterRoleBinding", "mailgw")
+    (sa,) = find("ServiceAccount", "mailgw")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mailgw",
+                                    "namespace": sa["metadata"]["namespace"]}]
+
+
+def test_deployment_has_probes_identity_resources_and_matching_labels():
+    (deploy,) = find("Deployment", "mailgw")
+    pod = deploy["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert pod["spec"]["serviceAccountName"] == "mailgw"
+    assert "--kubernetes" in container["args"] and container["args"][:2] == ["twistd", "-n"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == 9494
+    assert container["readinessProbe"]["httpGet"]["port"] in ("http", 9494)
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"] if "valueFrom" in e}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_IP": "status.podIP"}
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    labels = pod["metadata"]["labels"]
+    settings_labels = dict(KubeSettings().pod_labels)
+    assert settings_labels.items() <= labels.items()
+    assert deploy["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # the ConfigMap's kubernetes section is valid and agrees on the pod labels
+    (config,) = find("ConfigMap", "mailgw")
+    gateway_yaml = yaml.safe_load(config["data"]["gateway.yaml"])
+    settings, _ = parse_kube_section(gateway_yaml["kubernetes"], "configmap",
+                                     environ={"POD_NAMESPACE": deploy["metadata"]["namespace"], "POD_NAME": "p"})
+    assert dict(settings.pod_labels).items() <= labels.items()
+    assert settings.gateway_namespace == deploy["metadata"]["namespace"]
+    assert gateway_yaml["http"]["listen"].startswith("tcp:9494")
+
+
+def test_sidecar_example_config_is_a_valid_standalone_config(tmp_path):
+    from mailgw.config import parse_config
+
+    examples = docs(os.path.join(K8S, "sidecar-example.yaml"))
+    (secret,) = [d for d in examples if d["kind"] == "Secret"]
+    (config_map,) = [d for d in examples if d["kind"] == "ConfigMap"]
+    (deploy,) = [d for d in examples if d["kind"] == "Deployment"]
+    for name, text in secret["stringData"].items():
+        (tmp_path / name).write_text(text)
+    doc = yaml.safe_load(config_map["data"]["gateway.yaml"])
+    doc["destinations"] = str(tmp_path)
+    config = parse_config(doc, "sidecar", tmp_path)
+    assert [listener.listen for listener in config.listeners] == ["tcp:2465:interface=127.0.0.1"]
+    containers = {c["name"]: c for c in deploy["spec"]["template"]["spec"]["containers"]}
+    assert "--kubernetes" not in containers["mailgw"]["args"]
+    assert "mail.password" not in json.dumps(containers["app"])
+
+
+def test_containerfile():
+    with open(os.path.join(ROOT, "Containerfile")) as f:
+        text = f.read()
+    assert "pip install" in text and "pip wheel" in text
+    cmd = [line for line in text.splitlines() if line.startswith("CMD")][-1]
+    assert json.loads(cmd[3:].strip()) == ["twistd", "-n", "--pidfile=", "mailgw", "--kubernetes"]
+    assert "USER 65532" in text
+    assert os.path.exists(CRD_PATH)
