@@ -252,10 +252,14 @@ def test_deployment_has_probes_identity_resources_and_matching_labels():
     settings_labels = dict(KubeSettings().pod_labels)
     assert settings_labels.items() <= labels.items()
     assert deploy["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    # the ConfigMap's kubernetes section is valid and agrees on the pod labels
+    # the ConfigMap is a valid gateway.yaml; a kubernetes section, when there is one,
+    # is valid too; the settings in effect agree with the pods' labels and namespace
+    from mailgw.config import parse_config
+
     (config,) = find("ConfigMap", "mailgw")
     gateway_yaml = yaml.safe_load(config["data"]["gateway.yaml"])
-    settings, _ = parse_kube_section(gateway_yaml["kubernetes"], "configmap",
+    parse_config({k: v for k, v in gateway_yaml.items() if k != "kubernetes"}, "configmap")
+    settings, _ = parse_kube_section(gateway_yaml.get("kubernetes"), "configmap",
                                      environ={"POD_NAMESPACE": deploy["metadata"]["namespace"], "POD_NAME": "p"})
     assert dict(settings.pod_labels).items() <= labels.items()
     assert settings.gateway_namespace == deploy["metadata"]["namespace"]
