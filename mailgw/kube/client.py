@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, TypeVar
 import urllib3
 from kubernetes import client as k8s
 from twisted.internet import threads
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.python.threadpool import ThreadPool
 
 from mailgw.kube.model import GROUP, PLURAL, VERSION
@@ -272,6 +272,9 @@ class Blocking:
         return done
 
     def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
+        if not self.started:
+            # a stopped pool would queue the call forever: fail at once instead
+            return fail(KubeApiError("the Kubernetes client is not running (starting up or shut down)"))
         return threads.deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
 
 

@@ -98,6 +98,19 @@ def destination_from_json(obj: Any, origin: str) -> Destination:
         raise InvalidDestination(str(e)) from None
 
 
+def as_lookup_error(failure: Failure, what: str) -> None:
+    """Errback for sources: anything that is not already a DestinationLookupError
+    (the worker pool shut down, a bug) becomes a transient SourceUnavailable."""
+    if failure.check(DestinationLookupError):
+        failure.raiseException()
+    from mailgw.kube.client import KubeApiError
+    from mailgw.kube.model import SourceUnavailable
+
+    if not failure.check(KubeApiError):
+        log.failure("{what} failed unexpectedly", failure, what=what)
+    raise SourceUnavailable(f"{what} failed: {failure.value if failure.check(KubeApiError) else type(failure.value).__name__}")
+
+
 class CachingSource:
     """Caches another source's answers for ``ttl`` seconds, per (namespace, name, tenant).
 

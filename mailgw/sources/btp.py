@@ -34,6 +34,7 @@ from mailgw.kube.sources import (
     IDestinationSource,
     ITokenExchange,
     TokenExchangeFailed,
+    as_lookup_error,
     destination_from_json,
 )
 from mailgw.sources.secrets import secret_value
@@ -196,6 +197,7 @@ class BtpSource:
 
     def lookup(self, namespace: str, name: str, tenant: str | None = None) -> "Deferred[Destination]":
         d = self.run(self._find, name, tenant, {})
+        d.addErrback(as_lookup_error, f"looking up destination {name!r}")
         d.addCallback(lambda result: result.destination)
         return d
 
@@ -209,6 +211,7 @@ class BtpSource:
         if code is not None:
             headers["X-code"] = code
         d = self.run(self._find, name, tenant, headers)
+        d.addErrback(as_lookup_error, f"looking up destination {name!r}")
         d.addCallback(self._check_tokens, name)
         return d
 

@@ -20,7 +20,7 @@ from zope.interface import implementer
 from mailgw.destination import Destination
 from mailgw.kube.client import KubeApi, KubeApiError
 from mailgw.kube.model import DestinationNotFound, InvalidDestination, SourceUnavailable
-from mailgw.kube.sources import IDestinationSource, destination_from_json
+from mailgw.kube.sources import IDestinationSource, as_lookup_error, destination_from_json
 
 KEY = "destination.json"
 MAX_SIZE = 256 * 1024
@@ -61,7 +61,9 @@ class SecretsSource:
         self.key = key
 
     def lookup(self, namespace: str, name: str, tenant: str | None = None) -> "Deferred[Destination]":
-        return self.run(self._read, namespace, name, tenant)
+        d = self.run(self._read, namespace, name, tenant)
+        d.addErrback(as_lookup_error, f"reading Secret {namespace}/{name}")
+        return d
 
     def _read(self, namespace: str, name: str, tenant: str | None) -> Destination:
         origin = f"Secret {namespace}/{name}"

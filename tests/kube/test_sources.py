@@ -309,3 +309,12 @@ def test_btp_through_the_controller(fake, destsvc, reactor, in_reactor):
         assert sorted(destsvc.token_requests) == ["provider", "t1"]
     finally:
         in_reactor(controller.stopService)
+
+
+def test_sources_fail_fast_when_the_pool_is_not_running(fake, reactor, in_reactor):
+    blocking = Blocking(reactor)  # never started (or already stopped)
+    source = SecretsSource(KubeApi(k8s.ApiClient(fake.configuration())), blocking)
+    e = outcome(source.lookup("apps", "d1"))
+    assert isinstance(e, SourceUnavailable) and "not running" in e.message
+    btp = BtpSource(lambda: CREDS, blocking, reactor)
+    assert isinstance(outcome(btp.lookup("apps", "x")), SourceUnavailable)
