@@ -8,7 +8,7 @@ import json
 
 import pytest
 from kubernetes import client as k8s
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
