@@ -1,45 +1,26 @@
-"""Fixtures of the Kubernetes tests: a running reactor in a background thread, the fake API
-server, and small helpers to call into the reactor and to wait for a condition."""
+"""Fixtures of the Kubernetes tests: a running reactor in a background thread (tolerant
+of one already running), the fake API server, and a helper to call into the reactor."""
 
 from __future__ import annotations
 
 import os
 import sys
-import threading
-import time
 from typing import Any, Callable
 
 import pytest
-from twisted.internet import reactor as _reactor
 from twisted.internet.threads import blockingCallFromThread
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fakeapi import FakeKubeAPI  # noqa: E402
+from kubetest import ensure_reactor_running, wait_for  # noqa: E402,F401
 
-_started = threading.Lock()
-
-
-def _ensure_reactor_running() -> Any:
-    """Run the global reactor in a daemon thread unless something already runs it."""
-    with _started:
-        if not _reactor.running:
-            thread = threading.Thread(
-                target=_reactor.run, kwargs={"installSignalHandlers": False},
-                name="test-reactor", daemon=True,
-            )
-            thread.start()
-            deadline = time.monotonic() + 10
-            while not _reactor.running:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("reactor did not start")
-                time.sleep(0.005)
-    return _reactor
+__all__ = ["wait_for"]  # test_gateway_e2e.py imports it from here
 
 
 @pytest.fixture(scope="session")
 def reactor():
-    return _ensure_reactor_running()
+    return ensure_reactor_running()
 
 
 @pytest.fixture
@@ -51,18 +32,6 @@ def in_reactor(reactor) -> Callable[..., Any]:
         return blockingCallFromThread(reactor, fn, *args, **kwargs)
 
     return call
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``predicate`` (from the test thread) until it is truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture

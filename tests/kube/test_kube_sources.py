@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from conftest import wait_for
+from kubetest import wait_for
 from fakedestsvc import FakeDestinationService
 from mailgw.kube import model
 from mailgw.kube.client import Blocking, KubeApi
@@ -29,7 +29,7 @@ from mailgw.kube.model import (
 from mailgw.kube.sources import CachingSource, SourceRegistry, StaticSource, TokenExchangeFailed
 from mailgw.sources.btp import BtpCredentials, BtpSource, credentials_from_secret, tenant_url
 from mailgw.sources.secrets import SecretsSource
-from test_controller import GW_LABELS, GW_NS, SMTPS, FakeListeners, destination_cr, pod, secret, wait_condition
+from test_kube_controller import GW_LABELS, GW_NS, SMTPS, FakeListeners, destination_cr, pod, secret, wait_condition
 
 
 def sync(fn, *args):

@@ -150,7 +150,7 @@ def test_schema_rejects(obj, fragment):
 
 
 def test_status_written_by_the_controller_fits_the_schema():
-    from test_reconcile import run, cr_obj
+    from test_kube_reconcile import run, cr_obj
 
     _, plan = run(cr_obj(tenants='["t1", "t2"]'))
     obj = dict(cr_obj(), status=json.loads(json.dumps(plan.status)))

@@ -12,7 +12,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.error import CannotListenError
 from zope.interface import implementer
 
-from conftest import wait_for
+from kubetest import wait_for
 from mailgw.kube import model
 from mailgw.kube.client import KubeApi
 from mailgw.kube.controller import KubeController, KubeSettings

@@ -7,7 +7,7 @@ import time
 import pytest
 from kubernetes import client as k8s
 
-from conftest import wait_for
+from kubetest import wait_for
 from mailgw.kube.client import KubeApi
 from mailgw.kube.watch import Watcher
 
