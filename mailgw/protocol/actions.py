@@ -60,6 +60,47 @@ class UpstreamFailed:
 
 
 @frozen
+class UpstreamConnected:
+    """The upstream is connected, TLS is up and its capabilities are known, but the login
+    waits for credentials the application will present (the lazy OAuth2 types).
+
+    The glue greets the application now and later calls the upstream machine's
+    ``authenticate(credentials)``, which ends in :class:`UpstreamReady` or
+    :class:`LoginRefused`.  ``capabilities`` are the pre-login ones, in the same form
+    as :class:`UpstreamReady`'s.
+    """
+
+    capabilities: tuple[str, ...] = ()
+
+
+@frozen
+class LoginRefused:
+    """The upstream refused the credentials given to ``authenticate()``.
+
+    Not fatal: the upstream session stays usable and ``authenticate()`` may be called
+    again.  ``reason`` quotes the upstream's reply (never a secret).
+    """
+
+    reason: str
+
+
+@frozen
+class ExchangeSecret:
+    """The application presented a refresh token or authorisation code (XOAUTH2 or
+    OAUTHBEARER).
+
+    The glue exchanges ``secret`` for an access token, authenticates upstream as
+    ``user`` (or the destination's ``mail.user`` when ``user`` is empty) and reports the
+    outcome back to the application machine with ``auth_succeeded(capabilities)`` or
+    ``auth_refused(reason, transient)``.  Until then that machine answers nothing.
+    """
+
+    mechanism: str
+    user: str
+    secret: str = field(repr=False)
+
+
+@frozen
 class Release:
     """Stop parsing: forward ``leftover`` (app bytes already received) and splice."""
 

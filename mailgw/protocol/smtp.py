@@ -10,11 +10,14 @@ from __future__ import annotations
 from . import sasl
 from .actions import (
     Close,
+    ExchangeSecret,
+    LoginRefused,
     ProtocolError,
     Release,
     SendToApp,
     SendUpstream,
     StartTLS,
+    UpstreamConnected,
     UpstreamFailed,
     UpstreamReady,
 )
@@ -89,7 +92,11 @@ class SMTPUpstream:
 
     The glue calls :meth:`start`, then :meth:`receive` with every upstream byte and
     :meth:`tls_established` once a handshake it was asked for completes; it carries out
-    the returned actions.  ``credentials=None`` means no AUTH (NoAuthentication).
+    the returned actions.  ``credentials=None`` means no AUTH (NoAuthentication), unless
+    ``login_later`` is set (the lazy OAuth2 types): then the machine stops after TLS and
+    EHLO with :class:`UpstreamConnected`, and :meth:`authenticate` logs in later, as
+    often as needed, each attempt ending in :class:`UpstreamReady` or
+    :class:`LoginRefused`.
     """
 
     def __init__(
@@ -101,8 +108,10 @@ class SMTPUpstream:
         credentials: Credentials | None = None,
         ehlo_name: str = "mailgw",
         max_line: int = 8192,
+        login_later: bool = False,
     ):
         self.implicit_tls = implicit_tls
+        self.login_later = login_later and credentials is None
         self.starttls_enable = starttls_enable and not implicit_tls
         self.starttls_required = starttls_required and not implicit_tls
         self.credentials = credentials
@@ -158,6 +167,14 @@ class SMTPUpstream:
                 self._pending.add(leftover)
         return actions
 
+    def authenticate(self, credentials: Credentials) -> list:
+        """Log in now with ``credentials`` (``login_later`` mode, after
+        :class:`UpstreamConnected` or :class:`LoginRefused`)."""
+        if not self.login_later or self._state != "awaiting-login":
+            raise ProtocolError(f"authenticate() in state {self._state}")
+        self.credentials = credentials
+        return self._authenticate()
+
     def take_pending(self) -> bytes:
         """Upstream bytes that arrived after login, for the application at release."""
         return self._pending.take()
@@ -167,6 +184,12 @@ class SMTPUpstream:
     def _fail(self, reason: str, permanent: bool = True) -> list:
         self._state = "failed"
         return [UpstreamFailed(reason, permanent=permanent)]
+
+    def _refused(self, reason: str) -> list:
+        if not self.login_later:
+            return self._fail(reason)
+        self._state, self.credentials = "awaiting-login", None
+        return [LoginRefused(reason)]
 
     def _ehlo(self) -> list:
         self._state = "ehlo"
@@ -180,7 +203,7 @@ class SMTPUpstream:
             return self._ehlo()
         if state == "ehlo":
             if reply.code != 250:
-                if self.credentials is not None or self.starttls_required:
+                if self.credentials is not None or self.login_later or self.starttls_required:
                     return self._fail(f"upstream refused EHLO: {reply}")
                 self._state = "helo"
                 return [SendUpstream(b"HELO " + self.ehlo_name + CRLF)]
@@ -200,6 +223,10 @@ class SMTPUpstream:
             return [StartTLS()]
         if state == "auth":
             return self._on_auth_reply(reply)
+        if state == "awaiting-login":
+            if reply.code == 421:
+                return self._fail(f"upstream closed the session: {reply}", permanent=False)
+            return self._fail(f"unexpected upstream reply while waiting for the application to authenticate: {reply}")
         return self._fail(f"unexpected upstream reply in state {state}: {reply}")
 
     def _after_ehlo(self) -> list:
@@ -215,9 +242,11 @@ class SMTPUpstream:
 
     def _authenticate(self) -> list:
         creds = self.credentials
-        if creds is None:
-            return self._ready()
         offered = auth_mechanisms(self.extensions)
+        if creds is None:
+            if self.login_later:
+                return self._await_login(offered)
+            return self._ready()
         if isinstance(creds, Password):
             if "PLAIN" in offered:
                 self._auth_steps = []
@@ -243,6 +272,12 @@ class SMTPUpstream:
             return self._fail(self._no_mechanism("XOAUTH2 or OAUTHBEARER", offered))
         raise TypeError(f"unknown credentials type {type(creds).__name__}")  # pragma: no cover
 
+    def _await_login(self, offered: set[str]) -> list:
+        if not offered & {"XOAUTH2", "OAUTHBEARER"}:
+            return self._fail(self._no_mechanism("XOAUTH2 or OAUTHBEARER", offered))
+        self._state = "awaiting-login"
+        return [UpstreamConnected(self.extensions)]
+
     def _no_mechanism(self, wanted: str, offered: set[str]) -> str:
         if not offered:
             return "upstream offers no authentication (AUTH) on this connection"
@@ -255,7 +290,7 @@ class SMTPUpstream:
             return [SendUpstream(self._auth_steps.pop(0) + CRLF)]
         if reply.code == 334:
             return self._fail("upstream asked for more authentication data than expected")
-        return self._fail(f"upstream refused the credentials: {reply}")
+        return self._refused(f"upstream refused the credentials: {reply}")
 
     def _ready(self) -> list:
         self._state = "ready"
@@ -269,25 +304,49 @@ _AUTH_PROMPTS = {
     "LOGIN": [b"VXNlcm5hbWU6", b"UGFzc3dvcmQ6"],  # "Username:", "Password:"
 }
 
+#: What the application may present when the destination exchanges its secret.
+BEARER_MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
+
+#: Commands answered before authentication in ``lazy`` mode (the rest get 530).
+_LAZY_BEFORE_AUTH = (b"EHLO", b"HELO", b"AUTH", b"RSET", b"NOOP", b"STARTTLS", b"QUIT")
+
+#: Pipelined application bytes kept while the gateway exchanges a secret.
+_MAX_WAITING = 65536
+
 
 class SMTPAppSide:
     """The application-facing SMTP dialogue before release.
 
-    EHLO/HELO and AUTH are answered locally (the offered credentials are discarded),
-    RSET/NOOP too; every other command releases the session with itself and any
-    pipelined bytes as the leftover, so the upstream sees them in order.
+    Eager mode: EHLO/HELO and AUTH are answered locally (the offered credentials are
+    discarded), RSET/NOOP too; every other command releases the session with itself and
+    any pipelined bytes as the leftover, so the upstream sees them in order.
+
+    ``lazy`` mode (OAuth2RefreshToken, OAuth2AuthorizationCode): EHLO advertises
+    ``AUTH XOAUTH2 OAUTHBEARER``; ``AUTH XOAUTH2``/``OAUTHBEARER`` (inline or after a
+    ``334``) is decoded into an :class:`ExchangeSecret` action, and the machine waits
+    for :meth:`auth_succeeded` or :meth:`auth_refused`.  Before that, mail commands get
+    ``530 5.7.0 Authentication required``; after it, the session releases as in eager
+    mode.
     """
 
-    def __init__(self, *, capabilities: tuple[str, ...] = (), hostname: str = "mailgw", max_line: int = 16384):
+    def __init__(
+        self, *, capabilities: tuple[str, ...] = (), hostname: str = "mailgw", max_line: int = 16384, lazy: bool = False
+    ):
         self.hostname = hostname.encode("ascii", "replace")
-        # ``capabilities`` are the upstream's EHLO extensions after login.
-        self.extensions = tuple(
-            ext for ext in capabilities if not ext.upper().startswith(_HIDDEN_EXTENSIONS)
-        ) + ("AUTH PLAIN LOGIN",)
+        self.lazy = lazy
+        # ``capabilities`` are the upstream's EHLO extensions (after login when eager).
+        self.extensions = self._visible(capabilities)
         self._lines = LineReader(max_line)
         self._auth_prompts: list[bytes] | None = None  # not None while an AUTH is in progress
+        self._bearer_mechanism: str | None = None  # lazy AUTH waiting for its response line
+        self._waiting = False  # an ExchangeSecret is being carried out
         self._authenticated = False
         self._released = False
+        self._closed = False
+
+    def _visible(self, capabilities: tuple[str, ...]) -> tuple[str, ...]:
+        auth = "AUTH " + " ".join(BEARER_MECHANISMS) if self.lazy else "AUTH PLAIN LOGIN"
+        return tuple(ext for ext in capabilities if not ext.upper().startswith(_HIDDEN_EXTENSIONS)) + (auth,)
 
     def greeting(self) -> bytes:
         return b"220 " + self.hostname + b" ESMTP mailgw ready" + CRLF
@@ -308,23 +367,60 @@ class SMTPAppSide:
     def receive(self, data: bytes) -> list:
         if self._released:
             raise ProtocolError("receive() after release")
+        if self._closed:
+            return []
         self._lines.feed(data)
+        if self._waiting:
+            if len(self._lines) > _MAX_WAITING:
+                self._closed = True
+                return [
+                    SendToApp(b"421 4.7.0 mailgw: too much data sent during authentication" + CRLF),
+                    Close("application sent too much data during authentication"),
+                ]
+            return []
+        return self._process()
+
+    # -- lazy authentication results -----------------------------------------------
+
+    def auth_succeeded(self, capabilities: tuple[str, ...]) -> list:
+        """The upstream accepted the exchanged token; ``capabilities`` are its EHLO
+        extensions after login."""
+        self._waiting, self._authenticated = False, True
+        self.extensions = self._visible(capabilities)
+        return [SendToApp(b"235 2.7.0 Authentication successful" + CRLF)] + self._process()
+
+    def auth_refused(self, reason: str, transient: bool = False) -> list:
+        """The exchange or the upstream login failed; the application may try again."""
+        self._waiting = False
+        text = printable(reason.encode("utf-8", "replace"), 400).encode("ascii")
+        prefix = b"454 4.7.0 mailgw: " if transient else b"535 5.7.8 mailgw: "
+        return [SendToApp(prefix + text + CRLF)] + self._process()
+
+    # -- commands --------------------------------------------------------------------
+
+    def _process(self) -> list:
         actions: list = []
-        while True:
+        while not self._waiting:
             try:
                 line = self._lines.read_line()
             except LineTooLong:
+                self._closed = True
                 return actions + [
                     SendToApp(f"500 5.5.6 mailgw: command line too long (limit {self._lines.max_line} bytes)".encode() + CRLF),
                     Close("application command line too long"),
                 ]
             if line is None:
-                return actions
+                break
+            if self._bearer_mechanism is not None:
+                actions += self._bearer_response(line)
+                continue
             if self._auth_prompts is not None:
                 actions += self._auth_continue(line)
                 continue
             verb, arg = first_word(line)
-            if verb in (b"EHLO", b"HELO"):
+            if self.lazy and not self._authenticated and verb not in _LAZY_BEFORE_AUTH:
+                actions.append(SendToApp(b"530 5.7.0 Authentication required" + CRLF))
+            elif verb in (b"EHLO", b"HELO"):
                 actions.append(SendToApp(self._hello(verb, arg)))
             elif verb == b"AUTH":
                 actions += self._auth_start(arg)
@@ -332,9 +428,13 @@ class SMTPAppSide:
                 actions.append(SendToApp(b"250 2.0.0 OK" + CRLF))
             elif verb == b"STARTTLS":
                 actions.append(SendToApp(b"502 5.5.1 mailgw: STARTTLS is not offered on this listener" + CRLF))
+            elif verb == b"QUIT" and self.lazy and not self._authenticated:
+                self._closed = True
+                return actions + [SendToApp(b"221 2.0.0 mailgw closing connection" + CRLF), Close("application quit")]
             else:
                 self._released = True
                 return actions + [Release(line + CRLF + self._lines.take_rest())]
+        return actions
 
     def _hello(self, verb: bytes, arg: bytes) -> bytes:
         if not arg:
@@ -352,13 +452,36 @@ class SMTPAppSide:
         mechanism, _, initial = arg.partition(b" ")
         if not mechanism:
             return [SendToApp(b"501 5.5.4 Syntax: AUTH mechanism" + CRLF)]
-        prompts = list(_AUTH_PROMPTS.get(mechanism.upper().decode("ascii", "replace"), [b""]))
+        name = mechanism.upper().decode("ascii", "replace")
+        if self.lazy:
+            if name not in BEARER_MECHANISMS:
+                return [SendToApp(
+                    b"504 5.5.4 mailgw: this destination needs AUTH XOAUTH2 or OAUTHBEARER"
+                    b" carrying the refresh token or authorization code" + CRLF
+                )]
+            if initial.strip():
+                self._bearer_mechanism = name
+                return self._bearer_response(initial)
+            self._bearer_mechanism = name
+            return [SendToApp(b"334 " + CRLF)]
+        prompts = list(_AUTH_PROMPTS.get(name, [b""]))
         if initial:
             prompts.pop(0)  # the initial response answers the first prompt
         if not prompts:
             return self._auth_done()
         self._auth_prompts = prompts
         return [SendToApp(b"334 " + self._auth_prompts.pop(0) + CRLF)]
+
+    def _bearer_response(self, response: bytes) -> list:
+        mechanism, self._bearer_mechanism = self._bearer_mechanism, None
+        if response.strip() == b"*":
+            return [SendToApp(b"501 5.7.0 Authentication cancelled" + CRLF)]
+        try:
+            presented = sasl.decode_initial_response(mechanism, response)
+        except sasl.SASLError as e:
+            return [SendToApp(f"501 5.5.2 mailgw: malformed authentication response: {e}".encode("ascii", "replace") + CRLF)]
+        self._waiting = True
+        return [ExchangeSecret(mechanism, presented.user, presented.secret)]
 
     def _auth_continue(self, line: bytes) -> list:
         if line.strip() == b"*":

@@ -8,11 +8,14 @@ from hypothesis import strategies as st
 
 from mailgw.protocol.actions import (
     Close,
+    ExchangeSecret,
+    LoginRefused,
     ProtocolError,
     Release,
     SendToApp,
     SendUpstream,
     StartTLS,
+    UpstreamConnected,
     UpstreamFailed,
     UpstreamReady,
 )
@@ -255,3 +258,207 @@ def test_upstream_never_raises_foreign_errors_and_stays_bounded(data, tls):
         if any(isinstance(a, UpstreamFailed) for a in actions):
             return
         assert len(m._replies.lines) <= 256 + 2
+
+
+
+# -- lazy OAuth2 types: the upstream waits for the application's token ----------------
+
+EHLO_BEARER = b"250-mail.example.org\r\n250-PIPELINING\r\n250-AUTH PLAIN XOAUTH2 OAUTHBEARER\r\n250 8BITMIME\r\n"
+BEARER_EXTENSIONS = ("PIPELINING", "AUTH PLAIN XOAUTH2 OAUTHBEARER", "8BITMIME")
+
+
+def waiting_upstream(**kw):
+    m = upstream(login_later=True, **kw)
+    m.start()
+    assert sent(m.receive(b"220 mail.example.org ESMTP\r\n")) == b"EHLO mailgw\r\n"
+    assert sent(m.receive(EHLO_PLAIN)) == b"STARTTLS\r\n"
+    assert m.receive(b"220 go ahead\r\n") == [StartTLS()]
+    assert sent(m.tls_established()) == b"EHLO mailgw\r\n"
+    assert m.receive(EHLO_BEARER) == [UpstreamConnected(BEARER_EXTENSIONS)]
+    return m
+
+
+def test_lazy_upstream_stops_after_tls_and_ehlo_then_authenticates():
+    m = waiting_upstream()
+    expected = b"AUTH XOAUTH2 " + base64.b64encode(b"user=alice\x01auth=Bearer at-1\x01\x01") + b"\r\n"
+    assert sent(m.authenticate(BearerToken("alice", "at-1"))) == expected
+    assert m.receive(b"235 2.7.0 ok\r\n") == [UpstreamReady(BEARER_EXTENSIONS)]
+
+
+def test_lazy_upstream_refusal_is_not_fatal_and_can_be_retried():
+    m = waiting_upstream()
+    m.authenticate(BearerToken("alice", "at-bad"))
+    assert sent(m.receive(b"334 eyJzdGF0dXMiOiI0MDEifQ==\r\n")) == b"\r\n"
+    [refused] = m.receive(b"535 5.7.8 Authentication failed\r\n")
+    assert isinstance(refused, LoginRefused) and "535" in refused.reason and "at-bad" not in refused.reason
+    assert sent(m.authenticate(BearerToken("alice", "at-good"))).startswith(b"AUTH XOAUTH2 ")
+    assert isinstance(m.receive(b"235 ok\r\n")[0], UpstreamReady)
+    with pytest.raises(ProtocolError):
+        m.authenticate(BearerToken("alice", "again"))
+
+
+def test_lazy_upstream_uses_oauthbearer_when_only_that_is_offered_split_bytewise():
+    m = upstream(starttls_enable=False, login_later=True)
+    m.receive(b"220 hi\r\n")
+    actions = []
+    for byte in b"250-x\r\n250 AUTH OAUTHBEARER\r\n":
+        actions += m.receive(bytes([byte]))
+    assert actions == [UpstreamConnected(("AUTH OAUTHBEARER",))]
+    assert sent(m.authenticate(BearerToken("alice", "tok"))).startswith(b"AUTH OAUTHBEARER ")
+
+
+def test_lazy_upstream_without_bearer_mechanism_fails_at_once():
+    m = upstream(starttls_enable=False, login_later=True)
+    m.receive(b"220 hi\r\n")
+    [failed] = m.receive(b"250-x\r\n250 AUTH PLAIN LOGIN\r\n")
+    assert isinstance(failed, UpstreamFailed) and "XOAUTH2 or OAUTHBEARER" in failed.reason
+
+
+def test_lazy_upstream_unexpected_reply_while_waiting_fails():
+    m = waiting_upstream()
+    [failed] = m.receive(b"421 4.4.2 idle timeout\r\n")
+    assert isinstance(failed, UpstreamFailed) and not failed.permanent and "421" in failed.reason
+    with pytest.raises(ProtocolError):
+        m.authenticate(BearerToken("alice", "tok"))
+    m = waiting_upstream()
+    assert isinstance(m.receive(b"250 what\r\n")[0], UpstreamFailed)
+
+
+def test_authenticate_needs_login_later_mode():
+    m = upstream(starttls_enable=False)
+    m.receive(b"220 hi\r\n")
+    m.receive(EHLO_BEARER)
+    with pytest.raises(ProtocolError):
+        m.authenticate(BearerToken("alice", "tok"))
+    # Credentials given at once win over login_later.
+    m = upstream(starttls_enable=False, credentials=Password("a", "b"), login_later=True)
+    m.receive(b"220 hi\r\n")
+    assert sent(m.receive(EHLO_BEARER)).startswith(b"AUTH PLAIN ")
+
+
+def lazy_app(**kw):
+    kw.setdefault("capabilities", ("PIPELINING", "STARTTLS", "AUTH PLAIN XOAUTH2", "SIZE 1000"))
+    return SMTPAppSide(lazy=True, **kw)
+
+
+def xo(user, secret):
+    return base64.b64encode(f"user={user}\x01auth=Bearer {secret}\x01\x01".encode())
+
+
+def test_lazy_ehlo_advertises_bearer_mechanisms_only():
+    m = lazy_app()
+    reply = to_app(m.receive(b"EHLO client\r\n"))
+    assert reply == b"250-mailgw\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250 AUTH XOAUTH2 OAUTHBEARER\r\n"
+
+
+@pytest.mark.parametrize("command", [b"MAIL FROM:<a@b>", b"RCPT TO:<a@b>", b"DATA", b"BDAT 10 LAST", b"VRFY x", b"XYZZY"])
+def test_lazy_commands_before_auth_need_authentication(command):
+    m = lazy_app()
+    assert to_app(m.receive(command + b"\r\n")) == b"530 5.7.0 Authentication required\r\n"
+    assert to_app(m.receive(b"NOOP\r\nRSET\r\n")) == b"250 2.0.0 OK\r\n" * 2
+
+
+def test_lazy_quit_before_auth_is_local():
+    actions = lazy_app().receive(b"QUIT\r\n")
+    assert to_app(actions).startswith(b"221 ") and isinstance(actions[-1], Close)
+
+
+def test_lazy_auth_inline_exchanges_then_releases_pipelined_commands():
+    m = lazy_app()
+    [exchange] = m.receive(b"AUTH XOAUTH2 " + xo("alice", "rt-secret") + b"\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
+    assert exchange == ExchangeSecret("XOAUTH2", "alice", "rt-secret")
+    assert "rt-secret" not in repr(exchange)
+    assert m.receive(b"DATA\r\n") == []  # waits for the outcome
+    actions = m.auth_succeeded(("PIPELINING", "SIZE 2000"))
+    assert to_app(actions) == b"235 2.7.0 Authentication successful\r\n"
+    assert actions[-1] == Release(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+
+
+def test_lazy_auth_after_continuation_split_bytewise_and_oauthbearer():
+    m = lazy_app()
+    actions = []
+    for byte in b"AUTH OAUTHBEARER\r\n":
+        actions += m.receive(bytes([byte]))
+    assert to_app(actions) == b"334 \r\n"
+    response = base64.b64encode(b"n,a=bob,\x01host=x\x01port=25\x01auth=Bearer code-1\x01\x01") + b"\r\n"
+    actions = []
+    for byte in response:
+        actions += m.receive(bytes([byte]))
+    assert actions == [ExchangeSecret("OAUTHBEARER", "bob", "code-1")]
+    assert to_app(m.auth_succeeded(("SIZE 5",))) == b"235 2.7.0 Authentication successful\r\n"
+    assert to_app(m.receive(b"EHLO c\r\n")) == b"250-mailgw\r\n250-SIZE 5\r\n250 AUTH XOAUTH2 OAUTHBEARER\r\n"
+    assert to_app(m.receive(b"AUTH XOAUTH2 abc\r\n")).startswith(b"503")
+    assert m.receive(b"MAIL FROM:<a@b>\r\n") == [Release(b"MAIL FROM:<a@b>\r\n")]
+
+
+def test_lazy_refusals_keep_the_session_for_a_retry():
+    m = lazy_app()
+    m.receive(b"AUTH XOAUTH2 " + xo("alice", "revoked") + b"\r\n")
+    assert to_app(m.auth_refused("token service refused: invalid_grant")) == (
+        b"535 5.7.8 mailgw: token service refused: invalid_grant\r\n"
+    )
+    m.receive(b"AUTH XOAUTH2 " + xo("alice", "x") + b"\r\n")
+    assert to_app(m.auth_refused("token service unreachable", transient=True)).startswith(b"454 4.7.0 mailgw: ")
+    assert to_app(m.receive(b"MAIL FROM:<a@b>\r\n")).startswith(b"530")
+    assert m.receive(b"AUTH XOAUTH2 " + xo("alice", "good") + b"\r\n") == [ExchangeSecret("XOAUTH2", "alice", "good")]
+    assert to_app(m.auth_succeeded(())).startswith(b"235")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"not base64!", base64.b64encode(b"user=alice\x01\x01"), base64.b64encode(b"auth=Bearer x\x01\x01"),
+     base64.b64encode(b"user=alice\x01auth=Basic x\x01\x01"), b"="],
+)
+def test_lazy_malformed_payloads_get_501_without_the_payload(payload):
+    m = lazy_app()
+    reply = to_app(m.receive(b"AUTH XOAUTH2 " + payload + b"\r\n"))
+    assert reply.startswith(b"501 5.5.2 mailgw: malformed") and payload not in reply
+    assert to_app(m.receive(b"NOOP\r\n")) == b"250 2.0.0 OK\r\n"
+
+
+def test_lazy_cancel_and_other_mechanisms():
+    m = lazy_app()
+    m.receive(b"AUTH XOAUTH2\r\n")
+    assert to_app(m.receive(b"*\r\n")).startswith(b"501 5.7.0")
+    for mechanism in (b"PLAIN AGFsaWNlAHB3", b"LOGIN", b"CRAM-MD5"):
+        reply = to_app(m.receive(b"AUTH " + mechanism + b"\r\n"))
+        assert reply.startswith(b"504 5.5.4") and b"XOAUTH2" in reply
+
+
+def test_lazy_flood_while_waiting_closes():
+    m = lazy_app()
+    m.receive(b"AUTH XOAUTH2 " + xo("alice", "rt") + b"\r\n")
+    actions = m.receive(b"x" * 70000)
+    assert to_app(actions).startswith(b"421") and isinstance(actions[-1], Close)
+    assert m.receive(b"more") == []
+
+
+lazy_pieces = st.lists(
+    st.one_of(
+        st.sampled_from([
+            b"EHLO c\r\n", b"AUTH XOAUTH2\r\n", b"AUTH XOAUTH2 " + xo("a", "s") + b"\r\n", xo("a", "s") + b"\r\n",
+            b"AUTH OAUTHBEARER =\r\n", b"*\r\n", b"MAIL FROM:<a@b>\r\n", b"AUTH PLAIN\r\n", b"\r\n",
+        ]),
+        st.binary(max_size=40),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lazy_pieces, st.lists(st.sampled_from(["ok", "refused", "temporary"]), max_size=10))
+def test_lazy_app_side_never_raises_foreign_errors_and_stays_bounded(pieces, outcomes):
+    m = lazy_app(max_line=256)
+    for chunk in pieces:
+        actions = m.receive(chunk)
+        while actions and isinstance(actions[-1], ExchangeSecret):
+            outcome = outcomes.pop(0) if outcomes else "ok"
+            if outcome == "ok":
+                actions = m.auth_succeeded(("SIZE 1",))
+            else:
+                actions = m.auth_refused("no", transient=outcome == "temporary")
+        if any(isinstance(a, (Release, Close)) for a in actions):
+            return
+        for action in actions:
+            assert isinstance(action, SendToApp) and action.data.endswith(b"\r\n")
+        assert len(m._lines) <= 256 + 2
