@@ -16,11 +16,14 @@ import re
 from . import sasl
 from .actions import (
     Close,
+    ExchangeSecret,
+    LoginRefused,
     ProtocolError,
     Release,
     SendToApp,
     SendUpstream,
     StartTLS,
+    UpstreamConnected,
     UpstreamFailed,
     UpstreamReady,
 )
@@ -207,7 +210,11 @@ class IMAPUpstream:
 
     The glue calls :meth:`start`, then :meth:`receive` with every upstream byte and
     :meth:`tls_established` once a handshake it was asked for completes; it carries out
-    the returned actions.  ``credentials=None`` means no login (NoAuthentication).
+    the returned actions.  ``credentials=None`` means no login (NoAuthentication), unless
+    ``login_later`` is set (the lazy OAuth2 types): then the machine stops after TLS and
+    CAPABILITY with :class:`UpstreamConnected`, and :meth:`authenticate` logs in later,
+    as often as needed, each attempt ending in :class:`UpstreamReady` or
+    :class:`LoginRefused`.
     """
 
     def __init__(
@@ -218,8 +225,10 @@ class IMAPUpstream:
         starttls_required: bool = False,
         credentials: Credentials | None = None,
         max_line: int = 8192,
+        login_later: bool = False,
     ):
         self.implicit_tls = implicit_tls
+        self.login_later = login_later and credentials is None
         self.starttls_enable = starttls_enable and not implicit_tls
         self.starttls_required = starttls_required and not implicit_tls
         self.credentials = credentials
@@ -286,6 +295,14 @@ class IMAPUpstream:
                     return self._fail("upstream sent too much unsolicited data", permanent=False)
                 return actions
 
+    def authenticate(self, credentials: Credentials) -> list:
+        """Log in now with ``credentials`` (``login_later`` mode, after
+        :class:`UpstreamConnected` or :class:`LoginRefused`)."""
+        if not self.login_later or self._state != "awaiting-login":
+            raise ProtocolError(f"authenticate() in state {self._state}")
+        self.credentials = credentials
+        return self._login()
+
     def take_pending(self) -> bytes:
         """Upstream bytes that arrived after login, for the application at release."""
         return self._pending.take()
@@ -295,6 +312,12 @@ class IMAPUpstream:
     def _fail(self, reason: str, permanent: bool = True) -> list:
         self._state = "failed"
         return [UpstreamFailed(reason, permanent=permanent)]
+
+    def _refused(self, reason: str) -> list:
+        if not self.login_later:
+            return self._fail(reason)
+        self._state, self.credentials = "awaiting-login", None
+        return [LoginRefused(reason)]
 
     def _next_tag(self) -> bytes:
         self._serial += 1
@@ -322,6 +345,10 @@ class IMAPUpstream:
             return self._on_untagged(response)
         if response.tag == b"+":
             return self._on_continuation(response)
+        if state == "awaiting-login":
+            return self._fail(
+                f"upstream sent an unexpected response while waiting for the application to authenticate: {printable(response.line, 80)}"
+            )
         if response.tag != self._tag:
             return self._fail(f"upstream answered an unknown tag: {printable(response.line, 80)}")
         if response.status not in (b"OK", b"NO", b"BAD"):
@@ -346,7 +373,7 @@ class IMAPUpstream:
             reason = f"upstream refused the credentials: {response}"
             if self._challenge_status:
                 reason += f" (token status {self._challenge_status})"
-            return self._fail(reason)
+            return self._refused(reason)
         if state == "capability-after-login":
             caps = self._caps_from(response) if ok else None
             return self._ready(caps if caps is not None else self.capabilities)
@@ -408,10 +435,12 @@ class IMAPUpstream:
 
     def _login(self) -> list:
         creds = self.credentials
+        if creds is None and self.login_later and not self._preauth:
+            return self._await_login()
         if creds is None or self._preauth:
             return self._ready(self.capabilities)
         mechanisms = self._auth_mechanisms()
-        self._steps, self._error_reply = [], None
+        self._steps, self._error_reply, self._challenge_status = [], None, None
         if isinstance(creds, Password):
             if "PLAIN" in mechanisms:
                 try:
@@ -457,6 +486,13 @@ class IMAPUpstream:
         self._steps = [response + CRLF]
         return self._command("authenticate", b"AUTHENTICATE " + mechanism)
 
+    def _await_login(self) -> list:
+        mechanisms = self._auth_mechanisms()
+        if not {"XOAUTH2", "OAUTHBEARER"} & set(mechanisms):
+            return self._fail(self._no_mechanism("XOAUTH2 or OAUTHBEARER", mechanisms))
+        self._state = "awaiting-login"
+        return [UpstreamConnected(self.capabilities)]
+
     def _no_mechanism(self, wanted: str, offered: list[str]) -> str:
         if not offered:
             return f"upstream offers no {wanted} authentication (no AUTH= capability)"
@@ -484,32 +520,64 @@ def _hidden(capability: str) -> bool:
     return upper in ("STARTTLS", "LOGINDISABLED", "SASL-IR", "IMAP4REV1") or upper.startswith("AUTH=")
 
 
+#: What the application may present when the destination exchanges its secret.
+BEARER_MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
+
+#: Pipelined application bytes kept while the gateway exchanges a secret.
+_MAX_WAITING = 65536
+
+_NO_TOKEN = b"carries no token: this destination needs AUTHENTICATE XOAUTH2 or OAUTHBEARER with the refresh token or authorization code"
+
+
 class IMAPAppSide:
     """The application-facing IMAP dialogue before release.
 
-    CAPABILITY, LOGIN (atom, quoted and literal forms), AUTHENTICATE (any mechanism,
-    inline or with continuations), NOOP, ID (before login) and LOGOUT are answered
-    locally with the client's own tag; offered credentials are discarded.  Every other
-    command releases the session with its line and any pipelined bytes as the leftover.
+    Eager mode: CAPABILITY, LOGIN (atom, quoted and literal forms), AUTHENTICATE (any
+    mechanism, inline or with continuations), NOOP, ID (before login) and LOGOUT are
+    answered locally with the client's own tag; offered credentials are discarded.
+    Every other command releases the session with its line and any pipelined bytes as
+    the leftover.
+
+    ``lazy`` mode (OAuth2RefreshToken, OAuth2AuthorizationCode): the capabilities
+    advertise ``AUTH=XOAUTH2 AUTH=OAUTHBEARER SASL-IR`` (and ``LOGINDISABLED``);
+    ``AUTHENTICATE XOAUTH2``/``OAUTHBEARER`` (inline or after a ``+``) is decoded into an
+    :class:`ExchangeSecret` action and the machine waits for :meth:`auth_succeeded` or
+    :meth:`auth_refused`.  LOGIN and other mechanisms are refused (they carry no token);
+    other commands before authentication get ``BAD``.  After it, CAPABILITY, NOOP and
+    LOGOUT stay local and every other command releases.
     """
 
-    def __init__(self, *, capabilities: tuple[str, ...] = (), hostname: str = "mailgw", max_line: int = 16384):
+    def __init__(
+        self, *, capabilities: tuple[str, ...] = (), hostname: str = "mailgw", max_line: int = 16384, lazy: bool = False
+    ):
         self.hostname = hostname
+        self.lazy = lazy
+        self.capabilities = self._visible(capabilities, extra=(
+            ("SASL-IR", "LOGINDISABLED") + tuple("AUTH=" + m for m in BEARER_MECHANISMS) if lazy else ("AUTH=PLAIN",)
+        ))
+        self.max_line = max_line
+        self._lines = LineReader(max_line)
+        # command, literal, auth (eager prompts), bearer (lazy response line), waiting
+        # (exchange in progress), released, closed
+        self._state = "command"
+        self._tag = b""  # of the local command in progress (LOGIN with literals, AUTHENTICATE)
+        self._command_size = 0
+        self._literal_left = 0
+        self._final = b""  # the answer to a command being read to its end
+        self._finishes_login = False  # that command is a LOGIN answered OK
+        self._refusing = False  # that command is refused
+        self._auth_prompts: list[bytes] = []
+        self._bearer_mechanism = ""
+        self._authenticated = False
+
+    @staticmethod
+    def _visible(capabilities: tuple[str, ...], extra: tuple[str, ...]) -> tuple[str, ...]:
         # LITERAL+/LITERAL- stay when the upstream has them: this side accepts {n+} too.
         caps = ["IMAP4rev1"]
         for cap in capabilities:
             if not _hidden(cap) and cap.upper() not in (c.upper() for c in caps):
                 caps.append(cap)
-        caps.append("AUTH=PLAIN")
-        self.capabilities = tuple(caps)
-        self.max_line = max_line
-        self._lines = LineReader(max_line)
-        self._state = "command"  # command, literal, auth, released, closed
-        self._tag = b""  # of the local command in progress (LOGIN with literals, AUTHENTICATE)
-        self._command_size = 0
-        self._literal_left = 0
-        self._auth_prompts: list[bytes] = []
-        self._authenticated = False
+        return tuple(caps) + extra
 
     def greeting(self) -> bytes:
         return b"* OK [CAPABILITY " + self._caps() + b"] mailgw ready" + CRLF
@@ -533,13 +601,39 @@ class IMAPAppSide:
         if self._state == "closed":
             return []
         self._lines.feed(data)
+        if self._state == "waiting":
+            if len(self._lines) > _MAX_WAITING:
+                return self._close("sent too much data during authentication")
+            return []
+        return self._process()
+
+    # -- lazy authentication results -----------------------------------------------
+
+    def auth_succeeded(self, capabilities: tuple[str, ...]) -> list:
+        """The upstream accepted the exchanged token; ``capabilities`` are its
+        capabilities after login."""
+        self._state, self._authenticated = "command", True
+        self.capabilities = self._visible(capabilities, extra=())
+        reply = self._tag + b" OK [CAPABILITY " + self._caps() + b"] AUTHENTICATE completed" + CRLF
+        return [SendToApp(reply)] + self._process()
+
+    def auth_refused(self, reason: str, transient: bool = False) -> list:
+        """The exchange or the upstream login failed; the application may try again."""
+        self._state = "command"
+        code = b"[UNAVAILABLE]" if transient else b"[AUTHENTICATIONFAILED]"
+        text = printable(reason.encode("utf-8", "replace"), 400).encode("ascii")
+        return [SendToApp(self._tag + b" NO " + code + b" mailgw: " + text + CRLF)] + self._process()
+
+    # -- commands --------------------------------------------------------------------
+
+    def _process(self) -> list:
         actions: list = []
-        while self._state not in ("released", "closed"):
+        while self._state not in ("released", "closed", "waiting"):
             if self._literal_left:
                 count = min(self._literal_left, len(self._lines))
                 if not count:
                     break
-                self._lines.read_exactly(count)  # a LOGIN credential: discarded
+                self._lines.read_exactly(count)  # a LOGIN credential or refused data: discarded
                 self._literal_left -= count
                 continue
             try:
@@ -550,8 +644,10 @@ class IMAPAppSide:
                 break
             if self._state == "auth":
                 actions += self._auth_continue(line)
+            elif self._state == "bearer":
+                actions += self._bearer_response(line)
             elif self._state == "literal":
-                actions += self._login_continue(line)
+                actions += self._command_continue(line)
             else:
                 actions += self._command(line)
         return actions
@@ -575,31 +671,58 @@ class IMAPAppSide:
                 SendToApp(b"* BYE mailgw logging out" + CRLF + tag + b" OK LOGOUT completed" + CRLF),
                 Close("application logged out"),
             ]
+        if verb == b"STARTTLS":
+            return [SendToApp(tag + b" BAD mailgw: STARTTLS is not offered on this listener" + CRLF)]
+        if self.lazy:
+            if self._authenticated:
+                return self._release(line)
+            return self._lazy_command(tag, verb, arg, line)
         if verb == b"LOGIN":
             if not arg:
                 return [SendToApp(tag + b" BAD LOGIN needs a user and a password" + CRLF)]
-            self._tag, self._command_size = tag, 0
-            return self._login_continue(line)
+            return self._command_start(tag, line, tag + b" OK LOGIN completed" + CRLF, authenticates=True)
         if verb == b"AUTHENTICATE":
             return self._auth_start(tag, arg)
         if verb == b"ID" and not self._authenticated:
             # Some clients send ID before logging in; upstream, that would come too late.
             return [SendToApp(b"* ID NIL" + CRLF + tag + b" OK ID completed" + CRLF)]
-        if verb == b"STARTTLS":
-            return [SendToApp(tag + b" BAD mailgw: STARTTLS is not offered on this listener" + CRLF)]
+        return self._release(line)
+
+    def _release(self, line: bytes) -> list:
         self._state = "released"
         return [Release(line + CRLF + self._lines.take_rest())]
 
-    def _login_continue(self, line: bytes) -> list:
-        """One line of a LOGIN command: the first, or one after a literal."""
+    def _lazy_command(self, tag: bytes, verb: bytes, arg: bytes, line: bytes) -> list:
+        """A command before the application authenticated (lazy mode)."""
+        if verb == b"AUTHENTICATE":
+            return self._bearer_start(tag, arg)
+        if verb == b"ID":
+            return [SendToApp(b"* ID NIL" + CRLF + tag + b" OK ID completed" + CRLF)]
+        if verb == b"LOGIN":
+            reply = tag + b" NO [CANNOT] mailgw: LOGIN " + _NO_TOKEN + CRLF
+        else:
+            reply = tag + b" BAD mailgw: authentication required: AUTHENTICATE XOAUTH2 or OAUTHBEARER first" + CRLF
+        return self._command_start(tag, line, reply, refused=True)
+
+    def _command_start(self, tag: bytes, line: bytes, reply: bytes, *, authenticates: bool = False, refused: bool = False) -> list:
+        """Read a command answered locally to its end (its literals are discarded), then
+        answer ``reply``.  A refused command is answered at its first synchronizing
+        literal instead, so the client does not send it (RFC 3501 section 7.5)."""
+        self._tag, self._command_size, self._final = tag, 0, reply
+        self._finishes_login, self._refusing = authenticates, refused
+        return self._command_continue(line)
+
+    def _command_continue(self, line: bytes) -> list:
+        """One line of a locally answered command: the first, or one after a literal."""
         self._command_size += len(line) + 2
         if self._command_size > self.max_line:
             return self._close(f"command too long (limit {self.max_line} bytes)")
         match = _LITERAL.search(line)
-        if match is None:
+        if match is None or (self._refusing and not match.group(2)):
             self._state = "command"
-            self._authenticated = True
-            return [SendToApp(self._tag + b" OK LOGIN completed" + CRLF)]
+            if self._finishes_login:
+                self._authenticated = True
+            return [SendToApp(self._final)]
         size = _literal_size(match)
         if size is None or self._command_size + size > self.max_line:
             return self._close(f"literal too large (limit {self.max_line} bytes)")
@@ -638,3 +761,28 @@ class IMAPAppSide:
         self._state = "command"
         self._authenticated = True
         return [SendToApp(self._tag + b" OK AUTHENTICATE completed" + CRLF)]
+
+    def _bearer_start(self, tag: bytes, arg: bytes) -> list:
+        mechanism, _, initial = arg.partition(b" ")
+        if not mechanism:
+            return [SendToApp(tag + b" BAD AUTHENTICATE needs a mechanism" + CRLF)]
+        name = mechanism.upper().decode("ascii", "replace")
+        if name not in BEARER_MECHANISMS:
+            return [SendToApp(tag + b" NO [CANNOT] mailgw: this mechanism " + _NO_TOKEN + CRLF)]
+        self._tag, self._bearer_mechanism = tag, name
+        if initial.strip():
+            return self._bearer_response(initial)
+        self._state = "bearer"
+        return [SendToApp(b"+ " + CRLF)]
+
+    def _bearer_response(self, response: bytes) -> list:
+        self._state = "command"
+        if response.strip() == b"*":
+            return [SendToApp(self._tag + b" BAD AUTHENTICATE cancelled" + CRLF)]
+        try:
+            presented = sasl.decode_initial_response(self._bearer_mechanism, response)
+        except sasl.SASLError as e:
+            text = f" BAD mailgw: malformed authentication response: {e}".encode("ascii", "replace")
+            return [SendToApp(self._tag + text + CRLF)]
+        self._state = "waiting"
+        return [ExchangeSecret(self._bearer_mechanism, presented.user, presented.secret)]

@@ -9,11 +9,14 @@ from hypothesis import strategies as st
 
 from mailgw.protocol.actions import (
     Close,
+    ExchangeSecret,
+    LoginRefused,
     ProtocolError,
     Release,
     SendToApp,
     SendUpstream,
     StartTLS,
+    UpstreamConnected,
     UpstreamFailed,
     UpstreamReady,
 )
@@ -751,3 +754,231 @@ def test_app_side_arbitrary_bytes(data):
         if any(isinstance(a, (Release, Close)) for a in actions):
             return
         assert len(m._lines) <= MAX + 2
+
+
+
+# -- lazy OAuth2 types: the upstream waits for the application's token -----------------
+
+CAPS_BEARER = b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID IDLE LITERAL+ AUTH=PLAIN AUTH=XOAUTH2 AUTH=OAUTHBEARER"
+
+
+def waiting_upstream():
+    m = upstream(login_later=True)
+    assert sent(m.receive(b"* OK [CAPABILITY " + CAPS_PLAIN + b"] ready\r\n")) == b"g1 STARTTLS\r\n"
+    assert m.receive(b"g1 OK go\r\n") == [StartTLS()]
+    assert sent(m.tls_established()) == b"g2 CAPABILITY\r\n"
+    actions = m.receive(b"* CAPABILITY " + CAPS_BEARER + b"\r\ng2 OK done\r\n")
+    assert actions == [UpstreamConnected(tuple(CAPS_BEARER.decode().split()))]
+    return m
+
+
+def test_lazy_upstream_stops_after_starttls_then_authenticates_with_sasl_ir():
+    m = waiting_upstream()
+    ir = base64.b64encode(b"user=alice\x01auth=Bearer at-1\x01\x01")
+    assert sent(m.authenticate(BearerToken("alice", "at-1"))) == b"g3 AUTHENTICATE XOAUTH2 " + ir + b"\r\n"
+    assert m.receive(b"g3 OK [CAPABILITY " + POST_LOGIN + b"] Logged in\r\n") == [UpstreamReady(POST_LOGIN_CAPS)]
+
+
+def test_lazy_upstream_refusal_after_the_dance_is_not_fatal_and_can_be_retried():
+    m = waiting_upstream()
+    m.authenticate(BearerToken("alice", "at-bad"))
+    assert sent(m.receive(b"+ " + ERROR_CHALLENGE + b"\r\n")) == b"\r\n"
+    [refused] = m.receive(b"g3 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+    assert isinstance(refused, LoginRefused) and "status 401" in refused.reason and "at-bad" not in refused.reason
+    # The next attempt does not inherit the first one's token status.
+    assert sent(m.authenticate(BearerToken("alice", "at-2"))).startswith(b"g4 AUTHENTICATE XOAUTH2 ")
+    [refused] = m.receive(b"g4 NO nope\r\n")
+    assert "status" not in refused.reason
+    m.authenticate(BearerToken("alice", "at-3"))
+    actions = feed_bytewise(m, b"g5 OK Logged in\r\n")
+    assert sent(actions) == b"g6 CAPABILITY\r\n"
+    assert m.receive(b"* CAPABILITY " + POST_LOGIN + b"\r\ng6 OK done\r\n") == [UpstreamReady(POST_LOGIN_CAPS)]
+    with pytest.raises(ProtocolError):
+        m.authenticate(BearerToken("alice", "again"))
+
+
+def test_lazy_upstream_without_bearer_mechanism_fails_at_once():
+    m = upstream(implicit_tls=True, login_later=True)
+    f = failure(m.receive(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n"))
+    assert "no XOAUTH2 or OAUTHBEARER" in f.reason
+
+
+def test_lazy_upstream_bye_or_stray_response_while_waiting_fails():
+    m = waiting_upstream()
+    f = failure(m.receive(b"* BYE Disconnected for inactivity.\r\n"))
+    assert not f.permanent
+    m = waiting_upstream()
+    assert m.receive(b"* OK still here\r\n") == []
+    failure(m.receive(b"g2 OK again\r\n"))
+
+
+def test_lazy_upstream_with_preauth_is_ready_at_once():
+    m = upstream(implicit_tls=True, login_later=True)
+    assert m.receive(b"* PREAUTH [CAPABILITY IMAP4rev1 IDLE] hi\r\n") == [UpstreamReady(("IMAP4rev1", "IDLE"))]
+
+
+def lazy_app(**kw):
+    kw.setdefault("capabilities", tuple(CAPS_PLAIN.decode().split()))
+    return IMAPAppSide(lazy=True, **kw)
+
+
+def xo(user, secret):
+    return base64.b64encode(f"user={user}\x01auth=Bearer {secret}\x01\x01".encode())
+
+
+LAZY_CAPS = b"IMAP4rev1 LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ SASL-IR LOGINDISABLED AUTH=XOAUTH2 AUTH=OAUTHBEARER"
+
+
+def test_lazy_greeting_and_capability_advertise_bearer_mechanisms():
+    m = lazy_app()
+    assert m.greeting() == b"* OK [CAPABILITY " + LAZY_CAPS + b"] mailgw ready\r\n"
+    assert to_app(m.receive(b"a CAPABILITY\r\n")) == b"* CAPABILITY " + LAZY_CAPS + b"\r\na OK CAPABILITY completed\r\n"
+
+
+def test_lazy_authenticate_inline_then_release():
+    m = lazy_app()
+    [exchange] = m.receive(b"a1 AUTHENTICATE XOAUTH2 " + xo("alice", "rt-1") + b"\r\na2 SELECT INBOX\r\n")
+    assert exchange == ExchangeSecret("XOAUTH2", "alice", "rt-1") and "rt-1" not in repr(exchange)
+    assert m.receive(b"a3 FETCH 1 BODY[]\r\n") == []
+    actions = m.auth_succeeded(POST_LOGIN_CAPS)
+    assert to_app(actions).startswith(b"a1 OK [CAPABILITY IMAP4rev1 LOGIN-REFERRALS ID ENABLE IDLE SORT ")
+    assert b"AUTH=" not in to_app(actions) and b"SASL-IR" not in to_app(actions)
+    assert actions[-1] == Release(b"a2 SELECT INBOX\r\na3 FETCH 1 BODY[]\r\n")
+
+
+def test_lazy_authenticate_with_continuation_split_bytewise():
+    m = lazy_app()
+    assert to_app(feed_bytewise(m, b"a1 AUTHENTICATE OAUTHBEARER\r\n")) == b"+ \r\n"
+    response = base64.b64encode(b"n,a=bob,\x01auth=Bearer code-9\x01\x01") + b"\r\n"
+    assert feed_bytewise(m, response) == [ExchangeSecret("OAUTHBEARER", "bob", "code-9")]
+    assert to_app(m.auth_succeeded(POST_LOGIN_CAPS)).startswith(b"a1 OK ")
+    reply = to_app(m.receive(b"a2 CAPABILITY\r\n"))
+    assert b"AUTH=" not in reply and b"MOVE" in reply
+    assert to_app(m.receive(b"a3 NOOP\r\n")) == b"a3 OK NOOP completed\r\n"
+    # After the login, LOGIN / AUTHENTICATE go to the upstream, which answers them.
+    assert m.receive(b"a4 AUTHENTICATE XOAUTH2\r\n") == [Release(b"a4 AUTHENTICATE XOAUTH2\r\n")]
+
+
+def test_lazy_refusals_keep_the_session_for_a_retry():
+    m = lazy_app()
+    m.receive(b"a1 AUTHENTICATE XOAUTH2 " + xo("alice", "revoked") + b"\r\n")
+    assert to_app(m.auth_refused("token service: invalid_grant")) == (
+        b"a1 NO [AUTHENTICATIONFAILED] mailgw: token service: invalid_grant\r\n"
+    )
+    m.receive(b"a2 AUTHENTICATE XOAUTH2 " + xo("alice", "x") + b"\r\n")
+    assert to_app(m.auth_refused("unreachable", transient=True)) == b"a2 NO [UNAVAILABLE] mailgw: unreachable\r\n"
+    assert m.receive(b"a3 authenticate xoauth2 " + xo("alice", "good") + b"\r\n") == [
+        ExchangeSecret("XOAUTH2", "alice", "good")
+    ]
+    assert to_app(m.auth_succeeded(())).startswith(b"a3 OK ")
+
+
+@pytest.mark.parametrize("command", [b"SELECT INBOX", b'LIST "" "*"', b"FETCH 1 BODY[]", b"ENABLE IDLE", b"XYZZY"])
+def test_lazy_commands_before_authentication_are_refused(command):
+    m = lazy_app()
+    reply = to_app(m.receive(b"a1 " + command + b"\r\n"))
+    assert reply.startswith(b"a1 BAD mailgw: authentication required")
+    assert to_app(m.receive(b"a2 NOOP\r\na3 ID NIL\r\n")) == b"a2 OK NOOP completed\r\n* ID NIL\r\na3 OK ID completed\r\n"
+
+
+def test_lazy_refused_command_with_literals():
+    m = lazy_app()
+    # A synchronizing literal is refused before the client sends it.
+    assert to_app(m.receive(b"a1 APPEND INBOX {10}\r\n")).startswith(b"a1 BAD ")
+    # A non-synchronizing one is read and discarded with the rest of the command.
+    assert m.receive(b"a2 APPEND INBOX {10+}\r\n0123456789") == []
+    assert to_app(m.receive(b"\r\na3 NOOP\r\n")) == (
+        b"a2 BAD mailgw: authentication required: AUTHENTICATE XOAUTH2 or OAUTHBEARER first\r\na3 OK NOOP completed\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "command", [b"a1 LOGIN alice secret\r\n", b"a1 LOGIN {5}\r\n", b"a1 LOGIN alice {6+}\r\nsecret\r\n"]
+)
+def test_lazy_login_is_refused_clearly(command):
+    m = lazy_app()
+    reply = to_app(m.receive(command))
+    assert reply.startswith(b"a1 NO [CANNOT] mailgw: LOGIN carries no token") and b"XOAUTH2" in reply
+    assert to_app(m.receive(b"a2 NOOP\r\n")) == b"a2 OK NOOP completed\r\n"
+
+
+@pytest.mark.parametrize("command", [b"a1 AUTHENTICATE PLAIN AGFAYg==\r\n", b"a1 AUTHENTICATE LOGIN\r\n"])
+def test_lazy_other_mechanisms_are_refused(command):
+    reply = to_app(lazy_app().receive(command))
+    assert reply.startswith(b"a1 NO [CANNOT]") and b"XOAUTH2" in reply
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"not base64!", base64.b64encode(b"user=alice\x01\x01"), base64.b64encode(b"n,,\x01auth=Bearer\x01\x01"),
+     base64.b64encode(b"p=tls-unique,,\x01auth=Bearer x\x01\x01"), b"="],
+)
+def test_lazy_malformed_payloads_get_bad_without_the_payload(payload):
+    m = lazy_app()
+    reply = to_app(m.receive(b"a1 AUTHENTICATE OAUTHBEARER " + payload + b"\r\n"))
+    assert reply.startswith(b"a1 BAD mailgw: malformed authentication response") and payload not in reply
+    assert to_app(m.receive(b"a2 AUTHENTICATE XOAUTH2\r\n")) == b"+ \r\n"
+    assert to_app(m.receive(b"*\r\n")) == b"a2 BAD AUTHENTICATE cancelled\r\n"
+
+
+def test_lazy_flood_while_waiting_closes():
+    m = lazy_app()
+    m.receive(b"a1 AUTHENTICATE XOAUTH2 " + xo("alice", "rt") + b"\r\n")
+    actions = m.receive(b"x" * 70000)
+    assert to_app(actions).startswith(b"* BYE") and isinstance(actions[-1], Close)
+
+
+lazy_pieces = st.lists(
+    st.one_of(
+        st.sampled_from([
+            b"a AUTHENTICATE XOAUTH2\r\n", b"a AUTHENTICATE XOAUTH2 " + xo("a", "s") + b"\r\n", xo("a", "s") + b"\r\n",
+            b"a AUTHENTICATE OAUTHBEARER =\r\n", b"*\r\n", b"a LOGIN {5}\r\n", b"a LOGIN u {3+}\r\n", b"{2+}\r\n",
+            b"a SELECT INBOX\r\n", b"a CAPABILITY\r\n", b"\r\n",
+        ]),
+        st.binary(max_size=40),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lazy_pieces, st.lists(st.integers(min_value=0), max_size=20), st.lists(st.sampled_from(["ok", "no", "tmp"]), max_size=10))
+def test_lazy_app_side_never_raises_foreign_errors_and_stays_bounded(pieces, cuts, outcomes):
+    m = lazy_app(max_line=MAX)
+    data = b"".join(pieces)
+    for chunk in rechunk(data, cuts):
+        actions = m.receive(chunk)
+        while actions and isinstance(actions[-1], ExchangeSecret):
+            outcome = outcomes.pop(0) if outcomes else "ok"
+            if outcome == "ok":
+                actions = m.auth_succeeded(POST_LOGIN_CAPS)
+            else:
+                actions = m.auth_refused("no", transient=outcome == "tmp")
+        if any(isinstance(a, (Release, Close)) for a in actions):
+            return
+        for action in actions:
+            assert isinstance(action, SendToApp) and action.data.endswith(b"\r\n")
+        assert len(m._lines) <= MAX + 2
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from([b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=XOAUTH2] hi\r\n", b"* OK hi\r\n"]),
+    st.lists(st.sampled_from(REACTIVE + [b"* CAPABILITY IMAP4rev1 AUTH=OAUTHBEARER\r\n"]), max_size=12),
+    st.booleans(),
+)
+def test_lazy_upstream_dialogues_stay_consistent(greeting, replies, tls):
+    m = IMAPUpstream(implicit_tls=tls, login_later=True, max_line=MAX)
+    actions = m.start() + (m.tls_established() if tls else [])
+    actions = m.receive(greeting)
+    for reply in replies:
+        if any(isinstance(a, (UpstreamFailed, UpstreamReady)) for a in actions):
+            return
+        if any(isinstance(a, StartTLS) for a in actions):
+            actions = m.tls_established()
+        elif actions and isinstance(actions[-1], (UpstreamConnected, LoginRefused)):
+            actions = m.authenticate(BearerToken("a", "tok"))
+        else:
+            actions = m.receive(reply.replace(b"TAG", m._tag))
+        assert all(isinstance(a, (SendUpstream, StartTLS, UpstreamConnected, LoginRefused, UpstreamReady, UpstreamFailed))
+                   for a in actions)
