@@ -12,11 +12,14 @@ from __future__ import annotations
 from . import sasl
 from .actions import (
     Close,
+    ExchangeSecret,
+    LoginRefused,
     ProtocolError,
     Release,
     SendToApp,
     SendUpstream,
     StartTLS,
+    UpstreamConnected,
     UpstreamFailed,
     UpstreamReady,
 )
@@ -61,7 +64,10 @@ class POP3Upstream:
 
     Same contract as the SMTP and IMAP upstream machines: :meth:`start`,
     :meth:`receive`, :meth:`tls_established`, :meth:`take_pending`.
-    ``credentials=None`` means no login (NoAuthentication).
+    ``credentials=None`` means no login (NoAuthentication), unless ``login_later`` is
+    set (the lazy OAuth2 types): then the machine stops after TLS and CAPA with
+    :class:`UpstreamConnected`, and :meth:`authenticate` logs in later, as often as
+    needed, each attempt ending in :class:`UpstreamReady` or :class:`LoginRefused`.
     """
 
     def __init__(
@@ -72,8 +78,10 @@ class POP3Upstream:
         starttls_required: bool = False,
         credentials: Credentials | None = None,
         max_line: int = 8192,
+        login_later: bool = False,
     ):
         self.implicit_tls = implicit_tls
+        self.login_later = login_later and credentials is None
         self.starttls_enable = starttls_enable and not implicit_tls
         self.starttls_required = starttls_required and not implicit_tls
         self.credentials = credentials
@@ -136,6 +144,14 @@ class POP3Upstream:
                     return self._fail("upstream sent too much unsolicited data", permanent=False)
                 return actions
 
+    def authenticate(self, credentials: Credentials) -> list:
+        """Log in now with ``credentials`` (``login_later`` mode, after
+        :class:`UpstreamConnected` or :class:`LoginRefused`)."""
+        if not self.login_later or self._state != "awaiting-login":
+            raise ProtocolError(f"authenticate() in state {self._state}")
+        self.credentials = credentials
+        return self._login()
+
     def take_pending(self) -> bytes:
         """Upstream bytes that arrived after login, for the application at release."""
         return self._pending.take()
@@ -145,6 +161,12 @@ class POP3Upstream:
     def _fail(self, reason: str, permanent: bool = True) -> list:
         self._state = "failed"
         return [UpstreamFailed(reason, permanent=permanent)]
+
+    def _refused(self, reason: str) -> list:
+        if not self.login_later:
+            return self._fail(reason)
+        self._state, self.credentials = "awaiting-login", None
+        return [LoginRefused(reason)]
 
     def _send(self, state: str, command: bytes) -> list:
         self._state = state
@@ -188,7 +210,7 @@ class POP3Upstream:
             if _is_continuation(line):
                 return self._on_continuation(line)
             if _is_err(line):
-                return self._fail(f"upstream refused the credentials: {printable(line)}")
+                return self._refused(f"upstream refused the credentials: {printable(line)}")
             return self._malformed(line)
         if state in ("user", "pass"):
             if _is_ok(line):
@@ -199,6 +221,11 @@ class POP3Upstream:
                 what = "user name" if state == "user" else "credentials"
                 return self._fail(f"upstream refused the {what}: {printable(line)}")
             return self._malformed(line)
+        if state == "awaiting-login":
+            return self._fail(
+                f"upstream sent an unexpected response while waiting for the application to authenticate: {printable(line)}",
+                permanent=False,
+            )
         raise ProtocolError(f"unexpected upstream response in state {state}")  # pragma: no cover
 
     def _on_capa_line(self, line: bytes) -> list:
@@ -226,9 +253,14 @@ class POP3Upstream:
 
     def _login(self) -> list:
         creds = self.credentials
+        mechanisms = sasl_mechanisms(self.capabilities)
+        if creds is None and self.login_later:
+            if not mechanisms & {"XOAUTH2", "OAUTHBEARER"}:
+                return self._fail(self._no_bearer_mechanism(mechanisms))
+            self._state = "awaiting-login"
+            return [UpstreamConnected(self.capabilities)]
         if creds is None:
             return self._ready(self.capabilities)
-        mechanisms = sasl_mechanisms(self.capabilities)
         self._steps, self._error_reply = [], None
         if isinstance(creds, Password):
             if "PLAIN" in mechanisms:
@@ -255,12 +287,14 @@ class POP3Upstream:
                         return self._fail(f"the access token cannot be sent with {mechanism}")
                     self._error_reply = sasl.error_challenge_reply(mechanism)
                     return self._send("auth", b"AUTH " + mechanism.encode("ascii") + b" " + response)
-            if not mechanisms:
-                return self._fail("upstream offers no XOAUTH2 or OAUTHBEARER authentication (no SASL capability)")
-            return self._fail(
-                f"upstream offers no XOAUTH2 or OAUTHBEARER authentication (offers {' '.join(sorted(mechanisms))})"
-            )
+            return self._fail(self._no_bearer_mechanism(mechanisms))
         raise TypeError(f"unknown credentials type {type(creds).__name__}")  # pragma: no cover
+
+    @staticmethod
+    def _no_bearer_mechanism(mechanisms: set[str]) -> str:
+        if not mechanisms:
+            return "upstream offers no XOAUTH2 or OAUTHBEARER authentication (no SASL capability)"
+        return f"upstream offers no XOAUTH2 or OAUTHBEARER authentication (offers {' '.join(sorted(mechanisms))})"
 
     def _on_continuation(self, line: bytes) -> list:
         if self._steps:
@@ -289,24 +323,49 @@ _HIDDEN = ("STLS", "SASL", "USER")
 
 _AUTH_PROMPTS = {b"LOGIN": [sasl.LOGIN_USER_CHALLENGE, sasl.LOGIN_PASSWORD_CHALLENGE]}
 
+#: What the application may present when the destination exchanges its secret.
+BEARER_MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
+
+#: Pipelined application bytes kept while the gateway exchanges a secret.
+_MAX_WAITING = 65536
+
+_NO_TOKEN = b"carries no token: this destination needs AUTH XOAUTH2 or OAUTHBEARER with the refresh token or authorization code"
+
 
 class POP3AppSide:
     """The application-facing POP3 dialogue before release.
 
-    CAPA, USER, PASS, APOP, AUTH and QUIT are answered locally (the offered credentials
-    are discarded); every other command releases the session with its line and any
-    pipelined bytes as the leftover, so the upstream sees them in order.
+    Eager mode: CAPA, USER, PASS, APOP, AUTH and QUIT are answered locally (the offered
+    credentials are discarded); every other command releases the session with its line
+    and any pipelined bytes as the leftover, so the upstream sees them in order.
+
+    ``lazy`` mode (OAuth2RefreshToken, OAuth2AuthorizationCode): CAPA advertises
+    ``SASL XOAUTH2 OAUTHBEARER``; ``AUTH XOAUTH2``/``OAUTHBEARER`` (inline or after a
+    ``+``) is decoded into an :class:`ExchangeSecret` action and the machine waits for
+    :meth:`auth_succeeded` or :meth:`auth_refused`.  USER/PASS/APOP and other mechanisms
+    are refused (they carry no token); other commands before authentication get
+    ``-ERR [AUTH] Authentication required``.  After it, CAPA and QUIT stay local and
+    every other command releases.
     """
 
-    def __init__(self, *, capabilities: tuple[str, ...] = (), hostname: str = "mailgw", max_line: int = 16384):
+    def __init__(
+        self, *, capabilities: tuple[str, ...] = (), hostname: str = "mailgw", max_line: int = 16384, lazy: bool = False
+    ):
         self.hostname = hostname
-        self.capabilities = tuple(
-            line for line in capabilities if line.split(" ", 1)[0].upper() not in _HIDDEN
-        ) + ("USER", "SASL PLAIN")
+        self.lazy = lazy
+        self.capabilities = self._visible(
+            capabilities, ("SASL " + " ".join(BEARER_MECHANISMS),) if lazy else ("USER", "SASL PLAIN")
+        )
         self.max_line = max_line
         self._lines = LineReader(max_line)
         self._auth_prompts: list[bytes] | None = None  # not None while an AUTH is in progress
-        self._state = "command"  # command, released, closed
+        self._bearer_mechanism: str | None = None  # lazy AUTH waiting for its response line
+        self._authenticated = False
+        self._state = "command"  # command, waiting (exchange in progress), released, closed
+
+    @staticmethod
+    def _visible(capabilities: tuple[str, ...], extra: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(line for line in capabilities if line.split(" ", 1)[0].upper() not in _HIDDEN) + extra
 
     def greeting(self) -> bytes:
         return b"+OK mailgw ready" + CRLF
@@ -327,8 +386,37 @@ class POP3AppSide:
         if self._state == "closed":
             return []
         self._lines.feed(data)
+        if self._state == "waiting":
+            if len(self._lines) > _MAX_WAITING:
+                self._state = "closed"
+                return [
+                    SendToApp(b"-ERR mailgw: too much data sent during authentication" + CRLF),
+                    Close("application sent too much data during authentication"),
+                ]
+            return []
+        return self._process()
+
+    # -- lazy authentication results -----------------------------------------------
+
+    def auth_succeeded(self, capabilities: tuple[str, ...]) -> list:
+        """The upstream accepted the exchanged token; ``capabilities`` are its CAPA
+        lines after login."""
+        self._state, self._authenticated = "command", True
+        self.capabilities = self._visible(capabilities, ())
+        return [SendToApp(b"+OK Logged in." + CRLF)] + self._process()
+
+    def auth_refused(self, reason: str, transient: bool = False) -> list:
+        """The exchange or the upstream login failed; the application may try again."""
+        self._state = "command"
+        code = b"[SYS/TEMP]" if transient else b"[AUTH]"
+        text = printable(reason.encode("utf-8", "replace"), 400).encode("ascii")
+        return [SendToApp(b"-ERR " + code + b" mailgw: " + text + CRLF)] + self._process()
+
+    # -- commands --------------------------------------------------------------------
+
+    def _process(self) -> list:
         actions: list = []
-        while True:
+        while self._state == "command":
             try:
                 line = self._lines.read_line()
             except LineTooLong:
@@ -338,13 +426,14 @@ class POP3AppSide:
                     Close("application command line too long"),
                 ]
             if line is None:
-                return actions
-            if self._auth_prompts is not None:
+                break
+            if self._bearer_mechanism is not None:
+                actions += self._bearer_response(line)
+            elif self._auth_prompts is not None:
                 actions += self._auth_continue(line)
-                continue
-            actions += self._command(line)
-            if self._state != "command":
-                return actions
+            else:
+                actions += self._command(line)
+        return actions
 
     def _command(self, line: bytes) -> list:
         verb, arg = first_word(line)
@@ -353,17 +442,28 @@ class POP3AppSide:
         if verb == b"CAPA":
             body = b"".join(cap.encode("ascii", "replace") + CRLF for cap in self.capabilities)
             return [SendToApp(b"+OK Capability list follows" + CRLF + body + b"." + CRLF)]
+        if verb == b"QUIT":
+            self._state = "closed"
+            return [SendToApp(b"+OK mailgw signing off" + CRLF), Close("application quit")]
+        if verb == b"STLS":
+            return [SendToApp(b"-ERR mailgw: STLS is not offered on this listener" + CRLF)]
+        if self.lazy:
+            if self._authenticated:
+                return self._release(line)
+            if verb == b"AUTH":
+                return self._bearer_start(arg)
+            if verb in (b"USER", b"PASS", b"APOP"):
+                return [SendToApp(b"-ERR [AUTH] mailgw: " + verb + b" " + _NO_TOKEN + CRLF)]
+            return [SendToApp(b"-ERR [AUTH] Authentication required" + CRLF)]
         if verb == b"USER":
             return [SendToApp(b"+OK" + CRLF)]
         if verb in (b"PASS", b"APOP"):
             return [SendToApp(b"+OK Logged in." + CRLF)]
         if verb == b"AUTH":
             return self._auth_start(arg)
-        if verb == b"QUIT":
-            self._state = "closed"
-            return [SendToApp(b"+OK mailgw signing off" + CRLF), Close("application quit")]
-        if verb == b"STLS":
-            return [SendToApp(b"-ERR mailgw: STLS is not offered on this listener" + CRLF)]
+        return self._release(line)
+
+    def _release(self, line: bytes) -> list:
         self._state = "released"
         return [Release(line + CRLF + self._lines.take_rest())]
 
@@ -387,3 +487,27 @@ class POP3AppSide:
             return [SendToApp(b"+ " + self._auth_prompts.pop(0) + CRLF)]
         self._auth_prompts = None
         return [SendToApp(b"+OK Logged in." + CRLF)]
+
+    def _bearer_start(self, arg: bytes) -> list:
+        if not arg:  # RFC 5034: the mechanism list
+            body = b"".join(m.encode("ascii") + CRLF for m in BEARER_MECHANISMS)
+            return [SendToApp(b"+OK" + CRLF + body + b"." + CRLF)]
+        mechanism, _, initial = arg.partition(b" ")
+        name = mechanism.upper().decode("ascii", "replace")
+        if name not in BEARER_MECHANISMS:
+            return [SendToApp(b"-ERR [AUTH] mailgw: this mechanism " + _NO_TOKEN + CRLF)]
+        self._bearer_mechanism = name
+        if initial.strip():
+            return self._bearer_response(initial)
+        return [SendToApp(b"+ " + CRLF)]
+
+    def _bearer_response(self, response: bytes) -> list:
+        mechanism, self._bearer_mechanism = self._bearer_mechanism, None
+        if response.strip() == b"*":
+            return [SendToApp(b"-ERR Authentication cancelled" + CRLF)]
+        try:
+            presented = sasl.decode_initial_response(mechanism, response)
+        except sasl.SASLError as e:
+            return [SendToApp(f"-ERR mailgw: malformed authentication response: {e}".encode("ascii", "replace") + CRLF)]
+        self._state = "waiting"
+        return [ExchangeSecret(mechanism, presented.user, presented.secret)]

@@ -9,11 +9,14 @@ from hypothesis import strategies as st
 
 from mailgw.protocol.actions import (
     Close,
+    ExchangeSecret,
+    LoginRefused,
     ProtocolError,
     Release,
     SendToApp,
     SendUpstream,
     StartTLS,
+    UpstreamConnected,
     UpstreamFailed,
     UpstreamReady,
 )
@@ -467,4 +470,163 @@ def test_app_side_arbitrary_bytes(data):
             return
         if any(isinstance(a, (Release, Close)) for a in actions):
             return
+        assert len(m._lines) <= MAX + 2
+
+
+
+# -- lazy OAuth2 types: the upstream waits for the application's token -----------------
+
+CAPA_BEARER = b"+OK\r\nCAPA\r\nTOP\r\nUSER\r\nSASL PLAIN XOAUTH2 OAUTHBEARER\r\n.\r\n"
+BEARER_CAPS = ("CAPA", "TOP", "USER", "SASL PLAIN XOAUTH2 OAUTHBEARER")
+ERROR_CHALLENGE = base64.b64encode(json.dumps({"status": "401", "schemes": "bearer"}).encode())
+
+
+def waiting_upstream():
+    m = upstream(login_later=True)
+    assert sent(m.receive(b"+OK Dovecot ready.\r\n")) == b"CAPA\r\n"
+    assert sent(m.receive(CAPA_PLAIN)) == b"STLS\r\n"
+    assert m.receive(b"+OK Begin TLS negotiation now.\r\n") == [StartTLS()]
+    assert sent(m.tls_established()) == b"CAPA\r\n"
+    assert feed_bytewise(m, CAPA_BEARER) == [UpstreamConnected(BEARER_CAPS)]
+    return m
+
+
+def test_lazy_upstream_stops_after_stls_then_authenticates():
+    m = waiting_upstream()
+    ir = base64.b64encode(b"user=alice\x01auth=Bearer at-1\x01\x01")
+    assert sent(m.authenticate(BearerToken("alice", "at-1"))) == b"AUTH XOAUTH2 " + ir + b"\r\n"
+    assert sent(m.receive(b"+OK Logged in.\r\n")) == b"CAPA\r\n"
+    assert m.receive(CAPA_AFTER) == [UpstreamReady(AFTER)]
+
+
+def test_lazy_upstream_refusal_after_the_dance_is_not_fatal_and_can_be_retried():
+    m = waiting_upstream()
+    m.authenticate(BearerToken("alice", "at-bad"))
+    assert sent(m.receive(b"+ " + ERROR_CHALLENGE + b"\r\n")) == b"\r\n"
+    [refused] = m.receive(b"-ERR [AUTH] Authentication failed.\r\n")
+    assert isinstance(refused, LoginRefused) and "[AUTH]" in refused.reason and "at-bad" not in refused.reason
+    assert sent(m.authenticate(BearerToken("alice", "at-2"))).startswith(b"AUTH XOAUTH2 ")
+    assert sent(m.receive(b"+OK\r\n")) == b"CAPA\r\n"
+    assert m.receive(CAPA_AFTER) == [UpstreamReady(AFTER)]
+    with pytest.raises(ProtocolError):
+        m.authenticate(BearerToken("alice", "again"))
+
+
+def test_lazy_upstream_without_bearer_mechanism_fails_at_once():
+    m = upstream(implicit_tls=True, login_later=True)
+    m.receive(b"+OK hi\r\n")
+    f = failure(m.receive(CAPA_TLS))
+    assert "no XOAUTH2 or OAUTHBEARER" in f.reason and "PLAIN" in f.reason
+
+
+def test_lazy_upstream_stray_line_while_waiting_fails():
+    m = waiting_upstream()
+    f = failure(m.receive(b"-ERR Disconnected for inactivity.\r\n"))
+    assert not f.permanent and "Disconnected" in f.reason
+
+
+def lazy_app(**kw):
+    kw.setdefault("capabilities", ("CAPA", "TOP", "UIDL", "STLS", "USER", "SASL PLAIN"))
+    return POP3AppSide(lazy=True, **kw)
+
+
+def xo(user, secret):
+    return base64.b64encode(f"user={user}\x01auth=Bearer {secret}\x01\x01".encode())
+
+
+def test_lazy_capa_and_auth_list_advertise_bearer_mechanisms():
+    m = lazy_app()
+    assert to_app(m.receive(b"CAPA\r\n")) == b"+OK Capability list follows\r\nCAPA\r\nTOP\r\nUIDL\r\nSASL XOAUTH2 OAUTHBEARER\r\n.\r\n"
+    assert to_app(m.receive(b"AUTH\r\n")) == b"+OK\r\nXOAUTH2\r\nOAUTHBEARER\r\n.\r\n"
+
+
+def test_lazy_auth_inline_then_release_of_pipelined_commands():
+    m = lazy_app()
+    [exchange] = m.receive(b"AUTH XOAUTH2 " + xo("alice", "rt-1") + b"\r\nSTAT\r\n")
+    assert exchange == ExchangeSecret("XOAUTH2", "alice", "rt-1") and "rt-1" not in repr(exchange)
+    assert m.receive(b"RETR 1\r\n") == []
+    actions = m.auth_succeeded(AFTER)
+    assert to_app(actions) == b"+OK Logged in.\r\n"
+    assert actions[-1] == Release(b"STAT\r\nRETR 1\r\n")
+
+
+def test_lazy_auth_with_continuation_split_bytewise():
+    m = lazy_app()
+    assert to_app(feed_bytewise(m, b"AUTH OAUTHBEARER\r\n")) == b"+ \r\n"
+    response = base64.b64encode(b"n,a=bob,\x01auth=Bearer code-9\x01\x01") + b"\r\n"
+    assert feed_bytewise(m, response) == [ExchangeSecret("OAUTHBEARER", "bob", "code-9")]
+    assert to_app(m.auth_succeeded(AFTER)) == b"+OK Logged in.\r\n"
+    assert b"PIPELINING" in to_app(m.receive(b"CAPA\r\n"))
+    assert m.receive(b"USER x\r\n") == [Release(b"USER x\r\n")]  # the upstream answers that now
+
+
+def test_lazy_refusals_keep_the_session_for_a_retry():
+    m = lazy_app()
+    m.receive(b"AUTH XOAUTH2 " + xo("alice", "revoked") + b"\r\n")
+    assert to_app(m.auth_refused("token service: invalid_grant")) == b"-ERR [AUTH] mailgw: token service: invalid_grant\r\n"
+    m.receive(b"AUTH XOAUTH2 " + xo("alice", "x") + b"\r\n")
+    assert to_app(m.auth_refused("unreachable", transient=True)) == b"-ERR [SYS/TEMP] mailgw: unreachable\r\n"
+    assert m.receive(b"AUTH XOAUTH2 " + xo("alice", "good") + b"\r\n") == [ExchangeSecret("XOAUTH2", "alice", "good")]
+    assert to_app(m.auth_succeeded(())) == b"+OK Logged in.\r\n"
+
+
+@pytest.mark.parametrize("command", [b"STAT", b"LIST", b"RETR 1", b"UIDL", b"NOOP", b"DELE 1", b"XYZZY"])
+def test_lazy_commands_before_authentication_are_refused(command):
+    m = lazy_app()
+    assert to_app(m.receive(command + b"\r\n")) == b"-ERR [AUTH] Authentication required\r\n"
+    assert to_app(m.receive(b"QUIT\r\n")) == b"+OK mailgw signing off\r\n"
+
+
+@pytest.mark.parametrize("command", [b"USER alice", b"PASS secret", b"APOP alice 0123", b"AUTH PLAIN AGFAYg==", b"AUTH LOGIN"])
+def test_lazy_password_logins_are_refused_clearly(command):
+    reply = to_app(lazy_app().receive(command + b"\r\n"))
+    assert reply.startswith(b"-ERR [AUTH] mailgw: ") and b"carries no token" in reply and b"secret" not in reply
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"not base64!", base64.b64encode(b"user=alice\x01\x01"), base64.b64encode(b"user=alice\x01auth=Bearer \x01\x01"), b"="],
+)
+def test_lazy_malformed_payloads_get_err_without_the_payload(payload):
+    m = lazy_app()
+    reply = to_app(m.receive(b"AUTH XOAUTH2 " + payload + b"\r\n"))
+    assert reply.startswith(b"-ERR mailgw: malformed authentication response") and payload not in reply
+    assert to_app(m.receive(b"AUTH XOAUTH2\r\n*\r\n")) == b"+ \r\n-ERR Authentication cancelled\r\n"
+
+
+def test_lazy_flood_while_waiting_closes():
+    m = lazy_app()
+    m.receive(b"AUTH XOAUTH2 " + xo("alice", "rt") + b"\r\n")
+    actions = m.receive(b"x" * 70000)
+    assert to_app(actions).startswith(b"-ERR") and isinstance(actions[-1], Close)
+
+
+lazy_pieces = st.lists(
+    st.one_of(
+        st.sampled_from([
+            b"AUTH XOAUTH2\r\n", b"AUTH XOAUTH2 " + xo("a", "s") + b"\r\n", xo("a", "s") + b"\r\n", b"AUTH\r\n",
+            b"AUTH OAUTHBEARER =\r\n", b"*\r\n", b"USER a\r\n", b"STAT\r\n", b"CAPA\r\n", b"\r\n",
+        ]),
+        st.binary(max_size=40),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lazy_pieces, st.lists(st.integers(min_value=0), max_size=20), st.lists(st.sampled_from(["ok", "no", "tmp"]), max_size=10))
+def test_lazy_app_side_never_raises_foreign_errors_and_stays_bounded(pieces, cuts, outcomes):
+    m = lazy_app(max_line=MAX)
+    for chunk in rechunk(b"".join(pieces), cuts):
+        actions = m.receive(chunk)
+        while actions and isinstance(actions[-1], ExchangeSecret):
+            outcome = outcomes.pop(0) if outcomes else "ok"
+            if outcome == "ok":
+                actions = m.auth_succeeded(AFTER)
+            else:
+                actions = m.auth_refused("no", transient=outcome == "tmp")
+        if any(isinstance(a, (Release, Close)) for a in actions):
+            return
+        for action in actions:
+            assert isinstance(action, SendToApp) and action.data.endswith(b"\r\n")
         assert len(m._lines) <= MAX + 2
