@@ -60,6 +60,8 @@ class GatewayConfig:
     settings: Settings = Settings()
     drain_timeout: float = 30.0
     origin: str = "<config>"
+    #: the ``kubernetes:`` section, validated by Kubernetes mode (mailgw.kube.config)
+    kubernetes: Mapping[str, Any] | None = None
 
 
 _SETTING_KEYS = {
@@ -231,7 +233,7 @@ def _settings(doc: Mapping[str, Any], origin: str) -> tuple[Settings, float]:
     return Settings(**changes), drain
 
 
-_TOP_LEVEL = {"destinations", "listeners", "connectivityProxy", "http", "timeouts", "limits", "hostname"}
+_TOP_LEVEL = {"destinations", "listeners", "connectivityProxy", "http", "timeouts", "limits", "hostname", "kubernetes"}
 
 
 def parse_config(doc: Any, origin: str = "<config>", base: Path | None = None) -> GatewayConfig:
@@ -259,6 +261,7 @@ def parse_config(doc: Any, origin: str = "<config>", base: Path | None = None) -
     return GatewayConfig(
         destinations=destinations, listeners=listeners, connectivity_proxy=proxy,
         http=http, settings=settings, drain_timeout=drain, origin=origin,
+        kubernetes=doc.get("kubernetes"),
     )
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from zope.interface import implementer
 
-from ..config import ConfigError, load_config, parse_config
+from ..config import ConfigError, HttpConfig, load_config, parse_config
 from ..errors import GatewayError
 from ..service import GatewayService, make_service
 from ..session import GatewayFactory, Route as SessionRoute
@@ -85,17 +86,19 @@ class ListenerManager:
 def make_kubernetes_service(reactor, config_path: str | None, *, api=None, settings=None) -> GatewayService:
     """The cluster-wide gateway: http listener, token client, controller, listeners."""
     from .client import KubeApi, load_api_client
-    from .controller import KubeController, KubeSettings
+    from .config import parse_kube_section
+    from .controller import KubeController
 
     try:
         config = load_config(config_path) if config_path else parse_config({}, "(no --config)")
-    except ConfigError as e:
+        if config.http is None:  # the probes and metrics need it
+            config = attrs.evolve(config, http=HttpConfig(DEFAULT_HTTP))
+        parsed_settings, kubeconfig = parse_kube_section(config.kubernetes, config.origin)
+    except (ConfigError, ValueError) as e:
         raise SystemExit(f"mailgw: configuration error: {e}") from None
-    if config.http is None:
-        config = parse_config({"http": {"listen": DEFAULT_HTTP}}, "(defaults)")
-    settings = settings or KubeSettings.from_environment()
+    settings = settings or parsed_settings
     if api is None:
-        api = KubeApi(load_api_client(os.environ.get("KUBECONFIG")), timeout=settings.api_timeout)
+        api = KubeApi(load_api_client(kubeconfig or os.environ.get("KUBECONFIG")), timeout=settings.api_timeout)
     source = RouteSource()
     service = make_service(config, reactor, source=source)
     listeners = ListenerManager(reactor, service.gateway, source)

@@ -98,3 +98,12 @@ def test_sigterm_drains_open_sessions(tmp_path, postfix, smtp_sink):
             proc.kill()
         output = proc.communicate()[0]
     assert "draining 1 open sessions" in output, output
+
+
+def test_kubernetes_mode_bad_section_is_one_clear_line(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(json.dumps({"kubernetes": {"portRange": "lots"}}))
+    result = run_twistd(["-n", "mailgw", "--kubernetes", "--config", str(path)], tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output
+    assert "mailgw: configuration error:" in output and "portRange" in output
