@@ -8,6 +8,16 @@ Life of a session (eager authentication types)::
 
     accepted -> destination looked up -> upstream connected -> TLS -> login
              -> application greeted -> local dialogue -> release -> relay -> closed
+
+and for the lazy ones (OAuth2RefreshToken, OAuth2AuthorizationCode), where the
+application presents the secret::
+
+    accepted -> destination looked up -> upstream connected -> TLS -> capabilities
+             -> application greeted (XOAUTH2, OAUTHBEARER offered)
+             -> application's AUTH -> secret exchanged at the token service (off the
+                reactor) -> upstream login with the access token -> result relayed
+                (a refusal leaves the session open for another try)
+             -> local dialogue -> release -> relay -> closed
 """
 
 from __future__ import annotations
@@ -24,16 +34,20 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import errors, metrics
-from .destination import BASIC, NO_AUTH, OAUTH2_CLIENT_CREDENTIALS, Destination
+from .destination import BASIC, NO_AUTH, OAUTH2_AUTHORIZATION_CODE, OAUTH2_CLIENT_CREDENTIALS, Destination
 from .endpoints.tls import client_tls_options
+from .oauth import TokenError
 from .protocol import families
 from .protocol.actions import (
     Close,
+    ExchangeSecret,
+    LoginRefused,
     ProtocolError,
     Release,
     SendToApp,
     SendUpstream,
     StartTLS,
+    UpstreamConnected,
     UpstreamFailed,
     UpstreamReady,
 )
@@ -130,6 +144,8 @@ class GatewaySession(Protocol):
         self._connecting: defer.Deferred | None = None
         self._tls_options = None
         self._timers: dict[str, object] = {}
+        self._exchanging: defer.Deferred | None = None  # lazy types: the token exchange
+        self._presented: str | None = None  # lazy types: the secret being tried upstream
         self.relay: Relay | None = None
         self.closed = defer.Deferred()
 
@@ -162,8 +178,11 @@ class GatewaySession(Protocol):
     def connectionLost(self, reason=None):
         previous, self.phase = self.phase, "closed"
         self._cancel_timers()
+        self._presented = None
         if self._connecting is not None:
             self._connecting.cancel()
+        if self._exchanging is not None:
+            self._exchanging.cancel()
         if self.relay is not None:
             self.relay.close()
         elif self._upstream is not None and self._upstream.transport is not None:
@@ -194,8 +213,9 @@ class GatewaySession(Protocol):
         if destination.authentication == OAUTH2_CLIENT_CREDENTIALS:
             d = self.gateway.tokens.for_client_credentials(destination, self.route.tenant)
             return d.addCallback(lambda token: BearerToken(destination.user, token.access_token))
-        # Lazy types: the application presents the secret later (not served yet).
-        raise errors.UnsupportedError(f"authentication type {destination.authentication} is not supported yet")
+        if destination.lazy:
+            return None  # the application presents the secret: families.login_later
+        raise errors.UnsupportedError(f"authentication type {destination.authentication} is not supported")
 
     def _connect(self, credentials):
         if self.phase == "closed":
@@ -281,7 +301,16 @@ class GatewaySession(Protocol):
                 self._timer("tls", self.settings.tls_timeout, self._tls_timed_out)
                 self._upstream.transport.startTLS(self._tls_options)
             elif isinstance(action, UpstreamReady):
-                self._greet(action)
+                if self._app_machine is None:
+                    self._greet(action.capabilities, lazy=False)
+                else:
+                    self._logged_in(action)
+            elif isinstance(action, UpstreamConnected):
+                self._greet(action.capabilities, lazy=True)
+            elif isinstance(action, ExchangeSecret):
+                self._exchange(action)
+            elif isinstance(action, LoginRefused):
+                self._login_refused(action)
             elif isinstance(action, UpstreamFailed):
                 self._refuse(action.reason, action.permanent)
             elif isinstance(action, Release):
@@ -292,17 +321,84 @@ class GatewaySession(Protocol):
             else:  # pragma: no cover - a machine returned something new
                 raise TypeError(f"unknown action {action!r}")
 
-    def _greet(self, ready: UpstreamReady):
+    def _greet(self, capabilities: tuple[str, ...], lazy: bool):
         self._cancel_timer("login")
-        self._app_machine = families.app_machine(self.destination, ready.capabilities, self.settings)
+        self._app_machine = families.app_machine(self.destination, capabilities, self.settings, lazy=lazy)
         self.phase = "dialogue"
-        log.info("session {sid}: upstream {address} ready, greeting the application", sid=self.sid, address=self.destination.address)
-        metrics.SESSIONS_READY.labels(self.route.destination).inc()
+        log.info(
+            "session {sid}: upstream {address} ready{waiting}, greeting the application",
+            sid=self.sid, address=self.destination.address,
+            waiting=", login waits for the application's token" if lazy else "",
+        )
+        if not lazy:
+            metrics.SESSIONS_READY.labels(self.route.destination).inc()
         self.transport.write(self._app_machine.greeting())
         self._timer("idle", self.settings.idle_timeout, self._app_idle)
         if self._early:
             early, self._early = bytes(self._early), bytearray()
             self._feed_app(early)
+
+    # -- lazy authentication ---------------------------------------------------------
+
+    def _exchange(self, request: ExchangeSecret):
+        """The application presented its refresh token or authorisation code."""
+        destination = self.destination
+        what = "authorization code" if destination.authentication == OAUTH2_AUTHORIZATION_CODE else "refresh token"
+        user = request.user or destination.user
+        if not user:
+            self._run(self._app_machine.auth_refused(
+                f"no user: the {request.mechanism} response names none and destination {destination.name} has no mail.user"
+            ))
+            return
+        log.info(
+            "session {sid}: the application presented a {what} ({mechanism}); exchanging it at the token service",
+            sid=self.sid, what=what, mechanism=request.mechanism,
+        )
+        secret = request.secret
+        d = defer.maybeDeferred(self.gateway.tokens.exchange, destination, self.route.tenant, secret)
+        self._exchanging = d
+        d.addCallbacks(self._exchanged, self._exchange_failed, callbackArgs=(user, secret))
+        d.addErrback(self._internal_error)
+
+    def _exchanged(self, token, user: str, secret: str):
+        self._exchanging = None
+        if self.phase != "dialogue" or self._upstream is None:
+            return  # the application or the upstream went away meanwhile
+        self._presented = secret
+        self._timer("login", self.settings.login_timeout, self._login_timed_out)
+        self._feed_upstream(self._up_machine.authenticate, BearerToken(user, token.access_token))
+
+    def _exchange_failed(self, failure: Failure):
+        self._exchanging = None
+        if self.phase != "dialogue":
+            return None  # the application went away (its Deferred was cancelled)
+        if not failure.check(TokenError):
+            log.failure("session {sid}: token exchange failed", failure, sid=self.sid)
+            self._run(self._app_machine.auth_refused("internal error in the gateway", transient=True))
+            return None
+        _, permanent = errors.describe(failure, self.destination.address)
+        error = failure.value
+        log.info("session {sid}: token exchange refused: {error}", sid=self.sid, error=str(error))
+        self._run(self._app_machine.auth_refused(str(error), transient=not permanent))
+        return None
+
+    def _logged_in(self, ready: UpstreamReady):
+        self._cancel_timer("login")
+        self._presented = None
+        log.info("session {sid}: upstream {address} accepted the access token", sid=self.sid, address=self.destination.address)
+        metrics.SESSIONS_READY.labels(self.route.destination).inc()
+        self._run(self._app_machine.auth_succeeded(ready.capabilities))
+
+    def _login_refused(self, refused: LoginRefused):
+        self._cancel_timer("login")
+        if self._presented is not None:
+            # The cached token may have been revoked: the next attempt exchanges afresh.
+            self.gateway.tokens.invalidate(self.destination, self.route.tenant, secret=self._presented)
+            self._presented = None
+        log.info("session {sid}: {reason}", sid=self.sid, reason=refused.reason)
+        self._run(self._app_machine.auth_refused(refused.reason))
+
+    # -- release ---------------------------------------------------------------------
 
     def _release(self, leftover: bytes):
         self._cancel_timers()

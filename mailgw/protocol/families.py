@@ -18,8 +18,15 @@ def _family(name: str) -> str:
     return name
 
 
+def login_later(destination: Destination) -> bool:
+    """True when the application presents the secret the login needs (the lazy OAuth2
+    types): the upstream machine stops before logging in."""
+    return destination.lazy and destination.auth
+
+
 def upstream_machine(destination: Destination, credentials: Credentials | None, settings):
-    """The machine that logs in to ``destination`` with ``credentials``."""
+    """The machine that logs in to ``destination`` with ``credentials`` (or, for the lazy
+    types, stops before the login: see :func:`login_later`)."""
     family = _family(destination.family)
     return _UPSTREAM[family](
         implicit_tls=destination.implicit_tls,
@@ -27,14 +34,16 @@ def upstream_machine(destination: Destination, credentials: Credentials | None, 
         starttls_required=destination.starttls_required,
         credentials=credentials,
         max_line=settings.max_line,
+        login_later=credentials is None and login_later(destination),
         **_UPSTREAM_EXTRA.get(family, lambda s: {})(settings),
     )
 
 
-def app_machine(destination: Destination, capabilities: tuple[str, ...], settings):
-    """The machine that talks to the application until release."""
+def app_machine(destination: Destination, capabilities: tuple[str, ...], settings, lazy: bool = False):
+    """The machine that talks to the application until release; ``lazy`` when the
+    application must authenticate with its refresh token or authorisation code."""
     cls = _APP_SIDE[_family(destination.family)]
-    return cls(capabilities=capabilities, hostname=settings.hostname, max_line=settings.max_line)
+    return cls(capabilities=capabilities, hostname=settings.hostname, max_line=settings.max_line, lazy=lazy)
 
 
 def refusal(family: str, text: str, permanent: bool) -> bytes:
