@@ -556,15 +556,21 @@ class TokenClient(Service):
 # the cache
 
 
-def client_credentials_key(token_url: str, client_id: str, tenant: str | None = None, scope: str | None = None) -> tuple:
-    """Cache key of a client-credentials token."""
-    return (CLIENT_CREDENTIALS, token_url, client_id, tenant, scope)
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def exchange_key(token_url: str, client_id: str, secret: str) -> tuple:
-    """Cache key of a token exchanged for ``secret``: only its SHA-256 is kept."""
-    digest = hashlib.sha256(secret.encode("utf-8")).hexdigest()
-    return ("exchange", token_url, client_id, digest)
+def client_credentials_key(
+    token_url: str, client_id: str, client_secret: str, tenant: str | None = None, scope: str | None = None
+) -> tuple:
+    """Cache key of a client-credentials token.  The client secret is part of it (as a
+    SHA-256) so a destination with a wrong secret never gets another's cached token."""
+    return (CLIENT_CREDENTIALS, token_url, client_id, _digest(client_secret), tenant, scope)
+
+
+def exchange_key(token_url: str, client_id: str, client_secret: str, secret: str) -> tuple:
+    """Cache key of a token exchanged for ``secret``: only SHA-256s of secrets are kept."""
+    return ("exchange", token_url, client_id, _digest(client_secret), _digest(secret))
 
 
 @define
@@ -687,14 +693,16 @@ class TokenProvider:
         return fail(TokenError(INVALID_CONFIGURATION, f"destination {destination.name!r} {problem}", host=_host(url)))
 
     def client_credentials_key(self, destination: Destination, tenant: str | None = None) -> tuple:
-        return client_credentials_key(self._url(destination, tenant) or "", destination.client_id or "", tenant, destination.scope)
+        return client_credentials_key(
+            self._url(destination, tenant) or "", destination.client_id or "", destination.client_secret or "", tenant, destination.scope
+        )
 
     def for_client_credentials(self, destination: Destination, tenant: str | None = None) -> Deferred[AccessToken]:
         """A client-credentials token for ``destination`` (per tenant), cached."""
         url = self._url(destination, tenant)
         if not url or not destination.client_id or destination.client_secret is None:
             return self._missing(destination, tenant)
-        key = client_credentials_key(url, destination.client_id, tenant, destination.scope)
+        key = client_credentials_key(url, destination.client_id, destination.client_secret, tenant, destination.scope)
         return self.cache.get(
             key,
             lambda: self.client.client_credentials(
@@ -710,7 +718,7 @@ class TokenProvider:
             if not tenant:
                 return fail(TokenError(INVALID_CONFIGURATION, "connectivityProxy tokenServiceURL has {tenant} but the route has no tenant", host=_host(url)))
             url = url.replace("{tenant}", tenant)
-        key = client_credentials_key(url, proxy.client_id, tenant, None)
+        key = client_credentials_key(url, proxy.client_id, proxy.client_secret, tenant, None)
         d = self.cache.get(
             key, lambda: self.client.client_credentials(url, proxy.client_id, proxy.client_secret, None, tenant, self.client_auth)
         )
@@ -726,7 +734,7 @@ class TokenProvider:
             return self._missing(destination, tenant)
         if not secret:
             return fail(TokenError(INVALID_CONFIGURATION, "empty refresh token or authorization code", host=_host(url)))
-        key = exchange_key(url, destination.client_id, secret)
+        key = exchange_key(url, destination.client_id, destination.client_secret, secret)
         if destination.authentication == OAUTH2_REFRESH_TOKEN:
             fetch = lambda: self.client.refresh_token(  # noqa: E731
                 url, destination.client_id, destination.client_secret, secret, destination.scope, tenant, self.client_auth
@@ -741,6 +749,6 @@ class TokenProvider:
         """Forget the cached token (the upstream refused it)."""
         url = self._url(destination, tenant) or ""
         if secret is None:
-            self.cache.invalidate(client_credentials_key(url, destination.client_id or "", tenant, destination.scope))
+            self.cache.invalidate(self.client_credentials_key(destination, tenant))
         else:
-            self.cache.invalidate(exchange_key(url, destination.client_id or "", secret))
+            self.cache.invalidate(exchange_key(url, destination.client_id or "", destination.client_secret or "", secret))

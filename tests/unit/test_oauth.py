@@ -539,10 +539,16 @@ def test_cache_failure_not_cached_and_eviction():
 
 
 def test_keys_hold_no_secret():
-    key = oauth.exchange_key("https://t.example/token", CLIENT_ID, REFRESH)
+    key = oauth.exchange_key("https://t.example/token", CLIENT_ID, CLIENT_SECRET, REFRESH)
     assert REFRESH not in repr(key)
-    assert key == oauth.exchange_key("https://t.example/token", CLIENT_ID, REFRESH)
-    assert key != oauth.exchange_key("https://t.example/token", CLIENT_ID, CODE)
+    assert key == oauth.exchange_key("https://t.example/token", CLIENT_ID, CLIENT_SECRET, REFRESH)
+    assert key != oauth.exchange_key("https://t.example/token", CLIENT_ID, CLIENT_SECRET, CODE)
+    assert CLIENT_SECRET not in repr(key)
+    # A destination with another (wrong) client secret never shares a cached token.
+    assert key != oauth.exchange_key("https://t.example/token", CLIENT_ID, "wrong", REFRESH)
+    cc = oauth.client_credentials_key("https://t.example/token", CLIENT_ID, CLIENT_SECRET)
+    assert cc != oauth.client_credentials_key("https://t.example/token", CLIENT_ID, "wrong")
+    assert CLIENT_SECRET not in repr(cc)
 
 
 def test_access_token_repr_hides_secrets():
