@@ -55,6 +55,16 @@ class Gateway:
     def lookup(self, route: Route):
         return self.source.lookup(route.destination, route.tenant)
 
+    def exchange(self, route: Route, destination: Destination, secret: str) -> defer.Deferred:
+        """The upstream access token for the application's refresh token or authorization
+        code: from the destination's source when it exchanges secrets itself (the
+        destination service in Kubernetes mode), else from the token service."""
+        by_source = getattr(self.source, "exchange", None)
+        d = by_source(route.destination, destination, secret) if by_source is not None else None
+        if d is None:
+            d = self.tokens.exchange(destination, route.tenant, secret).addCallback(lambda token: token.access_token)
+        return d
+
     def family_of(self, route: Route) -> str:
         """The protocol family to refuse in when the destination itself is unavailable."""
         return self.source.family(route.destination) or "smtp"

@@ -355,18 +355,18 @@ class GatewaySession(Protocol):
             sid=self.sid, what=what, mechanism=request.mechanism,
         )
         secret = request.secret
-        d = defer.maybeDeferred(self.gateway.tokens.exchange, destination, self.route.tenant, secret)
+        d = defer.maybeDeferred(self.gateway.exchange, self.route, destination, secret)
         self._exchanging = d
         d.addCallbacks(self._exchanged, self._exchange_failed, callbackArgs=(user, secret))
         d.addErrback(self._internal_error)
 
-    def _exchanged(self, token, user: str, secret: str):
+    def _exchanged(self, access_token: str, user: str, secret: str):
         self._exchanging = None
         if self.phase != "dialogue" or self._upstream is None:
             return  # the application or the upstream went away meanwhile
         self._presented = secret
         self._timer("login", self.settings.login_timeout, self._login_timed_out)
-        self._feed_upstream(self._up_machine.authenticate, BearerToken(user, token.access_token))
+        self._feed_upstream(self._up_machine.authenticate, BearerToken(user, access_token))
 
     def _exchange_failed(self, failure: Failure):
         self._exchanging = None

@@ -16,7 +16,10 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from zope.interface import implementer
 
 from ..config import ConfigError, HttpConfig, load_config, parse_config
+from ..destination import OAUTH2_REFRESH_TOKEN
 from ..errors import GatewayError
+from ..oauth import TokenError
+from ..protocol.common import printable
 from ..service import GatewayService, make_service
 from ..session import GatewayFactory, Route as SessionRoute
 from .listeners import IListenerManager, IRouteDestination
@@ -50,6 +53,33 @@ class RouteSource:
 
     def family(self, name: str) -> str | None:
         return self._families.get(name)
+
+    def exchange(self, name: str, destination, secret: str):
+        """The destination service's token for the application's secret (sent as
+        ``X-refresh-token`` or ``X-code``), or ``None`` when the route's source does not
+        exchange secrets (the gateway then uses the destination's token service)."""
+        route_destination = self.routes.get(name)
+        if route_destination is None or not route_destination.can_exchange():
+            return None
+        if destination.authentication == OAUTH2_REFRESH_TOKEN:
+            d = route_destination.exchange(refresh_token=secret)
+        else:
+            d = route_destination.exchange(code=secret)
+
+        def token_of(result):
+            for token in result.auth_tokens:
+                if token.value and not token.error:
+                    return token.value
+            # The service's own error text: made printable and short before it is shown.
+            errors = "; ".join(printable(t.error.encode("utf-8", "replace"), 120) for t in result.auth_tokens if t.error)
+            errors = errors or "no token returned"
+            raise TokenError("destination_service", f"destination service: {errors}")
+
+        def explain(failure):
+            failure.trap(DestinationLookupError)
+            raise TokenError("destination_service", f"destination service: {failure.value}")
+
+        return d.addCallbacks(token_of, explain)
 
 
 @implementer(IListenerManager)

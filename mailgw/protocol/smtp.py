@@ -362,7 +362,8 @@ class SMTPAppSide:
     @staticmethod
     def goodbye(reason: str) -> bytes:
         """What the application gets when the gateway closes a session (drain, idle)."""
-        return f"421 4.3.2 mailgw: {reason}".encode("ascii", "replace") + CRLF
+        text = printable(reason.encode("utf-8", "replace"), 400)
+        return f"421 4.3.2 mailgw: {text}".encode("ascii") + CRLF
 
     def receive(self, data: bytes) -> list:
         if self._released:

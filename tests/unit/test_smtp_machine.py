@@ -462,3 +462,7 @@ def test_lazy_app_side_never_raises_foreign_errors_and_stays_bounded(pieces, out
         for action in actions:
             assert isinstance(action, SendToApp) and action.data.endswith(b"\r\n")
         assert len(m._lines) <= 256 + 2
+
+
+def test_goodbye_is_one_printable_line():
+    assert SMTPAppSide.goodbye("drain\r\nRCPT TO:<x@y>") == b"421 4.3.2 mailgw: drain??RCPT TO:<x@y>\r\n"

@@ -1,0 +1,75 @@
+"""Lazy OAuth2 in Kubernetes mode: the destination service exchanges the application's
+secret when the route's source can (X-refresh-token / X-code), else the token service."""
+
+from twisted.internet.defer import fail, succeed
+from twisted.internet.task import Clock
+
+from mailgw.destination import parse_destination
+from mailgw.kube.main import RouteSource
+from mailgw.kube.model import Route
+from mailgw.kube.sources import AuthToken, FindResult, TokenExchangeFailed
+from mailgw.oauth import AccessToken, TokenError
+from mailgw.service import Gateway
+from mailgw.session import Route as SessionRoute, Settings
+
+DEST = parse_destination({
+    "Name": "d", "Type": "MAIL", "Authentication": "OAuth2RefreshToken", "mail.transport.protocol": "smtps",
+    "mail.smtps.host": "h", "tokenServiceURL": "https://t/token", "clientId": "c", "clientSecret": "s",
+})
+
+
+class RouteDestination:
+    def __init__(self, can, result):
+        self.can, self.result, self.asked = can, result, []
+
+    def can_exchange(self):
+        return self.can
+
+    def exchange(self, **kwargs):
+        self.asked.append(kwargs)
+        return self.result
+
+
+class Tokens:
+    def __init__(self):
+        self.asked = []
+
+    def exchange(self, destination, tenant, secret):
+        self.asked.append((destination.name, tenant, secret))
+        return succeed(AccessToken(access_token="from-token-service", expires_at=1e12))
+
+
+def gateway_with(route_destination):
+    source, tokens = RouteSource(), Tokens()
+    route = Route("apps", "mymail", None)
+    source.routes[route.key] = route_destination
+    return Gateway(Clock(), Settings(), source, tokens=tokens), tokens, SessionRoute(route.key, None)
+
+
+def result_of(d):
+    box = []
+    d.addBoth(box.append)
+    return box[0]
+
+
+def test_destination_service_token_is_used_when_the_source_exchanges():
+    rd = RouteDestination(True, succeed(FindResult(DEST, (AuthToken("Bearer", "at-from-dest-svc"),))))
+    gateway, tokens, route = gateway_with(rd)
+    assert result_of(gateway.exchange(route, DEST, "rt-1")) == "at-from-dest-svc"
+    assert rd.asked == [{"refresh_token": "rt-1"}] and tokens.asked == []
+
+
+def test_destination_service_errors_become_token_errors():
+    rd = RouteDestination(True, succeed(FindResult(DEST, (AuthToken("Bearer", "", error="invalid_grant"),))))
+    gateway, _, route = gateway_with(rd)
+    failure = result_of(gateway.exchange(route, DEST, "rt-1"))
+    assert failure.check(TokenError) and "invalid_grant" in str(failure.value) and "rt-1" not in str(failure.value)
+    rd = RouteDestination(True, fail(TokenExchangeFailed("destination service answered 400")))
+    gateway, _, route = gateway_with(rd)
+    assert result_of(gateway.exchange(route, DEST, "rt-1")).check(TokenError)
+
+
+def test_token_service_when_the_source_does_not_exchange():
+    gateway, tokens, route = gateway_with(RouteDestination(False, None))
+    assert result_of(gateway.exchange(route, DEST, "rt-2")) == "from-token-service"
+    assert tokens.asked == [("d", None, "rt-2")]
