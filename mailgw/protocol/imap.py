@@ -17,18 +17,17 @@ from . import sasl
 from .actions import (
     Close,
     ExchangeSecret,
-    LoginRefused,
     ProtocolError,
     Release,
     SendToApp,
     SendUpstream,
     StartTLS,
     UpstreamConnected,
-    UpstreamFailed,
     UpstreamReady,
 )
-from .common import UpstreamBuffer, first_word, printable
+from .common import first_word, printable
 from .credentials import BearerToken, Credentials, Password
+from .upstream import INJECTION, UpstreamMachine
 from .lines import LineReader, LineTooLong
 
 CRLF = b"\r\n"
@@ -43,7 +42,6 @@ _STATUS_RESPONSES = frozenset((b"OK", b"NO", b"BAD", b"BYE", b"PREAUTH"))
 #: RFC 7888: LITERAL- allows non-synchronizing literals up to this size only.
 _LITERAL_MINUS_MAX = 4096
 
-INJECTION = "upstream sent data before the TLS handshake (possible STARTTLS injection)"
 
 
 def _literal_size(match: re.Match) -> int | None:
@@ -205,7 +203,7 @@ def login_command(tag: bytes, user: bytes, password: bytes, literal_plus: bool, 
 # Upstream
 
 
-class IMAPUpstream:
+class IMAPUpstream(UpstreamMachine):
     """Drives the upstream IMAP session until it is authenticated.
 
     The glue calls :meth:`start`, then :meth:`receive` with every upstream byte and
@@ -227,15 +225,12 @@ class IMAPUpstream:
         max_line: int = 8192,
         login_later: bool = False,
     ):
-        self.implicit_tls = implicit_tls
-        self.login_later = login_later and credentials is None
-        self.starttls_enable = starttls_enable and not implicit_tls
-        self.starttls_required = starttls_required and not implicit_tls
-        self.credentials = credentials
+        super().__init__(
+            implicit_tls=implicit_tls, starttls_enable=starttls_enable, starttls_required=starttls_required,
+            credentials=credentials, login_later=login_later,
+        )
         self.capabilities: tuple[str, ...] = ()
-        self.tls_active = False
         self._reader = ResponseReader(max_line, max(4 * max_line, 65536))
-        self._state = "new"
         self._preauth = False
         self._serial = 0
         self._tag = b""
@@ -243,36 +238,17 @@ class IMAPUpstream:
         self._steps: list[bytes] = []  # what to send on each further "+" continuation
         self._error_reply: bytes | None = None  # answer to a bearer error challenge
         self._challenge_status: str | None = None
-        self._pending = UpstreamBuffer()
 
     # -- inputs --------------------------------------------------------------------
-
-    def start(self) -> list:
-        if self.implicit_tls:
-            self._state = "implicit-tls"
-            return [StartTLS()]
-        self._state = "greeting"
-        return []
-
-    def tls_established(self) -> list:
-        self.tls_active = True
-        if self._state == "implicit-tls":
-            self._state = "greeting"
-            return []
-        if self._state == "tls-handshake":
-            self.capabilities = ()  # RFC 3501 6.2.1: forget what was said in plaintext
-            return self._command("capability", b"CAPABILITY")
-        raise ProtocolError(f"TLS completed in unexpected state {self._state}")
 
     def receive(self, data: bytes) -> list:
         if self._state in ("ready", "failed"):
             if self._state == "ready" and not self._pending.add(data):
                 return self._fail("upstream sent too much unsolicited data", permanent=False)
             return []
-        if self._state in ("implicit-tls", "tls-handshake"):
-            return self._fail(INJECTION)
-        if self._state == "new":
-            return self._fail("upstream data before the session started")
+        refused = self._early_data()
+        if refused is not None:
+            return refused
         self._reader.feed(data)
         actions: list = []
         while True:
@@ -295,29 +271,9 @@ class IMAPUpstream:
                     return self._fail("upstream sent too much unsolicited data", permanent=False)
                 return actions
 
-    def authenticate(self, credentials: Credentials) -> list:
-        """Log in now with ``credentials`` (``login_later`` mode, after
-        :class:`UpstreamConnected` or :class:`LoginRefused`)."""
-        if not self.login_later or self._state != "awaiting-login":
-            raise ProtocolError(f"authenticate() in state {self._state}")
-        self.credentials = credentials
-        return self._login()
-
-    def take_pending(self) -> bytes:
-        """Upstream bytes that arrived after login, for the application at release."""
-        return self._pending.take()
-
-    # -- helpers ---------------------------------------------------------------------
-
-    def _fail(self, reason: str, permanent: bool = True) -> list:
-        self._state = "failed"
-        return [UpstreamFailed(reason, permanent=permanent)]
-
-    def _refused(self, reason: str) -> list:
-        if not self.login_later:
-            return self._fail(reason)
-        self._state, self.credentials = "awaiting-login", None
-        return [LoginRefused(reason)]
+    def _after_starttls(self) -> list:
+        self.capabilities = ()  # RFC 3501 6.2.1: forget what was said in plaintext
+        return self._command("capability", b"CAPABILITY")
 
     def _next_tag(self) -> bytes:
         self._serial += 1

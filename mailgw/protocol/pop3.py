@@ -13,24 +13,22 @@ from . import sasl
 from .actions import (
     Close,
     ExchangeSecret,
-    LoginRefused,
     ProtocolError,
     Release,
     SendToApp,
     SendUpstream,
     StartTLS,
     UpstreamConnected,
-    UpstreamFailed,
     UpstreamReady,
 )
-from .common import UpstreamBuffer, first_word, printable
+from .common import first_word, printable
 from .credentials import BearerToken, Credentials, Password
+from .upstream import INJECTION, UpstreamMachine
 from .lines import LineReader, LineTooLong
 
 CRLF = b"\r\n"
 MAX_CAPA_LINES = 256
 
-INJECTION = "upstream sent data before the TLS handshake (possible STARTTLS injection)"
 
 
 def _is_ok(line: bytes) -> bool:
@@ -59,7 +57,7 @@ def _has_capability(capabilities: tuple[str, ...], keyword: str) -> bool:
     return any(line.split(" ", 1)[0].upper() == keyword for line in capabilities)
 
 
-class POP3Upstream:
+class POP3Upstream(UpstreamMachine):
     """Drives the upstream POP3 session until it is authenticated.
 
     Same contract as the SMTP and IMAP upstream machines: :meth:`start`,
@@ -80,48 +78,26 @@ class POP3Upstream:
         max_line: int = 8192,
         login_later: bool = False,
     ):
-        self.implicit_tls = implicit_tls
-        self.login_later = login_later and credentials is None
-        self.starttls_enable = starttls_enable and not implicit_tls
-        self.starttls_required = starttls_required and not implicit_tls
-        self.credentials = credentials
+        super().__init__(
+            implicit_tls=implicit_tls, starttls_enable=starttls_enable, starttls_required=starttls_required,
+            credentials=credentials, login_later=login_later,
+        )
         self.capabilities: tuple[str, ...] = ()
-        self.tls_active = False
         self._lines = LineReader(max_line)
-        self._state = "new"
         self._capa_lines: list[bytes] | None = None  # not None while a CAPA list is read
         self._steps: list[bytes] = []  # what to send on a "+" continuation (or the PASS)
         self._error_reply: bytes | None = None
-        self._pending = UpstreamBuffer()
 
     # -- inputs --------------------------------------------------------------------
-
-    def start(self) -> list:
-        if self.implicit_tls:
-            self._state = "implicit-tls"
-            return [StartTLS()]
-        self._state = "greeting"
-        return []
-
-    def tls_established(self) -> list:
-        self.tls_active = True
-        if self._state == "implicit-tls":
-            self._state = "greeting"
-            return []
-        if self._state == "tls-handshake":
-            self.capabilities = ()  # RFC 2595: what was said in plaintext no longer counts
-            return self._send("capa", b"CAPA")
-        raise ProtocolError(f"TLS completed in unexpected state {self._state}")
 
     def receive(self, data: bytes) -> list:
         if self._state in ("ready", "failed"):
             if self._state == "ready" and not self._pending.add(data):
                 return self._fail("upstream sent too much unsolicited data", permanent=False)
             return []
-        if self._state in ("implicit-tls", "tls-handshake"):
-            return self._fail(INJECTION)
-        if self._state == "new":
-            return self._fail("upstream data before the session started")
+        refused = self._early_data()
+        if refused is not None:
+            return refused
         self._lines.feed(data)
         actions: list = []
         while True:
@@ -144,29 +120,9 @@ class POP3Upstream:
                     return self._fail("upstream sent too much unsolicited data", permanent=False)
                 return actions
 
-    def authenticate(self, credentials: Credentials) -> list:
-        """Log in now with ``credentials`` (``login_later`` mode, after
-        :class:`UpstreamConnected` or :class:`LoginRefused`)."""
-        if not self.login_later or self._state != "awaiting-login":
-            raise ProtocolError(f"authenticate() in state {self._state}")
-        self.credentials = credentials
-        return self._login()
-
-    def take_pending(self) -> bytes:
-        """Upstream bytes that arrived after login, for the application at release."""
-        return self._pending.take()
-
-    # -- helpers ---------------------------------------------------------------------
-
-    def _fail(self, reason: str, permanent: bool = True) -> list:
-        self._state = "failed"
-        return [UpstreamFailed(reason, permanent=permanent)]
-
-    def _refused(self, reason: str) -> list:
-        if not self.login_later:
-            return self._fail(reason)
-        self._state, self.credentials = "awaiting-login", None
-        return [LoginRefused(reason)]
+    def _after_starttls(self) -> list:
+        self.capabilities = ()  # RFC 2595: what was said in plaintext no longer counts
+        return self._send("capa", b"CAPA")
 
     def _send(self, state: str, command: bytes) -> list:
         self._state = state

@@ -11,18 +11,17 @@ from . import sasl
 from .actions import (
     Close,
     ExchangeSecret,
-    LoginRefused,
     ProtocolError,
     Release,
     SendToApp,
     SendUpstream,
     StartTLS,
     UpstreamConnected,
-    UpstreamFailed,
     UpstreamReady,
 )
-from .common import UpstreamBuffer, first_word, printable
+from .common import first_word, printable
 from .credentials import BearerToken, Credentials, Password
+from .upstream import INJECTION, UpstreamMachine
 from .lines import LineReader, LineTooLong
 
 CRLF = b"\r\n"
@@ -87,7 +86,7 @@ def auth_mechanisms(extensions: tuple[str, ...]) -> set[str]:
     return mechanisms
 
 
-class SMTPUpstream:
+class SMTPUpstream(UpstreamMachine):
     """Drives the upstream SMTP session until it is authenticated.
 
     The glue calls :meth:`start`, then :meth:`receive` with every upstream byte and
@@ -110,43 +109,24 @@ class SMTPUpstream:
         max_line: int = 8192,
         login_later: bool = False,
     ):
-        self.implicit_tls = implicit_tls
-        self.login_later = login_later and credentials is None
-        self.starttls_enable = starttls_enable and not implicit_tls
-        self.starttls_required = starttls_required and not implicit_tls
-        self.credentials = credentials
+        super().__init__(
+            implicit_tls=implicit_tls, starttls_enable=starttls_enable, starttls_required=starttls_required,
+            credentials=credentials, login_later=login_later,
+        )
         self.ehlo_name = ehlo_name.encode("ascii")
         self.extensions: tuple[str, ...] = ()
-        self.tls_active = False
         self._replies = ReplyReader(max_line)
-        # With implicit TLS nothing may arrive before the handshake completes.
-        self._state = "implicit-tls" if implicit_tls else "greeting"
-        self._pending = UpstreamBuffer()
 
     # -- inputs --------------------------------------------------------------------
-
-    def start(self) -> list:
-        """Actions to take as soon as the connection is up."""
-        return [StartTLS()] if self.implicit_tls else []
-
-    def tls_established(self) -> list:
-        self.tls_active = True
-        if self._state == "implicit-tls":
-            self._state = "greeting"
-            return []
-        if self._state == "tls-handshake":
-            return self._ehlo()
-        raise ProtocolError(f"TLS completed in unexpected state {self._state}")
 
     def receive(self, data: bytes) -> list:
         if self._state in ("ready", "failed"):
             if self._state == "ready" and not self._pending.add(data):
                 return self._fail("upstream sent too much unsolicited data", permanent=False)
             return []
-        if self._state in ("implicit-tls", "tls-handshake"):
-            # Plaintext bytes after STARTTLS's go-ahead would be processed as if they
-            # came through the TLS tunnel: a command-injection attack (CVE-2011-0411).
-            return self._fail("upstream sent data before the TLS handshake (possible STARTTLS injection)")
+        refused = self._early_data()
+        if refused is not None:
+            return refused
         try:
             replies = self._replies.feed(data)
         except ProtocolError as e:
@@ -156,9 +136,7 @@ class SMTPUpstream:
             actions += self._on_reply(reply)
             if self._state == "tls-handshake":
                 if index + 1 < len(replies) or len(self._replies.lines):
-                    return self._fail(
-                        "upstream sent data before the TLS handshake (possible STARTTLS injection)"
-                    )
+                    return self._fail(INJECTION)
             if self._state in ("failed", "ready"):
                 break
         if self._state == "ready":
@@ -167,29 +145,8 @@ class SMTPUpstream:
                 self._pending.add(leftover)
         return actions
 
-    def authenticate(self, credentials: Credentials) -> list:
-        """Log in now with ``credentials`` (``login_later`` mode, after
-        :class:`UpstreamConnected` or :class:`LoginRefused`)."""
-        if not self.login_later or self._state != "awaiting-login":
-            raise ProtocolError(f"authenticate() in state {self._state}")
-        self.credentials = credentials
-        return self._authenticate()
-
-    def take_pending(self) -> bytes:
-        """Upstream bytes that arrived after login, for the application at release."""
-        return self._pending.take()
-
-    # -- states ----------------------------------------------------------------------
-
-    def _fail(self, reason: str, permanent: bool = True) -> list:
-        self._state = "failed"
-        return [UpstreamFailed(reason, permanent=permanent)]
-
-    def _refused(self, reason: str) -> list:
-        if not self.login_later:
-            return self._fail(reason)
-        self._state, self.credentials = "awaiting-login", None
-        return [LoginRefused(reason)]
+    def _after_starttls(self) -> list:
+        return self._ehlo()
 
     def _ehlo(self) -> list:
         self._state = "ehlo"
@@ -218,7 +175,7 @@ class SMTPUpstream:
                 if self.starttls_required:
                     return self._fail(f"upstream refused STARTTLS: {reply}")
                 self.starttls_enable = False  # carry on in plaintext, as configured
-                return self._authenticate()
+                return self._login()
             self._state = "tls-handshake"
             return [StartTLS()]
         if state == "auth":
@@ -238,9 +195,9 @@ class SMTPUpstream:
                 return self._fail(
                     "upstream does not offer STARTTLS and the destination requires it"
                 )
-        return self._authenticate()
+        return self._login()
 
-    def _authenticate(self) -> list:
+    def _login(self) -> list:
         creds = self.credentials
         offered = auth_mechanisms(self.extensions)
         if creds is None:

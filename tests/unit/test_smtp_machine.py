@@ -31,8 +31,11 @@ def sent(actions):
 
 
 def upstream(**kw):
+    """A machine whose connection is up (``start()`` called, as the glue does)."""
     kw.setdefault("implicit_tls", False)
-    return SMTPUpstream(**kw)
+    machine = SMTPUpstream(**kw)
+    machine.start()
+    return machine
 
 
 # -- upstream side -------------------------------------------------------------------
