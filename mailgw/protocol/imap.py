@@ -242,13 +242,9 @@ class IMAPUpstream(UpstreamMachine):
     # -- inputs --------------------------------------------------------------------
 
     def receive(self, data: bytes) -> list:
-        if self._state in ("ready", "failed"):
-            if self._state == "ready" and not self._pending.add(data):
-                return self._fail("upstream sent too much unsolicited data", permanent=False)
-            return []
-        refused = self._early_data()
-        if refused is not None:
-            return refused
+        handled = self._outside_login(data)
+        if handled is not None:
+            return handled
         self._reader.feed(data)
         actions: list = []
         while True:

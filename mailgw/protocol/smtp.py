@@ -120,13 +120,9 @@ class SMTPUpstream(UpstreamMachine):
     # -- inputs --------------------------------------------------------------------
 
     def receive(self, data: bytes) -> list:
-        if self._state in ("ready", "failed"):
-            if self._state == "ready" and not self._pending.add(data):
-                return self._fail("upstream sent too much unsolicited data", permanent=False)
-            return []
-        refused = self._early_data()
-        if refused is not None:
-            return refused
+        handled = self._outside_login(data)
+        if handled is not None:
+            return handled
         try:
             replies = self._replies.feed(data)
         except ProtocolError as e:

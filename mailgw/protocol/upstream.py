@@ -48,8 +48,16 @@ class UpstreamMachine:
         self._state = "implicit-tls" if self.implicit_tls else "greeting"
         return [StartTLS()] if self.implicit_tls else []
 
-    def _early_data(self) -> list | None:
-        """The failure for bytes that must not arrive in the current state, else None."""
+    def _outside_login(self, data: bytes) -> list | None:
+        """The actions for bytes that arrive while no login dialogue runs (before start,
+        between the STARTTLS go-ahead and the handshake, after login or failure); None
+        while it runs and the protocol should parse them."""
+        if self._state == "ready":
+            if self._pending.add(data):
+                return []
+            return self._fail("upstream sent too much unsolicited data", permanent=False)
+        if self._state == "failed":
+            return []
         if self._state in ("implicit-tls", "tls-handshake"):
             return self._fail(INJECTION)
         if self._state == "new":
