@@ -78,6 +78,7 @@ class Destination:
     client_id: str | None = None
     client_secret: str | None = field(default=None, repr=False)
     scope: str | None = None
+    token_client_auth: str = "basic"  # tokenServiceAuthentication: basic | body
     location_id: str | None = None
     starttls_enable: bool = True
     starttls_required: bool = False
@@ -254,6 +255,10 @@ def parse_destination(obj: Mapping[str, Any], origin: str | None = None) -> Dest
         if authentication == OAUTH2_CLIENT_CREDENTIALS and not user:
             raise DestinationError(name, "mail.user", "is required for OAuth2ClientCredentials")
 
+    token_client_auth = (text("tokenServiceAuthentication") or "basic").lower()
+    if token_client_auth not in ("basic", "body"):
+        raise DestinationError(name, "tokenServiceAuthentication", f"must be basic or body, not {token_client_auth!r}")
+
     trust_all = _bool(name, "TrustAll", obj.get("TrustAll"), False)
 
     return Destination(
@@ -271,6 +276,7 @@ def parse_destination(obj: Mapping[str, Any], origin: str | None = None) -> Dest
         client_id=client_id,
         client_secret=client_secret,
         scope=text("scope"),
+        token_client_auth=token_client_auth,
         location_id=text("CloudConnectorLocationId"),
         starttls_enable=starttls_enable,
         starttls_required=starttls_required,

@@ -669,7 +669,10 @@ class TokenCache:
 
 class TokenProvider:
     """Tokens for destinations: the client-credentials grant, or an exchange of the
-    refresh token / authorisation code an application presents, through the cache."""
+    refresh token / authorisation code an application presents, through the cache.
+
+    Each destination says how its client authenticates (``tokenServiceAuthentication``);
+    ``client_auth`` is the connectivity proxy's client's."""
 
     def __init__(self, client: TokenClient, cache: TokenCache, client_auth: str = "basic") -> None:
         if client_auth not in CLIENT_AUTH_METHODS:
@@ -706,7 +709,7 @@ class TokenProvider:
         return self.cache.get(
             key,
             lambda: self.client.client_credentials(
-                url, destination.client_id, destination.client_secret, destination.scope, tenant, self.client_auth
+                url, destination.client_id, destination.client_secret, destination.scope, tenant, destination.token_client_auth
             ),
         )
 
@@ -737,11 +740,11 @@ class TokenProvider:
         key = exchange_key(url, destination.client_id, destination.client_secret, secret)
         if destination.authentication == OAUTH2_REFRESH_TOKEN:
             fetch = lambda: self.client.refresh_token(  # noqa: E731
-                url, destination.client_id, destination.client_secret, secret, destination.scope, tenant, self.client_auth
+                url, destination.client_id, destination.client_secret, secret, destination.scope, tenant, destination.token_client_auth
             )
         else:
             fetch = lambda: self.client.authorization_code(  # noqa: E731
-                url, destination.client_id, destination.client_secret, secret, None, tenant, self.client_auth
+                url, destination.client_id, destination.client_secret, secret, None, tenant, destination.token_client_auth
             )
         return self.cache.get(key, fetch)
 

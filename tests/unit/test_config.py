@@ -57,6 +57,7 @@ def test_secrets_not_in_repr():
         (dict(Authentication="OAuth2RefreshToken"), "tokenServiceURL"),
         (dict(Authentication="OAuth2RefreshToken", tokenServiceURL="https://t/x"), "clientId"),
         (dict(TrustAll="yes"), "TrustAll"),
+        (dict(tokenServiceAuthentication="header"), "tokenServiceAuthentication"),
         (dict(mail__smtps__starttls__required="maybe"), "mail.smtps.starttls.required"),
     ],
 )

@@ -554,3 +554,11 @@ def test_keys_hold_no_secret():
 def test_access_token_repr_hides_secrets():
     token = AccessToken(access_token="at-secret", expires_at=1.0, refresh_token="rt-secret")
     assert "at-secret" not in repr(token) and "rt-secret" not in repr(token)
+
+
+@pytest.mark.parametrize("method", ["basic", "body"])
+def test_destination_chooses_client_authentication(reactor, svc, provider, method):
+    """tokenServiceAuthentication: HTTP Basic by default, the form body when asked."""
+    call(reactor, provider.for_client_credentials, destination(svc, token_client_auth=method))
+    call(reactor, provider.exchange, destination(svc, OAUTH2_REFRESH_TOKEN, token_client_auth=method), None, REFRESH)
+    assert [r.auth_method for r in svc.requests[-2:]] == [method, method]
