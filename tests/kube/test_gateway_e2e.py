@@ -38,22 +38,37 @@ def gateway(fake, reactor, in_reactor, tmp_path):
     in_reactor(service.stopService)
 
 
-def test_cr_with_secrets_destination_serves_the_mailbox(fake, gateway, dovecot, certs):
-    destination = {
-        "Name": "office-imap", "Type": "MAIL", "ProxyType": "Internet", "Authentication": "BasicAuthentication",
+def imap_destination(name, dovecot, certs):
+    return {
+        "Name": name, "Type": "MAIL", "ProxyType": "Internet", "Authentication": "BasicAuthentication",
         "mail.transport.protocol": "imap4s", "mail.imap4s.host": "localhost", "mail.imap4s.port": str(dovecot.imaps_port),
         "mail.user": "alice", "mail.password": "secret", "TrustStoreLocation": str(certs.ca_pem),
     }
+
+
+def create(fake, cr_name, destination):
     fake.create("secrets", "apps", {
-        "metadata": {"name": "office-imap", "namespace": "apps"},
+        "metadata": {"name": destination["Name"], "namespace": "apps"},
         "data": {"destination.json": base64.b64encode(json.dumps(destination).encode()).decode()},
     })
     fake.create("destinations", "apps", {
         "apiVersion": "destination.connectivity.api.sap/v1", "kind": "Destination",
-        "metadata": {"name": "mymail"}, "spec": {"destinationRef": {"name": "office-imap"}},
+        "metadata": {"name": cr_name}, "spec": {"destinationRef": {"name": destination["Name"]}},
     })
+
+
+def listener_port(gateway, cr_name):
     manager = gateway.controller.listeners
-    port = wait_for(lambda: next((p.getHost().port for p in dict(manager.ports).values()), None), what="a listener")
+    return wait_for(
+        lambda: next((p.getHost().port for r, p in dict(manager.ports).items() if r.cr_name == cr_name), None),
+        what=f"a listener for {cr_name}",
+    )
+
+
+def test_cr_with_secrets_destination_serves_the_mailbox(fake, gateway, dovecot, certs):
+    create(fake, "mymail", imap_destination("office-imap", dovecot, certs))
+    manager = gateway.controller.listeners
+    port = listener_port(gateway, "mymail")
 
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         f = sock.makefile("rb")
@@ -73,3 +88,25 @@ def test_cr_with_secrets_destination_serves_the_mailbox(fake, gateway, dovecot, 
     wait_for(lambda: not manager.ports, what="the listener to close")
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_other_crs_coming_and_going_leave_a_session_alone(fake, gateway, dovecot, certs):
+    create(fake, "first", imap_destination("first-imap", dovecot, certs))
+    port = listener_port(gateway, "first")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        f = sock.makefile("rb")
+        assert f.readline().startswith(b"* OK")
+        sock.sendall(b"a1 SELECT INBOX\r\n")
+        while not f.readline().startswith(b"a1 OK"):
+            pass
+        create(fake, "second", imap_destination("second-imap", dovecot, certs))
+        listener_port(gateway, "second")
+        fake.delete("destinations", "apps", "second")
+        wait_for(lambda: all(r.cr_name != "second" for r in gateway.controller.listeners.ports), what="second to close")
+        sock.sendall(b"a2 FETCH 1 BODY[TEXT]\r\n")
+        data = b""
+        while b"a2 OK" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert b"Hello from the seeded INBOX." in data
