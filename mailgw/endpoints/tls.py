@@ -7,6 +7,7 @@ and STARTTLS alike, so one code path serves both and it works through a SOCKS tu
 
 from __future__ import annotations
 
+import os
 import re
 
 from OpenSSL import SSL
@@ -79,17 +80,49 @@ class _UnverifiedClientTLS:
         return connection
 
 
+#: Connection creators by TLS settings; bounded, cleared when full.
+_OPTIONS: dict[tuple, IOpenSSLClientConnectionCreator] = {}
+_OPTIONS_MAX = 512
+
+
+def _mtime(path: str | None) -> float | None:
+    try:
+        return os.stat(path).st_mtime if path else None
+    except OSError:
+        return None  # building the options reports the problem
+
+
 def client_tls_options(destination: Destination) -> IOpenSSLClientConnectionCreator:
-    """The connection creator for ``destination``'s upstream TLS (verification on by default)."""
-    client_cert, chain = _client_certificate(destination)
-    extra = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}
-    if chain:
-        extra["extraCertChain"] = chain
+    """The connection creator for ``destination``'s upstream TLS (verification on by default).
+
+    Built once per set of TLS settings and shared by the sessions: an OpenSSL context is
+    costly to make and the PEM files would otherwise be read on the reactor thread for
+    every session.  A PEM file with a new modification time builds a new one.
+    """
     if destination.trust_all:
         log.warn(
             "destination {destination}: TrustAll is set, the upstream certificate is NOT verified",
             destination=destination.name,
         )
+    key = (
+        destination.host, destination.trust_all,
+        destination.trust_store, _mtime(destination.trust_store),
+        destination.key_store, _mtime(destination.key_store),
+    )
+    options = _OPTIONS.get(key)
+    if options is None:
+        if len(_OPTIONS) >= _OPTIONS_MAX:
+            _OPTIONS.clear()
+        options = _OPTIONS[key] = _build_options(destination)
+    return options
+
+
+def _build_options(destination: Destination) -> IOpenSSLClientConnectionCreator:
+    client_cert, chain = _client_certificate(destination)
+    extra = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}
+    if chain:
+        extra["extraCertChain"] = chain
+    if destination.trust_all:
         options = ssl.CertificateOptions(
             verify=False,
             privateKey=client_cert.privateKey.original if client_cert else None,
@@ -112,4 +145,4 @@ def client_tls_options(destination: Destination) -> IOpenSSLClientConnectionCrea
 
 def check_tls_files(destination: Destination) -> None:
     """Raise :class:`TLSConfigError` now if the destination's PEM files are unusable."""
-    client_tls_options(destination) if not destination.trust_all else _client_certificate(destination)
+    _build_options(destination)
