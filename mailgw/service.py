@@ -51,6 +51,13 @@ class Gateway:
         self.sessions: set[GatewaySession] = set()
         self._per_destination: Counter[str] = Counter()
         self.draining = False
+        #: more conditions for readiness (Kubernetes mode: the controller has synced)
+        self.readiness_checks: list = []
+
+    @property
+    def ready(self) -> bool:
+        """Serving: not draining, and every readiness check passes."""
+        return not self.draining and all(check() for check in self.readiness_checks)
 
     def lookup(self, route: Route):
         return self.source.lookup(route.destination, route.tenant)

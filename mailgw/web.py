@@ -17,7 +17,7 @@ class _Health(resource.Resource):
 
 
 class _Ready(resource.Resource):
-    """Ready unless the gateway is draining (SIGTERM received)."""
+    """Ready unless the gateway is draining (SIGTERM received) or not yet serving."""
 
     isLeaf = True
 
@@ -30,6 +30,9 @@ class _Ready(resource.Resource):
         if self.gateway.draining:
             request.setResponseCode(503)
             return b"draining\n"
+        if not self.gateway.ready:
+            request.setResponseCode(503)
+            return b"starting\n"
         return b"ready\n"
 
 

@@ -135,4 +135,5 @@ def make_kubernetes_service(reactor, config_path: str | None, *, api=None, setti
     controller = KubeController.create(api, listeners, settings, reactor)
     controller.setServiceParent(service)
     service.controller = controller
+    service.gateway.readiness_checks.append(lambda: controller.ready)  # initial lists in
     return service

@@ -7,12 +7,13 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import urllib.request
 
 import pytest
 from kubernetes import client as k8s
 
 import realservers
-from conftest import wait_for
+from kubetest import wait_for
 from mailgw.kube.client import KubeApi
 from mailgw.kube.controller import KubeSettings
 from mailgw.kube.main import make_kubernetes_service
@@ -26,7 +27,8 @@ def free_range(size=20):
 
 @pytest.fixture
 def gateway(fake, reactor, in_reactor, tmp_path):
-    (tmp_path / "gateway.yaml").write_text(json.dumps({"http": {"listen": f"tcp:{realservers.free_port()}:interface=127.0.0.1"}}))
+    http_port = realservers.free_port()
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"http": {"listen": f"tcp:{http_port}:interface=127.0.0.1"}}))
     api = KubeApi(k8s.ApiClient(fake.configuration()), timeout=2.0, connect_timeout=1.0)
     settings = KubeSettings(
         gateway_namespace="mailgw-system", identity="gw-0", port_range=free_range(),
@@ -34,6 +36,7 @@ def gateway(fake, reactor, in_reactor, tmp_path):
     )
     service = in_reactor(make_kubernetes_service, reactor, str(tmp_path / "gateway.yaml"), api=api, settings=settings)
     in_reactor(service.startService)
+    service.http_port = http_port
     yield service
     in_reactor(service.stopService)
 
@@ -63,6 +66,17 @@ def listener_port(gateway, cr_name):
         lambda: next((p.getHost().port for r, p in dict(manager.ports).items() if r.cr_name == cr_name), None),
         what=f"a listener for {cr_name}",
     )
+
+
+def test_ready_once_the_controller_has_synced(gateway):
+    def ready():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{gateway.http_port}/readyz", timeout=5).status == 200
+        except OSError:
+            return False
+
+    wait_for(ready, what="/readyz")
+    assert gateway.controller.ready
 
 
 def test_cr_with_secrets_destination_serves_the_mailbox(fake, gateway, dovecot, certs):
