@@ -1,0 +1,139 @@
+"""GatewaySession's glue on in-memory transports and a Clock: no sockets, no reactor."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from mailgw.destination import parse_destination
+from mailgw.service import Gateway, StaticSource
+from mailgw.session import GatewaySession, Route, Settings
+
+PLAIN_SMTP = parse_destination({
+    "Name": "plain", "Type": "MAIL", "Authentication": "NoAuthentication", "mail.transport.protocol": "smtp",
+    "mail.smtp.host": "127.0.0.1", "mail.smtp.port": "25", "mail.smtp.starttls.enable": "false",
+})
+
+
+class Transport(StringTransport):
+    disconnected = False
+
+    def loseConnection(self):
+        super().loseConnection()
+        self.disconnected = True
+
+
+class Endpoint:
+    """Connects the upstream protocol to an in-memory transport at once."""
+
+    def __init__(self):
+        self.protocol = None
+        self.transport = Transport()
+
+    def connect(self, factory):
+        self.protocol = factory.buildProtocol(None)
+        self.protocol.makeConnection(self.transport)
+        return succeed(self.protocol)
+
+
+def make(settings=Settings()):
+    clock = Clock()
+    gateway = Gateway(clock, settings, StaticSource({"plain": PLAIN_SMTP}))
+    endpoint = Endpoint()
+    gateway.upstream_endpoint = lambda destination, tenant: endpoint
+    session = GatewaySession(Route("plain"), gateway)
+    app = Transport()
+    session.makeConnection(app)
+    return clock, gateway, session, app, endpoint
+
+
+def upstream_says(endpoint, data: bytes):
+    endpoint.protocol.dataReceived(data)
+
+
+def login(endpoint):
+    upstream_says(endpoint, b"220 upstream ESMTP\r\n")
+    assert endpoint.transport.value() == b"EHLO mailgw\r\n"
+    upstream_says(endpoint, b"250-upstream\r\n250 PIPELINING\r\n")
+
+
+def test_greets_after_upstream_login_then_releases_and_relays():
+    clock, gateway, session, app, endpoint = make()
+    assert app.value() == b""  # nothing until the upstream is ready
+    login(endpoint)
+    assert app.value().startswith(b"220 ")
+    endpoint.transport.clear()
+    session.dataReceived(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n")
+    assert session.phase == "relay"
+    assert endpoint.transport.value() == b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n"
+    app.clear()
+    upstream_says(endpoint, b"250 ok\r\n250 ok\r\n")
+    assert app.value() == b"250 ok\r\n250 ok\r\n"
+
+
+def test_early_application_bytes_are_kept_in_order():
+    clock, gateway, session, app, endpoint = make()
+    session.dataReceived(b"EHLO early\r\nMAIL FROM:<a@example.org>\r\n")
+    login(endpoint)
+    assert session.phase == "relay"
+    assert app.value().split(b"\r\n")[1].startswith(b"250-mailgw")
+    assert endpoint.transport.value() == b"EHLO mailgw\r\nMAIL FROM:<a@example.org>\r\n"
+
+
+def test_too_much_early_data_is_refused():
+    clock, gateway, session, app, endpoint = make(Settings(max_line=100))
+    session.dataReceived(b"x" * 200)
+    assert app.value().startswith(b"554 ") and app.disconnecting
+
+
+def test_login_timeout_refuses_with_421():
+    clock, gateway, session, app, endpoint = make(Settings(login_timeout=5))
+    clock.advance(5)
+    assert app.value().startswith(b"421 ") and b"did not complete the login" in app.value()
+    assert app.disconnecting and endpoint.transport.disconnecting
+
+
+def test_idle_application_before_release_gets_goodbye():
+    clock, gateway, session, app, endpoint = make(Settings(idle_timeout=30))
+    login(endpoint)
+    app.clear()
+    clock.advance(29)
+    session.dataReceived(b"NOOP\r\n")
+    clock.advance(29)
+    assert not app.disconnecting
+    clock.advance(2)
+    assert b"421 4.3.2 mailgw: idle timeout" in app.value() and app.disconnecting
+
+
+def test_upstream_closing_after_release_closes_the_application():
+    clock, gateway, session, app, endpoint = make()
+    login(endpoint)
+    session.dataReceived(b"QUIT\r\n")
+    endpoint.protocol.connectionLost(None)
+    assert app.disconnecting
+
+
+def test_application_closing_closes_upstream_and_ends_the_session():
+    clock, gateway, session, app, endpoint = make()
+    login(endpoint)
+    assert session in gateway.sessions
+    session.connectionLost(None)
+    assert endpoint.transport.disconnecting and session not in gateway.sessions
+    assert session.closed.called
+
+
+@pytest.mark.parametrize("released", [False, True])
+def test_drain_timeout_closes_open_sessions_with_goodbye(released):
+    clock, gateway, session, app, endpoint = make()
+    login(endpoint)
+    if released:
+        session.dataReceived(b"MAIL FROM:<a@example.org>\r\n")
+    app.clear()
+    done = gateway.drain(10)
+    assert not done.called
+    clock.advance(10)
+    assert app.value().startswith(b"421 4.3.2 mailgw: the gateway is shutting down") and app.disconnecting
+    session.connectionLost(None)
+    assert done.called and gateway.draining
