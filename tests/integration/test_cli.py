@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
+import socket
 import smtplib
 import subprocess
 import sys
@@ -53,6 +53,28 @@ def test_bad_config_stops_startup_with_one_clear_line(tmp_path, config, expected
     assert expected in output
 
 
+def wait_until(predicate, what, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def readyz_status(base):
+    try:
+        return urllib.request.urlopen(base + "/readyz", timeout=5).status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def accepts(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
 def test_sigterm_drains_open_sessions(tmp_path, postfix, smtp_sink):
     """A session open at SIGTERM finishes its mail; new connections are refused; clean exit."""
     port = realservers.free_port()
@@ -81,12 +103,8 @@ def test_sigterm_drains_open_sessions(tmp_path, postfix, smtp_sink):
         metrics = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
         assert 'mailgw_sessions_active{destination="plain"} 1.0' in metrics
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        with pytest.raises(urllib.error.HTTPError) as not_ready:
-            urllib.request.urlopen(base + "/readyz", timeout=10)
-        assert not_ready.value.code == 503
-        with pytest.raises(OSError):
-            smtplib.SMTP("127.0.0.1", port, timeout=5)  # no longer accepting
+        wait_until(lambda: readyz_status(base) == 503, "/readyz to report draining")
+        wait_until(lambda: not accepts(port), "the listener to stop accepting")
         mark = uuid.uuid4().hex
         client.sendmail("a@example.org", ["b@example.org"], f"Subject: {mark}\r\n\r\ndrained\r\n")
         client.quit()
@@ -97,7 +115,8 @@ def test_sigterm_drains_open_sessions(tmp_path, postfix, smtp_sink):
         if proc.poll() is None:
             proc.kill()
         output = proc.communicate()[0]
-    assert "draining 1 open sessions" in output, output
+    # (a probe of the listener just before it closed may have opened a second session)
+    assert re.search(r"draining [12] open sessions", output), output
 
 
 def test_kubernetes_mode_bad_section_is_one_clear_line(tmp_path):
