@@ -127,8 +127,7 @@ class GatewayService(service.MultiService):
     def send_address(self, name: str):
         """Where the send API reaches destination ``name``: the host and port of its
         first SMTP listener (``None`` when there is none), as a Deferred."""
-        destination = self.gateway.source.destinations.get(name) if isinstance(self.gateway.source, StaticSource) else None
-        if destination is None or destination.family != "smtp":
+        if self.gateway.source.family(name) != "smtp":
             return defer.succeed(None)
         for listener in self.listeners:
             if listener.route.destination == name and listener.route.tenant is None:
