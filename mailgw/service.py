@@ -16,7 +16,8 @@ from .destination import Destination
 from .endpoints.chain import socks_proxy, upstream_endpoint
 from .errors import GatewayError
 from .oauth import TokenCache, TokenClient, TokenProvider
-from .session import GatewayFactory, GatewaySession, Route, Settings
+from .session import GatewayFactory, GatewaySession
+from .settings import Route, Settings
 
 log = Logger()
 
@@ -117,10 +118,9 @@ class Gateway:
 class GatewayService(service.MultiService):
     """The standalone gateway: one listening service per listener, plus http."""
 
-    def __init__(self, gateway: Gateway, drain_timeout: float):
+    def __init__(self, gateway: Gateway):
         super().__init__()
         self.gateway = gateway
-        self.drain_timeout = drain_timeout
         self.listeners = service.MultiService()
         self.listeners.setServiceParent(self)
 
@@ -142,7 +142,7 @@ class GatewayService(service.MultiService):
         # Stop accepting first, report not ready, then let open sessions finish.
         self.gateway.draining = True
         d = defer.maybeDeferred(self.listeners.stopService)
-        d.addCallback(lambda _: self.gateway.drain(self.drain_timeout))
+        d.addCallback(lambda _: self.gateway.drain(self.gateway.settings.drain_timeout))
         d.addCallback(lambda _: super(GatewayService, self).stopService())
         return d
 
@@ -197,7 +197,7 @@ def make_service(config: GatewayConfig, reactor=None, *, tokens=None, proxy_endp
         reactor, config.settings, source or StaticSource(config.destinations),
         tokens=tokens, proxy=config.connectivity_proxy, proxy_endpoint=proxy_endpoint,
     )
-    top = GatewayService(gateway, config.drain_timeout)
+    top = GatewayService(gateway)
     if token_client is not None:
         token_client.setServiceParent(top)  # its thread pool starts and stops with us
     for index, listener in enumerate(config.listeners):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 from typing import Callable
 
-from attrs import frozen
 from twisted.internet import defer
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
@@ -53,36 +52,10 @@ from .protocol.actions import (
 )
 from .protocol.credentials import BearerToken, Password
 from .relay import Relay, close_with_grace
+from .settings import Route, Settings
 
 log = Logger()
 _session_ids = itertools.count(1)
-
-
-@frozen
-class Route:
-    """What a listener serves: a destination, optionally for one tenant."""
-
-    destination: str
-    tenant: str | None = None
-
-    def __str__(self) -> str:
-        return self.destination + (f"/{self.tenant}" if self.tenant else "")
-
-
-@frozen
-class Settings:
-    """Timeouts (seconds) and limits that apply to every session."""
-
-    connect_timeout: float = 10.0
-    tls_timeout: float = 10.0
-    login_timeout: float = 30.0  # from accept until the upstream is ready
-    idle_timeout: float = 300.0  # application silent before release
-    relay_idle_timeout: float = 1800.0  # after release; long enough for IMAP IDLE
-    max_line: int = 16384  # application command line before release
-    max_sessions_per_destination: int = 1000
-    token_timeout: float = 10.0  # each HTTP call to a token service
-    max_token_requests: int = 8  # concurrent token requests, all destinations together
-    hostname: str = "mailgw"
 
 
 class GatewayFactory(Factory):
@@ -423,7 +396,7 @@ class GatewaySession(Protocol):
         name = self.destination.name if self.destination else self.route.destination
         text = f"destination {name}: {reason}"
         log.warn("session {sid} refused: {text}", sid=self.sid, text=text)
-        metrics.SESSIONS_REFUSED.labels(self.route.destination).inc()
+        metrics.SESSIONS_REFUSED.labels(self.route.destination, "internal").inc()  # reasons: the session machine
         family = self.destination.family if self.destination else self.gateway.family_of(self.route)
         self.transport.write(families.refusal(family, text, permanent))
         self._close_app()

@@ -21,7 +21,8 @@ from ..errors import GatewayError
 from ..oauth import TokenError
 from ..protocol.common import printable
 from ..service import GatewayService, make_service
-from ..session import GatewayFactory, Route as SessionRoute
+from ..session import GatewayFactory
+from ..settings import Route as SessionRoute
 from .listeners import IListenerManager, IRouteDestination
 from .model import Route
 from .sources import DestinationLookupError

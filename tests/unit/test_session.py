@@ -9,7 +9,8 @@ from twisted.internet.testing import StringTransport
 
 from mailgw.destination import parse_destination
 from mailgw.service import Gateway, StaticSource
-from mailgw.session import GatewaySession, Route, Settings
+from mailgw.session import GatewaySession
+from mailgw.settings import Route, Settings
 
 PLAIN_SMTP = parse_destination({
     "Name": "plain", "Type": "MAIL", "Authentication": "NoAuthentication", "mail.transport.protocol": "smtp",
