@@ -76,13 +76,16 @@ class GatewayProcess(MultiService):
         child.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
+        # Before anything listens: a SIGHUP from someone who saw a port open must not
+        # find the default action (terminate) still in place.
+        self._install_hangup_handler()
         # twistd binds ports here, before it drops privileges and before the reactor
         # runs: a port in use is found while nothing else has started.
         self._guarded(super().privilegedStartService)
 
     def startService(self) -> None:
-        self._guarded(super().startService)
         self._install_hangup_handler()
+        self._guarded(super().startService)
 
     def _guarded(self, start: Callable[[], None]) -> None:
         try:
@@ -95,6 +98,8 @@ class GatewayProcess(MultiService):
             exit_with(line, self._stderr)
 
     def _install_hangup_handler(self) -> None:
+        if signal.getsignal(signal.SIGHUP) == self._on_signal:
+            return
         try:
             signal.signal(signal.SIGHUP, self._on_signal)
         except ValueError:  # not the main thread (an in-process test): nothing to install
@@ -106,6 +111,7 @@ class GatewayProcess(MultiService):
         self.reactor.callFromThread(self._hangup)
 
     def _hangup(self) -> None:
+        # (Queued before the reactor ran, it runs once the service has started.)
         if not self.running:
             log.info("SIGHUP ignored: the gateway is shutting down")
             return
