@@ -236,3 +236,112 @@ def test_secret_file_not_utf8(tmp_path):
     (tmp_path / "pw").write_bytes(b"\xff\xfe")
     with pytest.raises(ConfigError, match="secret file is not UTF-8"):
         load_config(secret_config(tmp_path, tmp_path / "pw"))
+
+
+# --- ListenerGroup: binding and replacing (SIGHUP) ----------------------------------------
+
+
+class FussyReactor(MemoryReactor):
+    """A MemoryReactor whose ports can be refused, and that knows which are open."""
+
+    def __init__(self, refuse=(), refuse_backlog=None):
+        super().__init__()
+        self.refuse = set(refuse)
+        self.refuse_backlog = refuse_backlog
+        self.open: dict[int, object] = {}
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        from twisted.internet.error import CannotListenError
+
+        if port in self.refuse or port in self.open or backlog == self.refuse_backlog:
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        listening = super().listenTCP(port, factory, backlog, interface)
+        self.open[port] = factory
+        original = listening.stopListening
+
+        def stop():
+            self.open.pop(port, None)
+            return original()
+
+        listening.stopListening = stop
+        return listening
+
+
+def group(reactor, *specs):
+    from mailgw.listening import Listener, ListenerGroup
+
+    result = ListenerGroup(reactor)
+    for name, listen in specs:
+        result.add(Listener(name, listen, Factory(name)))
+    return result
+
+
+class Factory:
+    def __init__(self, route):
+        self.route = route
+
+
+def spec(name, listen):
+    from mailgw.listening import Listener
+
+    return Listener(name, listen, Factory(name), route=name)
+
+
+def test_group_binds_in_privileged_start_and_fails_as_one():
+    from mailgw.listening import StartupError
+
+    reactor = FussyReactor(refuse={2527})
+    listeners = group(reactor, ("a", "tcp:2526"), ("b", "tcp:2527"))
+    with pytest.raises(StartupError, match="b: cannot listen on 'tcp:2527': address already in use"):
+        listeners.privilegedStartService()
+    assert reactor.open == {}  # the one that did bind was closed again
+
+
+def test_replace_keeps_adds_removes_and_moves_routes():
+    reactor = FussyReactor()
+    listeners = group(reactor, ("a", "tcp:2526"), ("b", "tcp:2527"))
+    listeners.startService()
+    kept = listeners.listeners[0]
+    committed = []
+    d = listeners.replace([spec("a2", "tcp:2526"), spec("c", "tcp:2528")], lambda: committed.append(set(reactor.open)))
+    assert d.called and committed == [{2526, 2527, 2528}]  # commit before the removed one closes
+    assert set(reactor.open) == {2526, 2528}
+    assert listeners.listeners[0] is kept and kept.factory.route == "a2" and kept.route == "a2"
+
+
+def test_replace_that_cannot_listen_changes_nothing():
+    from mailgw.listening import StartupError
+
+    reactor = FussyReactor(refuse={2529})
+    listeners = group(reactor, ("a", "tcp:2526"), ("b", "tcp:2527"))
+    listeners.startService()
+    failures = []
+    listeners.replace([spec("c", "tcp:2528"), spec("d", "tcp:2529")], lambda: failures.append("committed")).addErrback(failures.append)
+    [failure] = failures
+    assert failure.check(StartupError)
+    assert set(reactor.open) == {2526, 2527} and [item.name for item in listeners.listeners] == ["a", "b"]
+
+
+def test_replace_on_the_same_port_with_another_string():
+    reactor = FussyReactor()
+    listeners = group(reactor, ("a", "tcp:2526:interface=127.0.0.1"))
+    listeners.startService()
+    # Same socket, another string: the old one closes before the new one binds.
+    listeners.replace([spec("a", "tcp:2526:interface=127.0.0.1:backlog=10")])
+    assert set(reactor.open) == {2526}
+    assert listeners.listeners[0].listen.endswith("backlog=10")
+    assert [call[2] for call in reactor.tcpServers] == [DEFAULT_BACKLOG, 10]
+
+
+def test_replace_on_the_same_port_that_fails_reopens_the_old_one():
+    from mailgw.listening import StartupError
+
+    reactor = FussyReactor(refuse_backlog=10)
+    listeners = group(reactor, ("a", "tcp:2526:interface=127.0.0.1"), ("b", "tcp:2527"))
+    listeners.startService()
+    failures = []
+    listeners.replace([spec("a", "tcp:2526:interface=127.0.0.1:backlog=10"), spec("c", "tcp:2528")]).addErrback(failures.append)
+    assert failures and failures[0].check(StartupError)
+    assert set(reactor.open) == {2526, 2527}  # the old listener is back, the new one gone
+    assert [item.listen for item in listeners.listeners] == ["tcp:2526:interface=127.0.0.1", "tcp:2527"]
+    assert all(item.port is not None for item in listeners.listeners)
