@@ -16,7 +16,7 @@ import re
 from .actions import ProtocolError, SendToApp, SendUpstream
 from .appside import BEARER_MECHANISMS, AppSide, Dialect, Phase, safe_text
 from .common import first_word, printable
-from .credentials import Credentials, Password
+from .credentials import Password
 from .lines import LineReader
 from .refusal import Reason
 from .upstream import INJECTION, SASLStart, Step, UpstreamMachine
@@ -201,20 +201,8 @@ class IMAPUpstream(UpstreamMachine):
     the session is already authenticated: no login, and no STARTTLS either.
     """
 
-    def __init__(
-        self,
-        *,
-        implicit_tls: bool,
-        starttls_enable: bool = True,
-        starttls_required: bool = False,
-        credentials: Credentials | None = None,
-        max_line: int = 8192,
-        lazy: bool = False,
-    ):
-        super().__init__(
-            implicit_tls=implicit_tls, starttls_enable=starttls_enable, starttls_required=starttls_required,
-            credentials=credentials, lazy=lazy,
-        )
+    def __init__(self, *, max_line: int = 8192, **options):
+        super().__init__(**options)  # see UpstreamMachine
         self.capabilities: tuple[str, ...] = ()
         self._reader = ResponseReader(max_line, max(4 * max_line, 65536))
         self._preauth = False

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .actions import SendToApp, SendUpstream
 from .appside import BEARER_MECHANISMS, AppSide, Dialect, safe_text
 from .common import first_word, printable
-from .credentials import Credentials, Password
+from .credentials import Password
 from .lines import LineReader, LineTooLong
 from .refusal import Reason
 from .upstream import INJECTION, SASLStart, Step, UpstreamMachine
@@ -57,20 +57,8 @@ class POP3Upstream(UpstreamMachine):
 
     STARTTLS_VERB = "STLS"
 
-    def __init__(
-        self,
-        *,
-        implicit_tls: bool,
-        starttls_enable: bool = True,
-        starttls_required: bool = False,
-        credentials: Credentials | None = None,
-        max_line: int = 8192,
-        lazy: bool = False,
-    ):
-        super().__init__(
-            implicit_tls=implicit_tls, starttls_enable=starttls_enable, starttls_required=starttls_required,
-            credentials=credentials, lazy=lazy,
-        )
+    def __init__(self, *, max_line: int = 8192, **options):
+        super().__init__(**options)  # see UpstreamMachine
         self.capabilities: tuple[str, ...] = ()
         self._lines = LineReader(max_line)
         self._capa_lines: list[bytes] | None = None  # not None while a CAPA list is read

@@ -10,7 +10,6 @@ from __future__ import annotations
 from .actions import ProtocolError, SendToApp, SendUpstream
 from .appside import BEARER_MECHANISMS, AppSide, Dialect, safe_text
 from .common import first_word, printable
-from .credentials import Credentials
 from .lines import LineReader
 from .refusal import Reason
 from .upstream import INJECTION, SASLStart, Step, UpstreamMachine
@@ -85,21 +84,8 @@ class SMTPUpstream(UpstreamMachine):
     the returned actions (see :class:`~mailgw.protocol.upstream.UpstreamMachine`).
     """
 
-    def __init__(
-        self,
-        *,
-        implicit_tls: bool,
-        starttls_enable: bool = True,
-        starttls_required: bool = False,
-        credentials: Credentials | None = None,
-        ehlo_name: str = "mailgw",
-        max_line: int = 8192,
-        lazy: bool = False,
-    ):
-        super().__init__(
-            implicit_tls=implicit_tls, starttls_enable=starttls_enable, starttls_required=starttls_required,
-            credentials=credentials, lazy=lazy,
-        )
+    def __init__(self, *, ehlo_name: str = "mailgw", max_line: int = 8192, **options):
+        super().__init__(**options)  # see UpstreamMachine
         self.ehlo_name = ehlo_name.encode("ascii")
         self.extensions: tuple[str, ...] = ()
         self._replies = ReplyReader(max_line)
