@@ -178,6 +178,7 @@ class SessionMachine:
         self.released = False
         self.app: AppSide | None = None
         self.upstream: UpstreamMachine | None = None
+        self._accepted = False
         self._early = bytearray()  # application bytes that arrived before the greeting
         self._user = ""  # lazy: who the application logs in as
         self._presented: str | None = None  # lazy: the secret whose token is being tried
@@ -199,6 +200,9 @@ class SessionMachine:
     def accepted(self) -> list:
         """The application connected (limits already checked by the glue)."""
         self._expect(Phase.STARTING)
+        if self._accepted:
+            raise MisuseError("accepted() twice")
+        self._accepted = True
         return [StartTimer(LOGIN, self.settings.login_timeout), LookUp()]
 
     def destination_found(self, destination: Destination) -> list:
