@@ -10,14 +10,16 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import metrics
-from .config import ConfigError, GatewayConfig, ProxyConfig
+from . import audit as audit_log
+from . import logs, metrics
+from .config import ConfigError, GatewayConfig, LoggingConfig, ProxyConfig
 from .destination import Destination
 from .endpoints.chain import socks_proxy, upstream_endpoint
 from .errors import GatewayError
 from .oauth import TokenCache, TokenClient, TokenProvider
 from .session import GatewayFactory, GatewaySession
 from .settings import Route, Settings
+from .status import StatusBoard, listener_info
 
 log = Logger()
 
@@ -42,7 +44,10 @@ class StaticSource:
 class Gateway:
     """What every session shares: reactor, settings, destinations, tokens, proxy."""
 
-    def __init__(self, reactor, settings: Settings, source, *, tokens=None, proxy: ProxyConfig | None = None, proxy_endpoint=None):
+    def __init__(
+        self, reactor, settings: Settings, source, *, tokens=None, proxy: ProxyConfig | None = None, proxy_endpoint=None,
+        audit=None, status: StatusBoard | None = None,
+    ):
         self.reactor = reactor
         self.settings = settings
         self.source = source
@@ -52,13 +57,33 @@ class Gateway:
         self.sessions: set[GatewaySession] = set()
         self._per_destination: Counter[str] = Counter()
         self.draining = False
-        #: more conditions for readiness (Kubernetes mode: the controller has synced)
+        #: more conditions for readiness (Kubernetes mode: the controller has synced):
+        #: ``(reason, check)`` pairs, see :meth:`add_readiness_check`; a bare callable
+        #: counts as ``("starting", check)``
         self.readiness_checks: list = []
+        #: the audit log (mailgw.audit.AuditLog), None when gateway.yaml has no ``audit``
+        self.audit = audit
+        #: what sessions report per destination, for /status (mailgw.status.StatusBoard)
+        self.status = status if status is not None else StatusBoard(reactor)
+
+    def add_readiness_check(self, reason: str, check) -> None:
+        """Not ready while ``check()`` is false; ``/readyz`` then says ``reason``
+        (e.g. ``"controller not synced"``)."""
+        self.readiness_checks.append((reason, check))
+
+    def not_ready(self) -> list[str]:
+        """Why the gateway is not ready (``/readyz``, ``/status``); empty when it is."""
+        reasons = ["draining"] if self.draining else []
+        for item in self.readiness_checks:
+            reason, check = item if isinstance(item, tuple) else ("starting", item)
+            if not check():
+                reasons.append(reason)
+        return reasons
 
     @property
     def ready(self) -> bool:
         """Serving: not draining, and every readiness check passes."""
-        return not self.draining and all(check() for check in self.readiness_checks)
+        return not self.not_ready()
 
     def lookup(self, route: Route):
         return self.source.lookup(route.destination, route.tenant)
@@ -118,11 +143,41 @@ class Gateway:
 class GatewayService(service.MultiService):
     """The standalone gateway: one listening service per listener, plus http."""
 
+    #: gateway.yaml's ``logging`` section (set by make_service)
+    logging = LoggingConfig()
+    #: set by the twistd plugin when gateway.yaml asks for JSON logs (mailgw.logs)
+    log_observer = None
+
     def __init__(self, gateway: Gateway):
         super().__init__()
         self.gateway = gateway
         self.listeners = service.MultiService()
         self.listeners.setServiceParent(self)
+        #: more listening sockets for /status (Kubernetes mode: the controller's), each a
+        #: callable returning mailgw.status.ListenerInfo values
+        self.listener_sources: list = []
+        #: more sections of /status: name -> callable returning a JSON-able dict
+        #: (the warm pool's ``pool``, Kubernetes mode's ``controller``)
+        self.status_providers: dict = {}
+
+    def setServiceParent(self, parent):
+        super().setServiceParent(parent)
+        if self.log_observer is not None:
+            # twistd's application: its AppLogger logs to this component (mailgw.logs)
+            logs.offer_observer(parent, self.log_observer)
+
+    def listener_status(self) -> defer.Deferred:
+        """Fires with a mailgw.status.ListenerInfo for every listening socket."""
+
+        def one(listening):
+            route = listening.route
+            d = _port_of(listening)
+            return d.addCallbacks(lambda port: [listener_info(route.destination, route.tenant, port)], lambda _: [])
+
+        waiting = [one(listening) for listening in self.listeners if listening.running]
+        waiting += [defer.maybeDeferred(lambda source=source: list(source())) for source in self.listener_sources]
+        d = defer.gatherResults(waiting, consumeErrors=True)
+        return d.addCallback(lambda lists: [info for found in lists for info in found])
 
     def send_address(self, name: str):
         """Where the send API reaches destination ``name``: the host and port of its
@@ -193,11 +248,21 @@ def make_service(config: GatewayConfig, reactor=None, *, tokens=None, proxy_endp
             reactor, config.connectivity_proxy, connect_timeout=config.settings.connect_timeout,
             jwt_for_tenant=lambda tenant: tokens.for_connectivity_proxy(config.connectivity_proxy, tenant),
         )
+    try:
+        audit = audit_log.from_config(config, reactor)
+    except audit_log.AuditOpenError as e:
+        raise ConfigError(f"{config.origin}: {e}") from None
     gateway = Gateway(
         reactor, config.settings, source or StaticSource(config.destinations),
         tokens=tokens, proxy=config.connectivity_proxy, proxy_endpoint=proxy_endpoint,
+        audit=audit, status=StatusBoard(reactor),
     )
     top = GatewayService(gateway)
+    top.logging = config.logging
+    if audit is not None:
+        # Stops after the listeners' drain; records of sessions that end before it
+        # starts wait in its queue.
+        audit.setServiceParent(top)
     if token_client is not None:
         token_client.setServiceParent(top)  # its thread pool starts and stops with us
     for index, listener in enumerate(config.listeners):

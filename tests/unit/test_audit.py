@@ -15,7 +15,9 @@ from twisted.logger import globalLogPublisher
 from twisted.web.http_headers import Headers
 
 from mailgw import metrics
-from mailgw.audit import AuditLog, SendAudit, SessionAudit, send_audit_for
+from mailgw.audit import AuditLog, AuditOpenError, SendAudit, SessionAudit, from_config, send_audit_for
+from mailgw.config import ConfigError, parse_config
+from mailgw.service import make_service
 
 SESSION_FIELDS = [
     "time", "sid", "destination", "tenant", "client", "upstream", "authentication", "outcome", "reason",
@@ -284,3 +286,20 @@ def test_stop_does_not_wait_forever_for_a_stuck_disk():
     clock.advance(60)  # the grace period passes (on the fake clock)
     assert stopped == [None]
     stream.release.set()
+
+
+def test_from_config_none_without_audit_and_a_clear_error_for_a_bad_path(tmp_path):
+    assert from_config(parse_config({}, "gw.yaml", tmp_path)) is None
+    config = parse_config({"audit": {"path": "no/such/dir/audit.jsonl"}}, "gw.yaml", tmp_path)
+    with pytest.raises(AuditOpenError, match=r"audit: cannot open .*no/such/dir/audit.jsonl: No such file"):
+        from_config(config, Clock())
+    with pytest.raises(ConfigError, match=r"^gw.yaml: audit: cannot open"):
+        make_service(config, Clock())
+
+
+def test_make_service_puts_the_audit_log_where_sessions_reach_it(tmp_path):
+    config = parse_config({"audit": {"path": "audit.jsonl"}}, "gw.yaml", tmp_path)
+    top = make_service(config, Clock())
+    assert isinstance(top.gateway.audit, AuditLog)
+    assert top.gateway.audit.parent is top and top.gateway.audit.path == str(tmp_path / "audit.jsonl")
+    assert make_service(parse_config({}, "gw.yaml", tmp_path), Clock()).gateway.audit is None

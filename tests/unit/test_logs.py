@@ -7,11 +7,14 @@ import io
 import json
 
 from twisted.application import service
+from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger, LogPublisher, globalLogPublisher
 from twisted.python import log as legacy_log
 from twisted.python.logfile import LogFile
 
+from mailgw.config import parse_config
 from mailgw.logs import JsonLogObserver, event_record, isoformat, offer_observer, twistd_observer
+from mailgw.service import make_service
 
 
 def emit(*calls):
@@ -93,6 +96,24 @@ def test_twistd_observer_follows_twistds_own_choice_of_file(tmp_path):
     observer({"log_format": "hello", "log_level": None, "log_time": 0.0})
     observer._out.close()
     assert json.loads((tmp_path / "gw.log").read_text())["message"] == "hello"
+
+
+def test_the_gateway_service_offers_its_observer_to_twistds_application(tmp_path):
+    observer = JsonLogObserver(io.StringIO())
+    top = make_service(parse_config({"logging": {"format": "json"}}, "gw.yaml", tmp_path), Clock())
+    assert top.logging.format == "json"
+    top.log_observer = observer
+    application = service.Application("mailgw")  # what twistd makes after makeService
+    top.setServiceParent(application)
+    assert application.getComponent(ILogObserver) is observer  # what twistd's AppLogger reads
+    assert list(service.IServiceCollection(application)) == [top]
+
+
+def test_text_format_leaves_twistds_observer_alone(tmp_path):
+    top = make_service(parse_config({}, "gw.yaml", tmp_path), Clock())
+    application = service.Application("mailgw")
+    top.setServiceParent(application)
+    assert application.getComponent(ILogObserver, None) is None
 
 
 def test_an_observer_already_set_wins():

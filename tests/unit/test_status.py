@@ -3,9 +3,15 @@ reasons.  A Clock and in-memory requests; no sockets."""
 
 from __future__ import annotations
 
-from twisted.internet.task import Clock
+import json
 
-from mailgw.status import StatusBoard
+from twisted.internet.task import Clock
+from twisted.web.test.requesthelper import DummyRequest
+
+from mailgw import __version__
+from mailgw.service import Gateway, StaticSource
+from mailgw.settings import Route, Settings
+from mailgw.status import ListenerInfo, StatusBoard, StatusResource
 
 T0 = 1_700_000_000.0
 
@@ -43,3 +49,59 @@ def test_board_is_bounded_and_reasons_are_cut():
     assert len(board.destinations()["d4"]["last_failure"]["reason"]) == 300
     board.forget("d3")
     assert list(board.destinations()) == ["d2", "d4"]
+
+
+class FakeSession:
+    def __init__(self, route):
+        self.route = route
+
+
+def gateway_with_sessions(*routes) -> Gateway:
+    gateway = Gateway(clock_at(), Settings(), StaticSource({}))
+    gateway.sessions = {FakeSession(route) for route in routes}
+    return gateway
+
+
+def render(resource_, path=b"status"):
+    request = DummyRequest([path])
+    result = resource_.render(request)
+    if isinstance(result, bytes):
+        request.write(result)
+        request.finish()
+    assert request.finished
+    return request, b"".join(request.written)
+
+
+def test_status_page_shape():
+    gateway = gateway_with_sessions(Route("office"), Route("office"), Route("office", "acme"), Route("gone"))
+    gateway.status.destination_failed("office", "destination office: connection refused", kind="connect")
+    listeners = [ListenerInfo("office", None, "127.0.0.1:2465"), ListenerInfo("office", "acme", "127.0.0.1:2466")]
+    page = StatusResource(gateway, lambda: listeners, {"pool": lambda: {"office": {"ready": 2, "connecting": 0}}})
+    request, body = render(page)
+    assert request.responseHeaders.getRawHeaders(b"content-type") == [b"application/json"]
+    status = json.loads(body)
+    assert status["version"] == __version__ and status["ready"] is True and status["not_ready"] == []
+    assert status["listeners"] == [
+        {"route": "office", "destination": "office", "tenant": None, "address": "127.0.0.1:2465", "sessions": 2},
+        {"route": "office/acme", "destination": "office", "tenant": "acme", "address": "127.0.0.1:2466", "sessions": 1},
+    ]
+    assert status["destinations"]["office"]["sessions"] == 3
+    assert status["destinations"]["office"]["last_failure"]["kind"] == "connect"
+    assert status["destinations"]["gone"] == {"last_success": None, "last_failure": None, "sessions": 1}
+    assert status["pool"] == {"office": {"ready": 2, "connecting": 0}}
+    assert "audit" not in status and "controller" not in status
+
+
+def test_a_provider_added_later_shows_and_a_broken_one_does_not_break_the_page():
+    gateway = gateway_with_sessions()
+    providers = {}
+    page = StatusResource(gateway, providers=providers)
+    providers["controller"] = lambda: {"leader": True, "synced": True, "queue_depth": 0}
+
+    def broken():
+        raise KeyError("hunter2")  # the message must not reach the page
+
+    providers["pool"] = broken
+    status = json.loads(render(page)[1])
+    assert status["controller"]["leader"] is True
+    assert status["pool"] == {"error": "KeyError"} and "hunter2" not in json.dumps(status)
