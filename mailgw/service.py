@@ -19,7 +19,7 @@ from .errors import GatewayError
 from .oauth import TokenCache, TokenClient, TokenProvider
 from .session import GatewayFactory, GatewaySession
 from .settings import Route, Settings
-from .status import StatusBoard, listener_info
+from .status import StatusBoard, StatusResource, listener_info
 
 log = Logger()
 
@@ -277,7 +277,9 @@ def make_service(config: GatewayConfig, reactor=None, *, tokens=None, proxy_endp
         from .web import make_site
 
         endpoint = _server_endpoint(reactor, config.http.listen, f"{config.origin}: http")
-        http = internet.StreamServerEndpointService(endpoint, make_site(gateway, top.send_address))
+        http = internet.StreamServerEndpointService(endpoint, make_site(
+            gateway, top.send_address, status=StatusResource(gateway, top.listener_status, top.status_providers),
+        ))
         http._raiseSynchronously = True
         http.setServiceParent(top)
     return top

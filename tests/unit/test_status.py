@@ -12,6 +12,7 @@ from mailgw import __version__
 from mailgw.service import Gateway, StaticSource
 from mailgw.settings import Route, Settings
 from mailgw.status import ListenerInfo, StatusBoard, StatusResource
+from mailgw.web import _Ready
 
 T0 = 1_700_000_000.0
 
@@ -105,3 +106,22 @@ def test_a_provider_added_later_shows_and_a_broken_one_does_not_break_the_page()
     status = json.loads(render(page)[1])
     assert status["controller"]["leader"] is True
     assert status["pool"] == {"error": "KeyError"} and "hunter2" not in json.dumps(status)
+
+
+def test_readiness_names_every_failing_check():
+    gateway = gateway_with_sessions()
+    ready = _Ready(gateway)
+    request, body = render(ready, b"readyz")
+    assert body == b"ready\n" and request.responseCode in (None, 200)
+
+    synced = []
+    gateway.add_readiness_check("controller not synced", lambda: bool(synced))
+    gateway.readiness_checks.append(lambda: False)  # a bare callable: "starting"
+    gateway.draining = True
+    request, body = render(ready, b"readyz")
+    assert request.responseCode == 503
+    assert body == b"not ready: draining, controller not synced, starting\n"
+    assert gateway.not_ready() == ["draining", "controller not synced", "starting"] and not gateway.ready
+    gateway.draining, gateway.readiness_checks[1:] = False, []
+    synced.append(True)
+    assert gateway.ready and render(ready, b"readyz")[1] == b"ready\n"
