@@ -48,7 +48,7 @@ def make_site(gateway, send_address=None, status: StatusResource | None = None) 
     root.putChild(b"status", status or StatusResource(gateway))
     if send_address is not None:
         v1 = resource.Resource()
-        v1.putChild(b"send", SendResource(send_address))
+        v1.putChild(b"send", SendResource(send_address, audit=getattr(gateway, "audit", None)))
         root.putChild(b"v1", v1)
     site = server.Site(root)
     site.displayTracebacks = False
