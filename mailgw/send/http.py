@@ -36,7 +36,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ..audit import send_audit_for
+from ..audit import body_size, send_audit_for
 from .connection import SendConfig, SendError, send_message_deferred
 from .message import MessageError, SendRequest, parse_content_type
 
@@ -179,7 +179,7 @@ class SendResource(Resource):
 
     def render(self, request):
         if self._audit is not None:  # SPEC 9.3: every request, once answered (or abandoned)
-            request.notifyFinish().addBoth(self._audited, request)
+            request.notifyFinish().addBoth(self._audited, request, body_size(request))
         if request.method != b"POST":
             request.setHeader(b"allow", b"POST")
             return _respond(request, 405, "use POST /v1/send/<destination>[/<recipient>]")
@@ -227,9 +227,9 @@ class SendResource(Resource):
         d.addErrback(lambda f: log.failure("send API response failed", f))
         return NOT_DONE_YET
 
-    def _audited(self, result, request) -> None:
+    def _audited(self, result, request, size: int) -> None:
         answered = not isinstance(result, failure.Failure)
-        self._audit.write(send_audit_for(request, answered, self._audit.reactor.seconds()))
+        self._audit.write(send_audit_for(request, answered, self._audit.reactor.seconds(), size))
 
     def _too_large(self) -> str:
         return f"request body over the limit of {self.max_body_size} bytes"
