@@ -127,14 +127,19 @@ class StatusBoard:
 
 @define(frozen=True)
 class ListenerInfo:
-    """One listening socket for ``/status``: its route and where it accepts."""
+    """One listening socket for ``/status``: its route (the sessions' ``destination``
+    and ``tenant``) and where it accepts.  ``name`` is how the route is shown when
+    ``destination[/tenant]`` is not right (Kubernetes mode: ``namespace/cr@tenant``)."""
 
     destination: str
     tenant: str | None
     address: str
+    name: str | None = None
 
     @property
     def route(self) -> str:
+        if self.name is not None:
+            return self.name
         return self.destination + (f"/{self.tenant}" if self.tenant else "")
 
 
@@ -142,10 +147,10 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def listener_info(destination: str, tenant: str | None, port: Any) -> ListenerInfo:
+def listener_info(destination: str, tenant: str | None, port: Any, name: str | None = None) -> ListenerInfo:
     """A :class:`ListenerInfo` from a listening port (``port.getHost()``)."""
     host = port.getHost()
-    return ListenerInfo(destination, tenant, _address(getattr(host, "host", "?"), getattr(host, "port", 0)))
+    return ListenerInfo(destination, tenant, _address(getattr(host, "host", "?"), getattr(host, "port", 0)), name)
 
 
 class StatusResource(resource.Resource):
