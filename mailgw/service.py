@@ -13,10 +13,10 @@ from twisted.python.failure import Failure
 from . import audit as audit_log
 from . import logs, metrics
 from .config import ConfigError, GatewayConfig, LoggingConfig, ProxyConfig
-from .destination import Destination
+from .destination import OAUTH2_CLIENT_CREDENTIALS, Destination
 from .endpoints.chain import socks_proxy, upstream_endpoint
 from .errors import GatewayError
-from .oauth import TokenCache, TokenClient, TokenProvider
+from .oauth import AccessToken, TokenCache, TokenClient, TokenProvider
 from .protocol.refusal import Reason, Refusal
 from .session import GatewayFactory, GatewaySession
 from .settings import Route, Settings
@@ -129,9 +129,26 @@ class Gateway:
 
     def session_refused(self, session: GatewaySession, refusal: Refusal) -> None:
         metrics.SESSIONS_REFUSED.labels(session.route.destination, refusal.reason.value).inc()
+        self.status.destination_failed(session.route.destination, refusal.text, kind=refusal.reason.value)
 
     def session_milestone(self, session: GatewaySession, name: str) -> None:
         """``connected``, ``tls``, ``login``, ``greeted``, ``released``."""
+        if name == "login":  # reached the upstream and logged in: /status's last success
+            self.status.destination_succeeded(session.route.destination)
+            self._note_token_expiry(session)
+
+    def _note_token_expiry(self, session: GatewaySession) -> None:
+        """/status: when the client-credentials token the session used expires (read
+        from the token cache; the token itself never leaves it)."""
+        destination = session.destination
+        if destination is None or destination.authentication != OAUTH2_CLIENT_CREDENTIALS:
+            return
+        cache, key_of = getattr(self.tokens, "cache", None), getattr(self.tokens, "client_credentials_key", None)
+        if cache is None or key_of is None:
+            return
+        token = cache.peek(key_of(destination, session.route.tenant))
+        if isinstance(token, AccessToken):
+            self.status.token_expires(session.route.destination, token.expires_at)
 
     def upstream_phase(self, session: GatewaySession, phase: str, seconds: float) -> None:
         metrics.UPSTREAM_SECONDS.labels(session.route.destination, phase).observe(seconds)
@@ -153,6 +170,27 @@ class Gateway:
         if relay is not None:
             metrics.RELAY_BYTES.labels(name, "to_upstream").inc(relay.bytes_to_upstream)
             metrics.RELAY_BYTES.labels(name, "to_app").inc(relay.bytes_to_app)
+        if self.audit is not None:
+            try:
+                self.audit.write(self._session_audit(session))
+            except Exception:  # a bug of ours must not break the session's bookkeeping
+                log.failure("session {sid}: audit record failed", sid=session.sid)
+
+    def _session_audit(self, session: GatewaySession) -> audit_log.SessionAudit:
+        """The audit log's line for an ended session (SPEC 9.3)."""
+        now = self.reactor.seconds()
+        destination, machine, relay = session.destination, session.machine, session.relay
+        outcome = machine.outcome.value
+        return audit_log.SessionAudit(
+            time=now, sid=session.sid, destination=session.route.destination, tenant=session.route.tenant,
+            client=session.client, upstream=destination.address if destination is not None else None,
+            authentication=destination.authentication if destination is not None else None,
+            outcome=outcome, reason=machine.refusal.reason.value if outcome == "refused" else None,
+            released=machine.released,
+            bytes_to_upstream=relay.bytes_to_upstream if relay is not None else 0,
+            bytes_to_app=relay.bytes_to_app if relay is not None else 0,
+            seconds=max(0.0, now - session.started_at), tls=session.upstream_tls,
+        )
 
     def drain(self, timeout: float) -> defer.Deferred:
         """Wait for open sessions to finish, up to ``timeout``; then close the rest."""
