@@ -242,7 +242,7 @@ def test_send_api_requests_are_audited_without_recipients_or_content(smtp_sink, 
     http_port = realservers.free_port()
     running = gateway_factory({
         "destinations": [plain_destination("plain", smtp_sink)],
-        "http": {"listen": f"tcp:{http_port}:interface=127.0.0.1"},
+        "http": {"listen": f"tcp:{http_port}:interface=127.0.0.1", "send": {}},
         "audit": {"path": "audit.jsonl"},
     })
     base = f"http://127.0.0.1:{http_port}/v1/send"
