@@ -260,6 +260,9 @@ def test_send_api_requests_are_audited_without_recipients_or_content(smtp_sink, 
 
     text = (tmp_path / "audit.jsonl").read_text()
     lines = [json.loads(line) for line in text.splitlines()]
+    sessions = [line for line in lines if "sid" in line]  # the send API's own SMTP session
+    assert [line["outcome"] for line in sessions] == ["relayed"]
+    lines = [line for line in lines if "sid" not in line]
     assert [list(line) for line in lines] == [["time", "destination", "from", "recipients", "bytes", "status"]] * 3
     by_status = {line["status"]: line for line in lines}
     assert by_status[200] == {**by_status[200], "destination": "plain", "from": "app@example.org", "recipients": 2,
