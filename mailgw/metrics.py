@@ -65,6 +65,3 @@ BUILD_INFO.labels(__version__).set(1)
 AUDIT_DROPPED = Counter(
     "mailgw_audit_dropped_total", "Audit records not written: the writer fell behind or the file failed"
 )
-
-# Not in SPEC 9.2; kept until the session reports outcomes through SESSION_DURATION.
-SESSIONS_READY = Counter("mailgw_sessions_ready_total", "Sessions whose upstream login succeeded", ["destination"])
