@@ -11,12 +11,13 @@ from mailgw.protocol.actions import (
     Close,
     ExchangeSecret,
     LoginRefused,
+    MisuseError,
     ProtocolError,
     Release,
     SendToApp,
     SendUpstream,
     StartTLS,
-    UpstreamConnected,
+    UpstreamAwaitingLogin,
     UpstreamFailed,
     UpstreamReady,
 )
@@ -185,7 +186,7 @@ def test_capabilities_asked_again_after_starttls_and_old_ones_forgotten():
 
 def test_tls_established_in_wrong_state_raises_protocol_error():
     m = upstream()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(MisuseError):
         m.tls_established()
 
 
@@ -553,7 +554,7 @@ def test_pipelined_login_then_commands_release_in_order():
     m = app()
     actions = m.receive(b"a LOGIN u p\r\nb SELECT INBOX\r\nc FETCH 1 BODY[]\r\n")
     assert actions == [SendToApp(b"a OK LOGIN completed\r\n"), Release(b"b SELECT INBOX\r\nc FETCH 1 BODY[]\r\n")]
-    with pytest.raises(ProtocolError):
+    with pytest.raises(MisuseError):
         m.receive(b"more")
 
 
@@ -585,11 +586,11 @@ def test_line_too_long_closes():
 
 
 def test_refusal_and_goodbye():
-    assert IMAPAppSide.refusal("destination x: boom", permanent=True) == b"* BYE mailgw: destination x: boom\r\n"
-    assert IMAPAppSide.refusal("slow", permanent=False) == b"* BYE mailgw: slow\r\n"
-    assert IMAPAppSide.refusal("bad\r\nINJECT", permanent=True).count(b"\r\n") == 1
-    assert IMAPAppSide.goodbye("idle timeout") == b"* BYE mailgw: idle timeout\r\n"
-    assert IMAPAppSide.goodbye("é\r\n").count(b"\r\n") == 1
+    assert IMAPAppSide.dialect.refusal("destination x: boom", permanent=True) == b"* BYE mailgw: destination x: boom\r\n"
+    assert IMAPAppSide.dialect.refusal("slow", permanent=False) == b"* BYE mailgw: slow\r\n"
+    assert IMAPAppSide.dialect.refusal("bad\r\nINJECT", permanent=True).count(b"\r\n") == 1
+    assert IMAPAppSide.dialect.goodbye("idle timeout") == b"* BYE mailgw: idle timeout\r\n"
+    assert IMAPAppSide.dialect.goodbye("é\r\n").count(b"\r\n") == 1
 
 
 # -- properties ------------------------------------------------------------------------
@@ -763,12 +764,12 @@ CAPS_BEARER = b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID IDLE LITERAL+ AUTH=PLAIN AU
 
 
 def waiting_upstream():
-    m = upstream(login_later=True)
+    m = upstream(lazy=True)
     assert sent(m.receive(b"* OK [CAPABILITY " + CAPS_PLAIN + b"] ready\r\n")) == b"g1 STARTTLS\r\n"
     assert m.receive(b"g1 OK go\r\n") == [StartTLS()]
     assert sent(m.tls_established()) == b"g2 CAPABILITY\r\n"
     actions = m.receive(b"* CAPABILITY " + CAPS_BEARER + b"\r\ng2 OK done\r\n")
-    assert actions == [UpstreamConnected(tuple(CAPS_BEARER.decode().split()))]
+    assert actions == [UpstreamAwaitingLogin(tuple(CAPS_BEARER.decode().split()))]
     return m
 
 
@@ -793,12 +794,12 @@ def test_lazy_upstream_refusal_after_the_dance_is_not_fatal_and_can_be_retried()
     actions = feed_bytewise(m, b"g5 OK Logged in\r\n")
     assert sent(actions) == b"g6 CAPABILITY\r\n"
     assert m.receive(b"* CAPABILITY " + POST_LOGIN + b"\r\ng6 OK done\r\n") == [UpstreamReady(POST_LOGIN_CAPS)]
-    with pytest.raises(ProtocolError):
+    with pytest.raises(MisuseError):
         m.authenticate(BearerToken("alice", "again"))
 
 
 def test_lazy_upstream_without_bearer_mechanism_fails_at_once():
-    m = upstream(implicit_tls=True, login_later=True)
+    m = upstream(implicit_tls=True, lazy=True)
     f = failure(m.receive(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] hi\r\n"))
     assert "no XOAUTH2 or OAUTHBEARER" in f.reason
 
@@ -813,7 +814,7 @@ def test_lazy_upstream_bye_or_stray_response_while_waiting_fails():
 
 
 def test_lazy_upstream_with_preauth_is_ready_at_once():
-    m = upstream(implicit_tls=True, login_later=True)
+    m = upstream(implicit_tls=True, lazy=True)
     assert m.receive(b"* PREAUTH [CAPABILITY IMAP4rev1 IDLE] hi\r\n") == [UpstreamReady(("IMAP4rev1", "IDLE"))]
 
 
@@ -968,7 +969,7 @@ def test_lazy_app_side_never_raises_foreign_errors_and_stays_bounded(pieces, cut
     st.booleans(),
 )
 def test_lazy_upstream_dialogues_stay_consistent(greeting, replies, tls):
-    m = IMAPUpstream(implicit_tls=tls, login_later=True, max_line=MAX)
+    m = IMAPUpstream(implicit_tls=tls, lazy=True, max_line=MAX)
     actions = m.start() + (m.tls_established() if tls else [])
     actions = m.receive(greeting)
     for reply in replies:
@@ -976,9 +977,9 @@ def test_lazy_upstream_dialogues_stay_consistent(greeting, replies, tls):
             return
         if any(isinstance(a, StartTLS) for a in actions):
             actions = m.tls_established()
-        elif actions and isinstance(actions[-1], (UpstreamConnected, LoginRefused)):
+        elif actions and isinstance(actions[-1], (UpstreamAwaitingLogin, LoginRefused)):
             actions = m.authenticate(BearerToken("a", "tok"))
         else:
             actions = m.receive(reply.replace(b"TAG", m._tag))
-        assert all(isinstance(a, (SendUpstream, StartTLS, UpstreamConnected, LoginRefused, UpstreamReady, UpstreamFailed))
+        assert all(isinstance(a, (SendUpstream, StartTLS, UpstreamAwaitingLogin, LoginRefused, UpstreamReady, UpstreamFailed))
                    for a in actions)
