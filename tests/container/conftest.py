@@ -25,7 +25,7 @@ def image() -> str:
     require_or_skip(["podman", "runc", "debootstrap"])
     result = subprocess.run(
         [str(ROOT / "scripts" / "build-image"), "--tag", IMAGE],
-        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+        cwd=ROOT, capture_output=True, text=True, timeout=1100,  # within the tests' own timeout
     )
     if result.returncode != 0:
         pytest.fail(f"scripts/build-image failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
