@@ -139,6 +139,12 @@ class AppSide:
     def greeting(self) -> bytes:
         return self.dialect.greeting(self)
 
+    @property
+    def buffered(self) -> int:
+        """Application bytes held: a partial line (at most ``max_line``), or what the
+        application pipelines while a secret is exchanged (at most :data:`MAX_WAITING`)."""
+        return len(self._lines)
+
     def receive(self, data: bytes) -> list:
         """Bytes from the application."""
         if self.phase is Phase.RELEASED:

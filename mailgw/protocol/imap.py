@@ -19,7 +19,7 @@ from .common import first_word, printable
 from .credentials import Password
 from .lines import LineReader
 from .refusal import Reason
-from .upstream import INJECTION, SASLStart, Step, UpstreamMachine
+from .upstream import SASLStart, Step, UpstreamMachine
 
 CRLF = b"\r\n"
 
@@ -217,18 +217,17 @@ class IMAPUpstream(UpstreamMachine):
             Step.CAPABILITIES_AFTER_LOGIN: self._on_capability_after_login,
         }
 
-    def _feed(self, data: bytes) -> list:
+    def _read(self, data: bytes) -> None:
         self._reader.feed(data)
-        actions: list = []
-        while (response := self._reader.next()) is not None:
-            actions += self._on_response(response)
-            if self.step is Step.TLS_HANDSHAKE and not self._reader.idle():
-                return self._fail(INJECTION, kind=Reason.TLS)
-            if self.step is Step.FAILED:
-                return actions
-            if self.step is Step.READY:
-                return actions + self._keep_after_ready(self._reader.take_rest())
-        return actions
+
+    def _next_response(self) -> Response | None:
+        return self._reader.next()
+
+    def _take_rest(self) -> bytes:
+        return self._reader.take_rest()
+
+    def _reading(self) -> int:
+        return 0 if self._reader.idle() else max(1, len(self._reader.lines))
 
     def capabilities_now(self) -> tuple[str, ...]:
         return self.capabilities

@@ -13,9 +13,9 @@ from .actions import SendToApp, SendUpstream
 from .appside import BEARER_MECHANISMS, AppSide, Dialect, safe_text
 from .common import first_word, printable
 from .credentials import Password
-from .lines import LineReader, LineTooLong
+from .lines import LineReader
 from .refusal import Reason
-from .upstream import INJECTION, SASLStart, Step, UpstreamMachine
+from .upstream import SASLStart, Step, UpstreamMachine
 
 CRLF = b"\r\n"
 MAX_CAPA_LINES = 256
@@ -74,29 +74,25 @@ class POP3Upstream(UpstreamMachine):
             Step.AWAITING_LOGIN: self._on_unexpected_while_waiting,
         }
 
-    def _feed(self, data: bytes) -> list:
+    def _read(self, data: bytes) -> None:
         self._lines.feed(data)
-        actions: list = []
-        while True:
-            try:
-                line = self._lines.read_line()
-            except LineTooLong as e:
-                return actions + self._fail(f"upstream sent a {e}")
-            if line is None:
-                return actions
-            if self._capa_lines is not None:
-                actions += self._on_capa_line(line)
-            else:
-                handler = self._on.get(self.step)
-                if handler is None:
-                    return actions + self._fail(f"unexpected upstream response in step {self.step.value}")
-                actions += handler(line)
-            if self.step is Step.TLS_HANDSHAKE and len(self._lines):
-                return self._fail(INJECTION, kind=Reason.TLS)
-            if self.step is Step.FAILED:
-                return actions
-            if self.step is Step.READY:
-                return actions + self._keep_after_ready(self._lines.take_rest())
+
+    def _next_response(self) -> bytes | None:
+        return self._lines.read_line()
+
+    def _on_response(self, line: bytes) -> list:
+        if self._capa_lines is not None:
+            return self._on_capa_line(line)
+        handler = self._on.get(self.step)
+        if handler is None:
+            return self._fail(f"unexpected upstream response in step {self.step.value}")
+        return handler(line)
+
+    def _take_rest(self) -> bytes:
+        return self._lines.take_rest()
+
+    def _reading(self) -> int:
+        return len(self._lines)
 
     def capabilities_now(self) -> tuple[str, ...]:
         return self.capabilities

@@ -338,6 +338,9 @@ class SessionMachine:
     # -- routing the protocol machines' actions ------------------------------------------------
 
     def _from_upstream(self, actions: list) -> list:
+        if actions and isinstance(actions[-1], UpstreamFailed):
+            # A call that ends in failure: what it asked to send or start first is moot.
+            actions = [a for a in actions if not isinstance(a, (SendUpstream, StartTLS))]
         out: list = []
         for action in actions:
             if self.phase in (Phase.CLOSING, Phase.CLOSED):

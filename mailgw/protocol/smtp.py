@@ -12,7 +12,7 @@ from .appside import BEARER_MECHANISMS, AppSide, Dialect, safe_text
 from .common import first_word, printable
 from .lines import LineReader
 from .refusal import Reason
-from .upstream import INJECTION, SASLStart, Step, UpstreamMachine
+from .upstream import SASLStart, Step, UpstreamMachine
 
 CRLF = b"\r\n"
 MAX_REPLY_LINES = 256
@@ -30,16 +30,20 @@ class Reply:
 
 
 class ReplyReader:
-    """Assembles SMTP replies from bytes; bounded in line length and line count."""
+    """Assembles SMTP replies from bytes, one at a time; bounded in line length and line
+    count.  Replies are taken one by one (:meth:`next`) so that what follows a reply is
+    read only once the reply was acted on: the same actions however TCP splits bytes."""
 
     def __init__(self, max_line: int):
         self.lines = LineReader(max_line)
         self._partial: list[bytes] = []
         self._code: int | None = None
 
-    def feed(self, data: bytes) -> list[Reply]:
+    def feed(self, data: bytes) -> None:
         self.lines.feed(data)
-        replies = []
+
+    def next(self) -> Reply | None:
+        """The next complete reply, or None; :class:`ProtocolError` when malformed."""
         while (line := self.lines.read_line()) is not None:
             if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
                 raise ProtocolError(f"upstream sent a malformed SMTP reply: {printable(line, 80)}")
@@ -51,9 +55,10 @@ class ReplyReader:
             if len(self._partial) > MAX_REPLY_LINES:
                 raise ProtocolError(f"upstream reply longer than {MAX_REPLY_LINES} lines")
             if line[3:4] != b"-":
-                replies.append(Reply(code, self._partial))
+                reply = Reply(code, self._partial)
                 self._partial, self._code = [], None
-        return replies
+                return reply
+        return None
 
 
 def parse_ehlo(reply: Reply) -> tuple[str, ...]:
@@ -98,21 +103,23 @@ class SMTPUpstream(UpstreamMachine):
             Step.AWAITING_LOGIN: self._on_unexpected_while_waiting,
         }
 
-    def _feed(self, data: bytes) -> list:
-        replies = self._replies.feed(data)
-        actions: list = []
-        for index, reply in enumerate(replies):
-            handler = self._on.get(self.step)
-            if handler is None:
-                return actions + self._fail(f"unexpected upstream reply in step {self.step.value}: {reply}")
-            actions += handler(reply)
-            if self.step is Step.TLS_HANDSHAKE and (index + 1 < len(replies) or len(self._replies.lines)):
-                return self._fail(INJECTION, kind=Reason.TLS)
-            if self.step is Step.FAILED:
-                return actions
-            if self.step is Step.READY:
-                return actions + self._keep_after_ready(self._replies.lines.take_rest())
-        return actions
+    def _read(self, data: bytes) -> None:
+        self._replies.feed(data)
+
+    def _next_response(self) -> Reply | None:
+        return self._replies.next()
+
+    def _on_response(self, reply: Reply) -> list:
+        handler = self._on.get(self.step)
+        if handler is None:
+            return self._fail(f"unexpected upstream reply in step {self.step.value}: {reply}")
+        return handler(reply)
+
+    def _take_rest(self) -> bytes:
+        return self._replies.lines.take_rest()
+
+    def _reading(self) -> int:
+        return len(self._replies.lines)
 
     def capabilities_now(self) -> tuple[str, ...]:
         return self.extensions

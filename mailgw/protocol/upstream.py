@@ -13,13 +13,12 @@ continuation lines) and ``_login_without_sasl()`` (IMAP LOGIN, POP3 USER/PASS).
 from __future__ import annotations
 
 import enum
-from typing import Callable
-
 from attrs import field, frozen
 
 from . import sasl
 from .actions import LoginRefused, MisuseError, ProtocolError, StartTLS, UpstreamAwaitingLogin, UpstreamFailed, UpstreamReady
 from .common import UpstreamBuffer, printable
+from .lines import LineTooLong
 from .credentials import BearerToken, Credentials, Password
 from .refusal import Reason
 
@@ -160,10 +159,24 @@ class UpstreamMachine:
             return self._fail(INJECTION, kind=Reason.TLS)
         if self.step is Step.NEW:
             return self._fail("upstream data before the session started")
-        try:
-            return self._feed(data)
-        except ProtocolError as e:
-            return self._fail(str(e))
+        self._read(data)
+        actions: list = []
+        while True:
+            try:
+                response = self._next_response()
+            except LineTooLong as e:
+                return actions + self._fail(f"upstream sent a {e}")
+            except ProtocolError as e:
+                return actions + self._fail(str(e))
+            if response is None:
+                return actions
+            actions += self._on_response(response)
+            if self.step is Step.TLS_HANDSHAKE and self._reading():
+                return actions + self._fail(INJECTION, kind=Reason.TLS)
+            if self.step is Step.FAILED:
+                return actions
+            if self.step is Step.READY:
+                return actions + self._keep_after_ready(self._take_rest())
 
     def receive_eof(self) -> list:
         """The upstream closed the connection (before release)."""
@@ -191,6 +204,12 @@ class UpstreamMachine:
         self._expect(Step.AWAITING_LOGIN)
         self.credentials = credentials
         return self._login()
+
+    @property
+    def buffered(self) -> int:
+        """Upstream bytes held: a partial response being read, plus what arrived after
+        login (each bounded: ``max_line`` and :attr:`PENDING_LIMIT`)."""
+        return self._reading() + len(self._pending)
 
     def take_pending(self) -> bytes:
         """Upstream bytes that arrived after login, for the application at release."""
@@ -305,9 +324,27 @@ class UpstreamMachine:
     # -- what each protocol supplies -----------------------------------------------------
 
     STARTTLS_VERB = "STARTTLS"
-    _feed: Callable[[bytes], list]
+
+    def _read(self, data: bytes) -> None:  # pragma: no cover - abstract
+        """Buffer ``data`` in the protocol's response reader."""
+        raise NotImplementedError
+
+    def _next_response(self):  # pragma: no cover - abstract
+        """The next complete response (None: not yet); ProtocolError when malformed."""
+        raise NotImplementedError
+
+    def _on_response(self, response) -> list:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _take_rest(self) -> bytes:  # pragma: no cover - abstract
+        """Everything buffered and not yet read (kept for the application at release)."""
+        raise NotImplementedError
 
     def capabilities_now(self) -> tuple[str, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _reading(self) -> int:  # pragma: no cover - abstract
+        """Bytes of a response not yet complete."""
         raise NotImplementedError
 
     def _offered(self) -> set[str]:  # pragma: no cover - abstract

