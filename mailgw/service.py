@@ -266,8 +266,10 @@ class GatewayService(service.MultiService):
         #: callable returning mailgw.status.ListenerInfo values
         self.listener_sources: list = []
         #: more sections of /status: name -> callable returning a JSON-able dict
-        #: (the warm pool's ``pool``, Kubernetes mode's ``controller``)
-        self.status_providers: dict = {}
+        #: (the warm pools, Kubernetes mode's ``controller``)
+        self.status_providers: dict = {
+            "pools": lambda: [pool.status() for pool in gateway.pools.values()],
+        }
 
     def setServiceParent(self, parent):
         super().setServiceParent(parent)
