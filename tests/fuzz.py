@@ -37,24 +37,28 @@ def _app(family, lazy):
     return test
 
 
-@given(options=machines.SOCKS_METHODS, data=machines.PROXY_BYTES, cuts=machines.CUTS)
-def _socks(options, data, cuts):
-    machines.socks_property(options, data, cuts)
+def _socks():
+    @given(options=machines.SOCKS_METHODS, data=machines.PROXY_BYTES, cuts=machines.CUTS)
+    def test(options, data, cuts):
+        machines.socks_property(options, data, cuts)
+    return test
 
 
-@given(mechanism=st.sampled_from(["PLAIN", "XOAUTH2", "OAUTHBEARER", "LOGIN"]), response=st.binary(max_size=400))
-def _sasl(mechanism, response):
-    machines.sasl_property(mechanism, response)
+def _sasl():
+    @given(mechanism=st.sampled_from(["PLAIN", "XOAUTH2", "OAUTHBEARER", "LOGIN"]), response=st.binary(max_size=400))
+    def test(mechanism, response):
+        machines.sasl_property(mechanism, response)
+    return test
 
 
 def properties():
-    """(name, test) for every machine."""
+    """(name, test) for every machine, decorated afresh for each round."""
     tests = []
     for family in machines.FAMILIES:
         tests.append((f"{family} upstream", _upstream(family)))
         for lazy in (False, True):
             tests.append((f"{family} application side ({'lazy' if lazy else 'eager'})", _app(family, lazy)))
-    return tests + [("SOCKS5 client", _socks), ("SASL decoders", _sasl)]
+    return tests + [("SOCKS5 client", _socks()), ("SASL decoders", _sasl())]
 
 
 def main(argv=None) -> int:
