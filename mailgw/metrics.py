@@ -9,6 +9,19 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from . import __version__
 
+#: ``mailgw_sessions_refused_total{reason}``: the one reason a refusal counts under
+#: (SPEC 9.2).  The audit log's ``reason`` field takes the same values.
+REFUSAL_REASONS = (
+    "connect", "dns", "tls", "certificate", "auth", "timeout", "limit", "token", "proxy", "protocol", "shutdown",
+    "internal",
+)
+#: ``mailgw_session_duration_seconds{outcome}`` and the audit log's ``outcome``.
+OUTCOMES = ("relayed", "refused", "closed")
+#: ``mailgw_relay_bytes_total{direction}``.
+DIRECTIONS = ("to_upstream", "to_app")
+#: ``mailgw_upstream_seconds{phase}``.
+UPSTREAM_PHASES = ("connect", "tls", "login")
+
 #: Upstream phases and token requests: milliseconds to tens of seconds.
 _FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 #: Whole sessions: a second to a day (IMAP IDLE sessions last hours).
@@ -48,5 +61,7 @@ KUBE_API_REQUESTS = Counter(
 BUILD_INFO = Gauge("mailgw_build_info", "Always 1; the version is the label", ["version"])
 BUILD_INFO.labels(__version__).set(1)
 
-# Not in SPEC 9.2; kept until the session reports outcomes through SESSION_DURATION.
-SESSIONS_READY = Counter("mailgw_sessions_ready_total", "Sessions whose upstream login succeeded", ["destination"])
+# Not in SPEC 9.2: the audit log's own health (docs/operations.md).
+AUDIT_DROPPED = Counter(
+    "mailgw_audit_dropped_total", "Audit records not written: the writer fell behind or the file failed"
+)

@@ -23,6 +23,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from . import logs
 from .config import ConfigError, load_config
 from .listening import StartupError
 
@@ -58,6 +59,9 @@ class GatewayProcess(MultiService):
     twistd after it is logged.
     """
 
+    #: the observer twistd's application should log to (JSON logs, mailgw.logs), or None
+    log_observer = None
+
     def __init__(
         self,
         child: Any,
@@ -74,6 +78,12 @@ class GatewayProcess(MultiService):
         self.daemon = daemon
         self._stderr = stderr
         child.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        if self.log_observer is not None:
+            # twistd's application: its AppLogger logs to this component (mailgw.logs)
+            logs.offer_observer(parent, self.log_observer)
 
     def privilegedStartService(self) -> None:
         # Before anything listens: a SIGHUP from someone who saw a port open must not

@@ -1,8 +1,8 @@
-"""The http listener: /healthz, /readyz, /metrics (and the send API when configured).
+"""The http listener: /healthz, /readyz, /metrics, /status (and the send API when configured).
 
 The send API (SPEC 9.1) is mounted only when ``http.send`` is configured: on the http
-listener, or on a listener of its own (:func:`make_send_site`).  Probes and metrics never
-need its bearer token.
+listener, or on a listener of its own (:func:`make_send_site`).  Probes, metrics and
+/status never need its bearer token.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from prometheus_client.twisted import MetricsResource
 from twisted.web import resource, server
 
 from .send.http import SendResource, limited_request_factory
+from .status import StatusResource
 
 #: Request bodies on a site without the send API: probes and metrics take none.
 NO_SEND_BODY_LIMIT = 64 * 1024
@@ -25,7 +26,8 @@ class _Health(resource.Resource):
 
 
 class _Ready(resource.Resource):
-    """Ready unless the gateway is draining (SIGTERM received) or not yet serving."""
+    """Ready unless the gateway is draining (SIGTERM received) or not yet serving; the
+    503 body names every failing check (``not ready: draining``)."""
 
     isLeaf = True
 
@@ -34,23 +36,23 @@ class _Ready(resource.Resource):
         self.gateway = gateway
 
     def render_GET(self, request):
-        request.setHeader(b"content-type", b"text/plain")
-        if self.gateway.draining:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        reasons = self.gateway.not_ready()
+        if reasons:
             request.setResponseCode(503)
-            return b"draining\n"
-        if not self.gateway.ready:
-            request.setResponseCode(503)
-            return b"starting\n"
+            return ("not ready: " + ", ".join(reasons) + "\n").encode("utf-8")
         return b"ready\n"
 
 
-def make_site(gateway, send: SendResource | None = None) -> server.Site:
-    """Health, readiness, metrics and, given ``send``, the send API at
+def make_site(gateway, send: SendResource | None = None, status: StatusResource | None = None) -> server.Site:
+    """Health, readiness, metrics, ``/status`` (``status``, else one without listeners)
+    and, given ``send``, the send API at
     ``POST /v1/send/<destination>[/<recipient>]``."""
     root = resource.Resource()
     root.putChild(b"healthz", _Health())
     root.putChild(b"readyz", _Ready(gateway))
     root.putChild(b"metrics", MetricsResource())
+    root.putChild(b"status", status or StatusResource(gateway))
     if send is not None:
         _mount_send(root, send)
     return _site(root, with_send=send is not None)

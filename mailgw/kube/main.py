@@ -23,6 +23,7 @@ from ..protocol.common import printable
 from ..service import GatewayService, make_service
 from ..session import GatewayFactory
 from ..settings import Route as SessionRoute
+from ..status import listener_info
 from .listeners import IListenerManager, IRouteDestination
 from .model import Route
 from .sources import DestinationLookupError
@@ -136,5 +137,19 @@ def make_kubernetes_service(reactor, config_path: str | None, *, api=None, setti
     controller = KubeController.create(api, listeners, settings, reactor)
     controller.setServiceParent(service)
     service.controller = controller
-    service.gateway.readiness_checks.append(lambda: controller.ready)  # initial lists in
+    service.gateway.add_readiness_check("controller not synced", lambda: controller.ready)  # initial lists in
+    # /status: the controller's listeners and its state (mailgw.status)
+    service.listener_sources.append(lambda: [
+        listener_info(route.key, route.tenant, port, name=route.key) for route, port in list(listeners.ports.items())
+    ])
+    service.status_providers["controller"] = lambda: _controller_status(controller)
     return service
+
+
+def _controller_status(controller) -> dict:
+    """The ``controller`` section of /status: the controller's own ``status()`` when it
+    has one, else what its public attributes tell."""
+    status = getattr(controller, "status", None)
+    if callable(status):
+        return status()
+    return {"leader": controller.is_leader, "synced": controller.ready}

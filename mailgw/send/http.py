@@ -39,11 +39,13 @@ from typing import Callable, Iterable
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python import failure
 from twisted.web import server
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from .. import metrics
+from ..audit import body_size, send_audit_for
 from .connection import SendConfig, SendError, send_message_deferred
 from .message import MessageError, SendRequest, parse_content_type
 
@@ -210,23 +212,27 @@ class SendResource(Resource):
     a Deferred of one of these.  ``send(request, config)`` returns a Deferred of the
     final reply (default: :func:`~mailgw.send.send_message_deferred` in ``pool``, or in
     the reactor's thread pool).  ``tokens``: the :class:`BearerTokens` every request
-    must present (none: no check).
+    must present (none: no check).  ``audit`` (a :class:`~mailgw.audit.AuditLog`) gets
+    one line per request, whatever its answer.
     """
 
     isLeaf = True
 
     def __init__(self, resolve: Callable, *, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
                  send: Callable | None = None, reactor=None, pool=None,
-                 tokens: BearerTokens | None = None):
+                 tokens: BearerTokens | None = None, audit=None):
         super().__init__()
         self._resolve = resolve
+        self._audit = audit
         self.max_body_size = max_body_size
         self._reactor = reactor
         self.tokens = tokens if tokens is not None else BearerTokens()
         self._send = send or (lambda req, cfg: send_message_deferred(req, cfg, reactor, pool))
 
     def render(self, request):
-        # Access first: a caller without the token learns nothing else about the API.
+        if self._audit is not None:  # SPEC 9.3: every request, once answered (or abandoned)
+            request.notifyFinish().addBoth(self._audited, request, body_size(request))
+        # Access next: a caller without the token learns nothing else about the API.
         refusal = self.tokens.check(request.getHeader(b"authorization"))
         if refusal == 401:
             request.setHeader(b"www-authenticate", b'Bearer realm="mailgw send API"')
@@ -279,6 +285,10 @@ class SendResource(Resource):
         d.addCallback(done)
         d.addErrback(lambda f: log.failure("send API response failed", f))
         return NOT_DONE_YET
+
+    def _audited(self, result, request, size: int) -> None:
+        answered = not isinstance(result, failure.Failure)
+        self._audit.write(send_audit_for(request, answered, self._audit.reactor.seconds(), size))
 
     def _too_large(self) -> str:
         return f"request body over the limit of {self.max_body_size} bytes"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import realservers
-from twistdprocess import Twistd, wait_until, write_config
+from support.gatewayprocess import Twistd, wait_until, write_config
 
 CONNECTIONS = 1000
 

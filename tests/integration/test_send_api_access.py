@@ -12,7 +12,7 @@ import urllib.request
 import uuid
 
 import realservers
-from twistdprocess import Twistd, accepts, wait_until, write_config
+from support.gatewayprocess import Twistd, accepts, wait_until, write_config
 
 TOKEN = "send-" + uuid.uuid4().hex
 

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 import realservers
-from twistdprocess import Twistd, accepts, environment, wait_until, write_config
+from support.gatewayprocess import Twistd, accepts, environment, wait_until, write_config
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "kube"))
 from fakeapi import FakeKubeAPI  # noqa: E402

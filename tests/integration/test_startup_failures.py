@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from twistdprocess import environment, run_twistd, write_config
+from support.gatewayprocess import environment, run_twistd, write_config
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "kube"))
 from fakeapi import FakeKubeAPI  # noqa: E402

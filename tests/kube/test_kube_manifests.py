@@ -100,8 +100,17 @@ def docs(path):
         return [d for d in yaml.safe_load_all(f) if d is not None]
 
 
+KUSTOMIZATION = "kustomization.yaml"
+EXAMPLES = {"destinations-example.yaml", "sidecar-example.yaml"}
+
+
+def manifest_files():
+    """The Kubernetes object files of k8s/ (the kustomization is not one)."""
+    return [p for p in sorted(glob.glob(os.path.join(K8S, "*.yaml"))) if os.path.basename(p) != KUSTOMIZATION]
+
+
 def all_docs():
-    return [(os.path.basename(p), d) for p in sorted(glob.glob(os.path.join(K8S, "*.yaml"))) for d in docs(p)]
+    return [(os.path.basename(p), d) for p in manifest_files() for d in docs(p)]
 
 
 def find(kind, name=None):
@@ -109,7 +118,7 @@ def find(kind, name=None):
 
 
 def test_every_manifest_parses_and_is_named():
-    files = glob.glob(os.path.join(K8S, "*.yaml"))
+    files = manifest_files()
     assert {"crd.yaml", "rbac.yaml", "deployment.yaml", "sidecar-example.yaml"} <= {os.path.basename(f) for f in files}
     for filename, doc in all_docs():
         assert doc.get("apiVersion") and doc.get("kind"), filename
@@ -266,28 +275,94 @@ def test_deployment_has_probes_identity_resources_and_matching_labels():
     assert gateway_yaml["http"]["listen"].startswith("tcp:9494")
 
 
-def test_sidecar_example_config_is_a_valid_standalone_config(tmp_path):
-    from mailgw.config import parse_config
-
+def sidecar_example():
     examples = docs(os.path.join(K8S, "sidecar-example.yaml"))
     (secret,) = [d for d in examples if d["kind"] == "Secret"]
     (config_map,) = [d for d in examples if d["kind"] == "ConfigMap"]
     (deploy,) = [d for d in examples if d["kind"] == "Deployment"]
+    return secret, config_map, deploy
+
+
+def test_sidecar_example_config_is_a_valid_standalone_config(tmp_path):
+    from mailgw.config import parse_config
+
+    secret, config_map, deploy = sidecar_example()
     for name, text in secret["stringData"].items():
         (tmp_path / name).write_text(text)
     doc = yaml.safe_load(config_map["data"]["gateway.yaml"])
     doc["destinations"] = str(tmp_path)
     config = parse_config(doc, "sidecar", tmp_path)
-    assert [listener.listen for listener in config.listeners] == ["tcp:2465:interface=127.0.0.1"]
-    containers = {c["name"]: c for c in deploy["spec"]["template"]["spec"]["containers"]}
-    assert "--kubernetes" not in containers["mailgw"]["args"]
-    assert "mail.password" not in json.dumps(containers["app"])
+    names = {json.loads(text)["Name"] for text in secret["stringData"].values()}
+    assert {listener.destination for listener in config.listeners} == names
+    spec = deploy["spec"]["template"]["spec"]
+    (gateway,) = spec["initContainers"]
+    (app,) = spec["containers"]
+    assert "--kubernetes" not in gateway["args"]
+    assert "mail.password" not in json.dumps(app)
+
+
+def test_sidecar_example_is_a_native_sidecar_on_loopback_only():
+    secret, config_map, deploy = sidecar_example()
+    spec = deploy["spec"]["template"]["spec"]
+    (gateway,) = spec["initContainers"]
+    # native sidecar: started before the app (gated by its startupProbe), stopped after it
+    assert gateway["name"] == "mailgw" and gateway["restartPolicy"] == "Always"
+    assert "startupProbe" in gateway
+    assert spec["automountServiceAccountToken"] is False
+    doc = yaml.safe_load(config_map["data"]["gateway.yaml"])
+    endpoints = [listener["listen"] for listener in doc["listeners"]] + [doc["http"]["listen"]]
+    if (doc["http"].get("send") or {}).get("listen"):
+        endpoints.append(doc["http"]["send"]["listen"])
+    for endpoint in endpoints:  # the send API, when there is one, included
+        assert endpoint.startswith("tcp:") and endpoint.endswith(":interface=127.0.0.1"), endpoint
+    # so the kubelet, which probes the pod's IP address, cannot use httpGet
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        if probe in gateway:
+            assert "exec" in gateway[probe] and "httpGet" not in gateway[probe], probe
+            assert "http://127.0.0.1:9494/" in " ".join(gateway[probe]["exec"]["command"])
+    assert doc["http"]["listen"] == "tcp:9494:interface=127.0.0.1"
+    assert spec["terminationGracePeriodSeconds"] > doc["timeouts"]["drain"]
+    assert gateway["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_deployment_pauses_before_the_drain_within_the_grace_period():
+    (deploy,) = find("Deployment", "mailgw")
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"  # /bin/sleep of the image (tests/container run it)
+    (config,) = find("ConfigMap", "mailgw")
+    drain = yaml.safe_load(config["data"]["gateway.yaml"])["timeouts"]["drain"]
+    assert pod["terminationGracePeriodSeconds"] > int(command[1]) + drain
+
+
+def test_pod_disruption_budget_covers_the_gateway_pods():
+    (deploy,) = find("Deployment", "mailgw")
+    (pdb,) = find("PodDisruptionBudget", "mailgw")
+    assert pdb["metadata"]["namespace"] == deploy["metadata"]["namespace"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    assert pdb["spec"]["minAvailable"] < deploy["spec"]["replicas"]  # a node can still be drained
+
+
+def test_kustomization_ties_the_gateway_manifests_together():
+    (kustomization,) = docs(os.path.join(K8S, KUSTOMIZATION))
+    assert kustomization["kind"] == "Kustomization"
+    resources = kustomization["resources"]
+    for resource in resources:
+        assert os.path.isfile(os.path.join(K8S, resource)), resource
+    gateway_files = {os.path.basename(p) for p in manifest_files()} - EXAMPLES
+    assert set(resources) == gateway_files
+    assert len(resources) == len(set(resources))
+    (deploy,) = find("Deployment", "mailgw")
+    image = deploy["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert {entry["name"] for entry in kustomization.get("images", [])} <= {image.rsplit(":", 1)[0]}
 
 
 def test_containerfile():
     with open(os.path.join(ROOT, "Containerfile")) as f:
         text = f.read()
-    assert "pip install" in text and "pip wheel" in text
+    assert "ARG BASE=docker.io/library/python:3.11-slim" in text
+    assert "pip install" in text and "write-plugin-cache" in text
     cmd = [line for line in text.splitlines() if line.startswith("CMD")][-1]
     assert json.loads(cmd[3:].strip()) == ["twistd", "-n", "--pidfile=", "mailgw", "--kubernetes"]
     assert "USER 65532" in text

@@ -166,6 +166,7 @@ def test_kubernetes_mode_has_no_send_api():
         check_listening(config(http={"listen": "tcp:9494:interface=127.0.0.1", "send": {}}), MemoryReactor(), kubernetes=True)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # twisted.web's own 404 resource
 def test_no_send_api_unless_configured():
     from twisted.web.test.requesthelper import DummyRequest
 

@@ -60,7 +60,9 @@ class MailgwServiceMaker:
             exit_with(f"mailgw: configuration error: {e}")
         except StartupError as e:
             exit_with(f"mailgw: {e}")
-        return GatewayProcess(child, reactor, on_hangup, daemon=daemon)
+        process = GatewayProcess(child, reactor, on_hangup, daemon=daemon)
+        _with_log_format(process, child, parent)
+        return process
 
     @staticmethod
     def _kubernetes(reactor, config_path):
@@ -73,6 +75,16 @@ class MailgwServiceMaker:
             return make_kubernetes_service(reactor, config_path)
         except ConfigException as e:  # no in-cluster service account and no kubeconfig
             exit_with(f"mailgw: Kubernetes API configuration: {e}")
+
+
+def _with_log_format(process, child, server_options):
+    """gateway.yaml's ``logging.format`` for twistd: the observer that the process
+    service offers twistd's application when it becomes its child (see mailgw.logs)."""
+    from mailgw.config import LoggingConfig
+    from mailgw.logs import twistd_observer
+
+    log_format = getattr(child, "logging", LoggingConfig()).format  # the demo has none
+    process.log_observer = twistd_observer(log_format, server_options)
 
 
 serviceMaker = MailgwServiceMaker()
