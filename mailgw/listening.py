@@ -261,6 +261,13 @@ class Listener:
         return self.port.getHost() if self.port is not None else None
 
 
+def _where(address: Any) -> str:
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(getattr(address, "name", None) or address)
+
+
 def listen_now(reactor: Any, listener: Listener) -> Any:
     """Bind ``listener`` now and return its port, or raise :class:`StartupError`.
 
@@ -332,15 +339,19 @@ class ListenerGroup(Service):
                     listener.port = listen_now(self.reactor, listener)
                     opened.append(listener)
         except StartupError:
-            self._close(opened)
+            self._close(opened, quiet=True)
             raise
+        for listener in opened:
+            log.info("{listener}: listening on {address}", listener=listener.name, address=_where(listener.address))
 
     @staticmethod
-    def _close(listeners: Iterable[Listener]) -> defer.Deferred:
+    def _close(listeners: Iterable[Listener], quiet: bool = False) -> defer.Deferred:
         closing = []
         for listener in listeners:
             port, listener.port = listener.port, None
             if port is not None:
+                if not quiet:
+                    log.info("{listener}: no longer listening on {address}", listener=listener.name, address=_where(port.getHost()))
                 closing.append(defer.maybeDeferred(port.stopListening))
         return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
 

@@ -125,7 +125,7 @@ class GatewayProcess(MultiService):
         if not self.running:
             log.info("SIGHUP ignored: the gateway is shutting down")
             return
-        log.info("SIGHUP received")
+        # on_hangup says what came of it, in one line (reloaded, not reloaded, ignored).
         defer.maybeDeferred(self.on_hangup).addErrback(
             lambda failure: log.failure("SIGHUP handling failed", failure)
         )
