@@ -313,7 +313,7 @@ class ListenerGroup(Service):
     def add(self, listener: Listener) -> None:
         """Add ``listener``; it listens now when the group already does."""
         if self.running:
-            listener.port = listen_now(self.reactor, listener)
+            self._open([listener])
         self._listeners.append(listener)
 
     def find(self, predicate: Callable[[Listener], bool]) -> Listener | None:
@@ -364,31 +364,35 @@ class ListenerGroup(Service):
 
         Fails with :class:`StartupError` (nothing changed) when a new listener cannot
         listen.  A new listener on the socket of a removed one (the same port, another
-        endpoint string) can only bind once the old one is closed; if it then fails,
-        the removed listeners are opened again.
+        endpoint string) can only bind once the old one is closed: then the removed
+        listeners close first, and are opened again if a new one fails.
         """
         current = {item.listen: item for item in self._listeners}
         wanted_listens = {item.listen for item in wanted}
         removed = [item for item in self._listeners if item.listen not in wanted_listens]
         added = [item for item in wanted if item.listen not in current]
-        # New listeners that do not need a removed one's socket bind first: the usual
-        # failure (a port another process holds) then leaves everything running as it was.
-        later = [item for item in added if any(shares_socket(item.listen, old.listen) for old in removed)]
-        first = [item for item in added if item not in later]
-        self._open(first)
-        if later:
+        if not any(shares_socket(new.listen, old.listen) for new in added for old in removed):
+            # The usual case: the new ports bind while everything runs as it was, so a
+            # failure (a port another process holds) changes nothing at all.
+            self._open(added)
+            self._commit(wanted, current, commit)
             yield self._close(removed)
-            try:
-                self._open(later)
-            except StartupError:
-                yield self._close(first)
-                for item in removed:
-                    try:
-                        item.port = listen_now(self.reactor, item)
-                    except StartupError as e:
-                        log.error("{listener} could not be reopened: {error}", listener=item.name, error=str(e))
-                raise
-        # From here on nothing waits: the new ports cannot accept before commit().
+            return
+        yield self._close(removed)
+        try:
+            self._open(added)
+        except StartupError:
+            for item in removed:
+                try:
+                    self._open([item])
+                except StartupError as e:
+                    log.error("{listener} could not be reopened: {error}", listener=item.name, error=str(e))
+            raise
+        self._commit(wanted, current, commit)
+
+    def _commit(self, wanted: list[Listener], current: dict[str, Listener], commit: Callable[[], None] | None) -> None:
+        # Runs in the same reactor turn as the binding: the new ports cannot have
+        # accepted a connection before the configuration they serve is in place.
         result = []
         for item in wanted:
             old = current.get(item.listen)
@@ -402,5 +406,3 @@ class ListenerGroup(Service):
         self._listeners = result
         if commit is not None:
             commit()
-        if not later:
-            yield self._close(removed)
