@@ -61,7 +61,7 @@ def create(fake, cr_name, destination):
 
 
 def listener_port(gateway, cr_name):
-    manager = gateway.controller.listeners
+    manager = gateway.getServiceNamed("kubernetes").listeners
     return wait_for(
         lambda: next((p.getHost().port for r, p in dict(manager.ports).items() if r.cr_name == cr_name), None),
         what=f"a listener for {cr_name}",
@@ -76,12 +76,12 @@ def test_ready_once_the_controller_has_synced(gateway):
             return False
 
     wait_for(ready, what="/readyz")
-    assert gateway.controller.ready
+    assert gateway.getServiceNamed("kubernetes").ready
 
 
 def test_cr_with_secrets_destination_serves_the_mailbox(fake, gateway, dovecot, certs):
     create(fake, "mymail", imap_destination("office-imap", dovecot, certs))
-    manager = gateway.controller.listeners
+    manager = gateway.getServiceNamed("kubernetes").listeners
     port = listener_port(gateway, "mymail")
 
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
@@ -116,7 +116,7 @@ def test_other_crs_coming_and_going_leave_a_session_alone(fake, gateway, dovecot
         create(fake, "second", imap_destination("second-imap", dovecot, certs))
         listener_port(gateway, "second")
         fake.delete("destinations", "apps", "second")
-        wait_for(lambda: all(r.cr_name != "second" for r in gateway.controller.listeners.ports), what="second to close")
+        wait_for(lambda: all(r.cr_name != "second" for r in gateway.getServiceNamed("kubernetes").listeners.ports), what="second to close")
         sock.sendall(b"a2 FETCH 1 BODY[TEXT]\r\n")
         data = b""
         while b"a2 OK" not in data:

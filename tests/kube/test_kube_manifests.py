@@ -16,7 +16,7 @@ from kubernetes import client as k8s
 from fakeapi import CRD_PATH, ROOT, load_crd_schema, validate
 from mailgw.kube.config import parse_kube_section
 from mailgw.kube.controller import KubeSettings
-from mailgw.kube.sources import destination_from_json
+from mailgw.sources.base import destination_from_json
 
 K8S = os.path.join(ROOT, "k8s")
 GROUP = "destination.connectivity.api.sap"
