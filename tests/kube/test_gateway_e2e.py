@@ -36,7 +36,7 @@ def gateway(fake, reactor, in_reactor, tmp_path):
     )
     service = in_reactor(make_kubernetes_service, reactor, str(tmp_path / "gateway.yaml"), api=api, settings=settings)
     in_reactor(service.startService)
-    service.http_port = http_port
+    service.http_port = http_port  # the test's own note, read by the tests below
     yield service
     in_reactor(service.stopService)
 
@@ -124,3 +124,23 @@ def test_other_crs_coming_and_going_leave_a_session_alone(fake, gateway, dovecot
             assert chunk, data
             data += chunk
     assert b"Hello from the seeded INBOX." in data
+
+
+def test_listeners_accept_ipv6_and_ipv4(fake, gateway, dovecot, certs):
+    create(fake, "dualstack", imap_destination("dual-imap", dovecot, certs))
+    port = listener_port(gateway, "dualstack")
+    for family, host in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect((host, port))
+            assert sock.makefile("rb").readline().startswith(b"* OK [CAPABILITY"), host
+
+
+def test_the_cluster_wide_gateway_has_no_send_api(gateway):
+    import urllib.error
+
+    wait_for(lambda: gateway.getServiceNamed("kubernetes").ready, what="synced")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{gateway.http_port}/v1/send/x", data=b"hi", method="POST"), timeout=5)
+    assert info.value.code == 404
