@@ -26,8 +26,12 @@ def free_range(size=20):
 
 
 @pytest.fixture
-def gateway(fake, reactor, in_reactor, tmp_path):
-    http_port = realservers.free_port()
+def http_port():
+    return realservers.free_port()
+
+
+@pytest.fixture
+def gateway(fake, reactor, in_reactor, tmp_path, http_port):
     (tmp_path / "gateway.yaml").write_text(json.dumps({"http": {"listen": f"tcp:{http_port}:interface=127.0.0.1"}}))
     api = KubeApi(k8s.ApiClient(fake.configuration()), timeout=2.0, connect_timeout=1.0)
     settings = KubeSettings(
@@ -36,7 +40,6 @@ def gateway(fake, reactor, in_reactor, tmp_path):
     )
     service = in_reactor(make_kubernetes_service, reactor, str(tmp_path / "gateway.yaml"), api=api, settings=settings)
     in_reactor(service.startService)
-    service.http_port = http_port  # the test's own note, read by the tests below
     yield service
     in_reactor(service.stopService)
 
@@ -68,10 +71,10 @@ def listener_port(gateway, cr_name):
     )
 
 
-def test_ready_once_the_controller_has_synced(gateway):
+def test_ready_once_the_controller_has_synced(gateway, http_port):
     def ready():
         try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{gateway.http_port}/readyz", timeout=5).status == 200
+            return urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=5).status == 200
         except OSError:
             return False
 
@@ -136,11 +139,11 @@ def test_listeners_accept_ipv6_and_ipv4(fake, gateway, dovecot, certs):
             assert sock.makefile("rb").readline().startswith(b"* OK [CAPABILITY"), host
 
 
-def test_the_cluster_wide_gateway_has_no_send_api(gateway):
+def test_the_cluster_wide_gateway_has_no_send_api(gateway, http_port):
     import urllib.error
 
     wait_for(lambda: gateway.getServiceNamed("kubernetes").ready, what="synced")
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(urllib.request.Request(
-            f"http://127.0.0.1:{gateway.http_port}/v1/send/x", data=b"hi", method="POST"), timeout=5)
+            f"http://127.0.0.1:{http_port}/v1/send/x", data=b"hi", method="POST"), timeout=5)
     assert info.value.code == 404
