@@ -33,6 +33,8 @@ class Relay:
         self.idle_timeout = idle_timeout
         self.on_idle = on_idle
         self.closing = False
+        self.bytes_to_upstream = 0  # for mailgw_relay_bytes_total and the audit log
+        self.bytes_to_app = 0
         self.app.registerProducer(self.upstream, True)
         self.upstream.registerProducer(self.app, True)
         self._idle = reactor.callLater(idle_timeout, self._idle_expired)
@@ -43,10 +45,12 @@ class Relay:
 
     def from_app(self, data: bytes) -> None:
         self._write_up(data)
+        self.bytes_to_upstream += len(data)
         self._bump(self.idle_timeout)
 
     def from_upstream(self, data: bytes) -> None:
         self._write_app(data)
+        self.bytes_to_app += len(data)
         self._bump(self.idle_timeout)
 
     def _idle_expired(self) -> None:

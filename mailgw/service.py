@@ -17,6 +17,7 @@ from .destination import Destination
 from .endpoints.chain import socks_proxy, upstream_endpoint
 from .errors import GatewayError
 from .oauth import TokenCache, TokenClient, TokenProvider
+from .protocol.refusal import Reason, Refusal
 from .session import GatewayFactory, GatewaySession
 from .settings import Route, Settings
 
@@ -41,7 +42,8 @@ class StaticSource:
 
 
 class Gateway:
-    """What every session shares: reactor, settings, destinations, tokens, proxy."""
+    """What every session shares: reactor, settings, destinations, tokens, proxy, and
+    the bookkeeping of open sessions (limits, metrics, drain)."""
 
     def __init__(self, reactor, settings: Settings, source, *, tokens=None, proxy: ProxyConfig | None = None, proxy_endpoint=None):
         self.reactor = reactor
@@ -52,6 +54,7 @@ class Gateway:
         self.proxy_endpoint = proxy_endpoint  # (destination, tenant) -> IStreamClientEndpoint
         self.sessions: set[GatewaySession] = set()
         self._per_destination: Counter[str] = Counter()
+        self._per_client: Counter[str] = Counter()
         self.draining = False
         #: more conditions for readiness (Kubernetes mode: the controller has synced)
         self.readiness_checks: list = []
@@ -84,20 +87,48 @@ class Gateway:
             connect_timeout=self.settings.connect_timeout, proxy=self.proxy_endpoint,
         )
 
-    def session_started(self, session: GatewaySession) -> None:
+    # -- the sessions' reports ---------------------------------------------------------
+
+    def session_started(self, session: GatewaySession) -> Refusal | None:
+        """Count a new session; the refusal when it is over a limit (SPEC 6, 9.6)."""
+        name, client = session.route.destination, _client_host(session.client)
         self.sessions.add(session)
-        self._per_destination[session.route.destination] += 1
-        metrics.SESSIONS_ACCEPTED.labels(session.route.destination).inc()
-        metrics.SESSIONS_ACTIVE.labels(session.route.destination).inc()
+        self._per_destination[name] += 1
+        self._per_client[client] += 1
+        metrics.SESSIONS_ACCEPTED.labels(name).inc()
+        metrics.SESSIONS_ACTIVE.labels(name).inc()
+        if self._per_destination[name] > self.settings.max_sessions_per_destination:
+            return Refusal("too many sessions for this destination, try again later", Reason.LIMIT, permanent=False)
+        if self._per_client[client] > self.settings.max_sessions_per_client:
+            return Refusal(f"too many sessions from {client}, try again later", Reason.LIMIT, permanent=False)
+        return None
+
+    def session_refused(self, session: GatewaySession, refusal: Refusal) -> None:
+        metrics.SESSIONS_REFUSED.labels(session.route.destination, refusal.reason.value).inc()
+
+    def session_milestone(self, session: GatewaySession, name: str) -> None:
+        """``connected``, ``tls``, ``login``, ``greeted``, ``released``."""
+
+    def upstream_phase(self, session: GatewaySession, phase: str, seconds: float) -> None:
+        metrics.UPSTREAM_SECONDS.labels(session.route.destination, phase).observe(seconds)
 
     def session_ended(self, session: GatewaySession) -> None:
-        if session in self.sessions:
-            self.sessions.discard(session)
-            self._per_destination[session.route.destination] -= 1
-            metrics.SESSIONS_ACTIVE.labels(session.route.destination).dec()
-
-    def over_session_limit(self, session: GatewaySession) -> bool:
-        return self._per_destination[session.route.destination] > self.settings.max_sessions_per_destination
+        if session not in self.sessions:
+            return
+        name = session.route.destination
+        self.sessions.discard(session)
+        self._per_destination[name] -= 1
+        client = _client_host(session.client)
+        self._per_client[client] -= 1
+        if not self._per_client[client]:
+            del self._per_client[client]
+        metrics.SESSIONS_ACTIVE.labels(name).dec()
+        outcome = session.machine.outcome.value
+        metrics.SESSION_DURATION.labels(name, outcome).observe(self.reactor.seconds() - session.started_at)
+        relay = session.relay
+        if relay is not None:
+            metrics.RELAY_BYTES.labels(name, "to_upstream").inc(relay.bytes_to_upstream)
+            metrics.RELAY_BYTES.labels(name, "to_app").inc(relay.bytes_to_app)
 
     def drain(self, timeout: float) -> defer.Deferred:
         """Wait for open sessions to finish, up to ``timeout``; then close the rest."""
@@ -114,6 +145,11 @@ class Gateway:
         timer = self.reactor.callLater(timeout, give_up)
         waiting.addBoth(lambda _: timer.cancel() if timer.active() else None)
         return waiting
+
+
+def _client_host(client: str) -> str:
+    """The address part of ``host:port`` (IPv6 addresses have colons of their own)."""
+    return client.rsplit(":", 1)[0]
 
 
 class IDrainParticipant(Interface):
