@@ -46,6 +46,9 @@ class Store:
         self._objects: dict[Key, dict[str, Any]] = {}
         self._index_fn = index
         self._index: dict[Hashable, set[Key]] = {}
+        #: versions at which watched objects were deleted: the answer to a write made
+        #: before the deletion, arriving after its event, must not bring the object back
+        self._gone: dict[Key, dict[str, Any]] = {}
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -87,6 +90,11 @@ class Store:
         old = self._objects.get(key)
         if not force and old is not None and not newer(obj, old):
             return False
+        tombstone = self._gone.get(key)
+        if not force and tombstone is not None:
+            if not newer(obj, tombstone):
+                return False
+            del self._gone[key]
         self._unindex(key)
         self._objects[key] = dict(obj)
         if self._index_fn is not None:
@@ -103,6 +111,8 @@ class Store:
         """A fresh list (of ``namespace``, or of everything): the keys that changed."""
         fresh = {k: o for o in items if (k := key_of(o)) is not None}
         changed = set()
+        for key in [k for k in self._gone if namespace is None or k[0] == namespace]:
+            del self._gone[key]
         for key in [k for k in self._objects if (namespace is None or k[0] == namespace) and k not in fresh]:
             self.remove(key)
             changed.add(key)
@@ -120,5 +130,6 @@ class Store:
         if key is None:
             return False
         if kind == "DELETED":
+            self._gone[key] = {"metadata": dict(obj.get("metadata") or {})}
             return self.remove(key) is not None
         return self.put(obj)

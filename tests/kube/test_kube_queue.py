@@ -111,3 +111,21 @@ def test_depth_is_reported():
     q.add("b")
     work.finish("a")
     assert seen[-1] == 0 and max(seen) == 1
+
+
+def test_the_store_keeps_the_newest_and_a_late_write_answer_does_not_resurrect():
+    from mailgw.kube.store import Store
+
+    def obj(rv, **extra):
+        return {"metadata": {"namespace": "ns", "name": "x", "resourceVersion": str(rv), **extra}}
+
+    store = Store()
+    assert store.event("ADDED", obj(5))
+    assert not store.put(obj(5))  # the echo of our own write changes nothing
+    assert not store.put(obj(4))  # older
+    assert store.put(obj(6))
+    assert store.event("DELETED", obj(9))
+    assert not store.put(obj(7))  # the answer to a write made before the deletion
+    assert store.get(("ns", "x")) is None
+    assert store.put(obj(10))  # created again
+    assert store.replace([obj(11)], "ns") == {("ns", "x")}
