@@ -258,3 +258,17 @@ def test_status_and_metrics(cluster, start, in_reactor):
     cr = cluster.get("destinations", "apps", "mymail")["status"]
     assert cr["services"] == "mymail-t1,mymail-t2" and cr["tenantSubdomains"] == "t1,t2"
     assert cr["conditions"][0]["observedGeneration"] == 1
+
+
+def test_a_follower_forgets_a_deleted_cr(cluster, start, in_reactor):
+    held_lease(cluster)
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr())
+    leader, _ = start("gw-0")
+    follower, on_follower = start("gw-1", leader_election=True)
+    wait_for(lambda: on_follower.ports(), what="the follower listening")
+    cluster.delete("destinations", "apps", "mymail")
+    wait_for(lambda: not on_follower.ports(), what="the follower's listener to close")
+    wait_for(lambda: not cluster.list("networkpolicies", GW_NS), what="the policy to go")
+    idle(in_reactor, leader, follower)
+    assert in_reactor(lambda: (follower.allocations, follower.owners, follower.served)) == ({}, {}, {})
