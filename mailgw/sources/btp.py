@@ -27,6 +27,7 @@ from attrs import field, frozen
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from mailgw.destination import Destination
 from mailgw.oauth import TokenCache, TokenClient, TokenError, client_credentials_key
 from mailgw.sources.base import (
     AuthToken,
@@ -119,7 +120,7 @@ class BtpSource:
 
     def lookup(
         self, namespace: str, name: str, tenant: str | None = None, *, run: Callable[..., Deferred] | None = None
-    ) -> "Deferred[Destination]":  # noqa: F821
+    ) -> "Deferred[Destination]":
         d = Deferred.fromCoroutine(self._find(name, tenant, {}, run or self.run))
         d.addErrback(as_lookup_error, f"looking up destination {name!r}")
         d.addCallback(lambda result: result.destination)

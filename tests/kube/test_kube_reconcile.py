@@ -25,7 +25,6 @@ from mailgw.kube.model import (
 from mailgw.kube.apply import ApplyFailure
 from mailgw.sources.base import (
     DestinationNotFound,
-    InvalidDestination,
     ProxyTypeNotSupported,
     SourceUnavailable,
     TypeNotSupported,
