@@ -17,6 +17,7 @@ from .destination import Destination
 from .endpoints.chain import socks_proxy, upstream_endpoint
 from .errors import GatewayError
 from .oauth import TokenCache, TokenClient, TokenProvider
+from .pool import UpstreamPool
 from .protocol.refusal import Reason, Refusal
 from .session import GatewayFactory, GatewaySession
 from .settings import Route, Settings
@@ -58,6 +59,8 @@ class Gateway:
         self.draining = False
         #: more conditions for readiness (Kubernetes mode: the controller has synced)
         self.readiness_checks: list = []
+        #: warm upstream pools by route (SPEC 9.7)
+        self.pools: dict[Route, UpstreamPool] = {}
 
     @property
     def ready(self) -> bool:
@@ -130,9 +133,41 @@ class Gateway:
             metrics.RELAY_BYTES.labels(name, "to_upstream").inc(relay.bytes_to_upstream)
             metrics.RELAY_BYTES.labels(name, "to_app").inc(relay.bytes_to_app)
 
+    # -- warm pools ----------------------------------------------------------------------
+
+    def update_pools(self, routes) -> defer.Deferred:
+        """Make the warm pools match ``routes`` and their destinations now: start the
+        pools of destinations with ``mailgw.pool.size``, replace the connections of
+        those whose destination changed, stop the rest."""
+        routes = set(routes)
+        for route in [r for r in self.pools if r not in routes]:
+            self.pools.pop(route).stop()
+
+        def update(destination, route):
+            pool = self.pools.get(route)
+            if self.draining or not destination.pool_size or destination.lazy:
+                if pool is not None:
+                    self.pools.pop(route).stop()
+            elif pool is None:
+                self.pools[route] = pool = UpstreamPool(self, route, destination)
+                pool.start()
+            else:
+                pool.update(destination)
+
+        def unavailable(failure, route):
+            log.info("warm pool {route}: destination not available: {why}", route=str(route), why=failure.getErrorMessage())
+
+        return defer.DeferredList([
+            defer.maybeDeferred(self.lookup, route).addCallbacks(update, unavailable, (route,), None, (route,))
+            for route in routes
+        ])
+
     def drain(self, timeout: float) -> defer.Deferred:
         """Wait for open sessions to finish, up to ``timeout``; then close the rest."""
         self.draining = True
+        for pool in self.pools.values():
+            pool.stop()
+        self.pools.clear()
         if not self.sessions:
             return defer.succeed(None)
         log.info("draining {count} open sessions (up to {timeout:.0f}s)", count=len(self.sessions), timeout=timeout)
@@ -187,6 +222,10 @@ class GatewayService(service.MultiService):
     def listening_ports(self) -> defer.Deferred:
         """Fires with the listening ports (``getHost()`` tells where port 0 landed)."""
         return defer.gatherResults([_port_of(s) for s in self.listeners])
+
+    def startService(self):
+        super().startService()
+        self.gateway.update_pools([listener.route for listener in self.listeners])
 
     def stopService(self):
         # Stop accepting first, report not ready, then let open sessions finish.

@@ -35,10 +35,12 @@ from .protocol.session import (
     Milestone,
     Phase,
     Refused,
+    Discarded,
     SessionMachine,
     StartRelay,
     StartTimer,
     StopTimer,
+    Warmed,
 )
 from .relay import Relay, close_with_grace
 from .settings import Route, Settings
@@ -57,7 +59,10 @@ class GatewayFactory(Factory):
         self.gateway = gateway
 
     def buildProtocol(self, addr):
-        return GatewaySession(self.route, self.gateway)
+        # A warm pool's session, logged in already, when one is ready (SPEC 9.7).
+        pool = self.gateway.pools.get(self.route)
+        warm = pool.take() if pool is not None else None
+        return warm or GatewaySession(self.route, self.gateway)
 
 
 @implementer(IHandshakeListener)
@@ -100,13 +105,14 @@ class GatewaySession(Protocol):
     that streams commands without reading the answers cannot grow memory.
     """
 
-    def __init__(self, route: Route, gateway):
+    def __init__(self, route: Route, gateway, pool=None):
         self.route = route
         self.gateway = gateway
         self.reactor = gateway.reactor
         self.settings: Settings = gateway.settings
         self.sid = f"s{next(_session_ids)}"
-        self.machine = SessionMachine(route, gateway.settings, gateway.family_of(route))
+        self.pool = pool  # a warm pool's session until an application takes it
+        self.machine = SessionMachine(route, gateway.settings, gateway.family_of(route), warm=pool is not None)
         self.client = "?"
         self.started_at = self.reactor.seconds()
         self.upstream_tls: str | None = None  # the negotiated TLS version, for the audit
@@ -133,7 +139,15 @@ class GatewaySession(Protocol):
         self.client = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         self.transport.registerProducer(self, True)
         refusal = self.gateway.session_started(self)
+        if self.pool is not None:  # a warm session taken from its pool
+            self.pool, self.started_at = None, self.reactor.seconds()
+            self._run(self.machine.app_attached(refusal))
+            return
         self._run(self.machine.failed(refusal) if refusal is not None else self.machine.accepted())
+
+    def start_warming(self) -> None:
+        """A warm pool's session: connect and log in before any application comes."""
+        self._run(self.machine.accepted())
 
     def dataReceived(self, data: bytes):
         if self.relay is not None:
@@ -218,7 +232,7 @@ class GatewaySession(Protocol):
         elif isinstance(action, FetchToken):
             self._call(
                 self.gateway.tokens.for_client_credentials, self.destination, self.route.tenant,
-                then=lambda token: self.machine.token_found(token.access_token),
+                then=lambda token: self.machine.token_found(token.access_token, token.expires_at - self.reactor.seconds()),
             )
         elif isinstance(action, Connect):
             self._connect(action.destination)
@@ -237,6 +251,10 @@ class GatewaySession(Protocol):
             log.emit(_LEVELS[action.level], "session {sid}: {message}", sid=self.sid, message=action.message)
         elif isinstance(action, StartRelay):
             self._release(action)
+        elif isinstance(action, Warmed):
+            self.pool.warmed(self)
+        elif isinstance(action, Discarded):
+            self._discard(action.refusal)
         elif isinstance(action, CloseApp):
             self._close()
         else:  # pragma: no cover - the machine returned something new
@@ -329,8 +347,23 @@ class GatewaySession(Protocol):
             return
         if self._upstream is not None and self._upstream.transport is not None:
             close_with_grace(self.reactor, self._upstream.transport)
-        self.transport.unregisterProducer()
-        close_with_grace(self.reactor, self.transport)
+        if self.transport is not None:
+            self.transport.unregisterProducer()
+            close_with_grace(self.reactor, self.transport)
+
+    def _discard(self, refusal: Refusal) -> None:
+        """A warm session that cannot serve: close it; its pool replaces it."""
+        pool, self.pool = self.pool, None
+        self._run(self.machine.closed())
+        self._close()
+        if pool is not None:
+            pool.discarded(self, refusal)
+
+    def retire(self, reason: str) -> None:
+        """Close a warm session that waits in its pool (flush, stop)."""
+        self.pool = None
+        self._run(self.machine.closed())
+        self._close()
 
     # -- timers --------------------------------------------------------------------------
 

@@ -215,6 +215,7 @@ class IMAPUpstream(UpstreamMachine):
             Step.STARTTLS: lambda ok, response: self._starttls_answer(ok, str(response)),
             Step.LOGIN: self._on_login,
             Step.CAPABILITIES_AFTER_LOGIN: self._on_capability_after_login,
+            Step.PING: lambda ok, response: self._pong(ok, str(response)),
         }
 
     def _read(self, data: bytes) -> None:
@@ -254,6 +255,9 @@ class IMAPUpstream(UpstreamMachine):
 
     def _send_starttls(self) -> list:
         return self._command(Step.STARTTLS, b"STARTTLS")
+
+    def _send_ping(self) -> list:
+        return self._command(Step.PING, b"NOOP")
 
     def _send_sasl(self, start: SASLStart) -> list:
         command = b"AUTHENTICATE " + start.mechanism.encode("ascii")

@@ -72,6 +72,7 @@ class POP3Upstream(UpstreamMachine):
             Step.USER: self._on_user,
             Step.PASS: self._on_pass,
             Step.AWAITING_LOGIN: self._on_unexpected_while_waiting,
+            Step.PING: lambda line: self._pong(_is_ok(line), printable(line)),
         }
 
     def _read(self, data: bytes) -> None:
@@ -110,6 +111,9 @@ class POP3Upstream(UpstreamMachine):
 
     def _send_starttls(self) -> list:
         return self._send(Step.STARTTLS, b"STLS")
+
+    def _send_ping(self) -> list:
+        return self._send(Step.PING, b"NOOP")
 
     def _send_sasl(self, start: SASLStart) -> list:
         command = b"AUTH " + start.mechanism.encode("ascii")

@@ -47,7 +47,7 @@ from .actions import (
 from .appside import AppSide
 from .credentials import BearerToken, Credentials
 from .refusal import Reason, Refusal
-from .upstream import UpstreamMachine
+from .upstream import Step, UpstreamMachine
 
 # -- actions the session glue carries out (besides SendToApp, SendUpstream, StartTLS) ----
 
@@ -129,6 +129,18 @@ class Refused:
 
 
 @frozen
+class Warmed:
+    """Warm mode: the upstream is logged in and waits for an application (a pool's)."""
+
+
+@frozen
+class Discarded:
+    """Warm mode: the connection cannot serve an application (failed, aged, unhealthy)."""
+
+    refusal: Refusal
+
+
+@frozen
 class Log:
     """A line for the log; ``level`` is ``debug``, ``info`` or ``warn``.  Never a secret."""
 
@@ -138,6 +150,7 @@ class Log:
 
 class Phase(enum.Enum):
     STARTING = "starting"
+    WARM = "warm"  # a pool's: logged in, no application yet
     DIALOGUE = "dialogue"
     RELAYING = "relaying"
     CLOSING = "closing"
@@ -157,21 +170,31 @@ class Outcome(str, enum.Enum):
 
 #: Timers.  ``login``: accept (or a lazy login attempt) until the upstream is ready;
 #: ``tls``: one handshake; ``idle``: the application silent before release;
-#: ``dialogue``: greeting to release, however the application trickles bytes.
-LOGIN, TLS, IDLE, DIALOGUE = "login", "tls", "idle", "dialogue"
+#: ``dialogue``: greeting to release, however the application trickles bytes;
+#: ``pooled``: how long a warm connection may wait; ``ping``: its next health check.
+LOGIN, TLS, IDLE, DIALOGUE, POOLED, PING = "login", "tls", "idle", "dialogue", "pooled", "ping"
+
+#: A warm connection logged in with a token is retired this long before the token
+#: expires (servers may end sessions whose token expired).
+TOKEN_MARGIN = 30.0
 
 
 class SessionMachine:
     """The decisions of one session; see the module docstring.
 
     ``family`` is the protocol family to refuse in before the destination is known (the
-    listener's best knowledge).
+    listener's best knowledge).  ``warm``: a warm pool's session (SPEC 9.7), which logs in
+    before any application connects (:class:`Warmed`), keeps the connection healthy and
+    greets at once when one does (:meth:`app_attached`); what goes wrong before that is
+    :class:`Discarded`, never a refusal.
     """
 
-    def __init__(self, route: Route, settings: Settings, family: str = "smtp"):
+    def __init__(self, route: Route, settings: Settings, family: str = "smtp", warm: bool = False):
         self.route = route
         self.settings = settings
         self.family = family
+        self.warm = warm
+        self._warm_for: float | None = None  # a token's lifetime caps the time in the pool
         self.phase = Phase.STARTING
         self.destination: Destination | None = None
         self.refusal: Refusal | None = None
@@ -218,10 +241,13 @@ class SessionMachine:
             return self.failed(Refusal(str(e), Reason.INTERNAL, permanent=True))
         return self._connect(credentials)
 
-    def token_found(self, access_token: str) -> list:
-        """The client-credentials token for the eager login."""
+    def token_found(self, access_token: str, expires_in: float | None = None) -> list:
+        """The client-credentials token for the eager login (``expires_in``: seconds it
+        stays valid, which bounds how long a warm connection may wait)."""
         if self.phase is not Phase.STARTING or self.destination is None:
             return []
+        if expires_in is not None:
+            self._warm_for = max(0.0, expires_in - TOKEN_MARGIN)
         return self._connect(BearerToken(self.destination.user or "", access_token))
 
     def _connect(self, credentials: Credentials | None) -> list:
@@ -239,7 +265,7 @@ class SessionMachine:
     def failed(self, refusal: Refusal) -> list:
         """Something the session needs failed (destination, token, connect, TLS, a limit,
         the drain): refuse before the greeting, say goodbye after it."""
-        if self.phase is Phase.STARTING:
+        if self.phase in (Phase.STARTING, Phase.WARM):
             return self._refuse(refusal)
         if self.phase is Phase.DIALOGUE:
             return self._goodbye(refusal.text)
@@ -248,7 +274,7 @@ class SessionMachine:
     # -- events: the upstream leg ------------------------------------------------------------
 
     def upstream_data(self, data: bytes) -> list:
-        if self.phase not in (Phase.STARTING, Phase.DIALOGUE) or self.upstream is None:
+        if self.phase not in (Phase.STARTING, Phase.WARM, Phase.DIALOGUE) or self.upstream is None:
             return []
         return self._from_upstream(self.upstream.receive(data))
 
@@ -260,7 +286,7 @@ class SessionMachine:
     def upstream_lost(self, refusal: Refusal | None = None) -> list:
         """The upstream connection closed before release; ``refusal`` says why when the
         glue knows better than "closed" (a certificate or TLS failure, a reset)."""
-        if self.phase is Phase.STARTING:
+        if self.phase in (Phase.STARTING, Phase.WARM):
             if refusal is not None or self.upstream is None:
                 return self._refuse(refusal or Refusal("the upstream server closed the connection", Reason.CONNECT, False))
             return self._from_upstream(self.upstream.receive_eof())
@@ -287,7 +313,25 @@ class SessionMachine:
             return []
         self.phase = Phase.CLOSED
         self._presented = None
-        return [StopTimer(LOGIN), StopTimer(TLS), StopTimer(IDLE), StopTimer(DIALOGUE)]
+        return [StopTimer(name) for name in (LOGIN, TLS, IDLE, DIALOGUE, POOLED, PING)]
+
+    # -- events: a warm pool's session -----------------------------------------------------
+
+    @property
+    def ready_for_application(self) -> bool:
+        """Warm, healthy and idle: an application may take this session now."""
+        return self.phase is Phase.WARM and self.upstream is not None and self.upstream.step is Step.READY
+
+    def app_attached(self, refusal: Refusal | None = None) -> list:
+        """An application connected to this warm session: greet it at once (or refuse
+        it: ``refusal``, a limit the glue found)."""
+        if not self.ready_for_application:
+            raise MisuseError("app_attached() to a session that is not warm and idle")
+        self.warm = False
+        out = [StopTimer(POOLED), StopTimer(PING)]
+        if refusal is not None:
+            return out + self._refuse(refusal)
+        return out + self._greet(self.upstream.ready_capabilities, lazy=False)
 
     # -- events: the lazy login -------------------------------------------------------------
 
@@ -317,6 +361,10 @@ class SessionMachine:
         if name == TLS:
             where = self.destination.address if self.destination else "the upstream"
             return self.failed(Refusal(f"TLS handshake with {where} timed out", Reason.TIMEOUT, permanent=False))
+        if name == POOLED and self.phase is Phase.WARM:
+            return self._refuse(Refusal("retired after its time in the pool", Reason.CONNECT, False))
+        if name == PING and self.ready_for_application:
+            return self._from_upstream(self.upstream.ping())
         if name == IDLE and self.phase is Phase.DIALOGUE:
             return [Log("info", "application idle before release, closing")] + self._goodbye("idle timeout")
         if name == DIALOGUE and self.phase is Phase.DIALOGUE:
@@ -381,7 +429,15 @@ class SessionMachine:
     # -- decisions -----------------------------------------------------------------------------
 
     def _upstream_ready(self, capabilities: tuple[str, ...]) -> list:
+        if self.phase is Phase.WARM:  # a health check passed
+            return [StartTimer(PING, self._ping_interval())]
         out = [StopTimer(LOGIN), Milestone("login")]
+        if self.phase is Phase.STARTING and self.warm:
+            self.phase = Phase.WARM
+            lifetime = self.destination.pool_max_idle
+            if self._warm_for is not None:
+                lifetime = min(lifetime, self._warm_for)
+            return out + [Warmed(), StartTimer(POOLED, lifetime), StartTimer(PING, self._ping_interval())]
         if self.phase is Phase.STARTING:
             return out + self._greet(capabilities, lazy=False)
         # lazy: the exchanged token was accepted
@@ -389,6 +445,11 @@ class SessionMachine:
         return out + [Log("debug", f"upstream {self.destination.address} accepted the access token")] + self._from_app(
             self.app.auth_succeeded(capabilities)
         )
+
+    def _ping_interval(self) -> float:
+        """How often a warm connection is checked: often enough to notice a server that
+        dropped it well before an application would."""
+        return max(1.0, min(self.destination.pool_max_idle / 3, 30.0))
 
     def _greet(self, capabilities: tuple[str, ...], lazy: bool) -> list:
         self.app = families.app_machine(self.destination, capabilities, self.settings, lazy=lazy)
@@ -449,11 +510,13 @@ class SessionMachine:
 
     def _refuse(self, refusal: Refusal) -> list:
         """Refuse with the protocol's own refusal greeting, naming the destination."""
-        if self.phase is not Phase.STARTING:
+        if self.phase not in (Phase.STARTING, Phase.WARM):
             return []
         text = f"destination {self.name}: {refusal.text}"
-        self.refusal = Refusal(text, refusal.reason, refusal.permanent)
         self.phase = Phase.CLOSING
+        if self.warm:  # no application to tell: the pool replaces the connection
+            return [Log("debug", f"warm connection discarded: {text}"), Discarded(Refusal(text, refusal.reason, refusal.permanent))]
+        self.refusal = Refusal(text, refusal.reason, refusal.permanent)
         return [
             Log("warn", f"refused ({refusal.reason}): {text}"),
             Refused(self.refusal),

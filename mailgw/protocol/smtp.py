@@ -101,6 +101,7 @@ class SMTPUpstream(UpstreamMachine):
             Step.STARTTLS: lambda reply: self._starttls_answer(reply.code == 220, str(reply)),
             Step.LOGIN: self._on_auth,
             Step.AWAITING_LOGIN: self._on_unexpected_while_waiting,
+            Step.PING: lambda reply: self._pong(reply.code == 250, str(reply)),
         }
 
     def _read(self, data: bytes) -> None:
@@ -137,6 +138,9 @@ class SMTPUpstream(UpstreamMachine):
 
     def _send_starttls(self) -> list:
         return [SendUpstream(b"STARTTLS" + CRLF)]
+
+    def _send_ping(self) -> list:
+        return [SendUpstream(b"NOOP" + CRLF)]
 
     def _send_sasl(self, start: SASLStart) -> list:
         command = b"AUTH " + start.mechanism.encode("ascii")

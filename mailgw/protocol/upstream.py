@@ -47,6 +47,7 @@ class Step(enum.Enum):
     CAPABILITIES_AFTER_LOGIN = "capabilities-after-login"
     AWAITING_LOGIN = "awaiting-login"  # lazy types: waiting for the application's secret
     READY = "ready"
+    PING = "ping"  # a warm pooled connection's health check (NOOP) is running
     FAILED = "failed"
 
 
@@ -205,6 +206,23 @@ class UpstreamMachine:
         self.credentials = credentials
         return self._login()
 
+    def ping(self) -> list:
+        """Check an idle, logged-in connection (a warm pool's): NOOP, then
+        :class:`UpstreamReady` again, or :class:`UpstreamFailed`.  A connection that sent
+        anything unasked while idle is not healthy: its bytes would reach an application
+        that never asked for them."""
+        self._expect(Step.READY)
+        if len(self._pending):
+            return self._fail("upstream sent unsolicited data while idle", permanent=False, kind=Reason.CONNECT)
+        self.step = Step.PING
+        return self._send_ping()
+
+    def _pong(self, ok: bool, reply: str) -> list:
+        if not ok:
+            return self._fail(f"upstream failed the health check: {reply}", permanent=False, kind=Reason.CONNECT)
+        self.step = Step.READY
+        return [UpstreamReady(self.ready_capabilities)]
+
     @property
     def buffered(self) -> int:
         """Upstream bytes held: a partial response being read, plus what arrived after
@@ -351,6 +369,9 @@ class UpstreamMachine:
         raise NotImplementedError
 
     def _send_starttls(self) -> list:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _send_ping(self) -> list:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _after_starttls(self) -> list:  # pragma: no cover - abstract
