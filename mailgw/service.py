@@ -9,6 +9,7 @@ from twisted.application import internet, service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import Interface
 
 from . import audit as audit_log
 from . import logs, metrics
@@ -249,8 +250,21 @@ def _client_host(client: str) -> str:
     return client.rsplit(":", 1)[0]
 
 
+class IDrainParticipant(Interface):
+    """A child service that takes part in the start of the drain (SIGTERM)."""
+
+    def startDrain():
+        """The drain starts: stop taking new work (stop accepting, hand leadership
+        over).  May return a Deferred; the gateway waits for it before draining the
+        open sessions."""
+
+
 class GatewayService(service.MultiService):
-    """The standalone gateway: one listening service per listener, plus http."""
+    """The standalone gateway: one listening service per listener, plus http.
+
+    Children providing :class:`IDrainParticipant` (the Kubernetes controller, whose
+    listeners are its own) are told when the drain starts.
+    """
 
     #: gateway.yaml's ``logging`` section (set by make_service)
     logging = LoggingConfig()
@@ -311,7 +325,10 @@ class GatewayService(service.MultiService):
     def stopService(self):
         # Stop accepting first, report not ready, then let open sessions finish.
         self.gateway.draining = True
-        d = defer.maybeDeferred(self.listeners.stopService)
+        participants = [child for child in self if IDrainParticipant.providedBy(child)]
+        d = defer.gatherResults([defer.maybeDeferred(p.startDrain) for p in participants], consumeErrors=True)
+        d.addErrback(lambda f: log.failure("starting the drain failed", f))
+        d.addCallback(lambda _: self.listeners.stopService())
         d.addCallback(lambda _: self.gateway.drain(self.gateway.settings.drain_timeout))
         d.addCallback(lambda _: super(GatewayService, self).stopService())
         return d
@@ -347,10 +364,13 @@ def _server_endpoint(reactor, description: str, where: str):
         raise ConfigError(f"{where}: invalid endpoint string {description!r}: {e}") from None
 
 
-def make_service(config: GatewayConfig, reactor=None, *, tokens=None, proxy_endpoint=None, source=None) -> GatewayService:
+def make_service(
+    config: GatewayConfig, reactor=None, *, tokens=None, proxy_endpoint=None, source=None, send_api: bool = True
+) -> GatewayService:
     """The gateway for ``config``; nothing listens until the service starts.
 
-    ``source`` replaces the configuration's destinations (Kubernetes mode).
+    ``source`` replaces the configuration's destinations (Kubernetes mode).  With
+    ``send_api`` False the http listener serves no send API (the cluster-wide gateway).
     """
     if reactor is None:
         from twisted.internet import reactor  # noqa: F811 - the global reactor by default
@@ -393,7 +413,8 @@ def make_service(config: GatewayConfig, reactor=None, *, tokens=None, proxy_endp
 
         endpoint = _server_endpoint(reactor, config.http.listen, f"{config.origin}: http")
         http = internet.StreamServerEndpointService(endpoint, make_site(
-            gateway, top.send_address, status=StatusResource(gateway, top.listener_status, top.status_providers),
+            gateway, top.send_address if send_api else None,
+            status=StatusResource(gateway, top.listener_status, top.status_providers),
         ))
         http._raiseSynchronously = True
         http.setServiceParent(top)
