@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import urllib.error
