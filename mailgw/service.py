@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import Interface
 
 from . import audit as audit_log
 from . import logs, metrics
@@ -260,6 +261,15 @@ def _client_host(client: str) -> str:
     return client.rsplit(":", 1)[0]
 
 
+class IDrainParticipant(Interface):
+    """A child service that takes part in the start of the drain (SIGTERM)."""
+
+    def startDrain():
+        """The drain starts: stop taking new work (stop accepting, hand leadership
+        over).  May return a Deferred; the gateway waits for it before draining the
+        open sessions."""
+
+
 class GatewayService(service.MultiService):
     """The standalone gateway: its application listeners, the http listener (and the
     send API's), the token client and the send pool.
@@ -267,6 +277,9 @@ class GatewayService(service.MultiService):
     ``listeners`` and ``web`` are :class:`~mailgw.listening.ListenerGroup` services:
     every port is bound in ``privilegedStartService``, so a port in use stops start-up
     with a :class:`~mailgw.listening.StartupError` before anything else runs.
+
+    Children providing :class:`IDrainParticipant` (the Kubernetes controller, whose
+    listeners are its own) are told when the drain starts.
     """
 
     #: gateway.yaml's ``logging`` section (set by make_service)
@@ -393,7 +406,10 @@ class GatewayService(service.MultiService):
     def stopService(self):
         # Stop accepting first, report not ready, then let open sessions finish.
         self.gateway.draining = True
-        d = defer.maybeDeferred(self.listeners.stopService)
+        participants = [child for child in self if IDrainParticipant.providedBy(child)]
+        d = defer.gatherResults([defer.maybeDeferred(p.startDrain) for p in participants], consumeErrors=True)
+        d.addErrback(lambda f: log.failure("starting the drain failed", f))
+        d.addCallback(lambda _: self.listeners.stopService())
         d.addCallback(lambda _: self.gateway.drain(self.gateway.settings.drain_timeout))
         d.addCallback(lambda _: super(GatewayService, self).stopService())
         return d
@@ -433,11 +449,12 @@ def _listening_names(config: GatewayConfig) -> list[tuple[str, str]]:
     return named
 
 
-def check_listening(config: GatewayConfig, reactor=None, *, kubernetes: bool = False) -> None:
+def check_listening(config: GatewayConfig, reactor=None, *, send_api: bool = True) -> None:
     """Raise :class:`ConfigError` for what would otherwise fail while binding, with a
     traceback, or leave the send API open (SPEC 9.1, 9.6): an endpoint string Twisted
     cannot use, a port out of range, two listeners on one port, a send API reachable
-    from other hosts without tokens (or any send API in Kubernetes mode)."""
+    from other hosts without tokens (or any send API where ``send_api`` is False: the
+    cluster-wide Kubernetes gateway)."""
     if reactor is None:
         from twisted.internet import reactor  # noqa: F811 - endpoints are only built, never bound
     origin = config.origin
@@ -453,8 +470,8 @@ def check_listening(config: GatewayConfig, reactor=None, *, kubernetes: bool = F
     send = config.http.send if config.http is not None else None
     if send is None:
         return
-    if kubernetes:
-        raise ConfigError(f"{origin}: http.send: the cluster-wide Kubernetes gateway has no send API (run mailgw as a sidecar for it)")
+    if not send_api:
+        raise ConfigError(f"{origin}: http.send: the cluster-wide gateway has no send API (run mailgw as a sidecar for that)")
     where = send.listen or config.http.listen
     if not send.tokens and reachable_off_loopback(where):
         raise ConfigError(
@@ -506,16 +523,19 @@ def _add_web(top: GatewayService, config: GatewayConfig, reactor) -> None:
         top.web.add(Listener(f"{config.origin}: http", http.listen, make_site(gateway, send_resource, status=status)))
 
 
-def make_service(config: GatewayConfig, reactor=None, *, tokens=None, proxy_endpoint=None, source=None) -> GatewayService:
+def make_service(
+    config: GatewayConfig, reactor=None, *, tokens=None, proxy_endpoint=None, source=None, send_api: bool = True
+) -> GatewayService:
     """The gateway for ``config``; nothing listens until the service starts.
 
-    ``source`` replaces the configuration's destinations (Kubernetes mode: no send API).
-    Raises :class:`ConfigError` for listeners that cannot work (see
-    :func:`check_listening`).
+    ``source`` replaces the configuration's destinations (Kubernetes mode).  With
+    ``send_api`` False there is no send API even when ``http.send`` asks for one (the
+    cluster-wide gateway): that is a :class:`ConfigError`, like listeners that cannot
+    work (see :func:`check_listening`).
     """
     if reactor is None:
         from twisted.internet import reactor  # noqa: F811 - the global reactor by default
-    check_listening(config, reactor, kubernetes=source is not None)
+    check_listening(config, reactor, send_api=send_api)
     token_client = None
     if tokens is None:
         token_client = TokenClient(reactor, timeout=config.settings.token_timeout, max_concurrent=config.settings.max_token_requests)

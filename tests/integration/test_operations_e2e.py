@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import urllib.error

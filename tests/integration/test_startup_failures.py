@@ -149,6 +149,6 @@ def test_kubernetes_mode_failures(tmp_path, busy_port):
                         "http: cannot listen on", "address already in use")
         path = write_config(tmp_path / "gateway.yaml", {"http": {"listen": "tcp:0:interface=127.0.0.1", "send": {}}})
         assert_one_line(run_twistd(["mailgw", "--kubernetes", "--config", str(path)], tmp_path, env=env),
-                        "Kubernetes gateway has no send API")
+                        "cluster-wide gateway has no send API")
         path.write_bytes(b"http: {listen: \xff}\n")
         assert_one_line(run_twistd(["mailgw", "--kubernetes", "--config", str(path)], tmp_path, env=env), "not UTF-8")

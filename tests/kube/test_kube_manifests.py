@@ -16,7 +16,7 @@ from kubernetes import client as k8s
 from fakeapi import CRD_PATH, ROOT, load_crd_schema, validate
 from mailgw.kube.config import parse_kube_section
 from mailgw.kube.controller import KubeSettings
-from mailgw.kube.sources import destination_from_json
+from mailgw.sources.base import destination_from_json
 
 K8S = os.path.join(ROOT, "k8s")
 GROUP = "destination.connectivity.api.sap"
@@ -137,6 +137,12 @@ def test_crd_names_columns_and_status():
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns["Destination"] == ".spec.destinationRef.name"
+    assert columns["Service"] == ".status.services" and columns["Tenants"] == ".status.tenantSubdomains"
+    conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]
+    assert "observedGeneration" in conditions["items"]["properties"]
+    (rule,) = version["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
+    assert "size(self.metadata.name) <= 63" in rule["rule"] and rule["message"]
     assert "Available" in columns and "Reason" in columns and "Age" in columns
     schema = version["schema"]["openAPIV3Schema"]
     assert schema["properties"]["spec"]["required"] == ["destinationRef"]
@@ -209,7 +215,10 @@ def _allowed(rules, group, resource, verb, name=None):
 # what the code calls: (group, resource, verb, cluster-wide?)
 NEEDED = [
     (GROUP, "destinations", "list", True), (GROUP, "destinations", "watch", True),
-    (GROUP, "destinations/status", "patch", True),
+    (GROUP, "destinations/status", "patch", True), (GROUP, "destinations/finalizers", "update", True),
+    ("", "secrets", "list", True), ("", "secrets", "watch", True),
+    ("discovery.k8s.io", "endpointslices", "watch", True),
+    ("networking.k8s.io", "networkpolicies", "watch", False),
     ("", "services", "get", True), ("", "services", "list", True), ("", "services", "watch", True),
     ("", "services", "create", True), ("", "services", "patch", True), ("", "services", "delete", True),
     ("discovery.k8s.io", "endpointslices", "list", True), ("discovery.k8s.io", "endpointslices", "create", True),
@@ -230,12 +239,17 @@ def test_rbac_covers_the_code_and_nothing_wild():
     for group, resource, verb, cluster_wide in NEEDED:
         rules = cluster if cluster_wide else local
         assert _allowed(rules, group, resource, verb), (group, resource, verb)
+    # the Lease the configuration uses, by name, and no other
+    (config,) = find("ConfigMap", "mailgw")
+    lease = yaml.safe_load(config["data"]["gateway.yaml"])["kubernetes"].get("leaseName", KubeSettings().lease_name)
     for verb in ("get", "update"):
-        assert _allowed(local, "coordination.k8s.io", "leases", verb, KubeSettings().lease_name)
+        assert _allowed(local, "coordination.k8s.io", "leases", verb, lease)
+        assert not _allowed(local, "coordination.k8s.io", "leases", verb, "another-lease")
     for rule in cluster + local:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
-    # secrets: read one by name, never list or watch
-    assert not _allowed(cluster, "", "secrets", "list") and not _allowed(cluster, "", "secrets", "watch")
+    # nothing the code does not do
+    assert not _allowed(cluster, GROUP, "destinations", "update") and not _allowed(cluster, "", "secrets", "create")
+    assert not _allowed(cluster, "", "events", "patch") and not _allowed(local, "", "pods", "get")
     (binding,) = find("ClusterRoleBinding", "mailgw")
     (sa,) = find("ServiceAccount", "mailgw")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mailgw",
@@ -273,6 +287,7 @@ def test_deployment_has_probes_identity_resources_and_matching_labels():
     assert dict(settings.pod_labels).items() <= labels.items()
     assert settings.gateway_namespace == deploy["metadata"]["namespace"]
     assert gateway_yaml["http"]["listen"].startswith("tcp:9494")
+    assert "send" not in gateway_yaml["http"]  # the cluster-wide gateway has no send API
 
 
 def sidecar_example():

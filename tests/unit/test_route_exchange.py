@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 from mailgw.destination import parse_destination
 from mailgw.kube.main import RouteSource
 from mailgw.kube.model import Route
-from mailgw.kube.sources import AuthToken, FindResult, TokenExchangeFailed
+from mailgw.sources.base import AuthToken, FindResult, TokenExchangeFailed
 from mailgw.oauth import AccessToken, TokenError
 from mailgw.service import Gateway
 from mailgw.settings import Route as SessionRoute, Settings

@@ -162,8 +162,8 @@ def test_send_api_allowed_on_loopback_or_with_tokens(tmp_path):
 
 
 def test_kubernetes_mode_has_no_send_api():
-    with pytest.raises(ConfigError, match="Kubernetes gateway has no send API"):
-        check_listening(config(http={"listen": "tcp:9494:interface=127.0.0.1", "send": {}}), MemoryReactor(), kubernetes=True)
+    with pytest.raises(ConfigError, match="cluster-wide gateway has no send API"):
+        check_listening(config(http={"listen": "tcp:9494:interface=127.0.0.1", "send": {}}), MemoryReactor(), send_api=False)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # twisted.web's own 404 resource
