@@ -34,74 +34,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class GatewayProcess:
-    """``twistd -n mailgw --config gateway.yaml`` in ``directory``; a context manager
-    that starts it, waits until its http listener answers and kills it at the end.
-
-    ``config`` is written as gateway.yaml; an ``http`` listener on a free port is added
-    when the configuration has none (``self.http``).
-    """
-
-    def __init__(self, directory: Path, config: dict, args: tuple[str, ...] = ()):
-        self.directory = Path(directory)
-        self.config = dict(config)
-        if "http" not in self.config:
-            self.config["http"] = {"listen": f"tcp:{free_port()}:interface=127.0.0.1"}
-        self.http = "http://127.0.0.1:" + self.config["http"]["listen"].split(":")[1]
-        self.args = args
-        self.proc: subprocess.Popen | None = None
-        self.output = ""
-
-    def __enter__(self) -> "GatewayProcess":
-        (self.directory / "gateway.yaml").write_text(json.dumps(self.config))
-        self.proc = subprocess.Popen(
-            TWISTD + ["-n", "--pidfile=", "mailgw", "--config", "gateway.yaml", *self.args],
-            cwd=self.directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        deadline = time.monotonic() + 30
-        while not self._healthy():
-            if self.proc.poll() is not None:
-                self.output = self.proc.communicate()[0]
-                raise RuntimeError(f"twistd exited with {self.proc.returncode}:\n{self.output}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("twistd did not become healthy within 30s")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.output = self.proc.communicate()[0]
-
-    def _healthy(self) -> bool:
-        try:
-            return urllib.request.urlopen(self.http + "/healthz", timeout=2).status == 200
-        except (OSError, urllib.error.URLError):
-            return False
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def rss_kib(self) -> int:
-        """The process's resident memory (VmRSS), KiB."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise RuntimeError("no VmRSS line")
-
-    def metrics(self) -> str:
-        return urllib.request.urlopen(self.http + "/metrics", timeout=10).read().decode()
-
-    def signal(self, signum: int = signal.SIGTERM) -> None:
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float = 30) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self.output = self.proc.communicate()[0]
-        return code
-
-
 def environment(**extra: str) -> dict[str, str]:
     return {**os.environ, **extra}
 
@@ -188,3 +120,69 @@ class Twistd:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class GatewayProcess:
+    """``twistd -n mailgw --config gateway.yaml`` (a :class:`Twistd`) in ``directory``; a
+    context manager that starts it, waits until its http listener answers and kills it
+    at the end.
+
+    ``config`` is written as gateway.yaml; an ``http`` listener on a free port is added
+    when the configuration has none (``self.http``).  Its output goes to files, never a
+    pipe nobody reads (a busy gateway would block on a full one).
+    """
+
+    def __init__(self, directory: Path, config: dict, args: tuple[str, ...] = ()):
+        self.directory = Path(directory)
+        self.config = dict(config)
+        if "http" not in self.config:
+            self.config["http"] = {"listen": f"tcp:{free_port()}:interface=127.0.0.1"}
+        self.http = "http://127.0.0.1:" + self.config["http"]["listen"].split(":")[1]
+        self.args = args
+        self.twistd: Twistd | None = None
+
+    def __enter__(self) -> "GatewayProcess":
+        write_config(self.directory / "gateway.yaml", self.config)
+        self.twistd = Twistd(["mailgw", "--config", "gateway.yaml", *self.args], self.directory)
+        deadline = time.monotonic() + 30
+        while not self._healthy():
+            if not self.twistd.alive():
+                raise RuntimeError(f"twistd exited with {self.twistd.proc.returncode}:\n{self.output}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("twistd did not become healthy within 30s")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.twistd.close()
+
+    @property
+    def output(self) -> str:
+        """What twistd wrote so far, standard output then standard error."""
+        return self.twistd.log() + self.twistd.stderr()
+
+    def _healthy(self) -> bool:
+        try:
+            return urllib.request.urlopen(self.http + "/healthz", timeout=2).status == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    @property
+    def pid(self) -> int:
+        return self.twistd.proc.pid
+
+    def rss_kib(self) -> int:
+        """The process's resident memory (VmRSS), KiB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS line")
+
+    def metrics(self) -> str:
+        return urllib.request.urlopen(self.http + "/metrics", timeout=10).read().decode()
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.twistd.signal(signum)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.twistd.proc.wait(timeout=timeout)
