@@ -52,7 +52,7 @@ from .protocol.actions import (
     UpstreamReady,
 )
 from .protocol.credentials import BearerToken, Password
-from .relay import Relay, close_with_grace
+from .relay import Relay, close_with_grace, make_relay
 
 log = Logger()
 _session_ids = itertools.count(1)
@@ -404,15 +404,11 @@ class GatewaySession(Protocol):
         self._cancel_timers()
         self.phase = "relay"
         log.info("session {sid} released", sid=self.sid)
-        pending = self._up_machine.take_pending()
-        if pending:
-            self.transport.write(pending)
-        self.relay = Relay(
+        self.relay = make_relay(
             self.reactor, self.transport, self._upstream.transport,
             idle_timeout=self.settings.relay_idle_timeout, sid=self.sid,
+            leftover=leftover, pending=self._up_machine.take_pending(),
         )
-        if leftover:
-            self.relay.from_app(leftover)
 
     # -- endings ---------------------------------------------------------------------
 

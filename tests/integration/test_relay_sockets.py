@@ -12,11 +12,13 @@ relay fails instead of hanging.
 from __future__ import annotations
 
 import hashlib
+import imaplib
 import os
 import resource
 import select
 import socket
 import threading
+import uuid
 
 import pytest
 from twisted.internet import defer, reactor
@@ -26,6 +28,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
+import realservers
 from gatewayharness import in_reactor
 from mailgw import splice
 from mailgw.relay import Relay, make_relay
@@ -433,3 +436,59 @@ def test_from_app_while_splicing_comes_after_what_was_relayed(kind, harness_fact
     assert recv_all(upstream, 13) == b"injected last"
     # Read in the reactor thread: the peer can have the bytes before the count is updated.
     assert in_reactor(lambda: pair.relay.bytes_to_upstream) == 19
+
+
+# -- through the session: release, FETCH, the drain's goodbye ---------------------------
+
+
+@pytest.fixture
+def plain_imap_gateway(dovecot, gateway_factory):
+    def dest(name):
+        return {
+            "Name": name, "Type": "MAIL", "ProxyType": "Internet", "Authentication": "BasicAuthentication",
+            "mail.transport.protocol": "imap4", "mail.imap4.host": "127.0.0.1",
+            "mail.imap4.port": str(dovecot.imap_port), "mail.imap4.starttls.enable": "false",
+            "mail.user": "alice", "mail.password": realservers.DEFAULT_USERS["alice"],
+        }
+
+    return gateway_factory({"destinations": [dest("plain-imap")]})
+
+
+def _sessions(running):
+    return in_reactor(lambda: list(running.gateway.sessions))
+
+
+def test_session_fetch_through_the_splice_relay_byte_for_byte(dovecot, plain_imap_gateway):
+    mailbox = f"big-{uuid.uuid4().hex}"
+    body = b"".join(b"%08d " % i + os.urandom(30).hex().encode() + b"\r\n" for i in range(80_000))
+    dovecot.seed("alice", b"Subject: big\r\n\r\n" + body, mailbox=mailbox)
+    direct = imaplib.IMAP4("127.0.0.1", dovecot.imap_port)
+    direct.login("alice", realservers.DEFAULT_USERS["alice"])
+    direct.select(mailbox)
+    expected = direct.fetch("1", "(BODY.PEEK[])")[1][0][1]
+    direct.logout()
+    client = imaplib.IMAP4(*plain_imap_gateway.address())
+    client.login("anything", "at all")  # answered by the gateway
+    client.select(mailbox)  # releases the session
+    (session,) = _sessions(plain_imap_gateway)
+    assert type(session.relay) is SpliceRelay
+    assert client.fetch("1", "(BODY.PEEK[])")[1][0][1] == expected
+    client.logout()
+    relay = session.relay
+    in_reactor(lambda: session.closed)
+    assert relay.bytes_to_app > len(expected) and relay.bytes_to_upstream > 0
+
+
+def test_session_shutdown_while_splicing_sends_the_goodbye_then_closes(plain_imap_gateway):
+    client = socket.create_connection(plain_imap_gateway.address(), timeout=WAIT)
+    f = client.makefile("rb")
+    assert f.readline().startswith(b"* OK")
+    client.sendall(b"a1 SELECT INBOX\r\n")
+    while not f.readline().startswith(b"a1 "):
+        pass
+    (session,) = _sessions(plain_imap_gateway)
+    assert type(session.relay) is SpliceRelay
+    in_reactor(session.shutdown, "the gateway is shutting down")
+    rest = f.read()  # up to end of file
+    assert rest.startswith(b"* BYE") and b"the gateway is shutting down" in rest
+    in_reactor(lambda: session.closed)
