@@ -121,7 +121,7 @@ class _Pipe:
         self.grow_to = grow_to
         self.buffered = 0  # bytes in the pipe
         self.moved = 0  # bytes delivered to ``dst`` (the metrics' byte count)
-        self.backlog = bytearray()  # bytes given by from_app/from_upstream while splicing
+        self.backlog = b""  # bytes given by from_app/from_upstream while splicing (rare)
         self.src: _Leg | None = None
         self.dst: _Leg | None = None
 
@@ -231,7 +231,7 @@ class _Leg:
             # Injected bytes enter the pipe only once it is empty: they come after
             # everything the source already sent, and the source waits meanwhile.
             n = os.write(pipe.w, pipe.backlog)
-            del pipe.backlog[:n]
+            pipe.backlog = pipe.backlog[n:]
             pipe.buffered += n
         if self.writing:
             self.writing = False
@@ -296,6 +296,10 @@ class SpliceRelay:
     when its pipes or descriptors cannot be had; use :func:`mailgw.relay.make_relay`.
     """
 
+    # Slots: a released session keeps one of these for as long as it lasts.
+    __slots__ = ("reactor", "app", "upstream", "sid", "idle_timeout", "on_idle", "closing", "state", "_grace",
+                 "_legs", "_pipes", "_to_up", "_to_app", "_ended_first", "_idle", "_bump", "_flushing")
+
     def __init__(self, reactor, app_transport, upstream_transport, *, idle_timeout: float, sid: str,
                  on_idle=None, pipe_size: int = PIPE_SIZE):
         self.reactor = reactor
@@ -307,17 +311,17 @@ class SpliceRelay:
         self.closing = False
         self.state = SPLICING
         self._grace = None
-        self._legs: list[_Leg] = []
-        self._pipes: list[_Pipe] = []
+        self._legs: tuple[_Leg, ...] = ()
+        self._pipes: tuple[_Pipe, ...] = ()
         try:
             app_leg = _Leg(self, app_transport, "app")
-            self._legs.append(app_leg)
+            self._legs += (app_leg,)
             up_leg = _Leg(self, upstream_transport, "upstream")
-            self._legs.append(up_leg)
+            self._legs += (up_leg,)
             self._to_up = _Pipe(pipe_size)
-            self._pipes.append(self._to_up)
+            self._pipes += (self._to_up,)
             self._to_app = _Pipe(pipe_size)
-            self._pipes.append(self._to_app)
+            self._pipes += (self._to_app,)
         except OSError:
             self._release_fds()
             raise
@@ -382,7 +386,7 @@ class SpliceRelay:
         for pipe in self._pipes:
             if pipe.dst.dead:
                 pipe.buffered = 0
-                pipe.backlog.clear()
+                pipe.backlog = b""
             elif pipe.buffered or pipe.backlog:
                 pipe.dst.doWrite()
         if self.state is DRAINING:
@@ -417,6 +421,8 @@ class SpliceRelay:
     def _flushed(self, leg: _Leg) -> None:
         """Twisted wrote everything it held for ``leg``: the pipe towards it may start."""
         self._flushing.pop(leg, None)
+        if not self._flushing:
+            self._flushing = {}  # a dict emptied by pop keeps its table: a session lasts long
         if self.state is SPLICING:
             # Bytes that arrived meanwhile wait in the kernel; epoll reports them.
             leg.inbound.src.start_reading()
@@ -458,7 +464,7 @@ class SpliceRelay:
         for pipe in self._pipes:
             pipe.close()
             pipe.buffered = 0
-            pipe.backlog.clear()
+            pipe.backlog = b""
 
     def _finish(self) -> None:
         if self.state is CLOSED:
