@@ -18,7 +18,7 @@ from attrs import field, frozen
 
 from .destination import Destination, DestinationError, parse_destination
 from .endpoints.tls import TLSConfigError, check_tls_files
-from .session import Settings
+from .settings import Settings
 
 
 class ConfigError(ValueError):
@@ -47,8 +47,31 @@ class ProxyConfig:
 
 
 @frozen
+class SendApiConfig:
+    """``http.send``: the send API (SPEC 9.1).  ``listen`` None: on the http listener."""
+
+    listen: str | None = None
+    tokens: tuple[str, ...] = field(default=(), repr=False)  # bearer tokens, resolved
+
+
+@frozen
 class HttpConfig:
     listen: str
+    send: SendApiConfig | None = None  # None: no send API at all
+
+
+@frozen
+class AuditConfig:
+    """``audit``: one JSON line per ended session and send API request (SPEC 9.3)."""
+
+    path: str  # "-" is standard output
+
+
+@frozen
+class LoggingConfig:
+    """``logging`` (SPEC 9.4)."""
+
+    format: str = "text"  # text | json
 
 
 @frozen
@@ -58,7 +81,8 @@ class GatewayConfig:
     connectivity_proxy: ProxyConfig | None = None
     http: HttpConfig | None = None
     settings: Settings = Settings()
-    drain_timeout: float = 30.0
+    audit: AuditConfig | None = None
+    logging: LoggingConfig = LoggingConfig()
     origin: str = "<config>"
     #: the ``kubernetes:`` section, validated by Kubernetes mode (mailgw.kube.config)
     kubernetes: Mapping[str, Any] | None = None
@@ -70,10 +94,13 @@ _SETTING_KEYS = {
     ("timeouts", "tls"): "tls_timeout",
     ("timeouts", "login"): "login_timeout",
     ("timeouts", "idle"): "idle_timeout",
+    ("timeouts", "dialogue"): "dialogue_timeout",
     ("timeouts", "relayIdle"): "relay_idle_timeout",
+    ("timeouts", "token"): "token_timeout",
+    ("timeouts", "drain"): "drain_timeout",
     ("limits", "maxLine"): "max_line",
     ("limits", "maxSessionsPerDestination"): "max_sessions_per_destination",
-    ("timeouts", "token"): "token_timeout",
+    ("limits", "maxSessionsPerClient"): "max_sessions_per_client",
     ("limits", "maxTokenRequests"): "max_token_requests",
 }
 
@@ -205,35 +232,84 @@ def _proxy(raw: Any, origin: str, base: Path) -> ProxyConfig | None:
     )
 
 
-def _settings(doc: Mapping[str, Any], origin: str) -> tuple[Settings, float]:
+def _settings(doc: Mapping[str, Any], origin: str) -> Settings:
     changes: dict[str, Any] = {}
-    drain = 30.0
     for section in ("timeouts", "limits"):
         raw = doc.get(section) or {}
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{origin}: {section} must be a mapping")
         for key, value in raw.items():
-            if section == "timeouts" and key == "drain":
-                attribute = "drain"
-            else:
-                attribute = _SETTING_KEYS.get((section, key))
+            attribute = _SETTING_KEYS.get((section, key))
             if attribute is None:
                 raise ConfigError(f"{origin}: {section}: unknown key {key!r}")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{origin}: {section}, key {key!r}: must be a positive number")
-            if attribute == "drain":
-                drain = float(value)
-            else:
-                changes[attribute] = int(value) if section == "limits" else float(value)
+            changes[attribute] = int(value) if section == "limits" else float(value)
     hostname = doc.get("hostname")
     if hostname is not None:
         if not isinstance(hostname, str) or not hostname.isascii() or not hostname:
             raise ConfigError(f"{origin}: hostname must be an ASCII host name")
         changes["hostname"] = hostname
-    return Settings(**changes), drain
+    return Settings(**changes)
 
 
-_TOP_LEVEL = {"destinations", "listeners", "connectivityProxy", "http", "timeouts", "limits", "hostname", "kubernetes"}
+def _http(raw: Any, origin: str, base: Path) -> HttpConfig | None:
+    if raw is None:
+        return None
+    where = f"{origin}: http"
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("listen"), str) or not raw["listen"]:
+        raise ConfigError(f"{where}: must be a mapping with a listen endpoint string")
+    unknown = set(raw) - {"listen", "send"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    send = raw.get("send")
+    if send is None:
+        return HttpConfig(listen=raw["listen"])
+    where += ", key 'send'"
+    if not isinstance(send, Mapping):
+        raise ConfigError(f"{where}: must be a mapping (listen, tokens)")
+    unknown = set(send) - {"listen", "tokens"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    listen = send.get("listen")
+    if listen is not None and (not isinstance(listen, str) or not listen):
+        raise ConfigError(f"{where}, key 'listen': must be a Twisted endpoint string")
+    raw_tokens = send.get("tokens") or []
+    if not isinstance(raw_tokens, list):
+        raise ConfigError(f"{where}, key 'tokens': must be a list of secret references")
+    tokens = []
+    for index, item in enumerate(raw_tokens):
+        token = resolve_secret(item, f"{where}, tokens[{index}]", base)
+        if not isinstance(token, str) or not token.strip():
+            raise ConfigError(f"{where}, tokens[{index}]: must be a non-empty string or a secret reference")
+        tokens.append(token.strip())
+    return HttpConfig(listen=raw["listen"], send=SendApiConfig(listen=listen, tokens=tuple(tokens)))
+
+
+def _audit(raw: Any, origin: str, base: Path) -> AuditConfig | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or set(raw) != {"path"} or not isinstance(raw["path"], str) or not raw["path"]:
+        raise ConfigError(f"{origin}: audit: must be a mapping with one key, path (a file, or - for standard output)")
+    path = raw["path"]
+    return AuditConfig(path=path if path == "-" else str(base / path))
+
+
+def _logging(raw: Any, origin: str) -> LoggingConfig:
+    if raw is None:
+        return LoggingConfig()
+    if not isinstance(raw, Mapping) or set(raw) - {"format"}:
+        raise ConfigError(f"{origin}: logging: must be a mapping with the key format")
+    log_format = raw.get("format", "text")
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"{origin}: logging, key 'format': must be text or json, not {log_format!r}")
+    return LoggingConfig(format=log_format)
+
+
+_TOP_LEVEL = {
+    "destinations", "listeners", "connectivityProxy", "http", "timeouts", "limits", "hostname", "kubernetes",
+    "audit", "logging",
+}
 
 
 def parse_config(doc: Any, origin: str = "<config>", base: Path | None = None) -> GatewayConfig:
@@ -252,16 +328,11 @@ def parse_config(doc: Any, origin: str = "<config>", base: Path | None = None) -
             raise ConfigError(
                 f"{origin}: destination {destination.name!r}, key 'ProxyType': is OnPremise but no connectivityProxy is configured"
             )
-    http = doc.get("http")
-    if http is not None:
-        if not isinstance(http, Mapping) or not isinstance(http.get("listen"), str):
-            raise ConfigError(f"{origin}: http: must be a mapping with a listen endpoint string")
-        http = HttpConfig(listen=http["listen"])
-    settings, drain = _settings(doc, origin)
     return GatewayConfig(
         destinations=destinations, listeners=listeners, connectivity_proxy=proxy,
-        http=http, settings=settings, drain_timeout=drain, origin=origin,
-        kubernetes=doc.get("kubernetes"),
+        http=_http(doc.get("http"), origin, base), settings=_settings(doc, origin),
+        audit=_audit(doc.get("audit"), origin, base), logging=_logging(doc.get("logging"), origin),
+        origin=origin, kubernetes=doc.get("kubernetes"),
     )
 
 

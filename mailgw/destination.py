@@ -46,6 +46,9 @@ LAZY_TYPES = (OAUTH2_REFRESH_TOKEN, OAUTH2_AUTHORIZATION_CODE)
 
 TOKEN_URL_TYPES = ("Dedicated", "Common")
 
+#: Most warm upstream connections one destination may keep (SPEC 9.7).
+MAX_POOL_SIZE = 100
+
 
 class DestinationError(ValueError):
     """A destination is invalid.  The message names the destination and the key."""
@@ -85,6 +88,8 @@ class Destination:
     trust_store: str | None = None
     key_store: str | None = None
     trust_all: bool = False
+    pool_size: int = 0  # mailgw.pool.size: warm upstream connections kept (SPEC 9.7)
+    pool_max_idle: float = 60.0  # mailgw.pool.maxIdle: seconds a warm connection may wait
 
     @property
     def family(self) -> str:
@@ -133,6 +138,18 @@ def _bool(name: str, key: str, value: Any, default: bool) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     raise DestinationError(name, key, f'must be "true" or "false", not {value!r}')
+
+
+def _number(name: str, key: str, value: str | None, default, kind, maximum):
+    if value is None:
+        return default
+    try:
+        number = kind(value)
+    except ValueError:
+        raise DestinationError(name, key, f"must be a number, not {value!r}") from None
+    if not 0 <= number <= maximum:
+        raise DestinationError(name, key, f"must be between 0 and {maximum}, not {value}")
+    return number
 
 
 def parse_destination(obj: Mapping[str, Any], origin: str | None = None) -> Destination:
@@ -261,6 +278,16 @@ def parse_destination(obj: Mapping[str, Any], origin: str | None = None) -> Dest
 
     trust_all = _bool(name, "TrustAll", obj.get("TrustAll"), False)
 
+    pool_size = _number(name, "mailgw.pool.size", text("mailgw.pool.size"), 0, int, MAX_POOL_SIZE)
+    pool_max_idle = _number(name, "mailgw.pool.maxIdle", text("mailgw.pool.maxIdle"), 60.0, float, 86400)
+    if pool_size and authentication in LAZY_TYPES and auth:
+        raise DestinationError(
+            name, "mailgw.pool.size",
+            f"a warm pool logs in ahead of time, which {authentication} cannot (the application brings the secret)",
+        )
+    if pool_max_idle <= 0:
+        raise DestinationError(name, "mailgw.pool.maxIdle", "must be more than 0 seconds")
+
     return Destination(
         name=name,
         protocol=protocol,
@@ -283,6 +310,8 @@ def parse_destination(obj: Mapping[str, Any], origin: str | None = None) -> Dest
         trust_store=text("TrustStoreLocation"),
         key_store=text("KeyStoreLocation"),
         trust_all=trust_all,
+        pool_size=pool_size,
+        pool_max_idle=pool_max_idle,
     )
 
 

@@ -1,4 +1,4 @@
-"""Turning failures into short, secret-free explanations for the application and the log."""
+"""Turning failures into short, secret-free refusals for the application and the log."""
 
 from __future__ import annotations
 
@@ -8,11 +8,16 @@ from twisted.python.failure import Failure
 
 from .oauth import TokenError
 from .protocol.actions import ProtocolError
+from .protocol.refusal import Reason, Refusal
+from .protocol.socks5 import SOCKSError
 
 try:  # service_identity is a hard dependency, but keep this module importable alone
     from service_identity import VerificationError
 except ImportError:  # pragma: no cover
     VerificationError = ()  # type: ignore[assignment]
+
+#: OpenSSL reasons that mean the certificate, not the handshake, is the problem.
+_CERTIFICATE_REASONS = ("certificate verify failed", "certificate", "self-signed", "unable to get local issuer")
 
 
 def _ssl_reason(exc: SSL.Error) -> str:
@@ -24,49 +29,64 @@ def _ssl_reason(exc: SSL.Error) -> str:
     return ", ".join(reasons) or "TLS error"
 
 
-def describe(failure: Failure | BaseException, address: str) -> tuple[str, bool]:
-    """``(text, permanent)`` for a failure while reaching or talking to ``address``.
+class GatewayError(Exception):
+    """An error of the gateway's own whose message is safe to show and log.
+
+    ``reason`` is the class a session refused because of it counts under (a destination
+    that cannot be looked up keeps the session from its upstream: ``connect``).
+    """
+
+    def __init__(self, message: str, permanent: bool = True, reason: Reason = Reason.CONNECT):
+        super().__init__(message)
+        self.safe_message = message
+        self.permanent = permanent
+        self.reason = reason
+
+
+class UnsupportedError(GatewayError):
+    """The destination asks for something this gateway does not do."""
+
+    def __init__(self, message: str):
+        super().__init__(message, permanent=True, reason=Reason.INTERNAL)
+
+
+def describe(failure: Failure | BaseException, address: str) -> Refusal:
+    """The refusal for a failure while reaching or talking to ``address``.
 
     Only the exception type and library-produced reason codes are used, so a secret that
     some library put into an exception message cannot leak through here.
     """
     exc = failure.value if isinstance(failure, Failure) else failure
+    if isinstance(exc, SOCKSError):
+        transient = isinstance(exc, (defer.TimeoutError, error.ConnectError, error.ConnectionLost))
+        return Refusal(str(exc), Reason.PROXY, permanent=not transient)
     if isinstance(exc, ProtocolError):
-        # Our machines' and the SOCKS layer's errors (also those that subclass Twisted's
-        # timeout and connection errors) carry safe, specific messages.
-        return str(exc), not isinstance(exc, (defer.TimeoutError, error.ConnectError, error.ConnectionLost))
+        # Our machines' errors carry safe, specific messages.
+        return Refusal(str(exc), Reason.PROTOCOL)
     if isinstance(exc, TokenError):  # its message names host, grant and client, no secret
-        return f"token service: {exc}", exc.error_code not in ("unreachable", "timeout", "http_error", "stopped")
+        transient = exc.error_code in ("unreachable", "timeout", "http_error", "stopped")
+        return Refusal(f"token service: {exc}", Reason.TOKEN, permanent=not transient)
     if isinstance(exc, error.ConnectionRefusedError):
-        return f"connection refused by {address}", False
+        return Refusal(f"connection refused by {address}", Reason.CONNECT, permanent=False)
     if isinstance(exc, (error.TimeoutError, defer.TimeoutError, defer.CancelledError)):
-        return f"timed out connecting to {address}", False
+        return Refusal(f"timed out connecting to {address}", Reason.TIMEOUT, permanent=False)
     if isinstance(exc, error.DNSLookupError):
-        return f"cannot resolve the host name of {address}", False
+        return Refusal(f"cannot resolve the host name of {address}", Reason.DNS, permanent=False)
     if isinstance(exc, error.NoRouteError):
-        return f"no route to {address}", False
+        return Refusal(f"no route to {address}", Reason.CONNECT, permanent=False)
     if isinstance(exc, VerificationError):
-        return f"the certificate of {address} does not match its host name", True
+        return Refusal(f"the certificate of {address} does not match its host name", Reason.CERTIFICATE)
     if isinstance(exc, SSL.Error):
-        return f"TLS handshake with {address} failed: {_ssl_reason(exc)}", True
+        why = _ssl_reason(exc)
+        reason = Reason.CERTIFICATE if any(r in why for r in _CERTIFICATE_REASONS) else Reason.TLS
+        return Refusal(f"TLS handshake with {address} failed: {why}", reason)
     if isinstance(exc, (error.ConnectionDone, error.ConnectionLost)):
-        return f"{address} closed the connection", False
-    explain = getattr(exc, "safe_message", None)  # typed errors of our own layers
+        return Refusal(f"{address} closed the connection", Reason.CONNECT, permanent=False)
+    if isinstance(exc, GatewayError):
+        return Refusal(exc.safe_message, exc.reason, exc.permanent)
+    explain = getattr(exc, "safe_message", None)  # typed errors of other layers of ours
     if isinstance(explain, str):
-        return explain, getattr(exc, "permanent", True)
-    return f"{type(exc).__name__} while talking to {address}", False
-
-
-class GatewayError(Exception):
-    """An error of the gateway's own whose message is safe to show and log."""
-
-    permanent = True
-
-    def __init__(self, message: str, permanent: bool = True):
-        super().__init__(message)
-        self.safe_message = message
-        self.permanent = permanent
-
-
-class UnsupportedError(GatewayError):
-    """The destination asks for something this gateway does not do."""
+        return Refusal(explain, getattr(exc, "reason", Reason.CONNECT), getattr(exc, "permanent", True))
+    # A bug of ours or an exception nobody classified: the caller logs the traceback;
+    # the application reads no internal name.
+    return Refusal("internal error in the gateway", Reason.INTERNAL, permanent=False)

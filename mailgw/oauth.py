@@ -22,7 +22,7 @@ import logging
 import math
 import re
 import threading
-from typing import Any, Callable, Hashable
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -30,13 +30,13 @@ from attrs import define, field, frozen
 from oauthlib.oauth2 import BackendApplicationClient, InsecureTransportError, WebApplicationClient
 from requests.auth import HTTPBasicAuth
 from requests_oauthlib import OAuth2Session
-from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail, maybeDeferred, succeed
-from twisted.internet.threads import deferToThreadPool
+from twisted.application.service import MultiService
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
+from .blocking import BlockingPool, PoolStopped
+from .cache import SingleFlightCache
 from .destination import OAUTH2_AUTHORIZATION_CODE, OAUTH2_REFRESH_TOKEN, Destination
 
 log = Logger(namespace="mailgw.oauth")
@@ -341,7 +341,7 @@ class _Call:
     deferred: Deferred | None = None
 
 
-class TokenClient(Service):
+class TokenClient(MultiService):
     """Obtains tokens from token services, off the reactor thread.
 
     ``timeout`` bounds each HTTP connect and read; ``deadline`` (default three times
@@ -349,8 +349,8 @@ class TokenClient(Service):
     Deferred fails with ``timeout`` even if a thread is still stuck.  At most
     ``max_concurrent`` (default ``pool_size``) requests run at once.
 
-    Call :meth:`start` before use and :meth:`stop` (returns a Deferred) at the end; as a
-    twisted ``Service`` it does both with its parent.
+    A twisted service: its :class:`~mailgw.blocking.BlockingPool` starts and stops with
+    it (:meth:`start` / :meth:`stop` do the same for callers without a service tree).
     """
 
     def __init__(
@@ -361,15 +361,14 @@ class TokenClient(Service):
         max_concurrent: int | None = None,
         deadline: float | None = None,
     ) -> None:
-        if pool_size < 1:
-            raise ValueError("pool_size must be at least 1")
+        super().__init__()
         self._reactor = reactor
-        self._pool_size = pool_size
         self.timeout = float(timeout)
         self.deadline = float(deadline) if deadline is not None else 3 * self.timeout
         self.max_concurrent = max_concurrent or pool_size
         self._semaphore = DeferredSemaphore(self.max_concurrent)
-        self._pool: ThreadPool | None = None
+        self.pool = BlockingPool(reactor, "mailgw-oauth", pool_size)
+        self.pool.setServiceParent(self)
         self._call_objs: dict[int, _Call] = {}
         _quiet_requests_oauthlib()
 
@@ -377,43 +376,24 @@ class TokenClient(Service):
 
     @property
     def started(self) -> bool:
-        return self._pool is not None
+        return self.pool.started
 
     def start(self) -> None:
         """Start the private thread pool."""
-        if self._pool is None:
-            self._pool = ThreadPool(minthreads=0, maxthreads=self._pool_size, name="mailgw-oauth")
-            self._pool.start()
+        if not self.running:
+            self.startService()
 
     def stop(self) -> Deferred[None]:
-        """Fail calls in flight with ``stopped`` and join the pool's threads.
-
-        The join happens in a helper thread (a thread stuck in an HTTP read can take up
-        to ``timeout``); the returned Deferred fires when it is done.
-        """
-        pool, self._pool = self._pool, None
-        for call in list(self._call_objs.values()):
-            self._abandon(call, STOPPED)
-        if pool is None:
+        """Fail calls in flight with ``stopped`` and join the pool's threads (in a
+        helper thread: the returned Deferred fires when it is done)."""
+        if not self.running:
             return succeed(None)
-        done: Deferred[None] = Deferred()
-
-        def join() -> None:
-            try:
-                pool.stop()
-            finally:
-                self._reactor.callFromThread(done.callback, None)
-
-        threading.Thread(target=join, name="mailgw-oauth-stop", daemon=True).start()
-        return done
-
-    def startService(self) -> None:
-        super().startService()
-        self.start()
+        return self.stopService()
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
-        return self.stop()
+        for call in list(self._call_objs.values()):
+            self._abandon(call, STOPPED)
+        return super().stopService()
 
     # -- grants ---------------------------------------------------------------------------
 
@@ -472,20 +452,18 @@ class TokenClient(Service):
         if not token_url or not client_id or client_secret is None:
             return fail(TokenError(INVALID_CONFIGURATION, f"token URL, client id and client secret are required ({host})", host=host))
         grant = _Grant(grant_type, token_url, client_id, client_secret, client_auth, **kw)
-        if self._pool is None:
+        if not self.pool.started:
             return fail(TokenError(STOPPED, f"token client is not running ({grant.describe()} at {host})", host=host))
         return self._run(grant)
 
     def _run(self, grant: _Grant) -> Deferred[AccessToken]:
         call = _Call(grant)
-        pool = self._pool
         started = self._reactor.seconds()
 
         def in_pool() -> Deferred[_Response]:
-            if self._pool is not pool:  # stopped while this call waited for a slot
-                call.reason = call.reason or STOPPED
+            if call.abandoned.is_set():  # stopped or timed out while it waited for a slot
                 raise _Abandoned()
-            return deferToThreadPool(self._reactor, pool, _request_blocking, grant, self.timeout, call.abandoned)
+            return self.pool(_request_blocking, grant, self.timeout, call.abandoned)
 
         log.debug("token request: {grant} at {host}", grant=grant.describe(), host=grant.host)
         d = self._semaphore.run(in_pool)
@@ -533,7 +511,9 @@ class TokenClient(Service):
         grant = call.grant
         if failure.check(TokenError):
             return failure.value
-        if failure.check(CancelledError, _Abandoned):
+        if failure.check(CancelledError, _Abandoned, PoolStopped):
+            if failure.check(PoolStopped):
+                call.reason = call.reason or STOPPED
             if call.reason == TIMEOUT:
                 return TokenError(
                     TIMEOUT, f"token service {grant.host} did not answer the {grant.describe()} within {self.deadline:g}s", host=grant.host
@@ -573,94 +553,24 @@ def exchange_key(token_url: str, client_id: str, client_secret: str, secret: str
     return ("exchange", token_url, client_id, _digest(client_secret), _digest(secret))
 
 
-@define
-class _Entry:
-    token: AccessToken
-    valid_until: float
-
-
-class TokenCache:
+class TokenCache(SingleFlightCache):
     """Access tokens by key until ``margin`` seconds before expiry; single flight.
 
     A token is handed out until ``obtained + expires_in - m`` on ``clock``, where ``m``
     is ``margin`` or, for tokens shorter lived than twice the margin, half the lifetime
     (so a short-lived token is still shared, and no entry has a negative lifetime).
-    Concurrent :meth:`get` calls for a key share one fetch; each gets its own Deferred.
     Failures are delivered to every waiter and are not cached.
     """
 
-    def __init__(self, clock: Any, margin: float = DEFAULT_MARGIN, max_entries: int = 10000) -> None:
-        self._clock = clock
+    def __init__(self, clock: Any, margin: float = DEFAULT_MARGIN, max_entries: int = 10000, observe=None) -> None:
         self.margin = max(0.0, float(margin))
-        self.max_entries = max_entries
-        self._entries: dict[Hashable, _Entry] = {}
-        self._inflight: dict[Hashable, list[Deferred[AccessToken]]] = {}
+        super().__init__(clock, self._token_lifetime, max_entries=max_entries, observe=observe)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._inflight)
-
-    def peek(self, key: Hashable) -> AccessToken | None:
-        """The cached, still valid token for ``key``, without fetching."""
-        entry = self._entries.get(key)
-        if entry is None:
+    def _token_lifetime(self, result: Any) -> float | None:
+        if isinstance(result, Failure):
             return None
-        if self._clock.seconds() < entry.valid_until:
-            return entry.token
-        del self._entries[key]
-        return None
-
-    def invalidate(self, key: Hashable) -> None:
-        """Forget ``key`` (e.g. the upstream refused the token)."""
-        self._entries.pop(key, None)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def get(self, key: Hashable, fetch: Callable[[], Deferred[AccessToken]]) -> Deferred[AccessToken]:
-        """A valid token for ``key``: cached, joined to a fetch in flight, or fetched."""
-        token = self.peek(key)
-        if token is not None:
-            return succeed(token)
-
-        def cancel_waiter(waiter: Deferred[AccessToken]) -> None:
-            waiters = self._inflight.get(key)
-            if waiters is not None and waiter in waiters:
-                waiters.remove(waiter)
-
-        waiter: Deferred[AccessToken] = Deferred(cancel_waiter)
-        waiters = self._inflight.get(key)
-        if waiters is not None:
-            waiters.append(waiter)
-            return waiter
-        self._inflight[key] = [waiter]
-        maybeDeferred(fetch).addBoth(self._settle, key)
-        return waiter
-
-    def _settle(self, result: Any, key: Hashable) -> None:
-        waiters = self._inflight.pop(key, [])
-        if not isinstance(result, Failure):
-            self._store(key, result)
-        for waiter in waiters:
-            waiter.callback(result)  # each waiter has its own Deferred and callbacks
-        return None  # the fetch's failure is handled by the waiters
-
-    def _store(self, key: Hashable, token: AccessToken) -> None:
-        now = self._clock.seconds()
-        lifetime = max(0.0, token.expires_in)
-        valid_until = now + lifetime - min(self.margin, lifetime / 2)
-        if valid_until <= now:
-            return
-        self._entries.pop(key, None)
-        self._entries[key] = _Entry(token, valid_until)
-        if len(self._entries) > self.max_entries:
-            for stale in [k for k, e in self._entries.items() if e.valid_until <= now]:
-                del self._entries[stale]
-            while len(self._entries) > self.max_entries:
-                del self._entries[next(iter(self._entries))]  # the oldest
+        lifetime = max(0.0, result.expires_in)
+        return lifetime - min(self.margin, lifetime / 2)
 
 
 # ---------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ class Relay:
         self.idle_timeout = idle_timeout
         self.on_idle = on_idle
         self.closing = False
-        self.bytes_to_upstream = 0
+        self.bytes_to_upstream = 0  # for mailgw_relay_bytes_total and the audit log
         self.bytes_to_app = 0
         self.app.registerProducer(self.upstream, True)
         self.upstream.registerProducer(self.app, True)

@@ -1,23 +1,11 @@
-"""GatewaySession: one application connection, its upstream connection, and the splice.
+"""GatewaySession: the Twisted glue of one session.
 
-The session is thin glue.  Protocol decisions are made by the sans-IO machines in
-``mailgw.protocol``; the session feeds them bytes, carries out the actions they return,
-runs the timers, and hands over to :class:`~mailgw.relay.Relay` at release.
-
-Life of a session (eager authentication types)::
-
-    accepted -> destination looked up -> upstream connected -> TLS -> login
-             -> application greeted -> local dialogue -> release -> relay -> closed
-
-and for the lazy ones (OAuth2RefreshToken, OAuth2AuthorizationCode), where the
-application presents the secret::
-
-    accepted -> destination looked up -> upstream connected -> TLS -> capabilities
-             -> application greeted (XOAUTH2, OAUTHBEARER offered)
-             -> application's AUTH -> secret exchanged at the token service (off the
-                reactor) -> upstream login with the access token -> result relayed
-                (a refusal leaves the session open for another try)
-             -> local dialogue -> release -> relay -> closed
+Every decision is made by :class:`mailgw.protocol.session.SessionMachine` (sans-IO);
+this module feeds it events from the two connections, from the destination source, the
+token services and the timers, and carries out the actions it returns: writes, TLS,
+look-ups, connects, token exchanges, timers, release (the splice of
+:mod:`mailgw.relay`) and closes.  It also reports what the operator sees: metrics, the
+status board, the audit trail (through the :class:`~mailgw.service.Gateway`).
 """
 
 from __future__ import annotations
@@ -25,75 +13,56 @@ from __future__ import annotations
 import itertools
 from typing import Callable
 
-from attrs import frozen
-from twisted.internet import defer
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import errors, metrics
-from .destination import BASIC, NO_AUTH, OAUTH2_AUTHORIZATION_CODE, OAUTH2_CLIENT_CREDENTIALS, Destination
+from . import errors
 from .endpoints.tls import client_tls_options
-from .oauth import TokenError
-from .protocol import families
-from .protocol.actions import (
-    Close,
-    ExchangeSecret,
-    LoginRefused,
-    ProtocolError,
-    Release,
-    SendToApp,
-    SendUpstream,
-    StartTLS,
-    UpstreamConnected,
-    UpstreamFailed,
-    UpstreamReady,
+from .protocol.actions import SendToApp, SendUpstream, StartTLS
+from .protocol.refusal import Reason, Refusal
+from .protocol.session import (
+    CloseApp,
+    Connect,
+    Exchange,
+    FetchToken,
+    ForgetToken,
+    Log,
+    LookUp,
+    Milestone,
+    Phase,
+    Refused,
+    Discarded,
+    SessionMachine,
+    StartRelay,
+    StartTimer,
+    StopTimer,
+    Warmed,
 )
-from .protocol.credentials import BearerToken, Password
 from .relay import Relay, close_with_grace, make_relay
+from .settings import Route, Settings
 
 log = Logger()
 _session_ids = itertools.count(1)
 
 
-@frozen
-class Route:
-    """What a listener serves: a destination, optionally for one tenant."""
-
-    destination: str
-    tenant: str | None = None
-
-    def __str__(self) -> str:
-        return self.destination + (f"/{self.tenant}" if self.tenant else "")
-
-
-@frozen
-class Settings:
-    """Timeouts (seconds) and limits that apply to every session."""
-
-    connect_timeout: float = 10.0
-    tls_timeout: float = 10.0
-    login_timeout: float = 30.0  # from accept until the upstream is ready
-    idle_timeout: float = 300.0  # application silent before release
-    relay_idle_timeout: float = 1800.0  # after release; long enough for IMAP IDLE
-    max_line: int = 16384  # application command line before release
-    max_sessions_per_destination: int = 1000
-    token_timeout: float = 10.0  # each HTTP call to a token service
-    max_token_requests: int = 8  # concurrent token requests, all destinations together
-    hostname: str = "mailgw"
-
-
 class GatewayFactory(Factory):
     """Builds a :class:`GatewaySession` for every connection to one listener."""
+
+    noisy = False  # a listener starting and stopping is logged by the gateway
 
     def __init__(self, route: Route, gateway):
         self.route = route
         self.gateway = gateway
 
     def buildProtocol(self, addr):
-        return GatewaySession(self.route, self.gateway)
+        # A warm pool's session, logged in already, when one is ready (SPEC 9.7).
+        pool = self.gateway.pools.get(self.route)
+        warm = pool.take() if pool is not None else None
+        return warm or GatewaySession(self.route, self.gateway)
 
 
 @implementer(IHandshakeListener)
@@ -110,7 +79,7 @@ class _UpstreamProtocol(Protocol):
         self.session._upstream_data(data)
 
     def handshakeCompleted(self):
-        self.session._upstream_tls_done()
+        self.session._run(self.session.machine.upstream_tls_done())
 
     def connectionLost(self, reason=None):
         self.session._upstream_lost(reason)
@@ -126,372 +95,311 @@ class _UpstreamFactory(Factory):
         return _UpstreamProtocol(self.session)
 
 
+@implementer(IPushProducer)
 class GatewaySession(Protocol):
-    """The application leg of one session, and the session's driver."""
+    """The application leg of one session, and the executor of its machine's actions.
 
-    def __init__(self, route: Route, gateway):
+    Before release the session is the streaming producer of the application's
+    transport: when more than the transport's buffer (64 KiB) of replies is unread,
+    Twisted pauses it and it stops reading from the application (SPEC 9.6), so a client
+    that streams commands without reading the answers cannot grow memory.
+    """
+
+    def __init__(self, route: Route, gateway, pool=None):
         self.route = route
         self.gateway = gateway
         self.reactor = gateway.reactor
         self.settings: Settings = gateway.settings
         self.sid = f"s{next(_session_ids)}"
-        self.destination: Destination | None = None
-        self.phase = "starting"  # starting | dialogue | relay | closed
-        self._early = bytearray()  # application bytes that arrived before the greeting
-        self._app_machine = None
-        self._up_machine = None
+        self.pool = pool  # a warm pool's session until an application takes it
+        self.machine = SessionMachine(route, gateway.settings, gateway.family_of(route), warm=pool is not None)
+        self.client = "?"
+        self.started_at = self.reactor.seconds()
+        self.upstream_tls: str | None = None  # the negotiated TLS version, for the audit
         self._upstream: _UpstreamProtocol | None = None
-        self._connecting: defer.Deferred | None = None
         self._tls_options = None
+        self._pending: set[defer.Deferred] = set()  # look-ups, tokens, connects in flight
         self._timers: dict[str, object] = {}
-        self._exchanging: defer.Deferred | None = None  # lazy types: the token exchange
-        self._presented: str | None = None  # lazy types: the secret being tried upstream
+        self._marks: dict[str, float] = {}  # when each upstream phase started
         self.relay: Relay | None = None
         self.closed = defer.Deferred()
 
-    # -- application leg -------------------------------------------------------------
+    @property
+    def phase(self) -> Phase:
+        return self.machine.phase
+
+    @property
+    def destination(self):
+        return self.machine.destination
+
+    # -- the application leg -------------------------------------------------------------
 
     def connectionMade(self):
         peer = self.transport.getPeer()
-        log.info(
-            "session {sid} accepted from {peer} for {route}",
-            sid=self.sid, peer=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}", route=str(self.route),
-        )
-        self.gateway.session_started(self)
-        self._timer("login", self.settings.login_timeout, self._login_timed_out)
-        d = defer.maybeDeferred(self.gateway.lookup, self.route)
-        d.addCallbacks(self._got_destination, self._setup_failed)
-        d.addErrback(self._internal_error)
+        self.client = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.transport.registerProducer(self, True)
+        refusal = self.gateway.session_started(self)
+        if self.pool is not None:  # a warm session taken from its pool
+            self.pool, self.started_at = None, self.reactor.seconds()
+            self._run(self.machine.app_attached(refusal))
+            return
+        self._run(self.machine.failed(refusal) if refusal is not None else self.machine.accepted())
+
+    def start_warming(self) -> None:
+        """A warm pool's session: connect and log in before any application comes."""
+        self._run(self.machine.accepted())
 
     def dataReceived(self, data: bytes):
-        if self.phase == "relay":
+        if self.relay is not None:
             self.relay.from_app(data)
-        elif self.phase == "dialogue":
-            self._timer("idle", self.settings.idle_timeout, self._app_idle)
-            self._feed_app(data)
-        elif self.phase == "starting":
-            # The application spoke before its greeting: keep it, in order, but bounded.
-            self._early += data
-            if len(self._early) > self.settings.max_line:
-                self._refuse("application sent too much data before the greeting", permanent=True)
+        else:
+            self._run(self.machine.app_data(data))
 
     def connectionLost(self, reason=None):
-        previous, self.phase = self.phase, "closed"
-        self._cancel_timers()
-        self._presented = None
-        if self._connecting is not None:
-            self._connecting.cancel()
-        if self._exchanging is not None:
-            self._exchanging.cancel()
+        self._run(self.machine.closed())
+        for pending in list(self._pending):
+            pending.cancel()
         if self.relay is not None:
             self.relay.close()
         elif self._upstream is not None and self._upstream.transport is not None:
             close_with_grace(self.reactor, self._upstream.transport)
-        if previous != "closed":
-            log.info("session {sid} closed (was {phase})", sid=self.sid, phase=previous)
+        if not self.closed.called:
             self.gateway.session_ended(self)
             self.closed.callback(None)
 
-    # -- set-up ----------------------------------------------------------------------
+    # IPushProducer: the application's transport pauses us while its buffer is full.
+    def pauseProducing(self):
+        self.transport.pauseProducing()
 
-    def _got_destination(self, destination: Destination):
-        if self.phase == "closed":
-            return
-        self.destination = destination
-        if self.gateway.over_session_limit(self):
-            self._refuse("too many sessions for this destination, try again later", permanent=False)
-            return
-        credentials_d = defer.maybeDeferred(self._credentials, destination)
-        credentials_d.addCallbacks(self._connect, self._setup_failed)
-        credentials_d.addErrback(self._internal_error)
+    def resumeProducing(self):
+        self.transport.resumeProducing()
 
-    def _credentials(self, destination: Destination):
-        if destination.authentication == NO_AUTH or not destination.auth:
-            return None
-        if destination.authentication == BASIC:
-            return Password(destination.user, destination.password)
-        if destination.authentication == OAUTH2_CLIENT_CREDENTIALS:
-            d = self.gateway.tokens.for_client_credentials(destination, self.route.tenant)
-            return d.addCallback(lambda token: BearerToken(destination.user, token.access_token))
-        if destination.lazy:
-            return None  # the application presents the secret: families.login_later
-        raise errors.UnsupportedError(f"authentication type {destination.authentication} is not supported")
+    def stopProducing(self):
+        pass  # the connection is going; connectionLost does the rest
 
-    def _connect(self, credentials):
-        if self.phase == "closed":
-            return
-        destination = self.destination
-        self._tls_options = client_tls_options(destination) if self._needs_tls(destination) else None
-        self._up_machine = families.upstream_machine(destination, credentials, self.settings)
-        endpoint = self.gateway.upstream_endpoint(destination, self.route.tenant)
-        log.debug("session {sid}: connecting to {address}", sid=self.sid, address=destination.address)
-        self._connecting = endpoint.connect(_UpstreamFactory(self))
-        self._connecting.addBoth(self._connect_done)
-
-    @staticmethod
-    def _needs_tls(destination: Destination) -> bool:
-        return destination.implicit_tls or destination.starttls_enable
-
-    def _connect_done(self, result):
-        self._connecting = None
-        if isinstance(result, Failure):
-            if self.phase != "closed":
-                self._setup_failed(result)
-            return None
-        return result
+    # -- the upstream leg ----------------------------------------------------------------
 
     def _upstream_connected(self, upstream: _UpstreamProtocol):
-        if self.phase == "closed":
+        if self.machine.phase is not Phase.STARTING:
             upstream.transport.abortConnection()
             return
         self._upstream = upstream
-        self._feed_upstream(self._up_machine.start)
+        self._run(self.machine.upstream_connected())
 
     def _upstream_data(self, data: bytes):
-        if self.phase == "relay":
+        if self.relay is not None:
             self.relay.from_upstream(data)
-        elif self.phase != "closed":
-            self._feed_upstream(self._up_machine.receive, data)
+        else:
+            self._run(self.machine.upstream_data(data))
 
-    def _upstream_tls_done(self):
-        self._cancel_timer("tls")
-        if self.phase in ("starting", "dialogue"):
-            self._feed_upstream(self._up_machine.tls_established)
-
-    def _upstream_lost(self, reason: Failure):
-        upstream, self._upstream = self._upstream, None
-        if self.phase == "relay":
-            log.info("session {sid} closed by the upstream", sid=self.sid)
+    def _upstream_lost(self, reason: Failure | None):
+        self._upstream = None
+        if self.relay is not None:
+            log.debug("session {sid} closed by the upstream", sid=self.sid)
             self.relay.close()
-        elif self.phase == "starting":
-            text, permanent = errors.describe(reason, self.destination.address)
-            self._refuse(text, permanent)
-        elif self.phase == "dialogue":
-            log.info("session {sid}: upstream closed before release", sid=self.sid)
-            self._goodbye("the upstream server closed the connection")
-        del upstream
-
-    # -- actions ---------------------------------------------------------------------
-
-    def _feed_upstream(self, method, *args):
-        try:
-            actions = method(*args)
-        except ProtocolError as e:  # the upstream broke its protocol
-            actions = [UpstreamFailed(str(e))]
-        self._run(actions)
-
-    def _feed_app(self, data: bytes):
-        try:
-            actions = self._app_machine.receive(data)
-        except ProtocolError as e:  # the application broke its protocol
-            log.info("session {sid}: application protocol error: {error}", sid=self.sid, error=str(e))
-            self._goodbye(str(e))
             return
-        self._run(actions)
+        refusal = None
+        if reason is not None and not reason.check(error.ConnectionDone):
+            refusal = self._describe(reason)
+        self._run(self.machine.upstream_lost(refusal))
 
-    def _run(self, actions: list):
-        for action in actions:
-            if self.phase == "closed":
-                return
-            if isinstance(action, SendToApp):
-                self.transport.write(action.data)
-            elif isinstance(action, SendUpstream):
-                self._upstream.transport.write(action.data)
-            elif isinstance(action, StartTLS):
-                self._timer("tls", self.settings.tls_timeout, self._tls_timed_out)
-                self._upstream.transport.startTLS(self._tls_options)
-            elif isinstance(action, UpstreamReady):
-                if self._app_machine is None:
-                    self._greet(action.capabilities, lazy=False)
-                else:
-                    self._logged_in(action)
-            elif isinstance(action, UpstreamConnected):
-                self._greet(action.capabilities, lazy=True)
-            elif isinstance(action, ExchangeSecret):
-                self._exchange(action)
-            elif isinstance(action, LoginRefused):
-                self._login_refused(action)
-            elif isinstance(action, UpstreamFailed):
-                self._refuse(action.reason, action.permanent)
-            elif isinstance(action, Release):
-                self._release(action.leftover)
-            elif isinstance(action, Close):
-                log.info("session {sid}: closing: {reason}", sid=self.sid, reason=action.reason)
-                self._close_app()
-            else:  # pragma: no cover - a machine returned something new
-                raise TypeError(f"unknown action {action!r}")
+    # -- carrying out actions ------------------------------------------------------------
 
-    def _greet(self, capabilities: tuple[str, ...], lazy: bool):
-        self._cancel_timer("login")
-        self._app_machine = families.app_machine(self.destination, capabilities, self.settings, lazy=lazy)
-        self.phase = "dialogue"
-        log.info(
-            "session {sid}: upstream {address} ready{waiting}, greeting the application",
-            sid=self.sid, address=self.destination.address,
-            waiting=", login waits for the application's token" if lazy else "",
-        )
-        if not lazy:
-            metrics.SESSIONS_READY.labels(self.route.destination).inc()
-        self.transport.write(self._app_machine.greeting())
-        self._timer("idle", self.settings.idle_timeout, self._app_idle)
-        if self._early:
-            early, self._early = bytes(self._early), bytearray()
-            self._feed_app(early)
+    def _run(self, actions: list) -> None:
+        try:
+            for action in actions:
+                self._do(action)
+        except Exception:
+            # A bug of ours (a machine misused, an action we cannot carry out): log it
+            # with its traceback and end this session only.
+            log.failure("session {sid}: internal error", sid=self.sid)
+            self._internal_error()
 
-    # -- lazy authentication ---------------------------------------------------------
+    def _do(self, action) -> None:
+        if isinstance(action, SendToApp):
+            self.transport.write(action.data)
+        elif isinstance(action, SendUpstream):
+            self._upstream.transport.write(action.data)
+        elif isinstance(action, StartTLS):
+            self._marks.setdefault("tls", self.reactor.seconds())
+            self._upstream.transport.startTLS(self._tls_options)
+        elif isinstance(action, StartTimer):
+            self._start_timer(action.name, action.seconds)
+        elif isinstance(action, StopTimer):
+            self._stop_timer(action.name)
+        elif isinstance(action, LookUp):
+            self._call(self.gateway.lookup, self.route, then=self.machine.destination_found)
+        elif isinstance(action, FetchToken):
+            self._call(
+                self.gateway.tokens.for_client_credentials, self.destination, self.route.tenant,
+                then=lambda token: self.machine.token_found(token.access_token, token.expires_at - self.reactor.seconds()),
+            )
+        elif isinstance(action, Connect):
+            self._connect(action.destination)
+        elif isinstance(action, Exchange):
+            self._call(
+                self.gateway.exchange, self.route, self.destination, action.secret,
+                then=self.machine.exchanged, failed=self.machine.exchange_failed,
+            )
+        elif isinstance(action, ForgetToken):
+            self.gateway.tokens.invalidate(self.destination, self.route.tenant, secret=action.secret)
+        elif isinstance(action, Milestone):
+            self._milestone(action.name)
+        elif isinstance(action, Refused):
+            self.gateway.session_refused(self, action.refusal)
+        elif isinstance(action, Log):
+            log.emit(_LEVELS[action.level], "session {sid}: {message}", sid=self.sid, message=action.message)
+        elif isinstance(action, StartRelay):
+            self._release(action)
+        elif isinstance(action, Warmed):
+            self.pool.warmed(self)
+        elif isinstance(action, Discarded):
+            self._discard(action.refusal)
+        elif isinstance(action, CloseApp):
+            self._close()
+        else:  # pragma: no cover - the machine returned something new
+            raise TypeError(f"unknown action {action!r}")
 
-    def _exchange(self, request: ExchangeSecret):
-        """The application presented its refresh token or authorisation code."""
-        destination = self.destination
-        what = "authorization code" if destination.authentication == OAUTH2_AUTHORIZATION_CODE else "refresh token"
-        user = request.user or destination.user
-        if not user:
-            self._run(self._app_machine.auth_refused(
-                f"no user: the {request.mechanism} response names none and destination {destination.name} has no mail.user"
-            ))
+    def _call(self, function: Callable, *args, then: Callable, failed: Callable | None = None) -> None:
+        """Call ``function`` (maybe returning a Deferred) and feed its outcome to the
+        machine: ``then(result)``, or ``failed(refusal)`` (default: the session's set-up
+        failed)."""
+        d = defer.maybeDeferred(function, *args)
+        if d.called:  # a cache hit: no need to track it
+            d.addCallbacks(lambda result: self._run(then(result)), lambda f: self._failed(f, failed))
             return
-        log.info(
-            "session {sid}: the application presented a {what} ({mechanism}); exchanging it at the token service",
-            sid=self.sid, what=what, mechanism=request.mechanism,
-        )
-        secret = request.secret
-        d = defer.maybeDeferred(self.gateway.exchange, self.route, destination, secret)
-        self._exchanging = d
-        d.addCallbacks(self._exchanged, self._exchange_failed, callbackArgs=(user, secret))
-        d.addErrback(self._internal_error)
+        self._pending.add(d)
 
-    def _exchanged(self, access_token: str, user: str, secret: str):
-        self._exchanging = None
-        if self.phase != "dialogue" or self._upstream is None:
-            return  # the application or the upstream went away meanwhile
-        self._presented = secret
-        self._timer("login", self.settings.login_timeout, self._login_timed_out)
-        self._feed_upstream(self._up_machine.authenticate, BearerToken(user, access_token))
+        def settled(result):
+            self._pending.discard(d)
+            return result
 
-    def _exchange_failed(self, failure: Failure):
-        self._exchanging = None
-        if self.phase != "dialogue":
-            return None  # the application went away (its Deferred was cancelled)
-        if not failure.check(TokenError):
-            log.failure("session {sid}: token exchange failed", failure, sid=self.sid)
-            self._run(self._app_machine.auth_refused("internal error in the gateway", transient=True))
-            return None
-        _, permanent = errors.describe(failure, self.destination.address)
-        error = failure.value
-        log.info("session {sid}: token exchange refused: {error}", sid=self.sid, error=str(error))
-        self._run(self._app_machine.auth_refused(str(error), transient=not permanent))
-        return None
+        d.addBoth(settled)
+        d.addCallbacks(lambda result: self._run(then(result)), lambda f: self._failed(f, failed))
 
-    def _logged_in(self, ready: UpstreamReady):
-        self._cancel_timer("login")
-        self._presented = None
-        log.info("session {sid}: upstream {address} accepted the access token", sid=self.sid, address=self.destination.address)
-        metrics.SESSIONS_READY.labels(self.route.destination).inc()
-        self._run(self._app_machine.auth_succeeded(ready.capabilities))
+    def _failed(self, failure: Failure, failed: Callable | None) -> None:
+        if failure.check(defer.CancelledError) and self.machine.phase is Phase.CLOSED:
+            return  # we cancelled it: the session is gone
+        refusal = self._describe(failure)
+        self._run((failed or self.machine.failed)(refusal))
 
-    def _login_refused(self, refused: LoginRefused):
-        self._cancel_timer("login")
-        if self._presented is not None:
-            # The cached token may have been revoked: the next attempt exchanges afresh.
-            self.gateway.tokens.invalidate(self.destination, self.route.tenant, secret=self._presented)
-            self._presented = None
-        log.info("session {sid}: {reason}", sid=self.sid, reason=refused.reason)
-        self._run(self._app_machine.auth_refused(refused.reason))
+    def _describe(self, failure: Failure) -> Refusal:
+        address = self.destination.address if self.destination else self.route.destination
+        refusal = errors.describe(failure, address)
+        if refusal.reason is Reason.INTERNAL:
+            log.failure("session {sid}: internal error", failure, sid=self.sid)
+        return refusal
 
-    # -- release ---------------------------------------------------------------------
+    def _internal_error(self) -> None:
+        if self.machine.phase in (Phase.STARTING, Phase.DIALOGUE):
+            self._run(self.machine.failed(Refusal("internal error in the gateway", Reason.INTERNAL, permanent=False)))
+        else:
+            self._close()
 
-    def _release(self, leftover: bytes):
-        self._cancel_timers()
-        self.phase = "relay"
-        log.info("session {sid} released", sid=self.sid)
+    def _connect(self, destination) -> None:
+        if destination.implicit_tls or destination.starttls_enable:
+            self._tls_options = client_tls_options(destination)
+        endpoint = self.gateway.upstream_endpoint(destination, self.route.tenant)
+        self._marks["connect"] = self.reactor.seconds()
+        d = endpoint.connect(_UpstreamFactory(self))
+        self._pending.add(d)
+
+        def settled(result):
+            self._pending.discard(d)
+            return result
+
+        d.addBoth(settled)
+        # Success arrives through the protocol's connectionMade.
+        d.addErrback(self._failed, None)
+
+    def _milestone(self, name: str) -> None:
+        now = self.reactor.seconds()
+        phase = {"connected": "connect", "tls": "tls", "login": "login"}.get(name)
+        if phase is not None:
+            started = self._marks.pop(phase, None)
+            if started is not None:
+                self.gateway.upstream_phase(self, phase, now - started)
+            if name in ("connected", "tls"):
+                self._marks["login"] = now  # the login starts once the transport is usable
+        if name == "tls" and self._upstream is not None:
+            self.upstream_tls = _tls_version(self._upstream.transport)
+        self.gateway.session_milestone(self, name)
+
+    def _release(self, action: StartRelay) -> None:
+        log.debug("session {sid} released", sid=self.sid)
+        # From now on the relay (make_relay: splice or Twisted) owns both transports.
+        self.transport.unregisterProducer()
+        self.transport.resumeProducing()
         self.relay = make_relay(
             self.reactor, self.transport, self._upstream.transport,
             idle_timeout=self.settings.relay_idle_timeout, sid=self.sid,
-            leftover=leftover, pending=self._up_machine.take_pending(),
+            leftover=action.to_upstream, pending=action.to_app,
         )
 
-    # -- endings ---------------------------------------------------------------------
-
-    def _refuse(self, reason: str, permanent: bool = True):
-        """Refuse the session with the protocol's own greeting, naming the cause."""
-        if self.phase == "closed":
+    def _close(self) -> None:
+        for pending in list(self._pending):
+            pending.cancel()
+        if self.relay is not None:
+            self.relay.close()
             return
-        name = self.destination.name if self.destination else self.route.destination
-        text = f"destination {name}: {reason}"
-        log.warn("session {sid} refused: {text}", sid=self.sid, text=text)
-        metrics.SESSIONS_REFUSED.labels(self.route.destination).inc()
-        family = self.destination.family if self.destination else self.gateway.family_of(self.route)
-        self.transport.write(families.refusal(family, text, permanent))
-        self._close_app()
-
-    def _goodbye(self, reason: str):
-        if self.phase == "closed":
-            return
-        family = self.destination.family if self.destination else self.gateway.family_of(self.route)
-        self.transport.write(families.goodbye(family, reason))
-        self._close_app()
-
-    def shutdown(self, reason: str):
-        """Close this session now (drain timeout reached): the protocol's goodbye first."""
-        if self.phase in ("starting",):
-            self._refuse(reason, permanent=False)
-        elif self.phase in ("dialogue", "relay"):
-            if self.relay is not None:
-                self.transport.write(families.goodbye(self.destination.family, reason))
-                self.relay.close()
-            else:
-                self._goodbye(reason)
-
-    def _close_app(self):
-        self._cancel_timers()
-        if self._connecting is not None:
-            self._connecting.cancel()
         if self._upstream is not None and self._upstream.transport is not None:
             close_with_grace(self.reactor, self._upstream.transport)
-        close_with_grace(self.reactor, self.transport)
+        if self.transport is not None:
+            self.transport.unregisterProducer()
+            close_with_grace(self.reactor, self.transport)
 
-    def _setup_failed(self, failure: Failure):
-        if self.phase == "closed":
-            return
-        address = self.destination.address if self.destination else self.route.destination
-        text, permanent = errors.describe(failure, address)
-        self._refuse(text, permanent)
+    def _discard(self, refusal: Refusal) -> None:
+        """A warm session that cannot serve: close it; its pool replaces it."""
+        pool, self.pool = self.pool, None
+        self._run(self.machine.closed())
+        self._close()
+        if pool is not None:
+            pool.discarded(self, refusal)
 
-    def _internal_error(self, failure: Failure):
-        # A bug of ours: log the traceback (no secrets are in our exception messages)
-        # and refuse this session only.
-        log.failure("session {sid}: internal error", failure, sid=self.sid)
-        self._refuse("internal error in the gateway", permanent=False)
+    def retire(self, reason: str) -> None:
+        """Close a warm session that waits in its pool (flush, stop)."""
+        self.pool = None
+        self._run(self.machine.closed())
+        self._close()
 
-    # -- timers ----------------------------------------------------------------------
+    # -- timers --------------------------------------------------------------------------
 
-    def _timer(self, name: str, seconds: float, callback: Callable[[], None]):
+    def _start_timer(self, name: str, seconds: float) -> None:
         existing = self._timers.get(name)
         if existing is not None and existing.active():
             existing.reset(seconds)
         else:
-            self._timers[name] = self.reactor.callLater(seconds, callback)
+            self._timers[name] = self.reactor.callLater(seconds, self._timer_fired, name)
 
-    def _cancel_timer(self, name: str):
+    def _stop_timer(self, name: str) -> None:
         timer = self._timers.pop(name, None)
         if timer is not None and timer.active():
             timer.cancel()
 
-    def _cancel_timers(self):
-        for name in list(self._timers):
-            self._cancel_timer(name)
+    def _timer_fired(self, name: str) -> None:
+        self._timers.pop(name, None)
+        self._run(self.machine.timer(name))
 
-    def _login_timed_out(self):
-        self._timers.pop("login", None)
-        where = self.destination.address if self.destination else "the upstream"
-        self._refuse(f"{where} did not complete the login within {self.settings.login_timeout:.0f}s", permanent=False)
+    # -- shutdown ------------------------------------------------------------------------
 
-    def _tls_timed_out(self):
-        self._timers.pop("tls", None)
-        self._refuse(f"TLS handshake with {self.destination.address} timed out", permanent=False)
+    def shutdown(self, reason: str) -> None:
+        """Close this session now (drain timeout reached): the protocol's goodbye first."""
+        if self.relay is not None:
+            self.transport.write(self.machine.goodbye_bytes(reason))
+            self.relay.close()
+        else:
+            self._run(self.machine.shutdown(reason))
 
-    def _app_idle(self):
-        self._timers.pop("idle", None)
-        log.info("session {sid}: application idle before release, closing", sid=self.sid)
-        self._goodbye("idle timeout")
 
+_LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn}
+
+
+def _tls_version(transport) -> str | None:
+    """The TLS version the upstream connection negotiated (``TLSv1.3``), if any."""
+    get_handle = getattr(transport, "getHandle", None)
+    connection = get_handle() if get_handle is not None else None
+    version = getattr(connection, "get_protocol_version_name", None)
+    try:
+        return version() if version is not None else None
+    except Exception:  # noqa: BLE001 - a closed connection has no version to tell
+        return None

@@ -16,12 +16,40 @@ empty. Match what you look for on a marker unique to your test
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import realservers  # noqa: E402  (needs the sys.path entry above)
+
+_TESTS = Path(__file__).parent
+#: Each top-level directory of the test tree is a pytest marker of the same name
+#: (registered in setup.cfg): ``pytest -m unit`` runs the fast part only.
+_MARKED_DIRECTORIES = ("unit", "integration", "kube", "container")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        try:
+            top = Path(item.path).relative_to(_TESTS).parts[0]
+        except ValueError:
+            continue
+        if top in _MARKED_DIRECTORIES:
+            item.add_marker(top)
+
+
+# --------------------------------------------------------------------------------------
+# The global reactor in a daemon thread (tests/support/reactor.py)
+
+
+@pytest.fixture(scope="session")
+def reactor():
+    """The global reactor, running in a daemon thread for the whole session."""
+    from support.reactor import running_reactor
+
+    return running_reactor()
 
 
 # --------------------------------------------------------------------------------------

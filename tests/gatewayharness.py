@@ -13,31 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.threads import blockingCallFromThread
 from twisted.logger import formatEvent, globalLogPublisher
 
 from mailgw.config import parse_config
 from mailgw.service import make_service
+from support.reactor import in_reactor
 
-_started = threading.Lock()
-
-
-def ensure_reactor() -> None:
-    """Start the global reactor in a daemon thread unless it already runs."""
-    with _started:
-        if reactor.running:
-            return
-        ready = threading.Event()
-        reactor.callWhenRunning(ready.set)
-        threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False}, daemon=True, name="reactor").start()
-        if not ready.wait(10):
-            raise RuntimeError("the reactor did not start")
-
-
-def in_reactor(function, *args, **kwargs):
-    """Call ``function`` in the reactor thread and wait for its (Deferred) result."""
-    ensure_reactor()
-    return blockingCallFromThread(reactor, function, *args, **kwargs)
+__all__ = ["in_reactor", "LogCapture", "start_gateway"]  # in_reactor: re-exported for the tests
 
 
 class RunningGateway:

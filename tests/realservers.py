@@ -32,11 +32,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
-
-#: Set to ``1`` in CI: a missing server binary or module then fails the test instead of
-#: skipping it, so that no integration test can silently vanish.
-REQUIRE_ENV = "MAILGW_REQUIRE_SERVERS"
+from typing import Callable, NamedTuple
 
 HOST = "127.0.0.1"
 MiB = 1024 * 1024
@@ -65,48 +61,10 @@ class ServerStartError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------
-# Skip-or-fail policy
+# Skip-or-fail policy: one rule for the whole tree (re-exported for the tests that use it
+# through this module).
 
-
-def _require_servers() -> bool:
-    return os.environ.get(REQUIRE_ENV, "") == "1"
-
-
-def _missing(reason: str) -> None:
-    import pytest
-
-    if _require_servers():
-        pytest.fail(f"{reason} ({REQUIRE_ENV}=1: integration tests may not skip)", pytrace=False)
-    pytest.skip(reason)
-
-
-def require_or_skip(tool_names: str | Iterable[str]) -> None:
-    """Skip the calling test when a tool is missing, or fail when ``MAILGW_REQUIRE_SERVERS=1``.
-
-    ``tool_names`` is a program name looked up on ``PATH`` (plus the sbin directories),
-    an absolute path, or an iterable of those.
-    """
-    names = [tool_names] if isinstance(tool_names, str) else list(tool_names)
-    search = os.pathsep.join(
-        [os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"]
-    )
-    for name in names:
-        if os.path.isabs(name):
-            found = os.access(name, os.X_OK)
-        else:
-            found = shutil.which(name, path=search) is not None
-        if not found:
-            _missing(f"{name} not installed: integration test needs it (see .ci/run)")
-
-
-def import_or_skip(module_name: str):
-    """Import a Python module, or skip/fail like ``require_or_skip`` when it is absent."""
-    import importlib
-
-    try:
-        return importlib.import_module(module_name)
-    except ImportError as exc:
-        _missing(f"{module_name} not installed: integration test needs it ({exc})")
+from support.skips import REQUIRE_ENV, import_or_skip, require_or_skip  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------------------

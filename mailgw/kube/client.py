@@ -1,29 +1,33 @@
-"""Blocking access to the Kubernetes API through the ``kubernetes`` client, and the thread
-pool that keeps it off the reactor.
+"""Blocking access to the Kubernetes API through the ``kubernetes`` client.
 
 :class:`KubeApi` methods take and return plain JSON objects (dicts as the API server sends
-them, camelCase keys) and raise only :class:`KubeApiError`; they block, so they are called
-through :class:`Blocking`, which runs them in a private thread pool and hands the result
-back as a Deferred.  Every call carries a timeout.
+them, camelCase keys) and raise only :class:`KubeApiError`; they block, so callers run
+them in a :class:`~mailgw.blocking.BlockingPool` (never on the reactor thread).  Every
+call carries a timeout and is counted in ``mailgw_kube_api_requests_total``.
+
+Each *plane* of Kubernetes mode (session lookups, the leader election, the reconciles,
+the watches) gets a :meth:`KubeApi.clone` of its own: its own connection pool and its own
+timeout, so a slow call of one plane never holds a connection another one waits for.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any, Callable, Mapping, TypeVar
 
 import urllib3
 from kubernetes import client as k8s
-from twisted.internet import threads
-from twisted.internet.defer import Deferred, fail
-from twisted.python.threadpool import ThreadPool
 
+from mailgw import __version__, metrics
 from mailgw.kube.model import GROUP, PLURAL, VERSION
 
 T = TypeVar("T")
 
 MERGE_PATCH = "application/merge-patch+json"
+#: What a metadata-only list or watch asks for (as client-go's metadata informers do):
+#: the objects' metadata without their data (Secrets, here).
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
+METADATA_WATCH = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
 
 class KubeApiError(Exception):
@@ -60,32 +64,24 @@ def describe_api_exception(e: k8s.ApiException) -> tuple[str, str | None]:
     return message, reason
 
 
-def _wrap(what: str, fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except k8s.ApiException as e:
-        message, reason = describe_api_exception(e)
-        raise KubeApiError(f"{what}: {e.status} {reason or ''} {message}".strip(), e.status, reason) from None
-    except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
-        raise KubeApiError(f"{what}: {type(e).__name__}: {str(e)[:200]}") from None
+def count_request(verb: str, resource: str, code: int | str | None) -> None:
+    metrics.KUBE_API_REQUESTS.labels(verb, resource, str(code) if code is not None else "error").inc()
 
 
-def _json(resp: Any) -> Any:
-    try:
-        return json.loads(resp.data)
-    finally:
-        resp.release_conn()
-
-
-#: kind -> (api attribute, create, patch, delete, read, list namespaced, list all)
+#: kind -> (api attribute, namespaced suffix, all-namespaces suffix, resource)
 _KINDS = {
-    "Service": ("core", "namespaced_service", "service_for_all_namespaces"),
-    "EndpointSlice": ("discovery", "namespaced_endpoint_slice", "endpoint_slice_for_all_namespaces"),
-    "NetworkPolicy": ("networking", "namespaced_network_policy", "network_policy_for_all_namespaces"),
-    "Secret": ("core", "namespaced_secret", "secret_for_all_namespaces"),
-    "Pod": ("core", "namespaced_pod", "pod_for_all_namespaces"),
-    "Lease": ("coordination", "namespaced_lease", "lease_for_all_namespaces"),
+    "Service": ("core", "namespaced_service", "service_for_all_namespaces", "services"),
+    "EndpointSlice": ("discovery", "namespaced_endpoint_slice", "endpoint_slice_for_all_namespaces", "endpointslices"),
+    "NetworkPolicy": ("networking", "namespaced_network_policy", "network_policy_for_all_namespaces", "networkpolicies"),
+    "Secret": ("core", "namespaced_secret", "secret_for_all_namespaces", "secrets"),
+    "Pod": ("core", "namespaced_pod", "pod_for_all_namespaces", "pods"),
+    "Lease": ("coordination", "namespaced_lease", "lease_for_all_namespaces", "leases"),
+    "Event": ("core", "namespaced_event", "event_for_all_namespaces", "events"),
 }
+
+
+def resource_of(kind: str) -> str:
+    return PLURAL if kind == "Destination" else _KINDS[kind][3]
 
 
 class KubeApi:
@@ -100,74 +96,111 @@ class KubeApi:
         self.custom = k8s.CustomObjectsApi(api_client)
         self.timeout = (connect_timeout, timeout)
 
-    # --- generic, by kind ---------------------------------------------------------
+    def clone(self, timeout: float | None = None) -> "KubeApi":
+        """The same server and identity over a connection pool of its own."""
+        fresh = k8s.ApiClient(self.api_client.configuration)
+        fresh.user_agent = self.api_client.user_agent
+        return KubeApi(fresh, timeout=self.timeout[1] if timeout is None else timeout, connect_timeout=min(self.timeout[0], timeout or self.timeout[0]))
+
+    # --- plumbing -------------------------------------------------------------------
+
+    def _call(self, verb: str, kind: str, what: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (an API method called with ``_preload_content=False``), count it,
+        and return the decoded JSON answer."""
+        resource = resource_of(kind)
+        try:
+            resp = fn()
+        except k8s.ApiException as e:
+            count_request(verb, resource, e.status or None)
+            message, reason = describe_api_exception(e)
+            raise KubeApiError(f"{what}: {e.status} {reason or ''} {message}".strip(), e.status, reason) from None
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
+            count_request(verb, resource, None)
+            raise KubeApiError(f"{what}: {type(e).__name__}: {str(e)[:200]}") from None
+        count_request(verb, resource, getattr(resp, "status", 200))
+        try:
+            return json.loads(resp.data)
+        except ValueError:
+            raise KubeApiError(f"{what}: the answer is not JSON") from None
+        finally:
+            resp.release_conn()
 
     def _method(self, kind: str, verb: str, scope: str = "namespaced") -> Callable[..., Any]:
-        api_name, namespaced, all_ns = _KINDS[kind]
+        api_name, namespaced, all_ns, _ = _KINDS[kind]
         suffix = namespaced if scope == "namespaced" else all_ns
         return getattr(getattr(self, api_name), f"{verb}_{suffix}")
+
+    # --- generic, by kind ---------------------------------------------------------
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
         try:
-            return _wrap(
-                f"get {kind} {namespace}/{name}",
-                lambda: _json(self._method(kind, "read")(
-                    name, namespace, _preload_content=False, _request_timeout=self.timeout)),
-            )
+            return self._call("get", kind, f"get {kind} {namespace}/{name}", lambda: self._method(kind, "read")(
+                name, namespace, _preload_content=False, _request_timeout=self.timeout))
         except KubeApiError as e:
             if e.not_found:
                 return None
             raise
 
     def list(
-        self, kind: str, namespace: str | None = None, label_selector: str | None = None
+        self, kind: str, namespace: str | None = None, label_selector: str | None = None,
+        field_selector: str | None = None, metadata_only: bool = False,
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Items and the list's resourceVersion (all namespaces when ``namespace`` is None)."""
-        kwargs: dict[str, Any] = dict(_preload_content=False, _request_timeout=self.timeout)
+        kwargs = self._list_kwargs(label_selector, field_selector, metadata_only, METADATA_LIST)
+        kwargs.update(_preload_content=False, _request_timeout=self.timeout)
+        where = namespace or "all namespaces"
+        if kind == "Destination":
+            if namespace is None:
+                fn = lambda: self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)  # noqa: E731
+            else:
+                fn = lambda: self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **kwargs)  # noqa: E731
+        elif namespace is None:
+            fn = lambda: self._method(kind, "list", "all")(**kwargs)  # noqa: E731
+        else:
+            fn = lambda: self._method(kind, "list")(namespace, **kwargs)  # noqa: E731
+        return _items(self._call("list", kind, f"list {kind} in {where}", fn))
+
+    @staticmethod
+    def _list_kwargs(label_selector: str | None, field_selector: str | None, metadata_only: bool, accept: str) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
         if label_selector:
             kwargs["label_selector"] = label_selector
-        where = namespace or "all namespaces"
-        if namespace is None:
-            result = _wrap(f"list {kind} in {where}", lambda: _json(self._method(kind, "list", "all")(**kwargs)))
-        else:
-            result = _wrap(
-                f"list {kind} in {where}", lambda: _json(self._method(kind, "list")(namespace, **kwargs))
-            )
-        return _items(result)
+        if field_selector:
+            kwargs["field_selector"] = field_selector
+        if metadata_only:
+            kwargs["_headers"] = {"Accept": accept}
+        return kwargs
 
     def create(self, kind: str, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return _wrap(
-            f"create {kind} {namespace}/{(body.get('metadata') or {}).get('name')}",
-            lambda: _json(self._method(kind, "create")(
-                namespace, dict(body), _preload_content=False, _request_timeout=self.timeout)),
+        return self._call(
+            "create", kind, f"create {kind} {namespace}/{(body.get('metadata') or {}).get('name')}",
+            lambda: self._method(kind, "create")(
+                namespace, dict(body), _preload_content=False, _request_timeout=self.timeout),
         )
 
     def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         """JSON merge patch (RFC 7386)."""
-        return _wrap(
-            f"patch {kind} {namespace}/{name}",
-            lambda: _json(self._method(kind, "patch")(
+        return self._call(
+            "patch", kind, f"patch {kind} {namespace}/{name}",
+            lambda: self._method(kind, "patch")(
                 name, namespace, dict(patch), _content_type=MERGE_PATCH,
-                _preload_content=False, _request_timeout=self.timeout)),
+                _preload_content=False, _request_timeout=self.timeout),
         )
 
     def replace(self, kind: str, namespace: str, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """PUT; fails with 409 when ``body``'s resourceVersion is not the current one."""
-        return _wrap(
-            f"replace {kind} {namespace}/{name}",
-            lambda: _json(self._method(kind, "replace")(
-                name, namespace, dict(body), _preload_content=False, _request_timeout=self.timeout)),
+        return self._call(
+            "update", kind, f"replace {kind} {namespace}/{name}",
+            lambda: self._method(kind, "replace")(
+                name, namespace, dict(body), _preload_content=False, _request_timeout=self.timeout),
         )
 
     def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete; False when it did not exist."""
         try:
-            _wrap(
-                f"delete {kind} {namespace}/{name}",
-                lambda: _json(self._method(kind, "delete")(
-                    name, namespace, _preload_content=False, _request_timeout=self.timeout)),
-            )
+            self._call("delete", kind, f"delete {kind} {namespace}/{name}", lambda: self._method(kind, "delete")(
+                name, namespace, _preload_content=False, _request_timeout=self.timeout))
             return True
         except KubeApiError as e:
             if e.not_found:
@@ -176,54 +209,34 @@ class KubeApi:
 
     # --- Destination custom resources -----------------------------------------------
 
-    def list_destinations(self) -> tuple[list[dict[str, Any]], str | None]:
-        result = _wrap(
-            "list Destinations",
-            lambda: _json(self.custom.list_cluster_custom_object(
-                GROUP, VERSION, PLURAL, _preload_content=False, _request_timeout=self.timeout)),
-        )
-        return _items(result)
-
-    def get_destination(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return _wrap(
-                f"get Destination {namespace}/{name}",
-                lambda: _json(self.custom.get_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, name,
-                    _preload_content=False, _request_timeout=self.timeout)),
-            )
-        except KubeApiError as e:
-            if e.not_found:
-                return None
-            raise
+    def list_destinations(self, namespace: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        return self.list("Destination", namespace)
 
     def patch_destination_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
         """Merge-patch the status subresource."""
-        return _wrap(
-            f"patch status of Destination {namespace}/{name}",
-            lambda: _json(self.custom.patch_namespaced_custom_object_status(
+        return self._call(
+            "patch", "Destination", f"patch status of Destination {namespace}/{name}",
+            lambda: self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, PLURAL, name, {"status": dict(status)},
-                _content_type=MERGE_PATCH, _preload_content=False, _request_timeout=self.timeout)),
+                _content_type=MERGE_PATCH, _preload_content=False, _request_timeout=self.timeout),
         )
-
-    # --- events -----------------------------------------------------------------------
 
     def create_event(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return _wrap(
-            f"create Event in {namespace}",
-            lambda: _json(self.core.create_namespaced_event(
-                namespace, dict(body), _preload_content=False, _request_timeout=self.timeout)),
-        )
+        return self.create("Event", namespace, body)
 
     # --- what the watch loop calls ----------------------------------------------------
 
-    def watch_source(self, kind: str, namespace: str | None = None, label_selector: str | None = None):
+    def watch_source(
+        self, kind: str, namespace: str | None = None, label_selector: str | None = None,
+        field_selector: str | None = None, metadata_only: bool = False,
+    ) -> tuple[Callable[..., Any], dict[str, Any]]:
         """``(list function, kwargs)`` for :class:`kubernetes.watch.Watch.stream`."""
-        kwargs: dict[str, Any] = {}
-        if label_selector:
-            kwargs["label_selector"] = label_selector
+        kwargs = self._list_kwargs(label_selector, field_selector, metadata_only, METADATA_WATCH)
         if kind == "Destination":
-            return self.custom.list_cluster_custom_object, dict(group=GROUP, version=VERSION, plural=PLURAL)
+            if namespace is None:
+                return self.custom.list_cluster_custom_object, dict(kwargs, group=GROUP, version=VERSION, plural=PLURAL)
+            return self.custom.list_namespaced_custom_object, dict(
+                kwargs, group=GROUP, version=VERSION, plural=PLURAL, namespace=namespace)
         if namespace is None:
             return self._method(kind, "list", "all"), kwargs
         return self._method(kind, "list"), dict(kwargs, namespace=namespace)
@@ -238,56 +251,28 @@ def _items(result: Any) -> tuple[list[dict[str, Any]], str | None]:
     return [i for i in items if isinstance(i, dict)], (str(rv) if rv is not None else None)
 
 
-class Blocking:
-    """Runs blocking callables in a private thread pool; results come back as Deferreds.
-
-    The pool is the controller's own: the reactor's pool also resolves host names and is
-    joined at shutdown, so slow API calls must not sit in it.
-    """
-
-    def __init__(self, reactor: Any, name: str = "mailgw-kube", maxthreads: int = 4):
-        self.reactor = reactor
-        self.pool = ThreadPool(minthreads=0, maxthreads=maxthreads, name=name)
-        self.started = False
-
-    def start(self) -> None:
-        if not self.started:
-            self.pool.start()
-            self.started = True
-
-    def stop(self) -> "Deferred[None]":
-        """Stop the pool without blocking the reactor: joining the workers waits for
-        calls in progress (each bounded by its timeout), so it happens in a helper thread."""
-        done: Deferred[None] = Deferred()
-        if not self.started:
-            done.callback(None)
-            return done
-        self.started = False
-
-        def join() -> None:
-            self.pool.stop()
-            self.reactor.callFromThread(done.callback, None)
-
-        threading.Thread(target=join, name="mailgw-kube-pool-stop", daemon=True).start()
-        return done
-
-    def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
-        if not self.started:
-            # a stopped pool would queue the call forever: fail at once instead
-            return fail(KubeApiError("the Kubernetes client is not running (starting up or shut down)"))
-        return threads.deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
+def user_agent(identity: str) -> str:
+    """Who writes: the API server's audit log and the tests' fake tell replicas apart."""
+    return f"mailgw/{__version__} ({identity})"
 
 
-def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> k8s.ApiClient:
+def load_api_client(kubeconfig: str | None = None, context: str | None = None, identity: str | None = None) -> k8s.ApiClient:
     """In-cluster configuration when running in a pod, else a kubeconfig (local runs)."""
     from kubernetes import config
 
     configuration = k8s.Configuration()
+    loaded = False
     if kubeconfig is None:
         try:
             config.load_incluster_config(client_configuration=configuration)
-            return k8s.ApiClient(configuration)
+            loaded = True
         except config.ConfigException:
             pass
-    config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
-    return k8s.ApiClient(configuration)
+    if not loaded:
+        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+    # the watches hold connections for minutes; the planes must not wait for a free one
+    configuration.connection_pool_maxsize = 16
+    api_client = k8s.ApiClient(configuration)
+    if identity:
+        api_client.user_agent = user_agent(identity)
+    return api_client

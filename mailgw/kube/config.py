@@ -13,6 +13,8 @@
       defaultInstance: secrets          # used when a CR has no destinationServiceInstanceName
       instances:                        # destination service instances (btp source)
         dest-svc: {type: btp, secret: dest-svc-binding}   # binding Secret in `namespace`
+      watchNamespaces: [apps, mail]     # default: all namespaces
+      listenInterface: ""               # default: every address, IPv4 and IPv6
       kubeconfig: ~/.kube/config        # local runs only; in a pod the in-cluster config
 
 Every problem raises ``ValueError`` naming the key.
@@ -37,7 +39,7 @@ _NUMBERS = {
 }
 _KEYS = set(_NUMBERS) | {
     "namespace", "podLabels", "portRange", "leaderElection", "leaseName", "defaultInstance",
-    "instances", "kubeconfig", "identity",
+    "instances", "kubeconfig", "identity", "watchNamespaces", "listenInterface",
 }
 
 
@@ -85,6 +87,23 @@ def parse_kube_section(
         if not isinstance(raw["identity"], str) or not raw["identity"]:
             raise ValueError(f"{where}, key 'identity': must be a non-empty string")
         values["identity"] = raw["identity"]
+    if "watchNamespaces" in raw:
+        names = raw["watchNamespaces"]
+        if not isinstance(names, list) or not all(isinstance(n, str) and is_dns_label(n) for n in names):
+            raise ValueError(f"{where}, key 'watchNamespaces': must be a list of namespace names")
+        values["watch_namespaces"] = tuple(names)
+    if "listenInterface" in raw:
+        interface = raw["listenInterface"]
+        if not isinstance(interface, str):
+            raise ValueError(f"{where}, key 'listenInterface': must be an IP address or empty")
+        if interface:
+            import ipaddress
+
+            try:
+                ipaddress.ip_address(interface)
+            except ValueError:
+                raise ValueError(f"{where}, key 'listenInterface': {interface[:60]!r} is not an IP address") from None
+        values["listen_interface"] = interface
     if "podLabels" in raw:
         labels = raw["podLabels"]
         if not isinstance(labels, Mapping) or not labels or not all(

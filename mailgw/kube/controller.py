@@ -1,75 +1,94 @@
-"""The Kubernetes controller: watches, the resync timer, leader election, listeners.
+"""The Kubernetes controller: watch caches, a work queue, leader election, listeners.
 
-Three watch loops (each in its own thread) keep the reactor informed: Destination CRs
-(cluster-wide), the Services mailgw manages (cluster-wide, by label: allocations made by
-the leader reach the other replicas this way) and the gateway's own pods (their ready
-IPs go into the EndpointSlices).  Every event, and a timer every ``resync_interval``
-seconds, queues the CRs concerned for reconciliation; a CR is never reconciled twice at
-the same time, and one queued while in progress runs again afterwards.
+Watches (each in a thread of its own, see :mod:`mailgw.kube.watch`) keep
+:class:`~mailgw.kube.store.Store` caches of the Destination CRs, the Services,
+EndpointSlices and NetworkPolicies mailgw manages, and the gateway's own pods; a
+metadata-only watch of Secrets tells which ``secrets`` destinations changed.  Every change
+queues the CRs concerned in a :class:`~mailgw.kube.queue.WorkQueue`; a timer queues all of
+them every ``resync_interval`` seconds.  Reconciles read only the caches: a resync of an
+idle cluster makes no requests at all, and a reconcile makes only the writes its plan
+needs.
 
-Reconciling a CR, on the leader: look its destination(s) up, read what exists, compute a
-plan (:func:`mailgw.kube.reconcile.reconcile`), open the listeners of its routes, apply
-the plan, write the status and an Event.  On other replicas: open the listeners of the
-routes whose Services the leader made.  API errors are logged, turned into the CR's
-status where possible, and retried with a backoff; nothing here raises into the reactor.
-All blocking API calls run in a private thread pool.
+On the leader a reconcile looks the destination(s) up, computes a plan
+(:func:`mailgw.kube.reconcile.reconcile`) and *records the ports it chose before it waits
+for anything*, so reconciles running at the same time never pick the same port; then it
+opens the listeners, applies the plan, writes the status and Events.  Each write is fenced
+by the leadership epoch the reconcile started under: once this replica has stepped down
+(or the drain has begun) nothing more is written.  Other replicas serve the routes whose
+ports the leader recorded on the NetworkPolicies in the gateway's namespace, which only
+the gateway can write (Service annotations are informative: anyone who may edit the
+CR's namespace may edit them).
 
-Wiring (twistd ``--kubernetes``)::
-
-    api = KubeApi(load_api_client(), timeout=settings.api_timeout)
-    service = KubeController.create(api, listener_manager, settings, reactor)
-    service.setServiceParent(multi_service)
+Blocking work runs in three worker pools of its own, so the planes never wait on each
+other: ``data`` (destination lookups for sessions), ``control`` (reconcile lookups and
+writes) and ``lease`` (the leader election).  Nothing here raises into the reactor.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import random
 import socket
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Hashable, Mapping
 
 from attrs import field, frozen
-from twisted.application.service import Service
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from mailgw import metrics
+from mailgw.blocking import BlockingPool
 from mailgw.destination import Destination
-from mailgw.kube import apply as applier
-from mailgw.kube.client import Blocking, KubeApi, KubeApiError
+from mailgw.kube.apply import apply_changes
+from mailgw.kube.client import KubeApi, KubeApiError
 from mailgw.kube.leader import LeaderElector
 from mailgw.kube.listeners import IListenerManager, RouteDestination
 from mailgw.kube.model import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
-    UID_LABEL,
+    PORTS_ANNOTATION,
     DestinationCR,
-    DestinationNotFound,
     Route,
+    lookup_problem,
     parse_cr,
 )
+from mailgw.kube.queue import WorkQueue
 from mailgw.kube.reconcile import (
     ENDPOINT_SLICE,
     NETWORK_POLICY,
     SERVICE,
     Change,
+    Event,
     Existing,
-    Gateway,
+    GatewayPlacement,
     GatewayPod,
     Plan,
-    allocations_from_services,
+    cr_key_of,
     deletion_changes,
     failed_plan,
+    policy_name,
+    read_port,
     reconcile,
     route_of_service,
-    served_from_existing,
+    routes_from_policy,
+    slice_name,
 )
-from mailgw.kube.sources import CachingSource, FindResult, SourceRegistry
+from mailgw.kube.store import Store, key_of
 from mailgw.kube.watch import Watcher
+from mailgw.service import IDrainParticipant
+from mailgw.sources.base import DestinationLookupError, DestinationNotFound, FindResult, TokenExchangeFailed
+from mailgw.sources.cache import CachingSource, SourceRegistry
 
 log = Logger(namespace="mailgw.kube.controller")
 
 CRKey = tuple[str, str]
+SECRETS = "secrets"
+#: How long a ``secrets`` destination stays cached while the Secret watch runs: changes
+#: invalidate it at once, so this only bounds the damage of a lost watch event.
+WATCHED_SECRET_TTL = 3600.0
 
 
 def _labels_converter(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -97,7 +116,7 @@ class KubeSettings:
     lease_duration: float = 15.0
     renew_deadline: float = 10.0
     retry_period: float = 2.0
-    #: first retry of a failed reconcile; doubles up to ``resync_interval``
+    #: first retry of a failed reconcile; doubles (with jitter) up to ``resync_interval``
     retry_delay: float = 5.0
     #: destination source used when a CR names no ``destinationServiceInstanceName``
     default_instance: str | None = "secrets"
@@ -106,6 +125,14 @@ class KubeSettings:
     btp_instances: tuple[tuple[str, str], ...] = field(
         default=(), converter=lambda v: tuple(sorted(dict(v).items()))
     )
+    #: namespaces whose Destinations (and Services, EndpointSlices, Secrets) are watched;
+    #: empty: all
+    watch_namespaces: tuple[str, ...] = field(default=(), converter=lambda v: tuple(sorted(set(v))))
+    #: where the gateway's listeners bind: "" is every address of both families
+    listen_interface: str = ""
+    #: reconciles in progress at once
+    concurrency: int = 4
+    #: threads of each worker pool (data, control, lease)
     threads: int = 4
 
     @classmethod
@@ -121,82 +148,139 @@ class KubeSettings:
         return cls(**values)
 
     @property
-    def gateway(self) -> Gateway:
-        return Gateway(self.gateway_namespace, dict(self.pod_labels), self.port_range)
+    def placement(self) -> GatewayPlacement:
+        return GatewayPlacement(self.gateway_namespace, dict(self.pod_labels), self.port_range)
 
     @property
     def pod_selector(self) -> str:
         return ",".join(f"{k}={v}" for k, v in self.pod_labels)
+
+    @property
+    def namespaces(self) -> tuple[str | None, ...]:
+        """What each namespaced watch covers: the listed namespaces, or everything."""
+        return self.watch_namespaces or (None,)
 
 
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def ready_pod(obj: Mapping[str, Any]) -> GatewayPod | None:
-    """A gateway pod that should receive traffic: Ready, with an IP, not terminating."""
+def pod_of(obj: Mapping[str, Any]) -> GatewayPod | None:
+    """A gateway pod as the EndpointSlices list it (None: no IP yet, or gone)."""
     meta = obj.get("metadata") or {}
     status = obj.get("status") or {}
-    if meta.get("deletionTimestamp") or not status.get("podIP"):
+    ips = [p.get("ip") for p in status.get("podIPs") or [] if isinstance(p, Mapping) and p.get("ip")]
+    if not ips and status.get("podIP"):
+        ips = [status["podIP"]]
+    if not ips:
         return None
     ready = any(
         isinstance(c, Mapping) and c.get("type") == "Ready" and c.get("status") == "True"
         for c in status.get("conditions") or []
     )
-    return GatewayPod(meta.get("name", ""), status["podIP"]) if ready else None
+    terminating = bool(meta.get("deletionTimestamp"))
+    return GatewayPod(meta.get("name", ""), tuple(ips), ready=ready and not terminating, serving=ready,
+                      terminating=terminating)
 
 
-class KubeController(Service):
-    """Reconciles Destination CRs into Services and gateway listeners."""
+@frozen
+class Planes:
+    """One worker pool and one API client (connection pool) per plane."""
+
+    data: BlockingPool
+    control: BlockingPool
+    lease: BlockingPool
+    data_api: KubeApi
+    control_api: KubeApi
+    lease_api: KubeApi
+    watch_api: KubeApi
+
+
+class _Taken:
+    """Ports held by routes of other CRs (a view, not a copy)."""
+
+    def __init__(self, owners: Mapping[int, Route], key: CRKey):
+        self.owners, self.key = owners, key
+
+    def __contains__(self, port: object) -> bool:
+        owner = self.owners.get(port)  # type: ignore[call-overload]
+        return owner is not None and (owner.namespace, owner.cr_name) != self.key
+
+
+@implementer(IDrainParticipant)
+class KubeController(MultiService):
+    """Reconciles Destination CRs into Services and gateway listeners.
+
+    A twisted service; its worker pools are child services.  Found in the gateway's
+    service tree by its name, ``kubernetes``.
+    """
 
     name = "kubernetes"
 
     def __init__(
         self,
-        api: KubeApi,
+        planes: Planes,
         listeners: IListenerManager,
         sources: SourceRegistry,
         settings: KubeSettings,
         reactor: Any = None,
-        blocking: Blocking | None = None,
+        *,
         now: Callable[[], str] = utc_now,
+        rng: Callable[[], float] = random.random,
     ):
+        super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        self.api = api
+        self.planes = planes
+        for pool in (planes.data, planes.control, planes.lease):
+            pool.setServiceParent(self)
         self.listeners = listeners
         self.sources = sources
         self.settings = settings
         self.reactor = reactor
-        self.blocking = blocking or Blocking(reactor, maxthreads=settings.threads)
         self.now = now
-        self.gateway = settings.gateway
+        self.placement = settings.placement
 
-        self.crs: dict[CRKey, dict[str, Any]] = {}
-        self.uids: dict[CRKey, str] = {}
-        self.owned_services: dict[tuple[str, str], dict[str, Any]] = {}
+        self.crs = Store()
+        self.service_store = Store(index=cr_key_of)
+        self.slice_store = Store(index=cr_key_of)
+        self.policy_store = Store(index=cr_key_of)
         self.pods: dict[str, GatewayPod] = {}
-        self.allocations: dict[Route, int] = {}
+
+        #: every route's gateway port as this replica knows it, and each port's route
+        self.allocations: dict[CRKey, dict[Route, int]] = {}
+        self.owners: dict[int, Route] = {}
+        #: CRs whose ports this leader decided itself (in this leadership epoch)
+        self.decided: set[CRKey] = set()
+        #: ports a route could not bind here (it gets another; others keep theirs)
+        self.bind_failures: dict[Route, set[int]] = {}
+        #: Service names of other owners met when creating (until the next resync)
+        self.foreign: set[tuple[str, str]] = set()
+        #: listeners open, by CR
         self.served: dict[CRKey, dict[Route, int]] = {}
-        self.unusable_ports: set[int] = set()
+        self.secret_refs: dict[tuple[str, str], set[CRKey]] = {}
+        self._secret_of: dict[CRKey, tuple[str, str]] = {}
 
-        self.synced = {"crs": False, "services": False, "pods": False}
-        self._dirty: set[CRKey] = set()
-        self._running: dict[CRKey, Deferred[None]] = {}
-        self._drain_call: Any = None
-        self._retry_calls: dict[CRKey, Any] = {}
-        self._failures: dict[CRKey, int] = {}
-        self._stopping = False
-        self.reconciles = 0  # for tests and metrics
-
+        self.epoch = 0
+        self.leading = False
+        self.draining = False
+        self.last_error: str | None = None
+        self.reconciles = 0
+        self._synced: dict[tuple[str, str | None], bool] = {}
+        self._initial_done = False
         self.watchers: list[Watcher] = []
         self.elector: LeaderElector | None = None
         self._resync: LoopingCall | None = None
-        self._always_leader = not settings.leader_election
+        self._releasing: Deferred | None = None
+        self.queue = WorkQueue(
+            reactor, self._work, concurrency=settings.concurrency, base_delay=settings.retry_delay,
+            max_delay=settings.resync_interval, rng=rng,
+            on_change=lambda q: metrics.KUBE_QUEUE_DEPTH.set(q.depth),
+        )
 
-    # --- construction helper -----------------------------------------------------------
+    # --- construction -------------------------------------------------------------------
 
     @classmethod
     def create(
@@ -206,362 +290,493 @@ class KubeController(Service):
         settings: KubeSettings,
         reactor: Any = None,
         extra_sources: Mapping[str, Any] | None = None,
-        session_factory: Callable[[], Any] | None = None,
+        tokens: Any = None,
     ) -> "KubeController":
-        """A controller with its destination sources: ``secrets``, one ``btp`` source per
-        ``settings.btp_instances`` entry (binding Secret in the gateway's namespace), and
-        ``extra_sources`` (name -> source, or name -> callable(blocking) -> source); each
-        behind a cache of ``settings.cache_ttl`` seconds.  ``session_factory`` makes the
-        ``requests`` sessions of the btp sources (tests point it at a fake service)."""
-        from mailgw.sources.btp import BtpSource, secret_credentials
-        from mailgw.sources.secrets import SecretsSource
+        """A controller with its pools, per-plane API clients and destination sources:
+        ``secrets``, one ``btp`` source per ``settings.btp_instances`` entry (binding
+        Secret in the gateway's namespace; ``tokens`` is the gateway's
+        :class:`~mailgw.oauth.TokenProvider`), and ``extra_sources`` (name -> source),
+        each behind a cache."""
+        from mailgw.kube.secrets import SecretsSource, binding_credentials
+        from mailgw.sources.btp import BtpSource
 
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        blocking = Blocking(reactor, maxthreads=settings.threads)
-        raw: dict[str, Any] = {"secrets": SecretsSource(api, blocking)}
-        for instance, secret_name in settings.btp_instances:
-            kwargs = {"session_factory": session_factory} if session_factory is not None else {}
-            raw[instance] = BtpSource(
-                secret_credentials(api, settings.gateway_namespace, secret_name),
-                blocking, reactor, timeout=settings.api_timeout, **kwargs,
-            )
-        for name, source in (extra_sources or {}).items():
-            raw[name] = source(blocking) if callable(source) and not hasattr(source, "lookup") else source
-        sources = SourceRegistry(
-            {name: CachingSource(src, settings.cache_ttl, reactor) for name, src in raw.items()},
-            default=settings.default_instance,
+        s = settings
+        # Lease calls must give up before the renew deadline; writes should end before
+        # a successor may take over (lease duration after our last renewal).
+        base = api.timeout[1]
+        lease_timeout = max(0.5, min(base, s.renew_deadline / 2))
+        write_timeout = base
+        if s.leader_election:
+            write_timeout = max(0.5, min(base, s.lease_duration - s.renew_deadline))
+        planes = Planes(
+            data=BlockingPool(reactor, "mailgw-kube-data", s.threads),
+            control=BlockingPool(reactor, "mailgw-kube-control", s.threads),
+            lease=BlockingPool(reactor, "mailgw-kube-lease", 2),
+            data_api=api.clone(),
+            control_api=api.clone(write_timeout),
+            lease_api=api.clone(lease_timeout),
+            watch_api=api,
         )
-        return cls(api, listeners, sources, settings, reactor, blocking)
+        raw: dict[str, Any] = {SECRETS: SecretsSource(planes.data_api, planes.data)}
+        ttls = {SECRETS: max(s.cache_ttl, WATCHED_SECRET_TTL)}
+        if s.btp_instances:
+            if tokens is None:
+                raise ValueError("btp instances need the gateway's token provider")
+            for instance, secret_name in s.btp_instances:
+                raw[instance] = BtpSource(
+                    binding_credentials(planes.data_api, s.gateway_namespace, secret_name),
+                    planes.data, tokens.client, tokens.cache, timeout=s.api_timeout,
+                )
+        raw.update(extra_sources or {})
+        sources = SourceRegistry(
+            {name: CachingSource(src, reactor, ttls.get(name, s.cache_ttl)) for name, src in raw.items()},
+            default=s.default_instance,
+        )
+        return cls(planes, listeners, sources, settings, reactor)
 
-    # --- lifecycle -------------------------------------------------------------------
+    # --- state for others ---------------------------------------------------------------
 
     @property
     def is_leader(self) -> bool:
-        return self._always_leader or (self.elector is not None and self.elector.is_leader)
+        return self.leading
 
     @property
     def ready(self) -> bool:
         """The initial lists are in (before that no reconcile runs)."""
-        return all(self.synced.values())
+        return bool(self._synced) and all(self._synced.values())
+
+    def status(self) -> dict[str, Any]:
+        """What the /status page shows (JSON-able)."""
+        return {
+            "leader": self.leading,
+            "synced": self.ready,
+            "queue_depth": self.queue.depth,
+            "routes_served": sum(len(r) for r in self.served.values()),
+            "last_error": self.last_error,
+        }
+
+    # --- lifecycle ----------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
-        self._stopping = False
-        self.blocking.start()
+        super().startService()  # the pools
         s = self.settings
-        api = self.api
+        api = self.planes.watch_api
         managed = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
-        self.watchers = [
-            Watcher("destinations", api.list_destinations, lambda: api.watch_source("Destination"),
-                    self._on_cr_list, self._on_cr_event, self.reactor, s.watch_timeout),
-            Watcher("services", lambda: api.list(SERVICE, None, managed),
-                    lambda: api.watch_source(SERVICE, None, managed),
-                    self._on_service_list, self._on_service_event, self.reactor, s.watch_timeout),
-            Watcher("pods", lambda: api.list("Pod", s.gateway_namespace, s.pod_selector),
-                    lambda: api.watch_source("Pod", s.gateway_namespace, s.pod_selector),
-                    self._on_pod_list, self._on_pod_event, self.reactor, s.watch_timeout),
-        ]
+        specs: list[tuple[str, str, str | None, dict[str, Any], Store | None]] = []
+        for ns in s.namespaces:
+            specs.append((PLURAL_DST, "Destination", ns, {}, self.crs))
+            specs.append(("services", SERVICE, ns, {"label_selector": managed}, self.service_store))
+            specs.append(("endpointslices", ENDPOINT_SLICE, ns, {"label_selector": managed}, self.slice_store))
+            if SECRETS in self.sources.sources:
+                # metadata only, and only the type destinations are stored as
+                specs.append(("secrets", "Secret", ns, {"field_selector": "type=Opaque", "metadata_only": True}, None))
+        specs.append(("networkpolicies", NETWORK_POLICY, s.gateway_namespace, {"label_selector": managed}, self.policy_store))
+        specs.append(("pods", "Pod", s.gateway_namespace, {"label_selector": s.pod_selector}, None))
+        self._synced = {(name, ns): False for name, _, ns, _, _ in specs}
+        self.watchers = []
+        for name, kind, ns, kw, store in specs:
+            self.watchers.append(Watcher(
+                name,
+                lambda kind=kind, ns=ns, kw=kw: api.list(kind, ns, **kw),
+                lambda kind=kind, ns=ns, kw=kw: api.watch_source(kind, ns, **kw),
+                lambda items, name=name, ns=ns, store=store: self._listed(name, ns, store, items),
+                lambda kind, obj, name=name, store=store: self._event(name, store, kind, obj),
+                self.reactor, s.watch_timeout,
+            ))
         for w in self.watchers:
             w.start()
         if s.leader_election:
             self.elector = LeaderElector(
-                api, self.blocking, self.reactor, s.gateway_namespace, s.lease_name, s.identity,
-                s.lease_duration, s.renew_deadline, s.retry_period,
+                self.planes.lease_api, self.planes.lease, self.reactor, s.gateway_namespace, s.lease_name,
+                s.identity, s.lease_duration, s.renew_deadline, s.retry_period,
                 on_started=self._started_leading, on_stopped=self._stopped_leading,
             )
             self.elector.start()
+        else:
+            self._started_leading()
         self._resync = LoopingCall(self.resync)
         self._resync.clock = self.reactor
         self._resync.start(s.resync_interval, now=False)
 
-    def stopService(self) -> "Deferred[None]":
-        """Stop watching and reconciling and release leadership.  Listeners stay open:
-        draining them is the gateway's shutdown, not the controller's."""
-        super().stopService()
-        self._stopping = True
+    def startDrain(self) -> "Deferred[None]":
+        """SIGTERM: stop writing and hand the Lease over at once, stop accepting on every
+        listener; open sessions go on (the gateway drains them)."""
+        self.draining = True
         if self._resync is not None and self._resync.running:
             self._resync.stop()
-        for call in list(self._retry_calls.values()) + [self._drain_call]:
-            if call is not None and call.active():
-                call.cancel()
-        self._retry_calls.clear()
-        steps: list[Deferred[Any]] = [w.stop() for w in self.watchers]
+        self.queue.stop()
         if self.elector is not None:
-            steps.append(self.elector.stop())
-        steps.extend(self._running.values())
+            self._releasing = self.elector.stop()
+        self._set_leading(False)
+        closing = [self._sync_listeners(key, {}) for key in list(self.served)]
+        return DeferredList([Deferred.fromCoroutine(c) for c in closing], consumeErrors=True).addCallback(lambda _: None)
+
+    def stopService(self) -> "Deferred[None]":
+        """Stop watching, reconciling and campaigning (a leader releases the Lease), then
+        the pools.  Listeners still open stay open: they close with the process (the
+        gateway's drain decides when)."""
+        self.draining = True
+        if self._resync is not None and self._resync.running:
+            self._resync.stop()
+        steps: list[Deferred[Any]] = [w.stop() for w in self.watchers]
+        steps.append(self.queue.stop())
+        if self.elector is not None:
+            steps.append(self._releasing or self.elector.stop())
+        self._set_leading(False)
         d = DeferredList(steps, consumeErrors=True)
-        d.addCallback(lambda _: self.blocking.stop())
+        d.addCallback(lambda _: MultiService.stopService(self))
         d.addCallback(lambda _: None)
         return d
 
-    def _started_leading(self) -> None:
+    def _set_leading(self, leading: bool) -> None:
+        if leading == self.leading:
+            return
+        self.leading = leading
+        self.epoch += 1  # fences every write begun under the previous leadership
+        self.decided.clear()
+        metrics.KUBE_LEADER.set(1 if leading else 0)
+        # back to what the NetworkPolicies record (a leader's undecided ports go)
+        for key in set(self.allocations) | {cr_key_of(p) for p in self.policy_store.values()} - {None}:
+            self._refresh_trusted(key)  # type: ignore[arg-type]
         self.enqueue_all()
 
+    def _started_leading(self) -> None:
+        if not self.draining:
+            self._set_leading(True)
+
     def _stopped_leading(self) -> None:
-        pass  # followers keep their listeners; the new leader takes over the writes
+        self._set_leading(False)
 
-    # --- watch callbacks (reactor thread) ----------------------------------------------
+    # --- watch callbacks (reactor thread) -----------------------------------------------
 
-    def _remember(self, obj: Mapping[str, Any]) -> CRKey | None:
-        meta = obj.get("metadata") or {}
-        if not meta.get("namespace") or not meta.get("name"):
-            return None
-        key = (meta["namespace"], meta["name"])
-        self.crs[key] = dict(obj)
-        if meta.get("uid"):
-            self.uids[key] = meta["uid"]
-        return key
-
-    def _on_cr_list(self, items: list[dict[str, Any]]) -> None:
-        before = set(self.crs)
-        self.crs.clear()
-        for obj in items:
-            self._remember(obj)
-        self.synced["crs"] = True
-        for key in before | set(self.crs):
-            self.enqueue(key)
-        self._kick()
-
-    def _on_cr_event(self, kind: str, obj: dict[str, Any]) -> None:
-        meta = obj.get("metadata") or {}
-        key = (meta.get("namespace", ""), meta.get("name", ""))
-        if kind == "DELETED":
-            if self.uids.get(key) in (None, meta.get("uid")):
-                self.crs.pop(key, None)
-                if meta.get("uid"):
-                    self.uids[key] = meta["uid"]
+    def _listed(self, name: str, namespace: str | None, store: Store | None, items: list[dict[str, Any]]) -> None:
+        if name == "pods":
+            self._set_pods({p.name: p for p in map(pod_of, items) if p is not None})
+        elif name == "secrets":
+            # a fresh list: anything may have changed while the watch was away
+            for (ns, secret), keys in list(self.secret_refs.items()):
+                if namespace is None or ns == namespace:
+                    self._secret_changed(ns, secret)
         else:
-            self._remember(obj)
-        self.enqueue(key)
+            assert store is not None
+            before = {k: cr_key_of(o) for k in store if (o := store.get(k)) is not None}
+            changed = store.replace(items, namespace if name != "networkpolicies" else None)
+            for key in changed:
+                obj = store.get(key)
+                self._changed(name, key, before.get(key) if obj is None else cr_key_of(obj) or before.get(key))
+        self._synced[(name, namespace)] = True
+        if self.ready and not self._initial_done:
+            self._initial_done = True
+            self.enqueue_all()
 
-    def _on_service_list(self, items: list[dict[str, Any]]) -> None:
-        self.owned_services = {
-            (i["metadata"]["namespace"], i["metadata"]["name"]): i for i in items if i.get("metadata")
-        }
-        known = allocations_from_services(self.owned_services.values())
-        # the leader's own in-memory allocations win over possibly older listings
-        for route, port in known.items():
-            self.allocations.setdefault(route, port)
-        self.synced["services"] = True
-        for route in known:
-            self.enqueue((route.namespace, route.cr_name))
-        self._kick()
-
-    def _on_service_event(self, kind: str, obj: dict[str, Any]) -> None:
-        meta = obj.get("metadata") or {}
-        key = (meta.get("namespace", ""), meta.get("name", ""))
-        if kind == "DELETED":
-            self.owned_services.pop(key, None)
-        else:
-            self.owned_services[key] = obj
-        route = route_of_service(obj)
-        if route is not None:
-            if kind != "DELETED":
-                port = allocations_from_services([obj]).get(route)
-                if port is not None and not self.is_leader:
-                    self.allocations[route] = port
-            self.enqueue((route.namespace, route.cr_name))
-
-    def _on_pod_list(self, items: list[dict[str, Any]]) -> None:
-        pods = {}
-        for obj in items:
-            pod = ready_pod(obj)
-            if pod is not None:
+    def _event(self, name: str, store: Store | None, kind: str, obj: dict[str, Any]) -> None:
+        key = key_of(obj)
+        if key is None:
+            return
+        if name == "pods":
+            pods = dict(self.pods)
+            pod = pod_of(obj) if kind != "DELETED" else None
+            if pod is None:
+                pods.pop(key[1], None)
+            else:
                 pods[pod.name] = pod
-        self._set_pods(pods)
-        self.synced["pods"] = True
-        self._kick()
+            self._set_pods(pods)
+            return
+        if name == "secrets":
+            self._secret_changed(*key)
+            return
+        assert store is not None
+        old = store.get(key)
+        if store.event(kind, obj):
+            self._changed(name, key, cr_key_of(obj) or (cr_key_of(old) if old else None))
 
-    def _on_pod_event(self, kind: str, obj: dict[str, Any]) -> None:
-        pods = dict(self.pods)
-        name = (obj.get("metadata") or {}).get("name", "")
-        pod = ready_pod(obj) if kind != "DELETED" else None
-        if pod is None:
-            pods.pop(name, None)
-        else:
-            pods[name] = pod
-        self._set_pods(pods)
+    def _changed(self, name: str, key: tuple[str, str], cr: CRKey | None) -> None:
+        if name == PLURAL_DST:
+            self._index_secret(key)
+            self.enqueue(key)
+        elif cr is not None:
+            if name == "networkpolicies":
+                self._refresh_trusted(cr)
+            self.enqueue(cr)
 
     def _set_pods(self, pods: dict[str, GatewayPod]) -> None:
         if pods != self.pods:
             self.pods = pods
-            if self.is_leader:
-                self.enqueue_all()
+            if self.leading:
+                self.enqueue_all()  # from the caches: only EndpointSlices change
 
-    # --- the queue ---------------------------------------------------------------------
-
-    def enqueue(self, key: CRKey) -> None:
-        if self._stopping:
+    def _index_secret(self, key: CRKey) -> None:
+        old = self._secret_of.pop(key, None)
+        if old is not None:
+            refs = self.secret_refs.get(old, set())
+            refs.discard(key)
+            if not refs:
+                self.secret_refs.pop(old, None)
+        obj = self.crs.get(key)
+        if obj is None:
             return
-        self._dirty.add(key)
-        self._kick()
+        try:
+            cr = parse_cr(obj)
+        except ValueError:
+            return
+        if (cr.instance or self.sources.default) == SECRETS and cr.destination_ref:
+            ref = (cr.namespace, cr.destination_ref)
+            self._secret_of[key] = ref
+            self.secret_refs.setdefault(ref, set()).add(key)
 
-    def enqueue_all(self) -> None:
-        for key in set(self.crs) | set(self.served):
+    def _secret_changed(self, namespace: str, name: str) -> None:
+        keys = self.secret_refs.get((namespace, name))
+        if not keys:
+            return
+        source = self.sources.sources.get(SECRETS)
+        if isinstance(source, CachingSource):
+            source.invalidate(namespace, name)
+        for key in sorted(keys):
             self.enqueue(key)
 
-    def _kick(self) -> None:
-        if self._drain_call is None or not self._drain_call.active():
-            self._drain_call = self.reactor.callLater(0, self._drain)
+    # --- allocations ----------------------------------------------------------------------
 
-    def _drain(self) -> None:
-        if self._stopping or not self.ready:
+    def _refresh_trusted(self, key: CRKey) -> None:
+        """Take ``key``'s ports from its NetworkPolicy (unless this leader decided them)."""
+        if self.leading and key in self.decided:
             return
-        for key in sorted(self._dirty - set(self._running)):
-            self._dirty.discard(key)
-            d = Deferred.fromCoroutine(self._reconcile(key))
-            self._running[key] = d
-            d.addErrback(lambda f, key=key: log.failure("reconciling {key} failed", f, key="/".join(key)))
-            d.addBoth(self._finished, key)
+        routes: dict[Route, int] = {}
+        for policy in self.policy_store.by_index(key):
+            if policy["metadata"].get("namespace") != self.placement.namespace:
+                continue
+            _, found = routes_from_policy(policy, self.placement.port_range)
+            if not found and PORTS_ANNOTATION not in ((policy["metadata"].get("annotations")) or {}):
+                found = self._legacy_routes(key, policy)
+            routes.update(found)
+        self._set_allocations(key, routes)
 
-    def _finished(self, _: Any, key: CRKey) -> None:
-        self._running.pop(key, None)
-        if key in self._dirty:
-            self._kick()
+    def _legacy_routes(self, key: CRKey, policy: Mapping[str, Any]) -> dict[Route, int]:
+        """A policy written before the ports were recorded on it: a Service's annotation
+        counts only for a port that policy admits."""
+        admitted = {
+            p.get("port") for rule in (policy.get("spec") or {}).get("ingress") or []
+            for p in rule.get("ports") or [] if isinstance(p, Mapping)
+        }
+        lo, hi = self.placement.port_range
+        routes = {}
+        for svc in self.service_store.by_index(key):
+            route, port = route_of_service(svc), read_port(svc)
+            if route is not None and port in admitted and lo <= port <= hi:  # type: ignore[operator]
+                routes[route] = port  # type: ignore[assignment]
+        return routes
 
-    def _retry_later(self, key: CRKey) -> None:
-        n = self._failures.get(key, 0)
-        self._failures[key] = n + 1
-        delay = min(self.settings.retry_delay * (2**n), self.settings.resync_interval)
-        old = self._retry_calls.pop(key, None)
-        if old is not None and old.active():
-            old.cancel()
-        if not self._stopping:
-            self._retry_calls[key] = self.reactor.callLater(delay, self.enqueue, key)
+    def _set_allocations(self, key: CRKey, routes: Mapping[Route, int]) -> None:
+        for route, port in self.allocations.pop(key, {}).items():
+            if self.owners.get(port) == route:
+                del self.owners[port]
+        mine: dict[Route, int] = {}
+        for route, port in sorted(routes.items()):
+            owner = self.owners.get(port)
+            if owner is not None and owner != route:
+                log.warn("port {port} is recorded for both {a} and {b}: {b} is not served here",
+                         port=port, a=owner.key, b=route.key)
+                continue
+            self.owners[port] = route
+            mine[route] = port
+        if mine:
+            self.allocations[key] = mine
 
-    def _succeeded(self, key: CRKey) -> None:
-        self._failures.pop(key, None)
-        call = self._retry_calls.pop(key, None)
-        if call is not None and call.active():
-            call.cancel()
+    # --- the queue ----------------------------------------------------------------------
+
+    def enqueue(self, key: CRKey) -> None:
+        if self.ready and not self.draining:
+            self.queue.add(key)
+
+    def enqueue_all(self) -> None:
+        for key in sorted(set(self.crs) | set(self.served) | set(self.allocations)):
+            self.enqueue(key)
 
     def resync(self) -> "Deferred[None]":
         """Queue every CR again, and (leader) remove objects whose CR is gone."""
-        self.unusable_ports.clear()
+        self.foreign.clear()
         self.enqueue_all()
-        if not (self.is_leader and self.ready):
+        if not (self.leading and self.ready):
             return succeed(None)
-        d = Deferred.fromCoroutine(self._sweep())
-        # the timer must survive anything the sweep runs into
-        d.addErrback(lambda f: log.failure("resync sweep failed", f))
+        d = Deferred.fromCoroutine(self._sweep(self.epoch))
+        d.addErrback(lambda f: log.failure("resync sweep failed", f))  # the timer must survive
         return d
 
-    # --- reconciling (reactor thread; blocking work in the pool) ---------------------------
-
-    async def _reconcile(self, key: CRKey) -> None:
+    def _work(self, key: Hashable) -> "Deferred[None]":
+        started = self.reactor.seconds()
         self.reconciles += 1
+        d = Deferred.fromCoroutine(self._reconcile(key))  # type: ignore[arg-type]
+
+        def done(ok: Any) -> None:
+            metrics.KUBE_RECONCILE_SECONDS.observe(max(0.0, self.reactor.seconds() - started))
+            metrics.KUBE_RECONCILES.labels("ok" if ok else "error").inc()
+            if ok:
+                self.queue.forget(key)
+            elif not self.draining:
+                self.queue.retry(key)
+
+        def crashed(failure: Any) -> bool:
+            log.failure("reconciling {key} failed", failure, key="/".join(key))  # type: ignore[arg-type]
+            self.last_error = f"reconciling {'/'.join(key)}: internal error {failure.type.__name__}"  # type: ignore[arg-type]
+            return False
+
+        d.addErrback(crashed)
+        d.addCallback(done)
+        return d
+
+    def _error(self, message: str) -> bool:
+        self.last_error = message
+        return False
+
+    # --- reconciling (reactor thread; blocking work in the pools) -------------------------
+
+    async def _reconcile(self, key: CRKey) -> bool:
+        """One pass for ``key``; True when everything wanted is in place."""
         raw = self.crs.get(key)
         if raw is None:
-            await self._forget(key)
-            return
+            return await self._forget(key)
         try:
             cr = parse_cr(raw)
         except ValueError as e:
             log.warn("ignoring malformed Destination object {key}: {e}", key="/".join(key), e=e)
-            return
-        if self.is_leader:
-            await self._reconcile_as_leader(cr)
-        else:
-            routes = served_from_existing(
-                cr,
-                Existing(services={
-                    name: svc for (ns, name), svc in self.owned_services.items() if ns == cr.namespace
-                }),
-            )
-            failed = await self._sync_listeners(cr.key, routes)
-            if failed:
-                self._retry_later(cr.key)
+            return True
+        if self.leading:
+            return await self._reconcile_as_leader(cr, self.epoch)
+        wanted = set(cr.routes())
+        routes = {r: p for r, p in self.allocations.get(key, {}).items() if r in wanted}
+        failed = await self._sync_listeners(key, routes)
+        return not failed or self._error(f"cannot listen for {'/'.join(key)}")
+
+    def _fence(self, epoch: int) -> Callable[[], bool]:
+        """True while the leadership ``epoch`` lasts (asked from worker threads too)."""
+        return lambda: self.leading and self.epoch == epoch and not self.draining
 
     async def _lookups(self, cr: DestinationCR) -> dict[str | None, Any]:
         if cr.problem is not None:
             return {}
         routes = cr.routes()
         results = await DeferredList(
-            [self.sources.lookup(cr.instance, cr.namespace, cr.destination_ref or "", r.tenant) for r in routes],
+            [self.sources.lookup(cr.instance, cr.namespace, cr.destination_ref or "", r.tenant,
+                                 run=self.planes.control) for r in routes],
             consumeErrors=True,
         )
-        return {
-            route.tenant: (value if ok else value.value)
-            for route, (ok, value) in zip(routes, results)
+        return {route.tenant: (value if ok else value.value) for route, (ok, value) in zip(routes, results)}
+
+    def _existing(self, cr: DestinationCR) -> Existing:
+        """What exists for ``cr``, from the caches."""
+        ns = cr.namespace
+        services = {o["metadata"]["name"]: o for o in self.service_store.by_index(cr.key)}
+        slices = {o["metadata"]["name"]: o for o in self.slice_store.by_index(cr.key)}
+        for route in cr.routes():
+            name = route.service_name
+            svc = self.service_store.get((ns, name))
+            if svc is not None:
+                services[name] = svc
+            elif (ns, name) in self.foreign:
+                services[name] = {"metadata": {"name": name, "namespace": ns}}  # someone else's
+            for sname in (slice_name(name), slice_name(name, True)):
+                found = self.slice_store.get((ns, sname))
+                if found is not None:
+                    slices[sname] = found
+        policies = {
+            o["metadata"]["name"]: o for o in self.policy_store.by_index(cr.key)
+            if o["metadata"].get("namespace") == self.placement.namespace
         }
+        own = self.policy_store.get((self.placement.namespace, policy_name(cr)))
+        if own is not None:
+            policies[own["metadata"]["name"]] = own
+        return Existing(services, slices, policies)
 
-    async def _reconcile_as_leader(self, cr: DestinationCR) -> None:
-        key = cr.key
-        lookups = await self._lookups(cr)
-        names = [r.service_name for r in cr.routes()]
-        try:
-            existing = await self.blocking(
-                applier.read_existing, self.api, cr, names, self.gateway.namespace
-            )
-        except KubeApiError as e:
-            log.warn("cannot read the objects of Destination {key}: {e}", key="/".join(key), e=str(e))
-            self._retry_later(key)
-            return
-        if self.crs.get(key, {}).get("metadata", {}).get("uid") != cr.uid:
-            self.enqueue(key)  # the CR changed or went while we read: start over
-            return
-
-        plan = self._plan(cr, lookups, existing)
-        for _ in range(3):  # a port this pod cannot bind moves elsewhere
-            failed_ports = await self._sync_listeners(key, plan.routes)
-            if not failed_ports:
-                break
-            self.unusable_ports.update(failed_ports)
-            plan = self._plan(cr, lookups, existing)
-
-        result = await self.blocking(applier.apply_changes, self.api, plan.changes)
-        for change, message in result.failures:
-            log.warn("Destination {key}: {message}", key="/".join(key), message=message)
-        if result.failures:
-            plan = failed_plan(plan, cr, result.failures, self.now())
-        # record this CR's allocations (others read them back from the Services)
-        for route in [r for r in self.allocations if (r.namespace, r.cr_name) == key]:
-            if route not in plan.routes:
-                del self.allocations[route]
-        self.allocations.update(plan.routes)
-
-        ok = not result.failures
-        if plan.status_patch is not None:
-            try:
-                updated = await self.blocking(
-                    self.api.patch_destination_status, cr.namespace, cr.name, plan.status_patch
-                )
-                # remember the written status unless a newer version arrived meanwhile
-                current = self.crs.get(key)
-                if (
-                    current is not None
-                    and isinstance(updated, dict)
-                    and (current.get("metadata") or {}).get("resourceVersion") == cr.resource_version
-                ):
-                    self.crs[key] = updated
-            except KubeApiError as e:
-                ok = False
-                log.warn("cannot write the status of Destination {key}: {e}", key="/".join(key), e=str(e))
-        if plan.event is not None:
-            await self._record_event(cr, plan)
-        if plan.problems:
-            for route, problem in plan.problems.items():
-                log.info(
-                    "Destination {key}{tenant}: {reason}: {message}", key="/".join(key),
-                    tenant=f" tenant {route.tenant}" if route is not None and route.tenant else "",
-                    reason=problem.reason, message=problem.message,
-                )
-        if ok:
-            self._succeeded(key)
-        else:
-            self._retry_later(key)
-
-    def _plan(self, cr: DestinationCR, lookups: Mapping[str | None, Any], existing: Existing) -> Plan:
-        pods = sorted(self.pods.values(), key=lambda p: p.name)
-        return reconcile(
-            cr, lookups, existing, self.allocations, pods, self.gateway, self.now(), self.unusable_ports
+    def _plan(self, cr: DestinationCR, lookups: Mapping[str | None, Any]) -> Plan:
+        unusable: set[int] = set()
+        for route in cr.routes():
+            unusable |= self.bind_failures.get(route, set())
+        plan = reconcile(
+            cr, lookups, self._existing(cr), self.allocations.get(cr.key, {}),
+            sorted(self.pods.values(), key=lambda p: p.name), self.placement, self.now(),
+            unusable, taken=_Taken(self.owners, cr.key),
         )
+        # decided now, before anything waits: a concurrent reconcile sees these ports taken
+        self._set_allocations(cr.key, plan.routes)
+        self.decided.add(cr.key)
+        return plan
 
-    async def _sync_listeners(self, key: CRKey, routes: Mapping[Route, int]) -> set[int]:
-        """Make this pod's listeners for ``key`` match ``routes``; the ports that failed."""
+    async def _reconcile_as_leader(self, cr: DestinationCR, epoch: int) -> bool:
+        key = cr.key
+        fence = self._fence(epoch)
+        lookups = await self._lookups(cr)
+        current = self.crs.get(key)
+        if not fence() or current is None or current["metadata"].get("resourceVersion") != cr.resource_version:
+            self.enqueue(key)  # leadership or the CR changed meanwhile: start over
+            return True
+        plan = self._plan(cr, lookups)
+        for _ in range(3):  # a port this pod cannot bind moves elsewhere
+            failed = await self._sync_listeners(key, plan.routes)
+            if not failed or not fence():
+                break
+            for route, port in failed:
+                self.bind_failures.setdefault(route, set()).add(port)
+            plan = self._plan(cr, lookups)
+
+        if not fence():
+            return True
+        result = await self.planes.control(apply_changes, self.planes.control_api, plan.changes, fence)
+        self._written(result.written)
+        if result.fenced:
+            return True
+        ok = True
+        for failure in result.failures:
+            log.warn("Destination {key}: {message}", key="/".join(key), message=failure.message)
+            if failure.foreign:
+                self.foreign.add((failure.change.namespace, failure.change.name))
+        if result.failures:
+            ok = all(f.foreign for f in result.failures)  # a name clash waits for a resync
+            plan = failed_plan(plan, cr, result.failures, self.now())
+            self._set_allocations(key, plan.routes)
+            await self._sync_listeners(key, plan.routes)
+            if not ok:
+                self.last_error = f"Destination {'/'.join(key)}: {result.failures[0].message}"
+        if plan.status_patch is not None and fence():
+            try:
+                updated = await self.planes.control(
+                    self.planes.control_api.patch_destination_status, cr.namespace, cr.name, plan.status_patch
+                )
+                if isinstance(updated, dict):
+                    self.crs.put(updated)
+            except KubeApiError as e:
+                ok = self._error(f"cannot write the status of Destination {'/'.join(key)}: {e}")
+                log.warn("{message}", message=self.last_error)
+        for event in ((plan.event,) if plan.event else ()) + plan.warnings:
+            if fence():
+                await self._record_event(cr, event)
+        transient = [e for e in lookups.values() if isinstance(e, BaseException)
+                     and not (isinstance(e, DestinationLookupError) and e.definitive)]
+        if transient:
+            ok = self._error(f"Destination {'/'.join(key)}: {lookup_problem(transient[0]).message}")
+        for route, problem in plan.problems.items():
+            log.info(
+                "Destination {key}{tenant}: {reason}: {message}", key="/".join(key),
+                tenant=f" tenant {route.tenant}" if route is not None and route.tenant else "",
+                reason=problem.reason, message=problem.message,
+            )
+        return ok
+
+    def _written(self, written: Any) -> None:
+        """The API server's answers to our writes go into the caches at once (their
+        watch events, arriving later with the same version, then change nothing)."""
+        stores = {SERVICE: self.service_store, ENDPOINT_SLICE: self.slice_store, NETWORK_POLICY: self.policy_store}
+        for kind, obj in written:
+            store = stores.get(kind)
+            if store is not None and isinstance(obj, dict):
+                store.put(obj)
+
+    async def _sync_listeners(self, key: CRKey, routes: Mapping[Route, int]) -> set[tuple[Route, int]]:
+        """Make this pod's listeners for ``key`` match ``routes``; those that failed."""
+        if self.draining and routes:
+            routes = {}
         current = self.served.setdefault(key, {})
         for route, port in list(current.items()):
             if routes.get(route) != port:
@@ -570,7 +785,7 @@ class KubeController(Service):
                     await maybeDeferred(self.listeners.close, route)
                 except Exception as e:  # noqa: BLE001 - a listener bug must not stop us
                     log.warn("closing the listener of {route} failed: {e}", route=route.key, e=e)
-        failed: set[int] = set()
+        failed: set[tuple[Route, int]] = set()
         for route, port in sorted(routes.items()):
             if current.get(route) == port:
                 continue
@@ -578,67 +793,62 @@ class KubeController(Service):
                 await maybeDeferred(self.listeners.open, route, port, self._route_destination(route))
             except Exception as e:  # noqa: BLE001
                 log.warn("cannot listen on port {port} for {route}: {e}", port=port, route=route.key, e=e)
-                failed.add(port)
+                failed.add((route, port))
             else:
                 current[route] = port
         if not current:
             self.served.pop(key, None)
         return failed
 
-    async def _forget(self, key: CRKey) -> None:
+    async def _forget(self, key: CRKey) -> bool:
         """The CR is gone: close its listeners; the leader deletes what it made."""
         await self._sync_listeners(key, {})
-        for route in [r for r in self.allocations if (r.namespace, r.cr_name) == key]:
-            del self.allocations[route]
-        uid = self.uids.get(key)
-        if not self.is_leader or uid is None:
-            return
-        try:
-            existing = await self.blocking(applier.read_owned_by_uid, self.api, key[0], uid, self.gateway.namespace)
-            result = await self.blocking(applier.apply_changes, self.api, deletion_changes(existing, self.gateway))
-        except KubeApiError as e:
-            log.warn("cannot clean up after Destination {key}: {e}", key="/".join(key), e=str(e))
-            self._retry_later(key)
-            return
+        self._set_allocations(key, {})
+        self.decided.discard(key)
+        for route in [r for r in self.bind_failures if (r.namespace, r.cr_name) == key]:
+            del self.bind_failures[route]
+        self._index_secret(key)
+        if not self.leading:
+            return True
+        fence = self._fence(self.epoch)
+        existing = Existing(
+            {o["metadata"]["name"]: o for o in self.service_store.by_index(key)},
+            {o["metadata"]["name"]: o for o in self.slice_store.by_index(key)},
+            {o["metadata"]["name"]: o for o in self.policy_store.by_index(key)
+             if o["metadata"].get("namespace") == self.placement.namespace},
+        )
+        changes = deletion_changes(existing, self.placement)
+        if not changes:
+            return True
+        result = await self.planes.control(apply_changes, self.planes.control_api, changes, fence)
         if result.failures:
-            self._retry_later(key)
-            return
-        if key not in self.crs:
-            self.uids.pop(key, None)
-        self._succeeded(key)
+            return self._error(f"cannot clean up after Destination {'/'.join(key)}: {result.failures[0].message}")
+        return True
 
-    async def _sweep(self) -> None:
-        """Delete managed objects whose CR no longer exists (missed deletions)."""
-        managed = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
-
-        def read() -> list[tuple[str, dict[str, Any]]]:
-            found = []
-            for kind, namespace in ((SERVICE, None), (ENDPOINT_SLICE, None), (NETWORK_POLICY, self.gateway.namespace)):
-                items, _ = self.api.list(kind, namespace, managed)
-                found.extend((kind, i) for i in items)
-            return found
-
-        try:
-            found = await self.blocking(read)
-        except KubeApiError as e:
-            log.warn("resync sweep: {e}", e=str(e))
-            return
-        if not self.ready or not self.is_leader:
-            return
-        # computed after the read: a CR that appeared meanwhile is not swept
-        live = {uid for key, uid in self.uids.items() if key in self.crs}
-        orphans = [
-            Change("delete", kind, obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
-            for kind, obj in found
-            if (obj["metadata"].get("labels") or {}).get(UID_LABEL) not in live
-        ]
+    async def _sweep(self, epoch: int) -> None:
+        """Delete managed objects whose CR no longer exists (missed deletions), as the
+        caches show them: no requests unless there is something to delete."""
+        watched = set(self.settings.watch_namespaces)
+        orphans = []
+        for kind, store in ((SERVICE, self.service_store), (ENDPOINT_SLICE, self.slice_store), (NETWORK_POLICY, self.policy_store)):
+            for obj in store.values():
+                cr = cr_key_of(obj)
+                if cr is None or cr in self.crs or (watched and cr[0] not in watched):
+                    continue
+                if kind == NETWORK_POLICY and obj["metadata"].get("namespace") != self.placement.namespace:
+                    continue
+                orphans.append(Change("delete", kind, obj["metadata"].get("namespace", ""), obj["metadata"]["name"]))
+        # objects without a usable annotation, labelled with a uid no CR has
+        live = {(o.get("metadata") or {}).get("uid") for o in self.crs.values()}
+        for kind, store in ((SERVICE, self.service_store), (ENDPOINT_SLICE, self.slice_store), (NETWORK_POLICY, self.policy_store)):
+            for obj in store.values():
+                if cr_key_of(obj) is None and (obj["metadata"].get("labels") or {}).get("mailgw.io/destination-uid") not in live:
+                    orphans.append(Change("delete", kind, obj["metadata"].get("namespace", ""), obj["metadata"]["name"]))
         if orphans:
             log.info("removing {n} objects whose Destination is gone", n=len(orphans))
-            await self.blocking(applier.apply_changes, self.api, orphans)
+            await self.planes.control(apply_changes, self.planes.control_api, orphans, self._fence(epoch))
 
-    async def _record_event(self, cr: DestinationCR, plan: Plan) -> None:
-        event = plan.event
-        assert event is not None
+    async def _record_event(self, cr: DestinationCR, event: Event) -> None:
         stamp = self.now()
         body = {
             "apiVersion": "v1",
@@ -663,11 +873,11 @@ class KubeController(Service):
             "count": 1,
         }
         try:
-            await self.blocking(self.api.create_event, cr.namespace, body)
+            await self.planes.control(self.planes.control_api.create_event, cr.namespace, body)
         except KubeApiError as e:
             log.warn("cannot record an event on Destination {key}: {e}", key="/".join(cr.key), e=str(e))
 
-    # --- what listeners ask ----------------------------------------------------------------
+    # --- what listeners ask (the data plane) ----------------------------------------------
 
     def _route_destination(self, route: Route) -> RouteDestination:
         return RouteDestination(route, self.lookup_route, self.exchange_route, self.can_exchange)
@@ -682,40 +892,37 @@ class KubeController(Service):
             return None
 
     def lookup_route(self, route: Route) -> "Deferred[Destination]":
-        """The destination of ``route`` now (through the cache)."""
+        """The destination of ``route`` now (through the cache, in the data pool)."""
         cr = self._cr_for(route)
         if cr is None or cr.problem is not None:
             return fail(DestinationNotFound(f"Destination {route.namespace}/{route.cr_name} is not available"))
         return self.sources.lookup(cr.instance, cr.namespace, cr.destination_ref or "", route.tenant)
 
     def can_exchange(self, route: Route) -> bool:
-        from mailgw.kube.sources import ITokenExchange
-
         cr = self._cr_for(route)
         if cr is None:
             return False
         try:
             source = self.sources.source(cr.instance)
-        except Exception:
+        except Exception:  # noqa: BLE001 - unknown instance: no exchange
             return False
-        inner = getattr(source, "source", source)
-        return ITokenExchange.providedBy(inner)
+        return bool(getattr(source, "exchanges", False))
 
     def exchange_route(
         self, route: Route, *, refresh_token: str | None = None, code: str | None = None
     ) -> "Deferred[FindResult]":
-        from mailgw.kube.sources import TokenExchangeFailed
-
         cr = self._cr_for(route)
         if cr is None or cr.problem is not None:
             return fail(TokenExchangeFailed(f"Destination {route.namespace}/{route.cr_name} is not available"))
         try:
             source = self.sources.source(cr.instance)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             return fail(e)
         return source.exchange(
             cr.namespace, cr.destination_ref or "", route.tenant, refresh_token=refresh_token, code=code
         )
 
 
-__all__ = ["KubeController", "KubeSettings"]
+PLURAL_DST = "destinations"
+
+__all__ = ["KubeController", "KubeSettings", "Planes"]

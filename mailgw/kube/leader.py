@@ -7,6 +7,12 @@ skew between nodes does not matter), or at once when the holder released it.  Wr
 the Lease's resourceVersion, so of two replicas racing only one wins.  A leader that has
 not renewed for ``renew_deadline`` seconds steps down, as does one that sees another
 holder.  On stop a leader releases the Lease so a successor takes over immediately.
+
+The renew deadline is a timer on the reactor's clock, armed at every successful renewal:
+it fires whatever the Lease calls are doing (a call that hangs holds only the elector's
+own worker pool, and the round that made it), so a leader cut off from the API server
+stops writing ``renew_deadline`` seconds after its last renewal -- before any follower
+can take over, which waits ``leaseDurationSeconds`` after the record last changed.
 """
 
 from __future__ import annotations
@@ -112,6 +118,7 @@ class LeaderElector:
         self._busy = False
         self._stopped = False
         self._loop: LoopingCall | None = None
+        self._deadline: Any = None
 
     def start(self) -> None:
         self._loop = LoopingCall(self.tick)
@@ -119,24 +126,24 @@ class LeaderElector:
         self._loop.start(self.retry_period, now=True)
 
     def stop(self) -> "Deferred[None]":
-        """Stop campaigning; a leader releases the Lease (best effort)."""
+        """Stop campaigning; a leader steps down at once and releases the Lease (best
+        effort: the Deferred fires when the release is done or has failed)."""
         self._stopped = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        self._cancel_deadline()
         if not self.is_leader:
             return succeed(None)
         self._step_down("stopping")
         d = self.run(self._release)
+        d.addCallback(lambda _: log.info("{identity} released lease {name}", identity=self.identity, name=self.name))
         d.addErrback(lambda f: log.warn("could not release lease {name}: {e}", name=self.name, e=f.value))
         return d
 
     def tick(self) -> "Deferred[None] | None":
         """One round of the election (the LoopingCall calls it)."""
         if self._busy:
-            # a call is hanging: do not stay leader past the deadline because of it
-            if self.is_leader and self.clock.seconds() - self._last_renew > self.renew_deadline:
-                self._step_down("could not renew the lease in time")
-            return None
+            return None  # the previous round still waits; the deadline timer watches it
         if self._stopped:
             return None
         self._busy = True
@@ -185,6 +192,11 @@ class LeaderElector:
         if self._stopped:
             return
         self._last_renew = now
+        # measured from the start of the round, like the Lease record's renewTime
+        self._cancel_deadline()
+        self._deadline = self.clock.callLater(
+            max(0.0, self.renew_deadline - (self.clock.seconds() - now)), self._deadline_passed
+        )
         if not self.is_leader:
             self.is_leader = True
             log.info("{identity} became the leader (lease {name})", identity=self.identity, name=self.name)
@@ -197,15 +209,23 @@ class LeaderElector:
             log.failure("leader election round failed", failure)
         elif not error.conflict:
             log.warn("leader election: {error}", error=str(error))
+        if self.is_leader and isinstance(error, KubeApiError) and error.conflict:
+            self._step_down("the lease changed under us")
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
         if self.is_leader:
-            if isinstance(error, KubeApiError) and error.conflict:
-                self._step_down("the lease changed under us")
-            elif self.clock.seconds() - self._last_renew > self.renew_deadline:
-                self._step_down("could not renew the lease in time")
+            self._step_down(f"could not renew the lease within {self.renew_deadline:g}s")
 
     def _step_down(self, why: str) -> None:
         if self.is_leader:
             self.is_leader = False
+            self._cancel_deadline()
             log.info("{identity} is no longer the leader: {why}", identity=self.identity, why=why)
             if self.on_stopped is not None:
                 self.on_stopped()

@@ -34,7 +34,7 @@ class IRouteDestination(Interface):
 
     def exchange(*, refresh_token: str | None = None, code: str | None = None) -> "Deferred[Any]":
         """Ask the source to exchange the application's secret; fires with a
-        :class:`~mailgw.kube.sources.FindResult` whose ``auth_tokens[0].value`` is the
+        :class:`~mailgw.sources.base.FindResult` whose ``auth_tokens[0].value`` is the
         upstream access token, or fails with ``TokenExchangeFailed``."""
 
 

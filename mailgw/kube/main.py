@@ -8,11 +8,14 @@ view of the CR (so a changed destination applies to the next session).
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
 from zope.interface import implementer
 
 from ..config import ConfigError, HttpConfig, load_config, parse_config
@@ -21,16 +24,20 @@ from ..errors import GatewayError
 from ..oauth import TokenError
 from ..protocol.common import printable
 from ..service import GatewayService, make_service
-from ..session import GatewayFactory, Route as SessionRoute
+from ..session import GatewayFactory
+from ..sources.base import DestinationLookupError
+from ..status import listener_info
 from .listeners import IListenerManager, IRouteDestination
 from .model import Route
-from .sources import DestinationLookupError
 
 DEFAULT_HTTP = "tcp:9494"  # probes and metrics; the Deployment points at this port
+BACKLOG = 1024
 
 
 class RouteSource:
-    """Destinations for sessions on controller-opened listeners, keyed by ``Route.key``."""
+    """Destinations for sessions on controller-opened listeners.  Keyed by the lookup
+    name of each listener's :class:`mailgw.settings.Route` (``Route.listener_route()``
+    of the controller's route: ``namespace/cr[@tenant]``)."""
 
     def __init__(self):
         self.routes: dict[str, IRouteDestination] = {}
@@ -82,9 +89,36 @@ class RouteSource:
         return d.addCallbacks(token_of, explain)
 
 
+def listen_tcp(reactor, port: int, factory, interface: str = ""):
+    """Listen on ``port``: on ``interface`` when given, else on every address of both
+    families -- one dual-stack socket (``IPV6_V6ONLY`` off, whatever the host's default),
+    or IPv4 alone where the pod has no IPv6.  Fires with the listening port."""
+    if interface:
+        endpoint_class = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
+        return endpoint_class(reactor, port, interface=interface).listen(factory)
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        return TCP4ServerEndpoint(reactor, port).listen(factory)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+        listening = reactor.adoptStreamPort(sock.fileno(), socket.AF_INET6, factory)
+    except OSError as e:
+        if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):  # IPv6 switched off
+            return TCP4ServerEndpoint(reactor, port).listen(factory)
+        return defer.fail(CannotListenError("::", port, e))
+    finally:
+        sock.close()  # the reactor has its own duplicate
+    return defer.succeed(listening)
+
+
 @implementer(IListenerManager)
 class ListenerManager:
-    """Real listeners: one TCP port per route, all interfaces of the pod."""
+    """Real listeners: one TCP port per route, IPv4 and IPv6 (``interface``: one only)."""
 
     def __init__(self, reactor, gateway, source: RouteSource, interface: str = ""):
         self.reactor = reactor
@@ -94,27 +128,34 @@ class ListenerManager:
         self.ports: dict[Route, object] = {}
 
     def open(self, route: Route, port: int, destination: IRouteDestination):
-        self.source.routes[route.key] = destination
-        endpoint = TCP4ServerEndpoint(self.reactor, port, interface=self.interface)
-        factory = GatewayFactory(SessionRoute(route.key, route.tenant), self.gateway)
+        listener_route = route.listener_route()
+        self.source.routes[listener_route.destination] = destination
+        factory = GatewayFactory(listener_route, self.gateway)
         factory.noisy = False
 
         def listening(listening_port):
             self.ports[route] = listening_port
+            self._update_pools()
 
-        return endpoint.listen(factory).addCallback(listening)
+        return listen_tcp(self.reactor, port, factory, self.interface).addCallback(listening)
 
     def close(self, route: Route):
         # Sessions already running keep their connections and their destination.
-        self.source.routes.pop(route.key, None)
+        self.source.routes.pop(route.listener_route().destination, None)
         listening_port = self.ports.pop(route, None)
         if listening_port is None:
             return defer.succeed(None)
+        self._update_pools()
         return defer.maybeDeferred(listening_port.stopListening)
+
+    def _update_pools(self) -> None:
+        """Warm pools (SPEC 9.7) for the routes served now."""
+        self.gateway.update_pools([route.listener_route() for route in self.ports])
 
 
 def make_kubernetes_service(reactor, config_path: str | None, *, api=None, settings=None) -> GatewayService:
-    """The cluster-wide gateway: http listener, token client, controller, listeners."""
+    """The cluster-wide gateway: http listener (no send API), token client, controller
+    (the child service named ``kubernetes``) and the listeners it opens."""
     from .client import KubeApi, load_api_client
     from .config import parse_kube_section
     from .controller import KubeController
@@ -123,17 +164,29 @@ def make_kubernetes_service(reactor, config_path: str | None, *, api=None, setti
         config = load_config(config_path) if config_path else parse_config({}, "(no --config)")
         if config.http is None:  # the probes and metrics need it
             config = attrs.evolve(config, http=HttpConfig(DEFAULT_HTTP))
+        if config.http.send is not None:
+            raise ConfigError(
+                f"{config.origin}: http.send: the cluster-wide gateway has no send API "
+                "(run mailgw as a sidecar for that)"
+            )
         parsed_settings, kubeconfig = parse_kube_section(config.kubernetes, config.origin)
     except (ConfigError, ValueError) as e:
         raise SystemExit(f"mailgw: configuration error: {e}") from None
     settings = settings or parsed_settings
     if api is None:
-        api = KubeApi(load_api_client(kubeconfig or os.environ.get("KUBECONFIG")), timeout=settings.api_timeout)
+        api_client = load_api_client(kubeconfig or os.environ.get("KUBECONFIG"), identity=settings.identity)
+        api = KubeApi(api_client, timeout=settings.api_timeout)
     source = RouteSource()
-    service = make_service(config, reactor, source=source)
-    listeners = ListenerManager(reactor, service.gateway, source)
-    controller = KubeController.create(api, listeners, settings, reactor)
+    service = make_service(config, reactor, source=source, send_api=False)
+    listeners = ListenerManager(reactor, service.gateway, source, settings.listen_interface)
+    controller = KubeController.create(api, listeners, settings, reactor, tokens=service.gateway.tokens)
     controller.setServiceParent(service)
-    service.controller = controller
-    service.gateway.readiness_checks.append(lambda: controller.ready)  # initial lists in
+    service.gateway.add_readiness_check("controller not synced", lambda: controller.ready)  # initial lists in
+    # /status: the controller's listeners and its state (mailgw.status)
+    service.listener_sources.append(lambda: [
+        listener_info(route.listener_route().destination, route.tenant, port, name=route.key)
+        for route, port in list(listeners.ports.items())
+    ])
+    service.status_providers["controller"] = controller.status
     return service
+

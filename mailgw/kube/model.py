@@ -13,6 +13,16 @@ from typing import Any, Mapping
 
 from attrs import field, frozen
 
+from mailgw.settings import Route as ListenerRoute
+from mailgw.sources.base import (
+    DestinationLookupError,
+    DestinationNotFound,
+    InstanceNotFound,
+    InvalidDestination,
+    ProxyTypeNotSupported,
+    TypeNotSupported,
+)
+
 GROUP = "destination.connectivity.api.sap"
 VERSION = "v1"
 PLURAL = "destinations"
@@ -34,8 +44,13 @@ NAMESPACE_LABEL = "mailgw.io/destination-namespace"
 TENANT_LABEL = "mailgw.io/tenant"
 #: ``<namespace>/<name>`` of the CR (annotation: CR names can be longer than a label value).
 CR_ANNOTATION = "mailgw.io/destination"
-#: The gateway port allocated for the route; read back after a restart.
+#: The gateway port of a Service's route, for people reading the Service.  Informative
+#: only: anyone who may edit the CR's namespace may edit it, so nothing trusts it.
 PORT_ANNOTATION = "mailgw.io/gateway-port"
+#: The gateway ports of a CR's routes, ``{"<tenant>" or "": port}`` as JSON, on the CR's
+#: NetworkPolicy in the gateway's namespace: the record every replica trusts, and what
+#: a new leader reads back after a restart.
+PORTS_ANNOTATION = "mailgw.io/gateway-ports"
 #: Name of the single port on Services and EndpointSlices (they must agree on it).
 PORT_NAME = "mail"
 
@@ -58,6 +73,8 @@ REASON_DESTINATION_INVALID = "ConfigurationError-ReferencedDestination-Invalid"
 REASON_SPEC_INVALID = "ConfigurationError-Spec-Invalid"
 REASON_INSTANCE_NOT_FOUND = "ConfigurationError-DestinationServiceInstance-NotFound"
 REASON_LOOKUP_FAILED = "DestinationLookupFailed"
+#: Event reason: an object the gateway owns was edited behind its back (and restored).
+EVENT_SERVICE_EDITED = "ServiceEdited"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -88,7 +105,14 @@ class Problem:
 
 @frozen(order=True)
 class Route:
-    """What a gateway listener serves: one Destination CR, optionally for one tenant."""
+    """One Service of a Destination CR: the CR, and the tenant in shared mode.
+
+    The gateway opens one listener per route.  What that listener serves, in the
+    vocabulary of the session layer, is :meth:`listener_route`: a
+    :class:`mailgw.settings.Route` whose lookup name is :attr:`key` (the destination
+    source of Kubernetes mode resolves it through the CR) and whose tenant is the
+    route's tenant.
+    """
 
     namespace: str
     cr_name: str
@@ -105,6 +129,10 @@ class Route:
 
     def sort_key(self) -> tuple[str, str, str]:
         return (self.namespace, self.cr_name, self.tenant or "")
+
+    def listener_route(self) -> ListenerRoute:
+        """The session layer's view of this route (lookup name and tenant)."""
+        return ListenerRoute(self.key, self.tenant)
 
 
 @frozen
@@ -256,58 +284,21 @@ def parse_cr(obj: Mapping[str, Any]) -> DestinationCR:
     return DestinationCR(**ident)
 
 
-# --- typed destination lookup failures ------------------------------------------------
+# --- lookup failures as status reasons ---------------------------------------------------
 
-
-class DestinationLookupError(Exception):
-    """A destination lookup failed.  ``reason`` is the CR status reason it maps to.
-
-    ``definitive`` failures (the destination does not exist, is of the wrong type, ...)
-    remove the route's Service; transient ones (the source is unreachable) leave what
-    exists alone so a destination service outage does not take Services away.
-    """
-
-    reason = REASON_LOOKUP_FAILED
-    definitive = False
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-class DestinationNotFound(DestinationLookupError):
-    reason = REASON_NOT_FOUND
-    definitive = True
-
-
-class TypeNotSupported(DestinationLookupError):
-    reason = REASON_TYPE_NOT_SUPPORTED
-    definitive = True
-
-
-class ProxyTypeNotSupported(DestinationLookupError):
-    reason = REASON_PROXY_TYPE_NOT_SUPPORTED
-    definitive = True
-
-
-class InvalidDestination(DestinationLookupError):
-    reason = REASON_DESTINATION_INVALID
-    definitive = True
-
-
-class InstanceNotFound(DestinationLookupError):
-    reason = REASON_INSTANCE_NOT_FOUND
-    definitive = True
-
-
-class SourceUnavailable(DestinationLookupError):
-    """The source could not be asked (network, API error, timeout): try again later."""
-
-    reason = REASON_LOOKUP_FAILED
-    definitive = False
+#: The CR status reason of each lookup failure (the sources know nothing of CRs).
+_LOOKUP_REASONS: tuple[tuple[type[DestinationLookupError], str], ...] = (
+    (DestinationNotFound, REASON_NOT_FOUND),
+    (TypeNotSupported, REASON_TYPE_NOT_SUPPORTED),
+    (ProxyTypeNotSupported, REASON_PROXY_TYPE_NOT_SUPPORTED),
+    (InvalidDestination, REASON_DESTINATION_INVALID),
+    (InstanceNotFound, REASON_INSTANCE_NOT_FOUND),
+)
 
 
 def lookup_problem(error: BaseException) -> Problem:
+    """The CR condition for a failed destination lookup."""
     if isinstance(error, DestinationLookupError):
-        return Problem(error.reason, error.message)
+        reason = next((r for cls, r in _LOOKUP_REASONS if isinstance(error, cls)), REASON_LOOKUP_FAILED)
+        return Problem(reason, error.message)
     return Problem(REASON_LOOKUP_FAILED, f"destination lookup failed: {type(error).__name__}")

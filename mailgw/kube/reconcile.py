@@ -15,8 +15,12 @@ ownerReference to the CR and are garbage-collected with it):
 - EndpointSlice ``<service>-mailgw`` (and ``<service>-mailgw-ipv6`` when gateway pods have
   IPv6 addresses): the ready gateway pods on the port the gateway allocated.
 
-Per CR, in the *gateway's* namespace: a NetworkPolicy selecting the gateway pods that
-admits traffic to the CR's gateway ports.  A NetworkPolicy only selects pods of its own
+Per CR, in the *gateway's* namespace: a NetworkPolicy ``mailgw-<namespace>.<name>``
+(unique: a namespace name has no dot) selecting the gateway pods that admits traffic to
+the CR's gateway ports.  It also records which route has which gateway port (annotation
+``mailgw.io/gateway-ports``): objects in the gateway's namespace can only be written by
+the gateway and cluster administrators, so that record -- not the Service annotation,
+which any editor of the CR's namespace can change -- is what every replica trusts.  A NetworkPolicy only selects pods of its own
 namespace, so it cannot live next to the CR; owner references cannot cross namespaces
 either, so it is found by the ``mailgw.io/destination-uid`` label and deleted by the
 controller when the CR goes.  With scope ``namespaced`` it admits only the CR's namespace;
@@ -27,14 +31,17 @@ the gateway pods, which the namespaced ones do).
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable, Mapping
+import json
+from typing import Any, Container, Iterable, Mapping
 
 from attrs import field, frozen
 
 from mailgw.destination import PROTOCOLS, Destination
 from mailgw.kube.model import (
+    PORTS_ANNOTATION,
     CONDITION_AVAILABLE,
     CR_ANNOTATION,
+    EVENT_SERVICE_EDITED,
     MANAGED_BY,
     MANAGED_BY_LABEL,
     NAME_LABEL,
@@ -48,14 +55,13 @@ from mailgw.kube.model import (
     TENANT_LABEL,
     UID_LABEL,
     DestinationCR,
-    DestinationLookupError,
     Problem,
     Route,
-    SourceUnavailable,
     is_label_value,
     is_service_name,
     lookup_problem,
 )
+from mailgw.sources.base import DestinationLookupError, SourceUnavailable
 
 SERVICE = "Service"
 ENDPOINT_SLICE = "EndpointSlice"
@@ -72,17 +78,36 @@ _OUR_POLICY_LABELS = (MANAGED_BY_LABEL, UID_LABEL, NAME_LABEL, NAMESPACE_LABEL)
 _OUR_ANNOTATIONS = (CR_ANNOTATION, PORT_ANNOTATION, PROTOCOL_ANNOTATION)
 
 
+def _ips(value: str | Iterable[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 @frozen
 class GatewayPod:
-    """A ready gateway pod: traffic for every route goes to its IP."""
+    """A gateway pod as the EndpointSlices list it: its IPs (``podIPs``, one per address
+    family), whether it is ready, and whether it is terminating.  A terminating pod stays
+    in the slices with ``ready: false`` and ``terminating: true`` (``serving`` says
+    whether it still passes its readiness probe), so clients stop being sent to it while
+    its open sessions drain."""
 
     name: str
-    ip: str
+    ips: tuple[str, ...] = field(converter=_ips)
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+
+    @property
+    def ip(self) -> str:
+        return self.ips[0] if self.ips else ""
+
+    def conditions(self) -> dict[str, bool]:
+        return {"ready": self.ready and not self.terminating, "serving": self.serving, "terminating": self.terminating}
 
 
 @frozen
-class Gateway:
-    """Where the gateway runs: its namespace, its pods' labels, its port range."""
+class GatewayPlacement:
+    """Where the gateway runs: its namespace, its pods' labels, its port range.  (Not to
+    be confused with :class:`mailgw.service.Gateway`, what the sessions share.)"""
 
     namespace: str
     pod_labels: tuple[tuple[str, str], ...] = field(
@@ -145,7 +170,10 @@ class Plan:
     problems: Mapping[Route | None, Problem]
     #: the Service port of each served route
     service_ports: Mapping[Route, int] = field(factory=dict)
+    #: the Event recording a change of the Available condition
     event: Event | None = None
+    #: more Events: objects found edited behind the gateway's back (and restored)
+    warnings: tuple[Event, ...] = ()
 
     @property
     def available(self) -> bool:
@@ -203,11 +231,15 @@ def read_port(obj: Mapping[str, Any]) -> int | None:
     return port if 0 < port < 65536 else None
 
 
-def route_of(obj: Mapping[str, Any], cr: DestinationCR) -> Route | None:
-    """The route an owned Service serves, from its tenant label; None if inconsistent."""
-    tenant = _labels(obj).get(TENANT_LABEL) or None
-    route = Route(cr.namespace, cr.name, tenant)
-    return route if _meta(obj).get("name") == route.service_name else None
+def cr_key_of(obj: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(namespace, name)`` of the CR a managed object belongs to (its annotation)."""
+    if not is_managed(obj):
+        return None
+    ref = _annotations(obj).get(CR_ANNOTATION)
+    if not isinstance(ref, str) or "/" not in ref:
+        return None
+    namespace, _, name = ref.partition("/")
+    return (namespace, name)
 
 
 def route_of_service(obj: Mapping[str, Any]) -> Route | None:
@@ -245,7 +277,51 @@ def _bounded_name(base: str, limit: int = 253) -> str:
 
 
 def policy_name(cr: DestinationCR) -> str:
-    return _bounded_name(f"mailgw-{cr.namespace}-{cr.name}")
+    """``mailgw-<namespace>.<name>``: unique per CR, because a namespace name never holds
+    a dot (``a/b-c`` and ``a-b/c`` give ``mailgw-a.b-c`` and ``mailgw-a-b.c``)."""
+    return _bounded_name(f"mailgw-{cr.namespace}.{cr.name}")
+
+
+def ports_annotation(routes: Mapping[Route, int]) -> str:
+    """The route -> gateway port record on the NetworkPolicy (tenant, or "" for the
+    CR's single route)."""
+    return json.dumps({(r.tenant or ""): p for r, p in sorted(routes.items(), key=lambda kv: kv[0].sort_key())},
+                      separators=(",", ":"), sort_keys=True)
+
+
+def routes_from_policy(
+    policy: Mapping[str, Any], port_range: tuple[int, int]
+) -> tuple[tuple[str, str] | None, dict[Route, int]]:
+    """The CR a managed NetworkPolicy belongs to and its recorded routes and ports.
+
+    Only ports within ``port_range`` that the policy itself admits count: the record is
+    checked against the rule it sits next to.  ``(None, {})`` for anything else.
+    """
+    if not is_managed(policy):
+        return None, {}
+    ref = _annotations(policy).get(CR_ANNOTATION)
+    if not isinstance(ref, str) or "/" not in ref:
+        return None, {}
+    namespace, _, name = ref.partition("/")
+    try:
+        record = json.loads(_annotations(policy).get(PORTS_ANNOTATION) or "{}")
+    except ValueError:
+        record = {}
+    if not isinstance(record, Mapping):
+        record = {}
+    lo, hi = port_range
+    admitted = set()
+    spec = policy.get("spec") if isinstance(policy.get("spec"), Mapping) else {}
+    for rule in spec.get("ingress") or []:
+        for p in (rule.get("ports") or []) if isinstance(rule, Mapping) else []:
+            if isinstance(p, Mapping) and isinstance(p.get("port"), int):
+                admitted.add(p["port"])
+    routes: dict[Route, int] = {}
+    for tenant, port in record.items():
+        if isinstance(tenant, str) and isinstance(port, int) and not isinstance(port, bool) \
+                and lo <= port <= hi and port in admitted:
+            routes[Route(namespace, name, tenant or None)] = port
+    return (namespace, name), routes
 
 
 def slice_name(service_name: str, ipv6: bool = False) -> str:
@@ -258,10 +334,12 @@ def slice_name(service_name: str, ipv6: bool = False) -> str:
 def allocate(
     routes: Iterable[Route],
     current: Mapping[Route, int],
-    taken: Iterable[int],
+    taken: Container[int],
     port_range: tuple[int, int],
+    unusable: Container[int] = (),
 ) -> dict[Route, int]:
-    """Give each route a gateway port in ``port_range`` not in ``taken``.
+    """Give each route a gateway port in ``port_range`` not in ``taken`` (ports of other
+    routes) nor ``unusable`` (ports these routes could not bind).
 
     A route keeps its current port when it is in range and free; a new route probes from
     a hash of its key, so the choice does not depend on the order routes appear in.  A
@@ -269,12 +347,16 @@ def allocate(
     """
     lo, hi = port_range
     size = hi - lo + 1
-    used = set(taken)
+    used: set[int] = set()
+
+    def free(port: int) -> bool:
+        return port not in used and port not in taken and port not in unusable
+
     ordered = sorted(set(routes), key=Route.sort_key)
     result: dict[Route, int] = {}
     for route in ordered:
         port = current.get(route)
-        if port is not None and lo <= port <= hi and port not in used:
+        if port is not None and lo <= port <= hi and free(port):
             result[route] = port
             used.add(port)
     for route in ordered:
@@ -283,7 +365,7 @@ def allocate(
         start = int.from_bytes(hashlib.sha256(route.key.encode()).digest()[:8], "big") % size
         for i in range(size):
             port = lo + (start + i) % size
-            if port not in used:
+            if free(port):
                 result[route] = port
                 used.add(port)
                 break
@@ -327,12 +409,16 @@ def service_body(
 
 
 def slice_bodies(
-    cr: DestinationCR, route: Route, gateway_port: int, pods: Iterable[GatewayPod], gateway: Gateway
+    cr: DestinationCR, route: Route, gateway_port: int, pods: Iterable[GatewayPod], gateway: GatewayPlacement
 ) -> dict[str, dict[str, Any]]:
-    """One EndpointSlice per address family in use (the IPv4 one always exists)."""
-    families: dict[bool, list[GatewayPod]] = {False: [], True: []}
+    """One EndpointSlice per address family in use (the IPv4 one always exists); a
+    dual-stack pod is in both, with the address of each family (its ``podIPs``)."""
+    families: dict[bool, list[tuple[str, GatewayPod]]] = {False: [], True: []}
     for pod in pods:
-        families[":" in pod.ip].append(pod)
+        if not (pod.ready or pod.terminating):
+            continue
+        for ip in dict.fromkeys(pod.ips):
+            families[":" in ip].append((ip, pod))
     result = {}
     for ipv6, members in families.items():
         if ipv6 and not members:
@@ -355,21 +441,21 @@ def slice_bodies(
             "ports": [{"name": PORT_NAME, "protocol": "TCP", "port": gateway_port}],
             "endpoints": [
                 {
-                    "addresses": [pod.ip],
-                    "conditions": {"ready": True},
+                    "addresses": [ip],
+                    "conditions": pod.conditions(),
                     "targetRef": {"kind": "Pod", "namespace": gateway.namespace, "name": pod.name},
                 }
-                for pod in sorted(members, key=lambda p: (p.ip, p.name))
+                for ip, pod in sorted(members, key=lambda m: (m[0], m[1].name))
             ],
         }
     return result
 
 
-def policy_body(cr: DestinationCR, ports: Iterable[int], gateway: Gateway) -> dict[str, Any]:
+def policy_body(cr: DestinationCR, routes: Mapping[Route, int], gateway: GatewayPlacement) -> dict[str, Any]:
     labels = {MANAGED_BY_LABEL: MANAGED_BY, UID_LABEL: cr.uid, NAMESPACE_LABEL: cr.namespace}
     if is_label_value(cr.name):
         labels[NAME_LABEL] = cr.name
-    rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": p} for p in sorted(set(ports))]}
+    rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": p} for p in sorted(set(routes.values()))]}
     if cr.scope == SCOPE_NAMESPACED:
         rule["from"] = [
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": cr.namespace}}}
@@ -381,7 +467,7 @@ def policy_body(cr: DestinationCR, ports: Iterable[int], gateway: Gateway) -> di
             "name": policy_name(cr),
             "namespace": gateway.namespace,
             "labels": labels,
-            "annotations": {CR_ANNOTATION: cr_ref(cr)},
+            "annotations": {CR_ANNOTATION: cr_ref(cr), PORTS_ANNOTATION: ports_annotation(routes)},
         },
         "spec": {
             "podSelector": {"matchLabels": gateway.labels},
@@ -467,9 +553,11 @@ def _endpoints_view(endpoints: Any) -> list[tuple[Any, ...]]:
             continue
         conditions = ep.get("conditions") if isinstance(ep.get("conditions"), Mapping) else {}
         target = ep.get("targetRef") if isinstance(ep.get("targetRef"), Mapping) else {}
-        view.append(
-            (tuple(ep.get("addresses") or ()), conditions.get("ready"), target.get("name"))
-        )
+        view.append((
+            tuple(ep.get("addresses") or ()),
+            conditions.get("ready"), conditions.get("serving"), conditions.get("terminating"),
+            target.get("name"),
+        ))
     return sorted(view, key=repr)
 
 
@@ -555,8 +643,14 @@ def build_status(
             if previous.get("status") == status_value and previous.get("lastTransitionTime")
             else now
         ),
+        "observedGeneration": cr.generation,
     }
     status: dict[str, Any] = {"conditions": [condition], "observedGeneration": cr.generation}
+    # one-line summaries for `kubectl get dst` (printer columns cannot join lists)
+    if served:
+        status["services"] = ",".join(r.service_name for r in sorted(served, key=Route.sort_key))
+    if cr.tenants and cr.problem is None:
+        status["tenantSubdomains"] = ",".join(cr.tenants)
     if cr.tenants and cr.problem is None:
         tenants = []
         for tenant in cr.tenants:
@@ -571,13 +665,15 @@ def build_status(
             tenants.append(entry)
         status["tenants"] = tenants
 
-    old = {k: cr.status.get(k) for k in ("conditions", "observedGeneration", "tenants")}
-    new = {k: status.get(k) for k in old}
+    keys = ("conditions", "observedGeneration", "tenants", "services", "tenantSubdomains")
+    old = {k: cr.status.get(k) for k in keys}
+    new = {k: status.get(k) for k in keys}
     patch = None
     if old != new:
         patch = dict(status)
-        if "tenants" not in status and cr.status.get("tenants") is not None:
-            patch["tenants"] = None
+        for key in keys:  # merge patch: null removes what is no longer there
+            if key not in status and cr.status.get(key) is not None:
+                patch[key] = None
 
     event = None
     if not same:
@@ -591,38 +687,60 @@ def build_status(
 # --- the reconciler ---------------------------------------------------------------
 
 
+def _drift_warning(cr: DestinationCR, svc: Mapping[str, Any], route: Route, port: int) -> Event | None:
+    """An Event when an owned Service names another gateway port than the route has: it
+    was edited behind the gateway's back (the annotation or the targetPort)."""
+    recorded = read_port(svc)
+    targets = {
+        str(p.get("targetPort"))
+        for p in ((svc.get("spec") or {}).get("ports") or [])
+        if isinstance(p, Mapping)
+    }
+    if recorded == port and targets <= {str(port)}:
+        return None
+    shown = _annotations(svc).get(PORT_ANNOTATION)
+    return Event(
+        "Warning",
+        EVENT_SERVICE_EDITED,
+        f"Service {cr.namespace}/{route.service_name} was edited: gateway port annotation "
+        f"{str(shown)[:20]!r}, targetPort {', '.join(sorted(t[:20] for t in targets)) or 'none'}; "
+        f"the gateway port of this route is {port}: restored",
+    )
+
+
 def reconcile(
     cr: DestinationCR,
     lookups: Mapping[str | None, Destination | BaseException],
     existing: Existing,
     allocations: Mapping[Route, int],
     pods: Iterable[GatewayPod],
-    gateway: Gateway,
+    gateway: GatewayPlacement,
     now: str,
-    unusable_ports: Iterable[int] = (),
+    unusable_ports: Container[int] = (),
+    taken: Container[int] | None = None,
 ) -> Plan:
     """Compute the :class:`Plan` for one CR.
 
     ``lookups`` maps each route's tenant (None for the CR's single route) to the
-    destination found, or the lookup failure (a :class:`DestinationLookupError`).
-    ``allocations`` are the gateway ports of all routes of all CRs as currently known;
-    this CR's own ones are also read back from its Services in ``existing``.
+    destination found, or the lookup failure (a ``DestinationLookupError``).
+    ``allocations`` are the trusted gateway ports of routes (from the NetworkPolicies in
+    the gateway's namespace, and the leader's own decisions); this CR's routes keep
+    theirs.  ``taken`` holds the ports of other CRs' routes (default: computed from
+    ``allocations``); ``unusable_ports`` the ports this CR's routes could not bind.
+    Service annotations are never trusted: an edited one is restored, with an Event.
     """
     pods = tuple(pods)
     problems: dict[Route | None, Problem] = {}
     if cr.problem is not None:
         problems[None] = cr.problem
     routes = cr.routes()
+    own_key = cr.key
 
     owned_services = {n: s for n, s in existing.services.items() if owned_by(s, cr)}
     owned_slices = {n: s for n, s in existing.slices.items() if owned_by(s, cr)}
-
-    current = dict(allocations)
-    for svc in owned_services.values():
-        route = route_of(svc, cr)
-        port = read_port(svc)
-        if route is not None and port is not None:
-            current[route] = port
+    current = {r: p for r, p in allocations.items() if (r.namespace, r.cr_name) == own_key}
+    if taken is None:
+        taken = {p for r, p in allocations.items() if (r.namespace, r.cr_name) != own_key}
 
     # Which routes get objects, on which Service port.
     wanted: dict[Route, tuple[int, str]] = {}
@@ -635,8 +753,8 @@ def reconcile(
             problems[route] = lookup_problem(result)
             definitive = isinstance(result, DestinationLookupError) and result.definitive
             svc = owned_services.get(route.service_name)
-            if not definitive and svc is not None and read_port(svc) is not None:
-                kept[route] = read_port(svc)  # type: ignore[assignment]
+            if not definitive and svc is not None and current.get(route) is not None:
+                kept[route] = current[route]
             continue
         if not is_service_name(route.service_name):
             problems[route] = Problem(
@@ -671,17 +789,17 @@ def reconcile(
         port = cr.service_port or PROTOCOLS[result.protocol][2]
         wanted[route] = (port, result.protocol)
 
-    own_key = cr.key
-    taken = {p for r, p in current.items() if (r.namespace, r.cr_name) != own_key}
-    taken.update(kept.values())
-    taken.update(unusable_ports)
-    ports = allocate(wanted, current, taken, gateway.port_range)
+    kept_ports = set(kept.values())
+    ports = allocate(
+        wanted, current, _Either(taken, kept_ports), gateway.port_range, unusable_ports
+    )
 
     desired_services: dict[str, dict[str, Any]] = {}
     desired_slices: dict[str, dict[str, Any]] = {}
     slice_routes: dict[str, Route] = {}
     served: dict[Route, int] = dict(kept)
     service_ports: dict[Route, int] = {}
+    warnings: list[Event] = []
     for route, (service_port, protocol) in sorted(wanted.items(), key=lambda kv: kv[0].sort_key()):
         port = ports.get(route)
         if port is None:
@@ -691,6 +809,11 @@ def reconcile(
         served[route] = port
         service_ports[route] = service_port
         desired_services[route.service_name] = service_body(cr, route, service_port, port, protocol)
+        svc = owned_services.get(route.service_name)
+        if svc is not None and current.get(route) == port:
+            warning = _drift_warning(cr, svc, route, port)
+            if warning is not None:
+                warnings.append(warning)
         for name, body in slice_bodies(cr, route, port, pods, gateway).items():
             desired_slices[name] = body
             slice_routes[name] = route
@@ -701,8 +824,9 @@ def reconcile(
     kept_names = {r.service_name for r in kept}
     changes: list[Change] = []
 
-    # NetworkPolicy first: traffic is admitted before the Service appears.
-    policy = policy_body(cr, served.values(), gateway) if served else None
+    # NetworkPolicy first: traffic is admitted (and the allocation recorded where every
+    # replica trusts it) before the Service appears.
+    policy = policy_body(cr, served, gateway) if served else None
     for name, existing_policy in sorted(existing.policies.items()):
         if not owned_by(existing_policy, cr):
             continue
@@ -757,40 +881,47 @@ def reconcile(
         problems=problems,
         service_ports=service_ports,
         event=event,
+        warnings=tuple(warnings),
     )
 
 
-def failed_plan(
-    plan: Plan, cr: DestinationCR, failures: Iterable[tuple[Change, str]], now: str
-) -> Plan:
-    """The plan with its status rewritten after some of its changes failed to apply."""
+class _Either:
+    """``port in a or port in b`` without building a set of every port in use."""
+
+    def __init__(self, *parts: Container[int]):
+        self.parts = parts
+
+    def __contains__(self, port: object) -> bool:
+        return any(port in part for part in self.parts)
+
+
+def failed_plan(plan: Plan, cr: DestinationCR, failures: Iterable[Any], now: str) -> Plan:
+    """The plan with its status rewritten after some of its changes failed to apply
+    (``failures``: :class:`~mailgw.kube.apply.ApplyFailure`).  An object of a wanted
+    name that exists and is not ours is a name clash; anything else a creation failure."""
     problems = dict(plan.problems)
-    for change, message in failures:
+    routes = dict(plan.routes)
+    for failure in failures:
+        change = failure.change
         if change.route in problems:
             continue
-        problems[change.route] = Problem(
-            REASON_SERVICE_FAILED,
-            f"could not {change.action} {change.kind} {change.namespace}/{change.name}: {message}",
-        )
-    status, patch, event = build_status(cr, problems, plan.routes, plan.service_ports, now)
-    return Plan(plan.routes, plan.changes, status, patch, problems, plan.service_ports, event)
+        if failure.foreign:
+            routes.pop(change.route, None)
+            problems[change.route] = Problem(
+                REASON_NAME_PRESENT,
+                f"a {change.kind} named {change.name!r} already exists in namespace "
+                f"{change.namespace!r} and is not managed by mailgw for this Destination",
+            )
+        else:
+            problems[change.route] = Problem(
+                REASON_SERVICE_FAILED,
+                f"could not {change.action} {change.kind} {change.namespace}/{change.name}: {failure.message}",
+            )
+    status, patch, event = build_status(cr, problems, routes, plan.service_ports, now)
+    return Plan(routes, plan.changes, status, patch, problems, plan.service_ports, event, plan.warnings)
 
 
-def served_from_existing(cr: DestinationCR, existing: Existing) -> dict[Route, int]:
-    """Routes and gateway ports as the leader recorded them (what a non-leader serves)."""
-    wanted = set(cr.routes())
-    result = {}
-    for svc in existing.services.values():
-        if not owned_by(svc, cr):
-            continue
-        route = route_of(svc, cr)
-        port = read_port(svc)
-        if route in wanted and port is not None:
-            result[route] = port
-    return result
-
-
-def deletion_changes(existing: Existing, gateway: Gateway) -> tuple[Change, ...]:
+def deletion_changes(existing: Existing, gateway: GatewayPlacement) -> tuple[Change, ...]:
     """Delete everything listed in ``existing`` (the CR is gone); managed objects only."""
     changes: list[Change] = []
     for name, obj in sorted(existing.policies.items()):

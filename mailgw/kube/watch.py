@@ -23,7 +23,8 @@ from kubernetes import watch as k8s_watch
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from mailgw.kube.client import KubeApiError
+from mailgw import metrics
+from mailgw.kube.client import KubeApiError, count_request
 
 log = Logger(namespace="mailgw.kube.watch")
 
@@ -51,7 +52,8 @@ class Watcher:
 
     ``on_list(items)`` is called (in the reactor thread) with the complete set after every
     (re-)list, ``on_event(type, obj)`` for every ADDED / MODIFIED / DELETED event; objects
-    are JSON dicts.
+    are JSON dicts.  ``name`` is the resource watched (``services``, ...): it labels the
+    metrics (every watch after the first counts as a restart).
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class Watcher:
 
         def opener(*args: Any, **kw: Any) -> Any:
             resp = func(*args, **kw)
+            count_request("watch", self.name, getattr(resp, "status", 200))
             with self._lock:
                 self._resp = resp
                 stopping = self._stopping.is_set()
@@ -179,6 +182,8 @@ class Watcher:
             if self._stopping.is_set():
                 return
             self._watch = w
+        if self.watches or self.lists > 1:
+            metrics.KUBE_WATCH_RESTARTS.labels(self.name).inc()
         self.watches += 1
         try:
             stream = w.stream(
@@ -194,6 +199,7 @@ class Watcher:
                     break
                 self._handle(event)
         except k8s.ApiException as e:
+            count_request("watch", self.name, e.status or None)
             if e.status == 410:
                 raise _Gone() from None
             raise

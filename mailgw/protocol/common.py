@@ -41,3 +41,6 @@ class UpstreamBuffer:
         data = bytes(self._data)
         self._data.clear()
         return data
+
+    def __len__(self) -> int:
+        return len(self._data)

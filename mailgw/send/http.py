@@ -31,10 +31,12 @@ from typing import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python import failure
 from twisted.web import server
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from ..audit import body_size, send_audit_for
 from .connection import SendConfig, SendError, send_message_deferred
 from .message import MessageError, SendRequest, parse_content_type
 
@@ -160,20 +162,24 @@ class SendResource(Resource):
     ``resolve(destination_name)`` gives a :class:`SendConfig`, a ``(host, port)`` of
     the gateway's SMTP listener for that destination, ``None`` for an unknown name, or
     a Deferred of one of these.  ``send(request, config)`` returns a Deferred of the
-    final reply (default: :func:`~mailgw.send.send_message_deferred`).
+    final reply (default: :func:`~mailgw.send.send_message_deferred`).  ``audit``
+    (a :class:`~mailgw.audit.AuditLog`) gets one line per request, whatever its answer.
     """
 
     isLeaf = True
 
     def __init__(self, resolve: Callable, *, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-                 send: Callable | None = None, reactor=None):
+                 send: Callable | None = None, reactor=None, audit=None):
         super().__init__()
         self._resolve = resolve
+        self._audit = audit
         self.max_body_size = max_body_size
         self._reactor = reactor
         self._send = send or (lambda req, cfg: send_message_deferred(req, cfg, reactor))
 
     def render(self, request):
+        if self._audit is not None:  # SPEC 9.3: every request, once answered (or abandoned)
+            request.notifyFinish().addBoth(self._audited, request, body_size(request))
         if request.method != b"POST":
             request.setHeader(b"allow", b"POST")
             return _respond(request, 405, "use POST /v1/send/<destination>[/<recipient>]")
@@ -220,6 +226,10 @@ class SendResource(Resource):
         d.addCallback(done)
         d.addErrback(lambda f: log.failure("send API response failed", f))
         return NOT_DONE_YET
+
+    def _audited(self, result, request, size: int) -> None:
+        answered = not isinstance(result, failure.Failure)
+        self._audit.write(send_audit_for(request, answered, self._audit.reactor.seconds(), size))
 
     def _too_large(self) -> str:
         return f"request body over the limit of {self.max_body_size} bytes"

@@ -1,21 +1,23 @@
 """The ``btp`` destination source: a destination service's "find destination" API.
 
-Credentials (``clientid``, ``clientsecret``, ``url``, ``uri``) come from a Secret (the
-service binding).  A lookup takes a client-credentials token from ``<url>/oauth/token``
-— for a tenant lookup the tenant's subdomain replaces the first label of the host (or a
-``{tenant}`` placeholder) — and calls ``GET <uri>/destination-configuration/v1/
-destinations/<name>``.  The answer is ``{destinationConfiguration: {...}, authTokens:
-[{type, value, expires_in, error}]}``.  For the lazy OAuth2 types the application's
-refresh token or authorization code travels in ``X-refresh-token`` / ``X-code`` and the
-returned ``authTokens`` carry the upstream access token (:meth:`BtpSource.exchange`).
+Credentials (``clientid``, ``clientsecret``, ``url``, ``uri``) come from a service
+binding, loaded by a callable the caller supplies (Kubernetes mode reads a Secret).  A
+lookup takes a client-credentials token from ``<url>/oauth/token`` -- for a tenant lookup
+the tenant's subdomain replaces the first label of the host (or a ``{tenant}``
+placeholder) -- through the project's token client and token cache, and calls ``GET
+<uri>/destination-configuration/v1/destinations/<name>``.  The answer is
+``{destinationConfiguration: {...}, authTokens: [{type, value, expires_in, error}]}``.
+For the lazy OAuth2 types the application's refresh token or authorization code travels
+in ``X-refresh-token`` / ``X-code`` and the returned ``authTokens`` carry the upstream
+access token (:meth:`BtpSource.exchange`).
 
-HTTP runs through ``requests`` in a worker thread (``run``); the token call is a small
-client of its own, replaceable through ``fetch_token``.  Neither secrets nor tokens
-reach a log line or an exception message.
+The find request runs through ``requests`` in a worker pool (``run``), never on the
+reactor thread.  Neither secrets nor tokens reach a log line or an exception message.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import urllib.parse
 from typing import Any, Callable, Mapping
@@ -26,21 +28,22 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from mailgw.destination import Destination
-from mailgw.kube.client import KubeApi, KubeApiError
-from mailgw.kube.model import DestinationNotFound, InvalidDestination, SourceUnavailable
-from mailgw.kube.sources import (
+from mailgw.oauth import TokenCache, TokenClient, TokenError, client_credentials_key
+from mailgw.sources.base import (
     AuthToken,
+    DestinationNotFound,
     FindResult,
     IDestinationSource,
     ITokenExchange,
+    InvalidDestination,
+    SourceUnavailable,
     TokenExchangeFailed,
     as_lookup_error,
     destination_from_json,
 )
-from mailgw.sources.secrets import secret_value
 
 FIND_PATH = "/destination-configuration/v1/destinations/"
-DEFAULT_TOKEN_LIFETIME = 300
+#: Larger answers are refused (read no further than this).
 MAX_ANSWER = 1024 * 1024
 
 
@@ -54,38 +57,6 @@ class BtpCredentials:
     uri: str  # the destination service base URL
 
 
-def credentials_from_secret(secret: Mapping[str, Any], origin: str) -> BtpCredentials:
-    values = {}
-    for key in ("clientid", "clientsecret", "url", "uri"):
-        try:
-            value = secret_value(secret, key)
-        except ValueError as e:
-            raise SourceUnavailable(f"{origin}: {e}") from None
-        if not value:
-            raise SourceUnavailable(f"{origin}: key {key!r} is missing")
-        values[key] = value.strip()
-    for key in ("url", "uri"):
-        if not values[key].startswith(("https://", "http://")):
-            raise SourceUnavailable(f"{origin}: key {key!r} is not an http(s) URL")
-    return BtpCredentials(**values)
-
-
-def secret_credentials(api: KubeApi, namespace: str, name: str) -> Callable[[], BtpCredentials]:
-    """A blocking loader of the binding Secret ``namespace/name``."""
-    origin = f"Secret {namespace}/{name}"
-
-    def load() -> BtpCredentials:
-        try:
-            secret = api.get("Secret", namespace, name)
-        except KubeApiError as e:
-            raise SourceUnavailable(f"cannot read the destination service binding {origin}: {e}") from None
-        if secret is None:
-            raise SourceUnavailable(f"the destination service binding {origin} does not exist")
-        return credentials_from_secret(secret, origin)
-
-    return load
-
-
 def tenant_url(url: str, tenant: str | None) -> str:
     """The token service URL for ``tenant``: ``{tenant}`` replaced, or the first label of
     the host replaced by the tenant subdomain (provider subdomain -> tenant subdomain)."""
@@ -96,10 +67,8 @@ def tenant_url(url: str, tenant: str | None) -> str:
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
     if "." not in host:
-        return url  # an IP or a single-label host: nothing to substitute
+        return url  # a single-label host: nothing to substitute
     try:
-        import ipaddress
-
         ipaddress.ip_address(host)
         return url
     except ValueError:
@@ -107,46 +76,6 @@ def tenant_url(url: str, tenant: str | None) -> str:
     new_host = tenant + host[host.index("."):]
     netloc = new_host + (f":{parts.port}" if parts.port else "")
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-@frozen
-class _Token:
-    value: str = field(repr=False)
-    expires_at: float
-
-
-def fetch_client_credentials_token(
-    session: requests.Session, token_url: str, creds: BtpCredentials, timeout: float
-) -> tuple[str, int]:
-    """POST ``grant_type=client_credentials``; returns (access token, lifetime seconds)."""
-    try:
-        resp = session.post(
-            token_url,
-            data={"grant_type": "client_credentials", "client_id": creds.clientid},
-            auth=(creds.clientid, creds.clientsecret),
-            headers={"Accept": "application/json"},
-            timeout=timeout,
-        )
-    except requests.RequestException as e:
-        raise SourceUnavailable(f"token service {_safe(token_url)} unreachable: {type(e).__name__}") from None
-    if resp.status_code != 200:
-        raise SourceUnavailable(
-            f"token service {_safe(token_url)} refused the destination service credentials "
-            f"(HTTP {resp.status_code}{_oauth_error(resp)})"
-        )
-    try:
-        body = resp.json()
-        token = body["access_token"]
-        if not isinstance(token, str) or not token:
-            raise ValueError
-    except (ValueError, KeyError, TypeError):
-        raise SourceUnavailable(f"token service {_safe(token_url)} sent no access_token") from None
-    lifetime = body.get("expires_in")
-    if isinstance(lifetime, str) and lifetime.isdigit():
-        lifetime = int(lifetime)
-    if not isinstance(lifetime, int) or isinstance(lifetime, bool) or lifetime <= 0:
-        lifetime = DEFAULT_TOKEN_LIFETIME
-    return token, lifetime
 
 
 def _safe(url: str) -> str:
@@ -158,15 +87,11 @@ def _safe(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def _oauth_error(resp: requests.Response) -> str:
-    try:
-        body = resp.json()
-        error = body.get("error") if isinstance(body, Mapping) else None
-        if isinstance(error, str) and len(error) < 80 and error.replace("_", "").isalnum():
-            return f", {error}"
-    except ValueError:
-        pass
-    return ""
+@frozen
+class _Answer:
+    status: int
+    body: bytes = field(repr=False)
+    too_large: bool = False
 
 
 @implementer(IDestinationSource, ITokenExchange)
@@ -177,26 +102,26 @@ class BtpSource:
         self,
         credentials: Callable[[], BtpCredentials],
         run: Callable[..., "Deferred[Any]"],
-        clock: Any,
+        tokens: TokenClient,
+        token_cache: TokenCache,
         timeout: float = 10.0,
-        session_factory: Callable[[], requests.Session] = requests.Session,
-        fetch_token: Callable[[requests.Session, str, BtpCredentials, float], tuple[str, int]] | None = None,
     ):
-        """``credentials`` is a blocking loader (e.g. :func:`secret_credentials`); ``run``
-        runs blocking callables in a thread and returns a Deferred; ``clock`` gives
-        ``seconds()`` for token expiry."""
+        """``credentials`` is a blocking loader of the binding; ``run`` runs blocking
+        callables in a worker pool (a :class:`~mailgw.blocking.BlockingPool`) and is the
+        default pool of :meth:`lookup`; ``tokens`` and ``token_cache`` are the gateway's
+        token client and cache (the binding's client-credentials token is cached like any
+        other)."""
         self.credentials = credentials
         self.run = run
-        self.clock = clock
+        self.tokens = tokens
+        self.token_cache = token_cache
         self.timeout = timeout
-        self.fetch_token = fetch_token or fetch_client_credentials_token
         self._local = threading.local()
-        self._session_factory = session_factory
-        self._tokens: dict[tuple[str, str, str | None], _Token] = {}
-        self._lock = threading.Lock()
 
-    def lookup(self, namespace: str, name: str, tenant: str | None = None) -> "Deferred[Destination]":
-        d = self.run(self._find, name, tenant, {})
+    def lookup(
+        self, namespace: str, name: str, tenant: str | None = None, *, run: Callable[..., Deferred] | None = None
+    ) -> "Deferred[Destination]":
+        d = Deferred.fromCoroutine(self._find(name, tenant, {}, run or self.run))
         d.addErrback(as_lookup_error, f"looking up destination {name!r}")
         d.addCallback(lambda result: result.destination)
         return d
@@ -210,7 +135,7 @@ class BtpSource:
             headers["X-refresh-token"] = refresh_token
         if code is not None:
             headers["X-code"] = code
-        d = self.run(self._find, name, tenant, headers)
+        d = Deferred.fromCoroutine(self._find(name, tenant, headers, self.run))
         d.addErrback(as_lookup_error, f"looking up destination {name!r}")
         d.addCallback(self._check_tokens, name)
         return d
@@ -227,56 +152,72 @@ class BtpSource:
             )
         return result
 
-    # --- worker thread ---------------------------------------------------------------
+    # --- reactor side --------------------------------------------------------------------
+
+    async def _token(self, creds: BtpCredentials, token_url: str, tenant: str | None) -> str:
+        key = client_credentials_key(token_url, creds.clientid, creds.clientsecret, tenant)
+        try:
+            token = await self.token_cache.get(
+                key, lambda: self.tokens.client_credentials(token_url, creds.clientid, creds.clientsecret, None, tenant)
+            )
+        except TokenError as e:
+            raise SourceUnavailable(f"destination service credentials: {e.message}") from None
+        return token.access_token
+
+    async def _find(
+        self, name: str, tenant: str | None, headers: Mapping[str, str], run: Callable[..., Deferred]
+    ) -> FindResult:
+        creds = await run(self.credentials)
+        token_url = tenant_url(creds.url, tenant).rstrip("/") + "/oauth/token"
+        key = client_credentials_key(token_url, creds.clientid, creds.clientsecret, tenant)
+        url = creds.uri.rstrip("/") + FIND_PATH + urllib.parse.quote(name, safe="")
+        where = f"destination service {_safe(creds.uri)}"
+        for attempt in (0, 1):
+            token = await self._token(creds, token_url, tenant)
+            answer = await run(self._get, url, token, headers, where)
+            if answer.status == 401 and attempt == 0:
+                # the cached token may have been revoked: get a fresh one, once
+                self.token_cache.invalidate(key)
+                continue
+            break
+        if answer.status == 404:
+            raise DestinationNotFound(
+                f"destination {name!r} not found at {where}" + (f" for tenant {tenant}" if tenant else "")
+            )
+        if answer.status != 200:
+            raise SourceUnavailable(f"{where} answered HTTP {answer.status} for destination {name!r}")
+        if answer.too_large:
+            raise InvalidDestination(f"{where}: the answer for destination {name!r} is too large")
+        return self._parse(answer.body, name, where)
+
+    # --- worker thread -------------------------------------------------------------------
 
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
-            session = self._local.session = self._session_factory()
+            session = self._local.session = requests.Session()
         return session
 
-    def _token(self, creds: BtpCredentials, tenant: str | None, fresh: bool = False) -> str:
-        token_url = tenant_url(creds.url, tenant).rstrip("/") + "/oauth/token"
-        key = (token_url, creds.clientid, tenant)
-        now = self.clock.seconds()
-        with self._lock:
-            cached = self._tokens.get(key)
-        if cached is not None and cached.expires_at > now and not fresh:
-            return cached.value
-        value, lifetime = self.fetch_token(self._session(), token_url, creds, self.timeout)
-        # renew a little before expiry
-        with self._lock:
-            self._tokens[key] = _Token(value, now + max(lifetime - min(60, lifetime // 10), 1))
-        return value
-
-    def _find(self, name: str, tenant: str | None, headers: Mapping[str, str]) -> FindResult:
-        creds = self.credentials()
-        url = creds.uri.rstrip("/") + FIND_PATH + urllib.parse.quote(name, safe="")
-        where = f"destination service {_safe(creds.uri)}"
-        for attempt in (0, 1):
-            token = self._token(creds, tenant, fresh=attempt == 1)
-            try:
-                resp = self._session().get(
-                    url,
-                    headers={"Authorization": f"Bearer {token}", "Accept": "application/json", **headers},
-                    timeout=self.timeout,
-                )
-            except requests.RequestException as e:
-                raise SourceUnavailable(f"{where} unreachable: {type(e).__name__}") from None
-            if resp.status_code == 401 and attempt == 0:
-                continue  # the cached token may have been revoked: get a fresh one once
-            break
-        if resp.status_code == 404:
-            raise DestinationNotFound(
-                f"destination {name!r} not found at {where}" + (f" for tenant {tenant}" if tenant else "")
-            )
-        if resp.status_code != 200:
-            raise SourceUnavailable(f"{where} answered HTTP {resp.status_code} for destination {name!r}")
-        if len(resp.content) > MAX_ANSWER:
-            raise InvalidDestination(f"{where}: the answer for destination {name!r} is too large")
+    def _get(self, url: str, token: str, headers: Mapping[str, str], where: str) -> _Answer:
         try:
-            body = resp.json()
-        except ValueError:
+            with self._session().get(
+                url,
+                headers={"Authorization": f"Bearer {token}", "Accept": "application/json", **headers},
+                timeout=self.timeout,
+                stream=True,
+            ) as resp:
+                body = resp.raw.read(MAX_ANSWER + 1, decode_content=True)
+                return _Answer(resp.status_code, body[:MAX_ANSWER], len(body) > MAX_ANSWER)
+        except (requests.RequestException, OSError) as e:
+            raise SourceUnavailable(f"{where} unreachable: {type(e).__name__}") from None
+
+    @staticmethod
+    def _parse(raw: bytes, name: str, where: str) -> FindResult:
+        import json
+
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
             raise InvalidDestination(f"{where}: the answer for destination {name!r} is not JSON") from None
         if not isinstance(body, Mapping) or not isinstance(body.get("destinationConfiguration"), Mapping):
             raise InvalidDestination(f"{where}: the answer for destination {name!r} has no destinationConfiguration")

@@ -5,14 +5,8 @@ import pytest
 import gatewayharness
 
 
-@pytest.fixture(scope="session")
-def reactor_thread():
-    """The global reactor, running in a daemon thread for the whole session."""
-    gatewayharness.ensure_reactor()
-
-
 @pytest.fixture
-def gateway_factory(reactor_thread, tmp_path):
+def gateway_factory(reactor, tmp_path):
     """``start(doc)`` starts a gateway from a gateway.yaml-like dict; all are stopped after the test."""
     started = []
 

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import imaplib
 import io
-import os
 import poplib
 import re
-import shutil
 import smtplib
 import socket
 import subprocess
 import uuid
 
 import pytest
+from support.skips import require_or_skip
 
 from gatewayharness import LogCapture, in_reactor
 
@@ -54,7 +53,7 @@ def start_demo() -> Demo:
 
 
 @pytest.fixture(scope="module")
-def demo(reactor_thread):
+def demo(reactor):
     running = start_demo()
     yield running
     running.stop()
@@ -150,10 +149,7 @@ def test_pop3_dele_removes_the_message_for_imap_too(demo):
 
 @pytest.fixture
 def curl():
-    if shutil.which("curl") is None:
-        if os.environ.get("MAILGW_REQUIRE_SERVERS") == "1":
-            pytest.fail("curl is not installed")
-        pytest.skip("curl is not installed (apt-get install curl)")
+    require_or_skip("curl")
 
 
 def test_the_printed_read_commands_work_as_printed(demo, curl):
@@ -195,7 +191,7 @@ def test_the_demo_server_refuses_a_wrong_password(demo):
     pop3.quit()
 
 
-def test_the_demo_password_stays_out_of_logs_and_output(reactor_thread):
+def test_the_demo_password_stays_out_of_logs_and_output(reactor):
     with LogCapture() as logs:
         demo = start_demo()
         try:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import base64
 import imaplib
-import os
 import poplib
 import re
-import shutil
 import socket
 import subprocess
 import threading
 import uuid
 
 import pytest
+from support.skips import require_or_skip
 
 import realservers
 from gatewayharness import LogCapture, start_gateway
@@ -37,7 +36,7 @@ def mail(subject, body=b"body line\r\n"):
 
 
 @pytest.fixture(scope="module")
-def gw(dovecot, certs, reactor_thread, tmp_path_factory):
+def gw(dovecot, certs, reactor, tmp_path_factory):
     destinations = [
         dest("imap", "imap4", dovecot.imap_port, certs, **{"mail.imap4.starttls.required": "true"}),
         dest("imaps", "imap4s", dovecot.imaps_port, certs),
@@ -204,10 +203,7 @@ def test_pop3_reference_flow_on_a_raw_socket(gw):
 
 
 def _curl_or_skip():
-    if shutil.which("curl") is None:
-        if os.environ.get("MAILGW_REQUIRE_SERVERS") == "1":
-            pytest.fail("curl is not installed")
-        pytest.skip("curl is not installed (apt-get install curl)")
+    require_or_skip("curl")
 
 
 def test_curl_imap_and_pop3_with_dummy_credentials(gw):

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import base64
 import imaplib
-import os
 import poplib
-import shutil
 import smtplib
 import socket
 import subprocess
@@ -21,6 +19,7 @@ import time
 import uuid
 
 import pytest
+from support.skips import require_or_skip
 
 import realservers
 from gatewayharness import LogCapture, start_gateway
@@ -78,7 +77,7 @@ def cc_dest(name, protocol, port, certs, tokens, **extra):
 
 
 @pytest.fixture(scope="module")
-def gw(oauth_dovecot, certs, tokens, reactor_thread, tmp_path_factory):
+def gw(oauth_dovecot, certs, tokens, reactor, tmp_path_factory):
     """One gateway for the module: a listener per destination, ``gw.by_name[name]``."""
     dv = oauth_dovecot
     down = f"http://127.0.0.1:{realservers.free_port()}/oauth/token"
@@ -365,10 +364,7 @@ def test_poplib_with_an_auth_command(gw, tokens):
 
 
 def _curl_or_skip():
-    if shutil.which("curl") is None:
-        if os.environ.get("MAILGW_REQUIRE_SERVERS") == "1":
-            pytest.fail("curl is not installed")
-        pytest.skip("curl is not installed (apt-get install curl)")
+    require_or_skip("curl")
 
 
 @pytest.mark.parametrize("name", ["rt-imap", "rt-pop3s"])

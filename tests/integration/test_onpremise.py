@@ -243,7 +243,7 @@ PROXIES = ["microsocks", "microsocks-userpass", "dante", "sap"]
 
 
 @pytest.fixture(scope="module")
-def gateways(request, postfix, dovecot, certs, reactor_thread, tmp_path_factory, tokens):
+def gateways(request, postfix, dovecot, certs, reactor, tmp_path_factory, tokens):
     """One gateway per proxy, each with every OnPremise destination; the ``sap`` one
     also has Internet destinations and destinations with a location id."""
     started = {}

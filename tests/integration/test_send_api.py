@@ -275,7 +275,7 @@ def test_mailto_overrides_primary_recipient():
     assert parsed(data)["To"] == "override@example.org"
 
 
-def test_send_deferred_from_the_reactor(reactor_thread):
+def test_send_deferred_from_the_reactor(reactor):
     with Aio(refuse={"nobody@example.org"}) as server:
         conn = simple_mail(server.config(), "deferred")
         assert in_reactor(conn.send_deferred).startswith("250 ")
@@ -342,7 +342,7 @@ def curl(url, body=b"", headers=(), extra=()):
 
 
 @pytest.fixture(scope="module")
-def office_gateway(postfix, certs, reactor_thread, tmp_path_factory):
+def office_gateway(postfix, certs, reactor, tmp_path_factory):
     """A real gateway whose listener sends through Postfix submission as alice."""
     import gatewayharness
 
@@ -390,7 +390,7 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(office_gateway, refusing_server, reactor_thread):
+def site(office_gateway, refusing_server, reactor):
     def resolve(name):
         if name == "office":
             return office_gateway.address(0)  # the gateway's SMTP listener: no credentials
@@ -462,7 +462,7 @@ def test_http_refusal_is_502_with_the_code(site):
 
 
 @pytest.mark.parametrize("limited", [True, False])
-def test_http_request_size_limit(reactor_thread, limited):
+def test_http_request_size_limit(reactor, limited):
     calls = []
     s = Site(lambda name: calls.append(name), max_body_size=1000, limited=limited)
     try:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import email
-import os
-import shutil
 import smtplib
 import socket
 import ssl
@@ -14,6 +12,7 @@ import threading
 import uuid
 
 import pytest
+from support.skips import require_or_skip
 
 import realservers
 from gatewayharness import LogCapture
@@ -56,7 +55,7 @@ def read_reply(sock_file):
 
 
 @pytest.fixture(scope="module")
-def gw(postfix, certs, smtp_sink, reactor_thread, tmp_path_factory):
+def gw(postfix, certs, smtp_sink, reactor, tmp_path_factory):
     """One gateway with a listener per destination, shared by the module's tests."""
     import gatewayharness
 
@@ -134,9 +133,8 @@ def test_pipelined_commands(gw, smtp_sink):
     wait_delivered(smtp_sink, mark)
 
 
-@pytest.mark.skipif(shutil.which("swaks") is None and os.environ.get("MAILGW_REQUIRE_SERVERS") != "1",
-                    reason="swaks is not installed (apt-get install swaks)")
 def test_swaks_without_auth(gw, smtp_sink):
+    require_or_skip("swaks")
     mark = marker()
     host, port = gw.by_name["plain-noauth"]
     result = subprocess.run(

@@ -9,7 +9,6 @@ certificate verification reaching the real TCP transport, and the typed errors.
 
 from __future__ import annotations
 
-import atexit
 import os
 import shutil
 import signal
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.skips import require_or_skip
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
@@ -64,13 +64,8 @@ BANNER = b"220 banner ready\r\n"
 
 
 def _need(binary: str) -> str:
-    path = shutil.which(binary)
-    if path is None:
-        reason = f"{binary} is not installed (apt-get install microsocks dante-server)"
-        if os.environ.get("MAILGW_REQUIRE_SERVERS") == "1":
-            pytest.fail(f"{reason}; MAILGW_REQUIRE_SERVERS=1 forbids skipping", pytrace=False)
-        pytest.skip(reason)
-    return path
+    require_or_skip(binary)
+    return shutil.which(binary, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 
 
 def _free_port() -> int:
@@ -124,37 +119,6 @@ class _Process:
 
 
 # --------------------------------------------------------------------- reactor thread
-
-_reactor_thread: threading.Thread | None = None
-
-
-def _stop_reactor_at_exit() -> None:
-    from twisted.internet import reactor
-
-    if _reactor_thread is not None and reactor.running:
-        reactor.callFromThread(reactor.stop)
-        _reactor_thread.join(5)
-
-
-@pytest.fixture(scope="module")
-def reactor():
-    """The global reactor running in a daemon thread (reused if already running)."""
-    global _reactor_thread
-    from twisted.internet import reactor
-
-    if not reactor.running:
-        if getattr(reactor, "_startedBefore", False):
-            pytest.fail("the global reactor was already run and stopped; it cannot restart")
-        started = threading.Event()
-        reactor.callWhenRunning(started.set)
-        _reactor_thread = threading.Thread(
-            target=reactor.run, kwargs={"installSignalHandlers": False},
-            name="twisted-reactor", daemon=True,
-        )
-        _reactor_thread.start()
-        atexit.register(_stop_reactor_at_exit)
-        assert started.wait(10), "reactor thread did not start"
-    return reactor
 
 
 def call(reactor, fn, *args, timeout: float = 5.0):

@@ -1,5 +1,4 @@
-"""Fixtures of the Kubernetes tests: a running reactor in a background thread (tolerant
-of one already running), the fake API server, and a helper to call into the reactor."""
+"""Fixtures of the Kubernetes tests: the fake API server, and a helper to call into the reactor."""
 
 from __future__ import annotations
 
@@ -13,14 +12,9 @@ from twisted.internet.threads import blockingCallFromThread
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fakeapi import FakeKubeAPI  # noqa: E402
-from kubetest import ensure_reactor_running, wait_for  # noqa: E402,F401
+from kubetest import wait_for  # noqa: E402,F401
 
 __all__ = ["wait_for"]  # test_gateway_e2e.py imports it from here
-
-
-@pytest.fixture(scope="session")
-def reactor():
-    return ensure_reactor_running()
 
 
 @pytest.fixture

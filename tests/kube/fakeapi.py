@@ -9,14 +9,24 @@ validation against the CRD's openAPIV3Schema from ``k8s/crd.yaml``), label and
 &allowWatchBookmarks=true&timeoutSeconds=T`` streams newline-delimited JSON events from a
 history.  Deleting an object deletes its dependents (ownerReferences, same namespace).
 
+A list or watch whose Accept header asks for ``as=PartialObjectMetadata(List)`` gets the
+objects' metadata only, as the real API server answers client-go's metadata informers.
+
 Test controls: :meth:`FakeKubeAPI.expire` compacts the history (old versions answer
 ``410 Gone``, open watches get an ERROR event with code 410), :meth:`bookmark` sends a
 BOOKMARK to open watches, :meth:`close_watches` ends open streams, :meth:`fault` makes
-chosen calls fail with a status or stall for a while.
+chosen calls (optionally of one client, by User-Agent) fail with a status or stall.
+
+Bookkeeping: :attr:`FakeKubeAPI.writes` records every write with the time it arrived and
+the writer's User-Agent (who wrote what, and when), :meth:`FakeKubeAPI.tally` counts
+requests per verb and resource (for the benchmark), leaving out watches and Lease calls
+on request.
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
 import copy
 import datetime
 import http.server
@@ -203,7 +213,14 @@ def match_fields(selector: str | None, obj: dict[str, Any]) -> bool:
             return False
         if key == "metadata.namespace" and obj["metadata"].get("namespace") != value:
             return False
+        if key == "type" and obj.get("type", "Opaque") != value:  # Secrets
+            return False
     return True
+
+
+def metadata_only(obj: dict[str, Any]) -> dict[str, Any]:
+    """An object as a PartialObjectMetadata (what metadata informers receive)."""
+    return {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": copy.deepcopy(obj["metadata"])}
 
 
 class QuietServer(http.server.ThreadingHTTPServer):
@@ -236,16 +253,27 @@ class ApiError(Exception):
 
 
 class Fault:
-    """Make calls matching ``method`` and the ``path`` regex fail or stall ``times`` times."""
+    """Make calls matching ``method``, the ``path`` regex and (when given) a User-Agent
+    containing ``agent`` fail or stall ``times`` times."""
 
-    def __init__(self, method: str | None, path: str, status: int | None, delay: float, times: int | None):
+    def __init__(self, method: str | None, path: str, status: int | None, delay: float, times: int | None,
+                 agent: str | None = None):
         self.method, self.path, self.status, self.delay, self.times = method, re.compile(path), status, delay, times
+        self.agent = agent
         self.hits = 0
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, agent: str = "") -> bool:
         if self.times is not None and self.hits >= self.times:
             return False
+        if self.agent is not None and self.agent not in agent:
+            return False
         return (self.method is None or self.method == method) and bool(self.path.search(path))
+
+
+#: A write as the fake saw it.
+Write = collections.namedtuple("Write", "time method path agent")
+
+_VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 
 
 class FakeKubeAPI:
@@ -257,6 +285,7 @@ class FakeKubeAPI:
         self.rv = 100
         self.objects: dict[tuple[tuple[str, str, str], str, str], dict[str, Any]] = {}
         self.history: list[tuple[int, tuple[str, str, str], str, dict[str, Any]]] = []
+        self._history_rvs: list[int] = []  # the versions of ``history``, for bisect
         self.compacted = 0
         self.epoch = 0  # bumped by expire(): open watches answer 410
         self.bookmarks = 0
@@ -266,6 +295,10 @@ class FakeKubeAPI:
         self.requests: list[tuple[str, str]] = []
         #: (method, path, User-Agent) of every request: tells who wrote what
         self.agents: list[tuple[str, str, str]] = []
+        #: every write (POST, PUT, PATCH, DELETE): arrival time (monotonic), writer
+        self.writes: list[Write] = []
+        #: (verb, resource) -> requests, watches counted as "watch"
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self.open_watches = 0
         self._stopping = False
         self.server: http.server.ThreadingHTTPServer | None = None
@@ -316,8 +349,8 @@ class FakeKubeAPI:
     # --- test controls ----------------------------------------------------------
 
     def fault(self, path: str, *, method: str | None = None, status: int | None = 500,
-              delay: float = 0.0, times: int | None = 1) -> Fault:
-        f = Fault(method, path, status, delay, times)
+              delay: float = 0.0, times: int | None = 1, agent: str | None = None) -> Fault:
+        f = Fault(method, path, status, delay, times, agent)
         with self.cond:
             self.faults.append(f)
         return f
@@ -332,6 +365,7 @@ class FakeKubeAPI:
         with self.cond:
             self.compacted = self.rv
             self.history.clear()
+            self._history_rvs.clear()
             self.epoch += 1
             self.cond.notify_all()
 
@@ -348,6 +382,20 @@ class FakeKubeAPI:
     def count(self, method: str, path_regex: str) -> int:
         with self.cond:
             return sum(1 for m, p in self.requests if m == method and re.search(path_regex, p))
+
+    def tally(self, *, leases: bool = False, watches: bool = False) -> collections.Counter:
+        """Requests so far per (verb, resource); Lease calls and watches only on request."""
+        with self.cond:
+            return collections.Counter({
+                k: n for k, n in self.counts.items()
+                if (leases or k[1] != "leases") and (watches or k[0] != "watch")
+            })
+
+    def writes_by(self, agent: str, since: float = 0.0) -> list[Write]:
+        """Writes whose User-Agent contains ``agent``, arrived at or after ``since``
+        (``time.monotonic()``), Lease calls left out."""
+        with self.cond:
+            return [w for w in self.writes if agent in w.agent and w.time >= since and "/leases" not in w.path]
 
     # --- direct access for tests (same semantics as the HTTP API) -------------------
 
@@ -394,7 +442,12 @@ class FakeKubeAPI:
 
     def _record(self, res: tuple[str, str, str], kind: str, obj: dict[str, Any]) -> None:
         self.history.append((self.rv, res, kind, copy.deepcopy(obj)))
+        self._history_rvs.append(self.rv)
         self.cond.notify_all()
+
+    def _since(self, rv: int) -> list[tuple[int, tuple[str, str, str], str, dict[str, Any]]]:
+        """History entries after version ``rv`` (without scanning all of it)."""
+        return self.history[bisect.bisect_right(self._history_rvs, rv):]
 
     def _check_cr(self, res: tuple[str, str, str], obj: dict[str, Any]) -> None:
         if res[0] != CR_GROUP:
@@ -587,10 +640,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         query = dict(urllib.parse.parse_qsl(url.query))
         try:
             body = self._body()
+            agent = self.headers.get("User-Agent", "")
+            m = _PATH.match(url.path)
             with fake.cond:
                 fake.requests.append((method, self.path))
-                fake.agents.append((method, self.path, self.headers.get("User-Agent", "")))
-                fault = next((f for f in fake.faults if f.matches(method, self.path)), None)
+                fake.agents.append((method, self.path, agent))
+                if method in _VERBS:
+                    fake.writes.append(Write(time.monotonic(), method, self.path, agent))
+                if m:
+                    if method == "GET":
+                        verb = "watch" if query.get("watch") in ("true", "1") else ("get" if m.group("name") else "list")
+                    else:
+                        verb = _VERBS.get(method, method.lower())
+                    fake.counts[(verb, m.group("plural"))] += 1
+                fault = next((f for f in fake.faults if f.matches(method, self.path, agent)), None)
                 if fault is not None:
                     fault.hits += 1
             if fault is not None:
@@ -598,7 +661,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     time.sleep(fault.delay)
                 if fault.status:
                     raise ApiError(fault.status, "InternalError", f"injected failure ({fault.status})")
-            m = _PATH.match(url.path)
             if not m:
                 raise ApiError(404, "NotFound", f"no route for {url.path}")
             group = m.group("group") or ""
@@ -616,6 +678,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if method == "GET":
                     if name is None:
                         result = fake._list(res, ns, query.get("labelSelector"), query.get("fieldSelector"))
+                        if "as=PartialObjectMetadataList" in self.headers.get("Accept", ""):
+                            result = dict(result, kind="PartialObjectMetadataList", apiVersion="meta.k8s.io/v1",
+                                          items=[metadata_only(i) for i in result["items"]])
                     else:
                         result = fake._existing(res, ns, name)
                     self._send_json(200, result)
@@ -663,6 +728,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         labels = query.get("labelSelector")
         fields = query.get("fieldSelector")
         bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
+        partial = "as=PartialObjectMetadata" in self.headers.get("Accept", "")
         timeout = float(query.get("timeoutSeconds") or 1800)
         deadline = time.monotonic() + timeout
         group, version, _ = res
@@ -678,7 +744,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if start in (None, "", "0"):
                 since = fake.rv
                 initial = [
-                    {"type": "ADDED", "object": copy.deepcopy(o)}
+                    {"type": "ADDED", "object": metadata_only(o) if partial else copy.deepcopy(o)}
                     for (r, _, _), o in sorted(fake.objects.items())
                     if r == res and matches(o)
                 ]
@@ -711,9 +777,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                             pending = [{"type": "ERROR", "object": gone.status()}]
                             break
                         pending = [
-                            {"type": kind, "object": copy.deepcopy(obj)}
-                            for rv, r, kind, obj in fake.history
-                            if rv > since and r == res and matches(obj)
+                            {"type": kind, "object": metadata_only(obj) if partial else copy.deepcopy(obj)}
+                            for rv, r, kind, obj in fake._since(since)
+                            if r == res and matches(obj)
                         ]
                         since = max(since, fake.rv)
                         if bookmarks and fake.bookmarks != marks:

@@ -2,9 +2,9 @@
 its token service, on 127.0.0.1.
 
 Tenancy is by host name, as with the real service: the first label of the Host header
-is the subaccount's subdomain.  :class:`LoopbackSession` sends every request to this
-server while keeping the original Host header, so tests can use names like
-``http://provider.auth.test`` without DNS.
+is the subaccount's subdomain.  Clients reach it as an HTTP proxy (``HTTP_PROXY`` set to
+:attr:`FakeDestinationService.url`, which ``requests`` honours): they ask for
+``http://provider.auth.test/...`` without DNS, and the Host header keeps the name.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import threading
 import urllib.parse
 from typing import Any
 
-import requests
 
 from fakeapi import QuietServer
 
@@ -59,32 +58,13 @@ class FakeDestinationService:
     def port(self) -> int:
         return self.server.server_address[1]
 
-    def session_factory(self):
-        port = self.port
-
-        def make() -> requests.Session:
-            return LoopbackSession(port)
-
-        return make
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def revoke_tokens(self) -> None:
         with self.lock:
             self.tokens.clear()
-
-
-class LoopbackSession(requests.Session):
-    """Sends everything to 127.0.0.1:port, keeping the URL's host as the Host header."""
-
-    def __init__(self, port: int):
-        super().__init__()
-        self.port = port
-
-    def request(self, method, url, *args, **kwargs):  # type: ignore[override]
-        parts = urllib.parse.urlsplit(url)
-        headers = dict(kwargs.pop("headers", None) or {})
-        headers["Host"] = parts.netloc
-        local = urllib.parse.urlunsplit(("http", f"127.0.0.1:{self.port}", parts.path, parts.query, ""))
-        return super().request(method, local, *args, headers=headers, **kwargs)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -106,11 +86,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _subdomain(self) -> str:
         return (self.headers.get("Host") or "").split(".")[0]
 
+    @property
+    def _path(self) -> str:
+        """The request path (a proxy request names the whole URL)."""
+        return urllib.parse.urlsplit(self.path).path if "://" in self.path else self.path
+
     def do_POST(self) -> None:
         svc = self.service
         length = int(self.headers.get("Content-Length") or 0)
         form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
-        if self.path != "/oauth/token":
+        if self._path != "/oauth/token":
             return self._send(404, {"error": "not_found"})
         auth = self.headers.get("Authorization", "")
         expected = "Basic " + base64.b64encode(f"{svc.clientid}:{svc.clientsecret}".encode()).decode()
@@ -128,7 +113,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         svc = self.service
         prefix = "/destination-configuration/v1/destinations/"
-        if not self.path.startswith(prefix):
+        if not self._path.startswith(prefix):
             return self._send(404, {"ErrorMessage": "no such API"})
         auth = self.headers.get("Authorization", "")
         token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
@@ -136,7 +121,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             sub = svc.tokens.get(token)
         if sub is None:
             return self._send(401, {"ErrorMessage": "Unauthorized"})
-        name = urllib.parse.unquote(self.path[len(prefix):])
+        name = urllib.parse.unquote(self._path[len(prefix):])
         refresh = self.headers.get("X-refresh-token")
         code = self.headers.get("X-code")
         with svc.lock:

@@ -26,8 +26,12 @@ def free_range(size=20):
 
 
 @pytest.fixture
-def gateway(fake, reactor, in_reactor, tmp_path):
-    http_port = realservers.free_port()
+def http_port():
+    return realservers.free_port()
+
+
+@pytest.fixture
+def gateway(fake, reactor, in_reactor, tmp_path, http_port):
     (tmp_path / "gateway.yaml").write_text(json.dumps({"http": {"listen": f"tcp:{http_port}:interface=127.0.0.1"}}))
     api = KubeApi(k8s.ApiClient(fake.configuration()), timeout=2.0, connect_timeout=1.0)
     settings = KubeSettings(
@@ -36,7 +40,6 @@ def gateway(fake, reactor, in_reactor, tmp_path):
     )
     service = in_reactor(make_kubernetes_service, reactor, str(tmp_path / "gateway.yaml"), api=api, settings=settings)
     in_reactor(service.startService)
-    service.http_port = http_port
     yield service
     in_reactor(service.stopService)
 
@@ -61,27 +64,27 @@ def create(fake, cr_name, destination):
 
 
 def listener_port(gateway, cr_name):
-    manager = gateway.controller.listeners
+    manager = gateway.getServiceNamed("kubernetes").listeners
     return wait_for(
         lambda: next((p.getHost().port for r, p in dict(manager.ports).items() if r.cr_name == cr_name), None),
         what=f"a listener for {cr_name}",
     )
 
 
-def test_ready_once_the_controller_has_synced(gateway):
+def test_ready_once_the_controller_has_synced(gateway, http_port):
     def ready():
         try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{gateway.http_port}/readyz", timeout=5).status == 200
+            return urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=5).status == 200
         except OSError:
             return False
 
     wait_for(ready, what="/readyz")
-    assert gateway.controller.ready
+    assert gateway.getServiceNamed("kubernetes").ready
 
 
 def test_cr_with_secrets_destination_serves_the_mailbox(fake, gateway, dovecot, certs):
     create(fake, "mymail", imap_destination("office-imap", dovecot, certs))
-    manager = gateway.controller.listeners
+    manager = gateway.getServiceNamed("kubernetes").listeners
     port = listener_port(gateway, "mymail")
 
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
@@ -116,7 +119,7 @@ def test_other_crs_coming_and_going_leave_a_session_alone(fake, gateway, dovecot
         create(fake, "second", imap_destination("second-imap", dovecot, certs))
         listener_port(gateway, "second")
         fake.delete("destinations", "apps", "second")
-        wait_for(lambda: all(r.cr_name != "second" for r in gateway.controller.listeners.ports), what="second to close")
+        wait_for(lambda: all(r.cr_name != "second" for r in gateway.getServiceNamed("kubernetes").listeners.ports), what="second to close")
         sock.sendall(b"a2 FETCH 1 BODY[TEXT]\r\n")
         data = b""
         while b"a2 OK" not in data:
@@ -124,3 +127,23 @@ def test_other_crs_coming_and_going_leave_a_session_alone(fake, gateway, dovecot
             assert chunk, data
             data += chunk
     assert b"Hello from the seeded INBOX." in data
+
+
+def test_listeners_accept_ipv6_and_ipv4(fake, gateway, dovecot, certs):
+    create(fake, "dualstack", imap_destination("dual-imap", dovecot, certs))
+    port = listener_port(gateway, "dualstack")
+    for family, host in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect((host, port))
+            assert sock.makefile("rb").readline().startswith(b"* OK [CAPABILITY"), host
+
+
+def test_the_cluster_wide_gateway_has_no_send_api(gateway, http_port):
+    import urllib.error
+
+    wait_for(lambda: gateway.getServiceNamed("kubernetes").ready, what="synced")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/v1/send/x", data=b"hi", method="POST"), timeout=5)
+    assert info.value.code == 404

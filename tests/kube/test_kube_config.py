@@ -52,3 +52,29 @@ def test_full_section():
 def test_errors_name_the_key(section, fragment):
     with pytest.raises(ValueError, match=fragment):
         parse_kube_section(section, "gateway.yaml", environ={})
+
+
+def test_watch_namespaces_and_listen_interface():
+    settings, _ = parse_kube_section({"watchNamespaces": ["apps", "mail"], "listenInterface": "::1"}, environ={})
+    assert settings.watch_namespaces == ("apps", "mail") and settings.listen_interface == "::1"
+    assert settings.namespaces == ("apps", "mail")
+    assert parse_kube_section(None, environ={})[0].namespaces == (None,)
+    for bad in ({"watchNamespaces": "apps"}, {"watchNamespaces": ["Bad_NS"]}, {"listenInterface": "eth0"}):
+        with pytest.raises(ValueError, match="watchNamespaces|listenInterface"):
+            parse_kube_section(bad, environ={})
+
+
+def test_a_send_api_in_kubernetes_mode_stops_start_up_with_one_line(tmp_path):
+    import json
+
+    from twisted.internet import reactor
+
+    from mailgw.kube.main import make_kubernetes_service
+
+    path = tmp_path / "gateway.yaml"
+    path.write_text(json.dumps({"http": {"listen": "tcp:9494", "send": {}}}))
+    with pytest.raises(SystemExit) as info:
+        make_kubernetes_service(reactor, str(path))
+    message = str(info.value)
+    assert message.startswith("mailgw: configuration error:") and "send API" in message
+    assert "\n" not in message

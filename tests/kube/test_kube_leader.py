@@ -6,7 +6,7 @@ import copy
 
 import pytest
 from kubernetes import client as k8s
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
 from kubetest import wait_for
@@ -124,10 +124,37 @@ def test_follower_waits_while_the_leader_renews_and_takes_over_when_it_stops():
     clock.advance(2)
     assert b.is_leader and store.holder == "b"
     assert store.lease["spec"]["leaseTransitions"] == 1
-    # a comes back, sees b holding, and steps down
+    # a stepped down at its renew deadline, before b could take over: never two leaders
     a.tick()
     assert not a.is_leader
-    assert events == [("a", "started"), ("b", "started"), ("a", "stopped")]
+    assert events == [("a", "started"), ("a", "stopped"), ("b", "started")]
+
+
+def test_a_hanging_lease_call_does_not_keep_a_leader():
+    """The renew deadline is a timer on the clock: it fires while the call still hangs."""
+    store, clock, events = LeaseStore(), Clock(), []
+    hanging = []
+
+    def run_or_hang(fn, *args):
+        if hanging:
+            d = Deferred()
+            hanging.append(d)
+            return d
+        return maybeDeferred(fn, *args)
+
+    a = LeaderElector(store, run_or_hang, clock, "gw", "lease", "a", lease_duration=15, renew_deadline=10,
+                      retry_period=2, on_stopped=lambda: events.append("stopped"))
+    a.start()
+    assert a.is_leader
+    clock.advance(2)  # renewed at t=2
+    hanging.append(None)
+    clock.advance(2)  # the round of t=4 hangs
+    for _ in range(3):
+        clock.advance(2)
+    assert a.is_leader and events == []  # t=10: within the deadline
+    clock.advance(2)  # t=12 = last renewal + 10
+    assert not a.is_leader and events == ["stopped"]
+    assert len(hanging) == 2  # one call made, the loop waited for it instead of piling up
 
 
 def test_release_on_stop_hands_over_at_once():
@@ -146,11 +173,11 @@ def test_leader_steps_down_when_it_cannot_renew():
     a = elector(store, clock, "a", events)
     a.start()
     store.fail = 100
-    for _ in range(5):
+    for _ in range(4):
         clock.advance(2)
         assert a.is_leader  # within the 10 s renew deadline
     clock.advance(2)
-    assert not a.is_leader
+    assert not a.is_leader  # at the deadline, on the clock
     assert events == [("a", "started"), ("a", "stopped")]
     store.fail = 0
     clock.advance(2)

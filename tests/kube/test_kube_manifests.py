@@ -16,7 +16,7 @@ from kubernetes import client as k8s
 from fakeapi import CRD_PATH, ROOT, load_crd_schema, validate
 from mailgw.kube.config import parse_kube_section
 from mailgw.kube.controller import KubeSettings
-from mailgw.kube.sources import destination_from_json
+from mailgw.sources.base import destination_from_json
 
 K8S = os.path.join(ROOT, "k8s")
 GROUP = "destination.connectivity.api.sap"
@@ -100,8 +100,17 @@ def docs(path):
         return [d for d in yaml.safe_load_all(f) if d is not None]
 
 
+KUSTOMIZATION = "kustomization.yaml"
+EXAMPLES = {"destinations-example.yaml", "sidecar-example.yaml"}
+
+
+def manifest_files():
+    """The Kubernetes object files of k8s/ (the kustomization is not one)."""
+    return [p for p in sorted(glob.glob(os.path.join(K8S, "*.yaml"))) if os.path.basename(p) != KUSTOMIZATION]
+
+
 def all_docs():
-    return [(os.path.basename(p), d) for p in sorted(glob.glob(os.path.join(K8S, "*.yaml"))) for d in docs(p)]
+    return [(os.path.basename(p), d) for p in manifest_files() for d in docs(p)]
 
 
 def find(kind, name=None):
@@ -109,7 +118,7 @@ def find(kind, name=None):
 
 
 def test_every_manifest_parses_and_is_named():
-    files = glob.glob(os.path.join(K8S, "*.yaml"))
+    files = manifest_files()
     assert {"crd.yaml", "rbac.yaml", "deployment.yaml", "sidecar-example.yaml"} <= {os.path.basename(f) for f in files}
     for filename, doc in all_docs():
         assert doc.get("apiVersion") and doc.get("kind"), filename
@@ -128,6 +137,12 @@ def test_crd_names_columns_and_status():
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns["Destination"] == ".spec.destinationRef.name"
+    assert columns["Service"] == ".status.services" and columns["Tenants"] == ".status.tenantSubdomains"
+    conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]
+    assert "observedGeneration" in conditions["items"]["properties"]
+    (rule,) = version["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
+    assert "size(self.metadata.name) <= 63" in rule["rule"] and rule["message"]
     assert "Available" in columns and "Reason" in columns and "Age" in columns
     schema = version["schema"]["openAPIV3Schema"]
     assert schema["properties"]["spec"]["required"] == ["destinationRef"]
@@ -200,7 +215,10 @@ def _allowed(rules, group, resource, verb, name=None):
 # what the code calls: (group, resource, verb, cluster-wide?)
 NEEDED = [
     (GROUP, "destinations", "list", True), (GROUP, "destinations", "watch", True),
-    (GROUP, "destinations/status", "patch", True),
+    (GROUP, "destinations/status", "patch", True), (GROUP, "destinations/finalizers", "update", True),
+    ("", "secrets", "list", True), ("", "secrets", "watch", True),
+    ("discovery.k8s.io", "endpointslices", "watch", True),
+    ("networking.k8s.io", "networkpolicies", "watch", False),
     ("", "services", "get", True), ("", "services", "list", True), ("", "services", "watch", True),
     ("", "services", "create", True), ("", "services", "patch", True), ("", "services", "delete", True),
     ("discovery.k8s.io", "endpointslices", "list", True), ("discovery.k8s.io", "endpointslices", "create", True),
@@ -221,12 +239,17 @@ def test_rbac_covers_the_code_and_nothing_wild():
     for group, resource, verb, cluster_wide in NEEDED:
         rules = cluster if cluster_wide else local
         assert _allowed(rules, group, resource, verb), (group, resource, verb)
+    # the Lease the configuration uses, by name, and no other
+    (config,) = find("ConfigMap", "mailgw")
+    lease = yaml.safe_load(config["data"]["gateway.yaml"])["kubernetes"].get("leaseName", KubeSettings().lease_name)
     for verb in ("get", "update"):
-        assert _allowed(local, "coordination.k8s.io", "leases", verb, KubeSettings().lease_name)
+        assert _allowed(local, "coordination.k8s.io", "leases", verb, lease)
+        assert not _allowed(local, "coordination.k8s.io", "leases", verb, "another-lease")
     for rule in cluster + local:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
-    # secrets: read one by name, never list or watch
-    assert not _allowed(cluster, "", "secrets", "list") and not _allowed(cluster, "", "secrets", "watch")
+    # nothing the code does not do
+    assert not _allowed(cluster, GROUP, "destinations", "update") and not _allowed(cluster, "", "secrets", "create")
+    assert not _allowed(cluster, "", "events", "patch") and not _allowed(local, "", "pods", "get")
     (binding,) = find("ClusterRoleBinding", "mailgw")
     (sa,) = find("ServiceAccount", "mailgw")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mailgw",
@@ -264,30 +287,97 @@ def test_deployment_has_probes_identity_resources_and_matching_labels():
     assert dict(settings.pod_labels).items() <= labels.items()
     assert settings.gateway_namespace == deploy["metadata"]["namespace"]
     assert gateway_yaml["http"]["listen"].startswith("tcp:9494")
+    assert "send" not in gateway_yaml["http"]  # the cluster-wide gateway has no send API
+
+
+def sidecar_example():
+    examples = docs(os.path.join(K8S, "sidecar-example.yaml"))
+    (secret,) = [d for d in examples if d["kind"] == "Secret"]
+    (config_map,) = [d for d in examples if d["kind"] == "ConfigMap"]
+    (deploy,) = [d for d in examples if d["kind"] == "Deployment"]
+    return secret, config_map, deploy
 
 
 def test_sidecar_example_config_is_a_valid_standalone_config(tmp_path):
     from mailgw.config import parse_config
 
-    examples = docs(os.path.join(K8S, "sidecar-example.yaml"))
-    (secret,) = [d for d in examples if d["kind"] == "Secret"]
-    (config_map,) = [d for d in examples if d["kind"] == "ConfigMap"]
-    (deploy,) = [d for d in examples if d["kind"] == "Deployment"]
+    secret, config_map, deploy = sidecar_example()
     for name, text in secret["stringData"].items():
         (tmp_path / name).write_text(text)
     doc = yaml.safe_load(config_map["data"]["gateway.yaml"])
     doc["destinations"] = str(tmp_path)
     config = parse_config(doc, "sidecar", tmp_path)
-    assert [listener.listen for listener in config.listeners] == ["tcp:2465:interface=127.0.0.1"]
-    containers = {c["name"]: c for c in deploy["spec"]["template"]["spec"]["containers"]}
-    assert "--kubernetes" not in containers["mailgw"]["args"]
-    assert "mail.password" not in json.dumps(containers["app"])
+    names = {json.loads(text)["Name"] for text in secret["stringData"].values()}
+    assert {listener.destination for listener in config.listeners} == names
+    spec = deploy["spec"]["template"]["spec"]
+    (gateway,) = spec["initContainers"]
+    (app,) = spec["containers"]
+    assert "--kubernetes" not in gateway["args"]
+    assert "mail.password" not in json.dumps(app)
+
+
+def test_sidecar_example_is_a_native_sidecar_on_loopback_only():
+    secret, config_map, deploy = sidecar_example()
+    spec = deploy["spec"]["template"]["spec"]
+    (gateway,) = spec["initContainers"]
+    # native sidecar: started before the app (gated by its startupProbe), stopped after it
+    assert gateway["name"] == "mailgw" and gateway["restartPolicy"] == "Always"
+    assert "startupProbe" in gateway
+    assert spec["automountServiceAccountToken"] is False
+    doc = yaml.safe_load(config_map["data"]["gateway.yaml"])
+    endpoints = [listener["listen"] for listener in doc["listeners"]] + [doc["http"]["listen"]]
+    if (doc["http"].get("send") or {}).get("listen"):
+        endpoints.append(doc["http"]["send"]["listen"])
+    for endpoint in endpoints:  # the send API, when there is one, included
+        assert endpoint.startswith("tcp:") and endpoint.endswith(":interface=127.0.0.1"), endpoint
+    # so the kubelet, which probes the pod's IP address, cannot use httpGet
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        if probe in gateway:
+            assert "exec" in gateway[probe] and "httpGet" not in gateway[probe], probe
+            assert "http://127.0.0.1:9494/" in " ".join(gateway[probe]["exec"]["command"])
+    assert doc["http"]["listen"] == "tcp:9494:interface=127.0.0.1"
+    assert spec["terminationGracePeriodSeconds"] > doc["timeouts"]["drain"]
+    assert gateway["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_deployment_pauses_before_the_drain_within_the_grace_period():
+    (deploy,) = find("Deployment", "mailgw")
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"  # /bin/sleep of the image (tests/container run it)
+    (config,) = find("ConfigMap", "mailgw")
+    drain = yaml.safe_load(config["data"]["gateway.yaml"])["timeouts"]["drain"]
+    assert pod["terminationGracePeriodSeconds"] > int(command[1]) + drain
+
+
+def test_pod_disruption_budget_covers_the_gateway_pods():
+    (deploy,) = find("Deployment", "mailgw")
+    (pdb,) = find("PodDisruptionBudget", "mailgw")
+    assert pdb["metadata"]["namespace"] == deploy["metadata"]["namespace"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    assert pdb["spec"]["minAvailable"] < deploy["spec"]["replicas"]  # a node can still be drained
+
+
+def test_kustomization_ties_the_gateway_manifests_together():
+    (kustomization,) = docs(os.path.join(K8S, KUSTOMIZATION))
+    assert kustomization["kind"] == "Kustomization"
+    resources = kustomization["resources"]
+    for resource in resources:
+        assert os.path.isfile(os.path.join(K8S, resource)), resource
+    gateway_files = {os.path.basename(p) for p in manifest_files()} - EXAMPLES
+    assert set(resources) == gateway_files
+    assert len(resources) == len(set(resources))
+    (deploy,) = find("Deployment", "mailgw")
+    image = deploy["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert {entry["name"] for entry in kustomization.get("images", [])} <= {image.rsplit(":", 1)[0]}
 
 
 def test_containerfile():
     with open(os.path.join(ROOT, "Containerfile")) as f:
         text = f.read()
-    assert "pip install" in text and "pip wheel" in text
+    assert "ARG BASE=docker.io/library/python:3.11-slim" in text
+    assert "pip install" in text and "write-plugin-cache" in text
     cmd = [line for line in text.splitlines() if line.startswith("CMD")][-1]
     assert json.loads(cmd[3:].strip()) == ["twistd", "-n", "--pidfile=", "mailgw", "--kubernetes"]
     assert "USER 65532" in text

@@ -22,21 +22,28 @@ from mailgw.kube.model import (
     Route,
     parse_cr,
 )
+from mailgw.kube.apply import ApplyFailure
+from mailgw.sources.base import (
+    DestinationNotFound,
+    ProxyTypeNotSupported,
+    SourceUnavailable,
+    TypeNotSupported,
+)
 from mailgw.kube.reconcile import (
     Existing,
-    Gateway,
+    GatewayPlacement,
     GatewayPod,
     allocate,
-    allocations_from_services,
     deletion_changes,
     failed_plan,
+    policy_name,
     reconcile,
-    served_from_existing,
+    routes_from_policy,
 )
 
 NOW = "2026-01-01T00:00:00Z"
 LATER = "2026-01-01T00:05:00Z"
-GW = Gateway("mailgw-system", {"app.kubernetes.io/name": "mailgw"}, (20000, 20099))
+GW = GatewayPlacement("mailgw-system", {"app.kubernetes.io/name": "mailgw"}, (20000, 20099))
 PODS = (GatewayPod("gw-1", "10.0.0.1"), GatewayPod("gw-0", "10.0.0.2"))
 
 SMTPS = parse_destination(
@@ -205,7 +212,7 @@ def test_tenants_get_one_service_each():
 
 
 def test_one_tenant_failing_leaves_the_others():
-    lookups = {"t1": SMTPS, "t2": model.DestinationNotFound("no destination 'x' for tenant t2")}
+    lookups = {"t1": SMTPS, "t2": DestinationNotFound("no destination 'x' for tenant t2")}
     cr, plan = run(cr_obj(tenants='["t1", "t2"]'), lookups=lookups)
     assert list(created(plan, "Service")) == ["mymail-t1"]
     cond = condition(plan)
@@ -240,9 +247,9 @@ def test_invalid_annotation_removes_what_existed():
 @pytest.mark.parametrize(
     "error,reason",
     [
-        (model.DestinationNotFound("destination 'x' not found"), REASON_NOT_FOUND),
-        (model.TypeNotSupported("destination 'x' has type HTTP, not MAIL"), REASON_TYPE_NOT_SUPPORTED),
-        (model.ProxyTypeNotSupported("ProxyType PrivateLink"), REASON_PROXY_TYPE_NOT_SUPPORTED),
+        (DestinationNotFound("destination 'x' not found"), REASON_NOT_FOUND),
+        (TypeNotSupported("destination 'x' has type HTTP, not MAIL"), REASON_TYPE_NOT_SUPPORTED),
+        (ProxyTypeNotSupported("ProxyType PrivateLink"), REASON_PROXY_TYPE_NOT_SUPPORTED),
     ],
 )
 def test_definitive_lookup_failures(error, reason):
@@ -261,8 +268,8 @@ def test_definitive_lookup_failures(error, reason):
 def test_transient_lookup_failure_keeps_the_objects():
     _, ok = run(cr_obj())
     existing = apply(ok, Existing())
-    _, plan = run(cr_obj(status=ok.status), lookups={None: model.SourceUnavailable("timeout")},
-                  existing=existing)
+    _, plan = run(cr_obj(status=ok.status), lookups={None: SourceUnavailable("timeout")},
+                  existing=existing, allocations=ok.routes)
     assert plan.changes == ()
     assert plan.routes == ok.routes
     assert condition(plan)["reason"] == REASON_LOOKUP_FAILED
@@ -329,16 +336,35 @@ def test_tenants_to_single_clears_status_tenants():
     assert created(plan, "Service").keys() == {"mymail"}
 
 
-def test_allocations_are_read_back_from_services():
+def test_allocations_are_recorded_on_the_policy_and_read_back_from_it():
+    _, ok = run(cr_obj(tenants='["t1", "t2"]'))
+    existing = apply(ok, Existing())
+    (policy,) = existing.policies.values()
+    assert json.loads(policy["metadata"]["annotations"][model.PORTS_ANNOTATION]) == {
+        r.tenant: p for r, p in ok.routes.items()}
+    assert routes_from_policy(policy, GW.port_range) == (("apps", "mymail"), dict(ok.routes))
+    # a port outside the range, or one the rule does not admit, is not believed
+    edited = copy.deepcopy(policy)
+    unadmitted = next(p for p in range(20000, 20100) if p not in ok.routes.values())
+    edited["metadata"]["annotations"][model.PORTS_ANNOTATION] = json.dumps({"t1": 80, "t2": unadmitted})
+    assert routes_from_policy(edited, GW.port_range)[1] == {}
+
+
+def test_an_edited_service_annotation_is_not_believed_but_restored_with_an_event():
     _, ok = run(cr_obj())
     existing = apply(ok, Existing())
     svc = existing.services["mymail"]
-    svc["metadata"]["annotations"][model.PORT_ANNOTATION] = "20042"
-    svc["spec"]["ports"][0]["targetPort"] = 20042
-    # no global allocation table at all (a restart): the Service tells
-    _, plan = run(cr_obj(status=ok.status), existing=existing, allocations={})
-    assert plan.routes == {Route("apps", "mymail"): 20042}
-    assert allocations_from_services(existing.services.values()) == {Route("apps", "mymail"): 20042}
+    route = Route("apps", "mymail")
+    svc["metadata"]["annotations"][model.PORT_ANNOTATION] = "22"
+    svc["spec"]["ports"][0]["targetPort"] = 22
+    _, plan = run(cr_obj(status=ok.status), existing=existing, allocations=ok.routes)
+    assert plan.routes == ok.routes  # the trusted allocation stands
+    (change,) = plan.changes
+    assert change.kind == "Service" and change.body["spec"]["ports"][0]["targetPort"] == ok.routes[route]
+    assert change.body["metadata"]["annotations"][model.PORT_ANNOTATION] == str(ok.routes[route])
+    (warning,) = plan.warnings
+    assert warning.type == "Warning" and warning.reason == model.EVENT_SERVICE_EDITED
+    assert "'22'" in warning.message and str(ok.routes[route]) in warning.message
 
 
 def test_allocation_avoids_ports_of_other_destinations():
@@ -363,7 +389,7 @@ def test_allocation_is_stable_and_deterministic():
 
 
 def test_ports_exhausted():
-    gw = Gateway("mailgw-system", {"a": "b"}, (20000, 20000))
+    gw = GatewayPlacement("mailgw-system", {"a": "b"}, (20000, 20000))
     cr = parse_cr(cr_obj(tenants='["t1", "t2"]'))
     plan = reconcile(cr, {"t1": SMTPS, "t2": SMTPS}, Existing(), {}, PODS, gw, NOW)
     assert len(plan.routes) == 1
@@ -438,21 +464,48 @@ def test_server_defaults_do_not_cause_patches():
 def test_failed_apply_becomes_service_creation_failed():
     cr, plan = run(cr_obj())
     svc_change = next(c for c in plan.changes if c.kind == "Service")
-    failed = failed_plan(plan, cr, [(svc_change, "API error 500")], NOW)
+    failed = failed_plan(plan, cr, [ApplyFailure(svc_change, "API error 500")], NOW)
     cond = condition(failed)
     assert (cond["status"], cond["reason"]) == ("False", REASON_SERVICE_FAILED)
     assert "Service apps/mymail" in cond["message"] and "500" in cond["message"]
     assert failed.event.type == "Warning"
 
 
-def test_served_from_existing_and_deletion():
+def test_a_foreign_object_met_when_applying_is_a_name_clash():
+    cr, plan = run(cr_obj())
+    svc_change = next(c for c in plan.changes if c.kind == "Service")
+    failed = failed_plan(plan, cr, [ApplyFailure(svc_change, "exists", foreign=True)], NOW)
+    assert condition(failed)["reason"] == REASON_NAME_PRESENT
+    assert failed.routes == {}
+
+
+def test_deletion():
     cr, plan = run(cr_obj(tenants='["t1", "t2"]'))
     existing = apply(plan, Existing())
-    assert served_from_existing(cr, existing) == plan.routes
     changes = deletion_changes(existing, GW)
     assert sorted((c.kind, c.name) for c in changes) == sorted(
         [("Service", "mymail-t1"), ("Service", "mymail-t2"), ("EndpointSlice", "mymail-t1-mailgw"),
-         ("EndpointSlice", "mymail-t2-mailgw"), ("NetworkPolicy", "mailgw-apps-mymail")])
+         ("EndpointSlice", "mymail-t2-mailgw"), ("NetworkPolicy", "mailgw-apps.mymail")])
+
+
+def test_policy_names_are_unique_per_cr():
+    a, b = parse_cr(cr_obj(name="b-c", ns="a")), parse_cr(cr_obj(name="c", ns="a-b"))
+    assert policy_name(a) != policy_name(b)
+    assert (policy_name(a), policy_name(b)) == ("mailgw-a.b-c", "mailgw-a-b.c")
+
+
+def test_terminating_pods_stay_listed_as_not_ready_and_dual_stack_pods_are_in_both_slices():
+    pods = (
+        GatewayPod("gw-0", ("10.0.0.2", "fd00::2")),
+        GatewayPod("gw-1", "10.0.0.1", ready=False, serving=False, terminating=True),
+        GatewayPod("gw-2", "10.0.0.3", ready=False, serving=False),  # not ready, not going: left out
+    )
+    _, plan = run(cr_obj(), pods=pods)
+    slices = created(plan, "EndpointSlice")
+    v4 = {e["addresses"][0]: e["conditions"] for e in slices["mymail-mailgw"]["endpoints"]}
+    assert v4 == {"10.0.0.2": {"ready": True, "serving": True, "terminating": False},
+                  "10.0.0.1": {"ready": False, "serving": False, "terminating": True}}
+    assert [e["addresses"] for e in slices["mymail-mailgw-ipv6"]["endpoints"]] == [["fd00::2"]]
 
 
 @pytest.mark.parametrize(

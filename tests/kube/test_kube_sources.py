@@ -1,5 +1,6 @@
-"""Destination sources: secrets, btp (against a fake destination service), the cache and
-the registry; and the btp source through the controller."""
+"""Destination sources: secrets, btp (against a fake destination service, through the
+project's token client), the cache and the registry; and the btp source through the
+controller."""
 
 from __future__ import annotations
 
@@ -15,20 +16,24 @@ from twisted.python.failure import Failure
 from kubetest import wait_for
 from fakedestsvc import FakeDestinationService
 from mailgw.kube import model
-from mailgw.kube.client import Blocking, KubeApi
+from mailgw.blocking import BlockingPool
+from mailgw.kube.client import KubeApi
 from mailgw.kube.controller import KubeController, KubeSettings
-from mailgw.kube.model import (
+from mailgw.kube.model import Route
+from mailgw.kube.secrets import SecretsSource, credentials_from_secret
+from mailgw.oauth import TokenCache, TokenClient, TokenProvider
+from mailgw.sources.base import (
     DestinationNotFound,
     InstanceNotFound,
     InvalidDestination,
+    MappingSource,
     ProxyTypeNotSupported,
-    Route,
     SourceUnavailable,
+    TokenExchangeFailed,
     TypeNotSupported,
 )
-from mailgw.kube.sources import CachingSource, SourceRegistry, StaticSource, TokenExchangeFailed
-from mailgw.sources.btp import BtpCredentials, BtpSource, credentials_from_secret, tenant_url
-from mailgw.sources.secrets import SecretsSource
+from mailgw.sources.btp import BtpCredentials, BtpSource, tenant_url
+from mailgw.sources.cache import CachingSource, SourceRegistry
 from test_kube_controller import GW_LABELS, GW_NS, SMTPS, FakeListeners, destination_cr, pod, secret, wait_condition
 
 
@@ -110,7 +115,7 @@ class Scripted:
         self.calls = []
         self.pending = []
 
-    def lookup(self, ns, name, tenant=None):
+    def lookup(self, ns, name, tenant=None, **kw):
         self.calls.append((ns, name, tenant))
         d = Deferred()
         self.pending.append(d)
@@ -119,7 +124,7 @@ class Scripted:
 
 def test_cache_single_flight_and_expiry():
     clock, inner = Clock(), Scripted()
-    cache = CachingSource(inner, 120, clock)
+    cache = CachingSource(inner, clock, 120)
     d1, d2 = cache.lookup("a", "x"), cache.lookup("a", "x")
     assert len(inner.calls) == 1
     inner.pending[0].callback("dest")
@@ -134,7 +139,7 @@ def test_cache_single_flight_and_expiry():
 
 def test_cache_keeps_definitive_failures_only():
     clock, inner = Clock(), Scripted()
-    cache = CachingSource(inner, 120, clock)
+    cache = CachingSource(inner, clock, 120)
     first = cache.lookup("a", "x")
     inner.pending[0].errback(DestinationNotFound("gone"))
     assert isinstance(outcome(first), DestinationNotFound)
@@ -151,7 +156,7 @@ def test_cache_keeps_definitive_failures_only():
 
 
 def test_registry_default_and_unknown():
-    static = StaticSource({("a", "x"): "dest"})
+    static = MappingSource({("a", "x"): "dest"})
     reg = SourceRegistry({"secrets": static}, default="secrets")
     assert outcome(reg.lookup(None, "a", "x")) == "dest"
     assert isinstance(outcome(reg.lookup("nope", "a", "x")), InstanceNotFound)
@@ -162,8 +167,12 @@ def test_registry_default_and_unknown():
 
 
 @pytest.fixture
-def destsvc():
+def destsvc(monkeypatch):
     with FakeDestinationService() as svc:
+        # requests (the token client's and the find calls) go through the fake as a proxy
+        monkeypatch.setenv("HTTP_PROXY", svc.url)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # the fake speaks http
         svc.destinations[("provider", "example-dest-smtps")] = SMTPS
         svc.destinations[("t1", "example-dest-smtps")] = dict(SMTPS, **{"mail.smtps.host": "t1.example.org"})
         svc.destinations[("provider", "web")] = {"Name": "web", "Type": "HTTP", "URL": "https://x"}
@@ -178,12 +187,25 @@ CREDS = BtpCredentials("dest-client", "dest-secret", "http://provider.auth.test"
 
 
 @pytest.fixture
-def btp(destsvc, reactor):
-    blocking = Blocking(reactor, maxthreads=2)
-    blocking.start()
-    source = BtpSource(lambda: CREDS, blocking, reactor, timeout=5, session_factory=destsvc.session_factory())
-    yield source
-    blocking.stop()
+def pools(reactor, in_reactor):
+    """A worker pool and the token client, started; stopped at the end."""
+    pool = BlockingPool(reactor, "test-btp", 2)
+    tokens = TokenClient(reactor, timeout=5)
+    in_reactor(pool.startService)
+    in_reactor(tokens.start)
+    yield pool, tokens
+    in_reactor(pool.stopService)
+    in_reactor(tokens.stop)
+
+
+def btp_source(reactor, pools, creds=CREDS, timeout=5):
+    pool, tokens = pools
+    return BtpSource(lambda: creds, pool, tokens, TokenCache(reactor), timeout=timeout)
+
+
+@pytest.fixture
+def btp(destsvc, reactor, pools):
+    return btp_source(reactor, pools)
 
 
 def test_btp_lookup_and_token_cache(btp, destsvc, in_reactor):
@@ -210,18 +232,13 @@ def test_btp_not_found_and_wrong_type(btp, in_reactor):
         in_reactor(btp.lookup, "apps", "web")
 
 
-def test_btp_bad_credentials_do_not_leak(destsvc, reactor, in_reactor):
-    blocking = Blocking(reactor)
-    blocking.start()
-    try:
-        wrong = BtpCredentials("dest-client", "WRONG-SECRET", CREDS.url, CREDS.uri)
-        source = BtpSource(lambda: wrong, blocking, reactor, session_factory=destsvc.session_factory())
-        with pytest.raises(SourceUnavailable) as info:
-            in_reactor(source.lookup, "apps", "example-dest-smtps")
-        assert "invalid_client" in info.value.message and "401" in info.value.message
-        assert "WRONG-SECRET" not in info.value.message and "WRONG-SECRET" not in repr(wrong)
-    finally:
-        blocking.stop()
+def test_btp_bad_credentials_do_not_leak(destsvc, reactor, in_reactor, pools):
+    wrong = BtpCredentials("dest-client", "WRONG-SECRET", CREDS.url, CREDS.uri)
+    source = btp_source(reactor, pools, wrong)
+    with pytest.raises(SourceUnavailable) as info:
+        in_reactor(source.lookup, "apps", "example-dest-smtps")
+    assert "invalid_client" in info.value.message and "401" in info.value.message
+    assert "WRONG-SECRET" not in info.value.message and "WRONG-SECRET" not in repr(wrong)
 
 
 def test_btp_revoked_token_is_renewed_once(btp, destsvc, in_reactor):
@@ -244,16 +261,12 @@ def test_btp_exchange_refresh_token_and_code(btp, destsvc, in_reactor):
     assert "bad-token-value" not in info.value.message
 
 
-def test_btp_service_down(reactor, in_reactor):
-    blocking = Blocking(reactor)
-    blocking.start()
-    try:
-        down = BtpCredentials("c", "s", "http://127.0.0.1:9", "http://127.0.0.1:9")
-        source = BtpSource(lambda: down, blocking, reactor, timeout=1)
-        with pytest.raises(SourceUnavailable, match="unreachable"):
-            in_reactor(source.lookup, "apps", "x")
-    finally:
-        blocking.stop()
+def test_btp_service_down(reactor, in_reactor, pools, monkeypatch):
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
+    down = BtpCredentials("c", "s", "http://127.0.0.1:9", "http://127.0.0.1:9")
+    source = btp_source(reactor, pools, down, timeout=1)
+    with pytest.raises(SourceUnavailable, match="unreachable"):
+        in_reactor(source.lookup, "apps", "x")
 
 
 @pytest.mark.parametrize(
@@ -295,8 +308,10 @@ def test_btp_through_the_controller(fake, destsvc, reactor, in_reactor):
                             leader_election=False, retry_delay=0.05,
                             btp_instances={"dest-svc": "dest-svc-binding"})
     listeners = FakeListeners()
+    token_client = TokenClient(reactor, timeout=5)
+    in_reactor(token_client.start)
     controller = in_reactor(KubeController.create, api, listeners, settings, reactor, None,
-                            destsvc.session_factory())
+                            TokenProvider(token_client, TokenCache(reactor)))
     in_reactor(controller.startService)
     try:
         wait_condition(fake, "True", model.REASON_OK)
@@ -309,12 +324,13 @@ def test_btp_through_the_controller(fake, destsvc, reactor, in_reactor):
         assert sorted(destsvc.token_requests) == ["provider", "t1"]
     finally:
         in_reactor(controller.stopService)
+        in_reactor(token_client.stop)
 
 
 def test_sources_fail_fast_when_the_pool_is_not_running(fake, reactor, in_reactor):
-    blocking = Blocking(reactor)  # never started (or already stopped)
-    source = SecretsSource(KubeApi(k8s.ApiClient(fake.configuration())), blocking)
+    pool = BlockingPool(reactor, "never-started")
+    source = SecretsSource(KubeApi(k8s.ApiClient(fake.configuration())), pool)
     e = outcome(source.lookup("apps", "d1"))
-    assert isinstance(e, SourceUnavailable) and "not running" in e.message
-    btp = BtpSource(lambda: CREDS, blocking, reactor)
+    assert isinstance(e, SourceUnavailable) and "PoolStopped" in e.message
+    btp = BtpSource(lambda: CREDS, pool, TokenClient(reactor), TokenCache(reactor))
     assert isinstance(outcome(btp.lookup("apps", "x")), SourceUnavailable)

@@ -1,6 +1,7 @@
 """Destination validation and gateway.yaml parsing."""
 
 import json
+import re
 
 import pytest
 
@@ -107,7 +108,7 @@ limits: {maxLine: 4096}
     assert config.destinations["office"].password == "from-env"
     assert config.destinations["other"].password == "from-file"
     assert [l.tenant for l in config.listeners] == [None, "acme"]
-    assert config.settings.connect_timeout == 5 and config.settings.max_line == 4096 and config.drain_timeout == 3
+    assert config.settings.connect_timeout == 5 and config.settings.max_line == 4096 and config.settings.drain_timeout == 3
 
 
 def test_json_config_and_directory_of_destinations(tmp_path):
@@ -145,3 +146,37 @@ def test_unreadable_and_malformed_files(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="line 3"):
         load_config(write(tmp_path, "destinations:\n  - [unclosed\n"))
+
+
+def test_second_wave_sections(tmp_path):
+    (tmp_path / "send-token").write_text("tok-secret\n")
+    config = parse_config({
+        "destinations": [BASIC],
+        "http": {"listen": "tcp:9494", "send": {"listen": "tcp:9495:interface=127.0.0.1", "tokens": [{"file": "send-token"}, "two"]}},
+        "audit": {"path": "audit.jsonl"},
+        "logging": {"format": "json"},
+        "timeouts": {"dialogue": 60, "drain": 5},
+        "limits": {"maxSessionsPerClient": 3},
+    }, "gw.yaml", tmp_path)
+    assert config.http.send.listen == "tcp:9495:interface=127.0.0.1"
+    assert config.http.send.tokens == ("tok-secret", "two")
+    assert "tok-secret" not in repr(config)
+    assert config.audit.path == str(tmp_path / "audit.jsonl")
+    assert config.logging.format == "json"
+    assert (config.settings.dialogue_timeout, config.settings.drain_timeout, config.settings.max_sessions_per_client) == (60, 5, 3)
+    defaults = parse_config({"destinations": [BASIC], "http": {"listen": "tcp:9494"}}, "gw.yaml", tmp_path)
+    assert defaults.http.send is None and defaults.audit is None and defaults.logging.format == "text"
+    assert parse_config({"destinations": [], "audit": {"path": "-"}}).audit.path == "-"
+
+
+@pytest.mark.parametrize("doc, expected", [
+    ({"http": {"listen": "tcp:1", "send": "yes"}}, "http, key 'send': must be a mapping"),
+    ({"http": {"listen": "tcp:1", "send": {"tokens": [""]}}}, "tokens[0]: must be a non-empty string"),
+    ({"http": {"listen": "tcp:1", "sned": {}}}, "http: unknown key 'sned'"),
+    ({"audit": {"file": "x"}}, "audit: must be a mapping with one key, path"),
+    ({"logging": {"format": "xml"}}, "logging, key 'format': must be text or json"),
+    ({"limits": {"maxSessionsPerClient": 0}}, "key 'maxSessionsPerClient': must be a positive number"),
+])
+def test_second_wave_section_errors(doc, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        parse_config({"destinations": [], **doc}, "gw.yaml")

@@ -41,23 +41,6 @@ CODE = "code-alice-Secret-55d1"
 # --- the reactor, in a thread ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def reactor():
-    """The global reactor, running in a daemon thread (tolerates one already running)."""
-    from twisted.internet import reactor as the_reactor
-
-    if not the_reactor.running:
-        thread = threading.Thread(
-            target=the_reactor.run, kwargs={"installSignalHandlers": False}, name="reactor", daemon=True
-        )
-        thread.start()
-        deadline = time.monotonic() + 5
-        while not the_reactor.running:
-            assert time.monotonic() < deadline, "reactor did not start"
-            time.sleep(0.005)
-    return the_reactor
-
-
 def call(reactor, f, *args, **kwargs):
     return blockingCallFromThread(reactor, f, *args, **kwargs)
 

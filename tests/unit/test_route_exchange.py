@@ -7,10 +7,10 @@ from twisted.internet.task import Clock
 from mailgw.destination import parse_destination
 from mailgw.kube.main import RouteSource
 from mailgw.kube.model import Route
-from mailgw.kube.sources import AuthToken, FindResult, TokenExchangeFailed
+from mailgw.sources.base import AuthToken, FindResult, TokenExchangeFailed
 from mailgw.oauth import AccessToken, TokenError
 from mailgw.service import Gateway
-from mailgw.session import Route as SessionRoute, Settings
+from mailgw.settings import Route as SessionRoute, Settings
 
 DEST = parse_destination({
     "Name": "d", "Type": "MAIL", "Authentication": "OAuth2RefreshToken", "mail.transport.protocol": "smtps",

@@ -9,7 +9,9 @@ from twisted.internet.testing import StringTransport
 
 from mailgw.destination import parse_destination
 from mailgw.service import Gateway, StaticSource
-from mailgw.session import GatewaySession, Route, Settings
+from mailgw.protocol.session import Phase
+from mailgw.session import GatewaySession
+from mailgw.settings import Route, Settings
 
 PLAIN_SMTP = parse_destination({
     "Name": "plain", "Type": "MAIL", "Authentication": "NoAuthentication", "mail.transport.protocol": "smtp",
@@ -66,7 +68,7 @@ def test_greets_after_upstream_login_then_releases_and_relays():
     assert app.value().startswith(b"220 ")
     endpoint.transport.clear()
     session.dataReceived(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n")
-    assert session.phase == "relay"
+    assert session.phase is Phase.RELAYING
     assert endpoint.transport.value() == b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n"
     app.clear()
     upstream_says(endpoint, b"250 ok\r\n250 ok\r\n")
@@ -77,7 +79,7 @@ def test_early_application_bytes_are_kept_in_order():
     clock, gateway, session, app, endpoint = make()
     session.dataReceived(b"EHLO early\r\nMAIL FROM:<a@example.org>\r\n")
     login(endpoint)
-    assert session.phase == "relay"
+    assert session.phase is Phase.RELAYING
     assert app.value().split(b"\r\n")[1].startswith(b"250-mailgw")
     assert endpoint.transport.value() == b"EHLO mailgw\r\nMAIL FROM:<a@example.org>\r\n"
 

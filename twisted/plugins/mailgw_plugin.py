@@ -39,15 +39,25 @@ class MailgwServiceMaker:
         if options["kubernetes"]:
             from mailgw.kube.main import make_kubernetes_service  # noqa: PLC0415
 
-            return make_kubernetes_service(reactor, options["config"])
+            return _with_log_format(make_kubernetes_service(reactor, options["config"]), options)
         from mailgw.config import ConfigError, load_config
         from mailgw.service import make_service
 
         try:
-            return make_service(load_config(options["config"]), reactor)
+            service = make_service(load_config(options["config"]), reactor)
         except ConfigError as e:
             # One clear line, no traceback: this is the operator's file, not our bug.
             raise SystemExit(f"mailgw: configuration error: {e}") from None
+        return _with_log_format(service, options)
+
+
+def _with_log_format(service, options):
+    """gateway.yaml's ``logging.format`` for twistd: the observer that the service
+    offers twistd's application when it becomes its child (see mailgw.logs)."""
+    from mailgw.logs import twistd_observer
+
+    service.log_observer = twistd_observer(service.logging.format, getattr(options, "parent", None))
+    return service
 
 
 serviceMaker = MailgwServiceMaker()

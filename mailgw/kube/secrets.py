@@ -1,10 +1,15 @@
-"""The ``secrets`` destination source: the destination JSON in a Kubernetes Secret.
+"""Destinations and bindings kept in Kubernetes Secrets.
 
-The Secret is named after ``destinationRef.name`` and lives in the Destination CR's
-namespace; its key ``destination.json`` holds the destination object (SPEC section 5).
-For a tenant lookup a key ``destination.<tenant>.json`` is preferred when present, so a
-shared CR can point tenants at different mailboxes; otherwise all tenants share
-``destination.json``.
+- :class:`SecretsSource` (the ``secrets`` source): the destination JSON in a Secret named
+  after ``destinationRef.name`` in the Destination CR's namespace, key
+  ``destination.json`` (SPEC section 5).  For a tenant lookup a key
+  ``destination.<tenant>.json`` is preferred when present, so a shared CR can point
+  tenants at different mailboxes; otherwise all tenants share ``destination.json``.
+- :func:`binding_credentials`: the blocking loader of a destination service binding
+  (``clientid``, ``clientsecret``, ``url``, ``uri``) for the ``btp`` source.
+
+The controller watches Secrets (metadata only) and invalidates the cached answers of a
+Secret when it changes, so a changed destination applies within seconds.
 """
 
 from __future__ import annotations
@@ -19,8 +24,15 @@ from zope.interface import implementer
 
 from mailgw.destination import Destination
 from mailgw.kube.client import KubeApi, KubeApiError
-from mailgw.kube.model import DestinationNotFound, InvalidDestination, SourceUnavailable
-from mailgw.kube.sources import IDestinationSource, as_lookup_error, destination_from_json
+from mailgw.sources.base import (
+    DestinationNotFound,
+    IDestinationSource,
+    InvalidDestination,
+    SourceUnavailable,
+    as_lookup_error,
+    destination_from_json,
+)
+from mailgw.sources.btp import BtpCredentials
 
 KEY = "destination.json"
 MAX_SIZE = 256 * 1024
@@ -51,17 +63,19 @@ def secret_value(secret: Mapping[str, Any], key: str) -> str | None:
 
 @implementer(IDestinationSource)
 class SecretsSource:
-    """Reads destinations from Secrets through the Kubernetes API (off the reactor)."""
+    """Reads destinations from Secrets through the Kubernetes API, in a worker pool."""
 
     def __init__(self, api: KubeApi, run: Callable[..., "Deferred[Any]"], key: str = KEY):
-        """``run(fn, *args)`` runs blocking ``fn`` in a thread, returning a Deferred
-        (a :class:`mailgw.kube.client.Blocking`)."""
+        """``run(fn, *args)`` runs blocking ``fn`` in a worker pool (a
+        :class:`~mailgw.blocking.BlockingPool`) and is the default of :meth:`lookup`."""
         self.api = api
         self.run = run
         self.key = key
 
-    def lookup(self, namespace: str, name: str, tenant: str | None = None) -> "Deferred[Destination]":
-        d = self.run(self._read, namespace, name, tenant)
+    def lookup(
+        self, namespace: str, name: str, tenant: str | None = None, *, run: Callable[..., Deferred] | None = None
+    ) -> "Deferred[Destination]":
+        d = (run or self.run)(self._read, namespace, name, tenant)
         d.addErrback(as_lookup_error, f"reading Secret {namespace}/{name}")
         return d
 
@@ -91,3 +105,36 @@ class SecretsSource:
         except ValueError as e:
             raise InvalidDestination(f"{origin}: key {self.key!r} is not valid JSON ({e.msg})") from None
         return destination_from_json(obj, origin)
+
+
+def credentials_from_secret(secret: Mapping[str, Any], origin: str) -> BtpCredentials:
+    """A destination service binding from a Secret's data."""
+    values = {}
+    for key in ("clientid", "clientsecret", "url", "uri"):
+        try:
+            value = secret_value(secret, key)
+        except ValueError as e:
+            raise SourceUnavailable(f"{origin}: {e}") from None
+        if not value:
+            raise SourceUnavailable(f"{origin}: key {key!r} is missing")
+        values[key] = value.strip()
+    for key in ("url", "uri"):
+        if not values[key].startswith(("https://", "http://")):
+            raise SourceUnavailable(f"{origin}: key {key!r} is not an http(s) URL")
+    return BtpCredentials(**values)
+
+
+def binding_credentials(api: KubeApi, namespace: str, name: str) -> Callable[[], BtpCredentials]:
+    """A blocking loader of the binding Secret ``namespace/name``."""
+    origin = f"Secret {namespace}/{name}"
+
+    def load() -> BtpCredentials:
+        try:
+            secret = api.get("Secret", namespace, name)
+        except KubeApiError as e:
+            raise SourceUnavailable(f"cannot read the destination service binding {origin}: {e}") from None
+        if secret is None:
+            raise SourceUnavailable(f"the destination service binding {origin} does not exist")
+        return credentials_from_secret(secret, origin)
+
+    return load

@@ -1,0 +1,124 @@
+"""One single-flight cache with per-value lifetimes, for tokens and destinations alike.
+
+Concurrent :meth:`SingleFlightCache.get` calls for a key share one fetch; every caller
+gets a Deferred of its own (cancelling one waiter leaves the others and the fetch
+alone).  How long a result is kept is the caller's rule, given as ``lifetime(result)``:
+access tokens live until shortly before they expire, destinations for a fixed TTL, and a
+definitive failure (a destination that does not exist) may be cached like a value while
+a transient one is not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.python.failure import Failure
+
+#: What :meth:`SingleFlightCache.get` reports to ``observe``: a cached result, a new
+#: fetch, or a fetch already in flight joined.
+HIT, MISS, SHARED = "hit", "miss", "shared"
+
+
+class SingleFlightCache:
+    """Results by key, each until its own expiry on ``clock``; single flight.
+
+    ``lifetime(result)`` is called with a fetched value or a :class:`Failure` and returns
+    the seconds to keep it (``None`` or ``<= 0``: not kept).  ``observe(kind)``, when
+    given, is told ``"hit"``, ``"miss"`` or ``"shared"`` for every :meth:`get` (metrics).
+    At most ``max_entries`` results are kept; expired ones go first, then the oldest.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        lifetime: Callable[[Any], float | None],
+        *,
+        max_entries: int = 10000,
+        observe: Callable[[str], None] | None = None,
+    ):
+        self._clock = clock
+        self._lifetime = lifetime
+        self.max_entries = max_entries
+        self._observe = observe
+        self._entries: dict[Hashable, tuple[float, Any]] = {}  # key -> (valid until, result)
+        self._inflight: dict[Hashable, list[Deferred]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def peek(self, key: Hashable) -> Any:
+        """The cached, still valid result for ``key`` (a value or a Failure), else None."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if self._clock.seconds() < entry[0]:
+            return entry[1]
+        del self._entries[key]
+        return None
+
+    def invalidate(self, key: Hashable) -> None:
+        """Forget ``key`` (a token the upstream refused, a destination that changed)."""
+        self._entries.pop(key, None)
+
+    def invalidate_where(self, predicate: Callable[[Hashable], bool]) -> None:
+        """Forget every key for which ``predicate(key)`` is true."""
+        for key in [k for k in self._entries if predicate(k)]:
+            del self._entries[key]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def get(self, key: Hashable, fetch: Callable[[], Any]) -> Deferred:
+        """The result for ``key``: cached, joined to a fetch in flight, or fetched now."""
+        cached = self.peek(key)
+        if cached is not None:
+            self._tell(HIT)
+            return fail(cached) if isinstance(cached, Failure) else succeed(cached)
+
+        def forget_waiter(waiter: Deferred) -> None:
+            waiters = self._inflight.get(key)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+
+        waiter: Deferred = Deferred(forget_waiter)
+        waiters = self._inflight.get(key)
+        if waiters is not None:
+            self._tell(SHARED)
+            waiters.append(waiter)
+            return waiter
+        self._tell(MISS)
+        self._inflight[key] = [waiter]
+        maybeDeferred(fetch).addBoth(self._settle, key)
+        return waiter
+
+    def _tell(self, kind: str) -> None:
+        if self._observe is not None:
+            self._observe(kind)
+
+    def _settle(self, result: Any, key: Hashable) -> None:
+        waiters = self._inflight.pop(key, [])
+        self._store(key, result)
+        for waiter in waiters:
+            waiter.callback(result)  # a Failure errbacks; each waiter has its own chain
+        return None  # the fetch's own failure is delivered to the waiters
+
+    def _store(self, key: Hashable, result: Any) -> None:
+        seconds = self._lifetime(result)
+        if seconds is None or seconds <= 0:
+            self._entries.pop(key, None)
+            return
+        now = self._clock.seconds()
+        if isinstance(result, Failure):
+            result.cleanFailure()  # no frames kept alive by the cache
+        self._entries.pop(key, None)
+        self._entries[key] = (now + seconds, result)
+        if len(self._entries) > self.max_entries:
+            for stale in [k for k, (until, _) in self._entries.items() if until <= now]:
+                del self._entries[stale]
+            while len(self._entries) > self.max_entries:
+                del self._entries[next(iter(self._entries))]  # the oldest

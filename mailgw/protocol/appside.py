@@ -1,0 +1,291 @@
+"""What the application-facing machines of SMTP, IMAP and POP3 share.
+
+Until release the gateway answers the application's login dialogue itself.  The shape
+of that dialogue is the same in the three protocols and lives here once: the bounded
+line reader, the local SASL prompts (discarding what the application offers), the lazy
+OAuth2 flow (the application presents its refresh token or authorisation code with
+XOAUTH2 or OAUTHBEARER: decode it, hand it to the session as :class:`ExchangeSecret`,
+wait for the outcome while bounding what the application pipelines meanwhile), release
+and close.  What differs is how each protocol writes a reply: a :class:`Dialect`.  Each
+protocol's machine supplies its dialect and its command table (``_command``).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from . import sasl
+from .actions import Close, ExchangeSecret, MisuseError, Release, SendToApp
+from .common import printable
+from .lines import LineReader, LineTooLong
+
+CRLF = b"\r\n"
+
+#: What the application may present when the destination exchanges its secret.
+BEARER_MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
+
+#: Application bytes kept while the gateway exchanges a secret (a pipelining client).
+MAX_WAITING = 65536
+
+#: The local prompts of each SASL mechanism the application may use in eager mode:
+#: LOGIN asks for the user and the password; every other mechanism gets one empty
+#: challenge (answered by its initial response).
+PROMPTS = {"LOGIN": (sasl.LOGIN_USER_CHALLENGE, sasl.LOGIN_PASSWORD_CHALLENGE)}
+
+NO_TOKEN = "carries no token: this destination needs {auth} XOAUTH2 or OAUTHBEARER with the refresh token or authorization code"
+
+
+def safe_text(reason: str, limit: int = 400) -> bytes:
+    """Text for a reply line: printable ASCII, bounded, never a line break."""
+    return printable(reason.encode("utf-8", "replace"), limit).encode("ascii")
+
+
+class Phase(enum.Enum):
+    """Where the application-side dialogue is."""
+
+    COMMAND = "command"  # reading commands
+    PROMPTS = "prompts"  # eager AUTH: answering the gateway's local challenges
+    BEARER = "bearer"  # lazy AUTH: waiting for the response that carries the secret
+    WAITING = "waiting"  # lazy AUTH: the session is exchanging the secret
+    LITERAL = "literal"  # IMAP: reading a locally answered command after a literal
+    RELEASED = "released"
+    CLOSED = "closed"
+
+
+class Dialect:
+    """How one protocol writes the replies the shared dialogue needs.  ``tag`` is the
+    IMAP command tag (empty for SMTP and POP3)."""
+
+    #: the login command that carries SASL, in error texts ("AUTH" / "AUTHENTICATE")
+    AUTH_COMMAND = "AUTH"
+
+    def greeting(self, machine: "AppSide") -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def refusal(self, text: str, permanent: bool = True) -> bytes:
+        """The greeting that refuses the session (upstream or limits)."""
+        return self.goodbye(text)
+
+    def goodbye(self, text: str) -> bytes:  # pragma: no cover - abstract
+        """What the application reads when the gateway ends a session (drain, idle,
+        dialogue deadline, upstream gone)."""
+        raise NotImplementedError
+
+    def too_long(self, limit: int) -> bytes:
+        return self.goodbye(f"command line too long (limit {limit} bytes)")
+
+    def continuation(self, challenge: bytes) -> bytes:
+        return b"+ " + challenge + CRLF
+
+    def auth_done(self, tag: bytes) -> bytes:  # pragma: no cover - abstract
+        """Eager mode: the application's login, answered locally."""
+        raise NotImplementedError
+
+    def auth_succeeded(self, tag: bytes, machine: "AppSide") -> bytes:
+        """Lazy mode: the upstream accepted the exchanged token."""
+        return self.auth_done(tag)
+
+    def auth_refused(self, tag: bytes, text: bytes, transient: bool) -> bytes:  # pragma: no cover
+        raise NotImplementedError
+
+    def auth_cancelled(self, tag: bytes) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def auth_malformed(self, tag: bytes, why: str) -> bytes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def auth_without_token(self, tag: bytes, what: bytes) -> bytes:  # pragma: no cover - abstract
+        """Lazy mode: a login command or mechanism that cannot carry the secret."""
+        raise NotImplementedError
+
+
+class AppSide:
+    """The application-facing dialogue before release, protocol-independent part.
+
+    Eager mode: the application's own login is answered locally (whatever it offers is
+    discarded); the first command that needs the upstream releases the session with
+    itself and any pipelined bytes as the leftover, so the upstream sees them in order.
+
+    Lazy mode (OAuth2RefreshToken, OAuth2AuthorizationCode): the application must
+    authenticate with XOAUTH2 or OAUTHBEARER carrying its secret; the machine returns
+    :class:`ExchangeSecret` and answers nothing until :meth:`auth_succeeded` or
+    :meth:`auth_refused`.
+    """
+
+    dialect: Dialect
+
+    def __init__(
+        self, *, capabilities: tuple[str, ...] = (), hostname: str = "mailgw", max_line: int = 16384, lazy: bool = False
+    ):
+        self.hostname = hostname
+        self.lazy = lazy
+        self.max_line = max_line
+        self.phase = Phase.COMMAND
+        self.authenticated = False
+        self._lines = LineReader(max_line)
+        self._tag = b""  # of the login command in progress (IMAP)
+        self._prompts: list[bytes] = []
+        self._mechanism = ""  # lazy: the bearer mechanism whose response is awaited
+        self._literal_left = 0  # IMAP: literal bytes of a local command still to skip
+        self.set_capabilities(capabilities)
+
+    # -- the session's calls -------------------------------------------------------------
+
+    def set_capabilities(self, capabilities: tuple[str, ...]) -> None:
+        """What the upstream offers (after login when eager): what the application is
+        told, minus what the gateway owns (TLS, login)."""
+        raise NotImplementedError  # pragma: no cover - every protocol has its own
+
+    def greeting(self) -> bytes:
+        return self.dialect.greeting(self)
+
+    @property
+    def buffered(self) -> int:
+        """Application bytes held: a partial line (at most ``max_line``), or what the
+        application pipelines while a secret is exchanged (at most :data:`MAX_WAITING`)."""
+        return len(self._lines)
+
+    def receive(self, data: bytes) -> list:
+        """Bytes from the application."""
+        if self.phase is Phase.RELEASED:
+            raise MisuseError("receive() after release")
+        if self.phase is Phase.CLOSED:
+            return []
+        self._lines.feed(data)
+        if self.phase is Phase.WAITING:
+            if len(self._lines) > MAX_WAITING:
+                return self._close("sent too much data during authentication")
+            return []
+        return self._process()
+
+    def auth_succeeded(self, capabilities: tuple[str, ...]) -> list:
+        """Lazy mode: the upstream accepted the exchanged token; ``capabilities`` are
+        its capabilities after login."""
+        self._expect(Phase.WAITING)
+        self.phase, self.authenticated = Phase.COMMAND, True
+        self.set_capabilities(capabilities)
+        return [SendToApp(self.dialect.auth_succeeded(self._tag, self))] + self._process()
+
+    def auth_refused(self, reason: str, transient: bool = False) -> list:
+        """Lazy mode: the exchange or the upstream login failed; the application may try
+        again (``transient``: the token service or the upstream may recover)."""
+        self._expect(Phase.WAITING)
+        self.phase = Phase.COMMAND
+        return [SendToApp(self.dialect.auth_refused(self._tag, safe_text(reason), transient))] + self._process()
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _expect(self, *phases: Phase) -> None:
+        if self.phase not in phases:
+            raise MisuseError(
+                f"{type(self).__name__}: called in phase {self.phase.value}, "
+                f"expected {' or '.join(p.value for p in phases)}"
+            )
+
+    def _process(self) -> list:
+        actions: list = []
+        while self.phase in (Phase.COMMAND, Phase.PROMPTS, Phase.BEARER, Phase.LITERAL):
+            if self._literal_left:
+                count = min(self._literal_left, len(self._lines))
+                if not count:
+                    break
+                self._lines.read_exactly(count)  # a credential or refused data: discarded
+                self._literal_left -= count
+                continue
+            try:
+                line = self._lines.read_line()
+            except LineTooLong:
+                self.phase = Phase.CLOSED
+                return actions + [
+                    SendToApp(self.dialect.too_long(self.max_line)),
+                    Close("application command line too long"),
+                ]
+            if line is None:
+                break
+            if self.phase is Phase.PROMPTS:
+                actions += self._prompt_answered(line)
+            elif self.phase is Phase.BEARER:
+                actions += self._bearer_response(line)
+            elif self.phase is Phase.LITERAL:
+                actions += self._literal_line(line)
+            else:
+                actions += self._command(line)
+        return actions
+
+    def _command(self, line: bytes) -> list:  # pragma: no cover - every protocol has its own
+        raise NotImplementedError
+
+    def _literal_line(self, line: bytes) -> list:  # pragma: no cover - IMAP only
+        raise MisuseError("literal phase in a protocol without literals")
+
+    def _release(self, line: bytes) -> list:
+        self.phase = Phase.RELEASED
+        return [Release(line + CRLF + self._lines.take_rest())]
+
+    def _close(self, text: str) -> list:
+        """Close the session because of the application: one closing line, then Close."""
+        self.phase = Phase.CLOSED
+        return [SendToApp(self.dialect.goodbye(text)), Close(f"application {text}")]
+
+    def _quit(self, reply: bytes, why: str = "application quit") -> list:
+        self.phase = Phase.CLOSED
+        return [SendToApp(reply), Close(why)]
+
+    # -- eager login: local prompts --------------------------------------------------------
+
+    def _start_prompts(self, tag: bytes, mechanism: bytes, initial: bytes) -> list:
+        """The application's AUTH/AUTHENTICATE in eager mode: prompt as the mechanism
+        would, discard the answers, then report success."""
+        self._tag = tag
+        prompts = list(PROMPTS.get(mechanism.upper().decode("ascii", "replace"), (b"",)))
+        if initial.strip():
+            prompts.pop(0)  # the initial response answers the first prompt
+        if not prompts:
+            return self._auth_done()
+        self._prompts = prompts
+        self.phase = Phase.PROMPTS
+        return [SendToApp(self.dialect.continuation(self._prompts.pop(0)))]
+
+    def _prompt_answered(self, line: bytes) -> list:
+        if line.strip() == b"*":
+            self.phase = Phase.COMMAND
+            return [SendToApp(self.dialect.auth_cancelled(self._tag))]
+        if self._prompts:
+            return [SendToApp(self.dialect.continuation(self._prompts.pop(0)))]
+        return self._auth_done()
+
+    def _auth_done(self) -> list:
+        self.phase = Phase.COMMAND
+        self.authenticated = True
+        return [SendToApp(self.dialect.auth_done(self._tag))]
+
+    # -- lazy login: the secret the application presents ---------------------------------
+
+    def _start_bearer(self, tag: bytes, mechanism: bytes, initial: bytes) -> list:
+        """The application's AUTH/AUTHENTICATE in lazy mode."""
+        self._tag = tag
+        name = mechanism.upper().decode("ascii", "replace")
+        if name not in BEARER_MECHANISMS:
+            what = b"this mechanism " + NO_TOKEN.format(auth=self.dialect.AUTH_COMMAND).encode("ascii")
+            return [SendToApp(self.dialect.auth_without_token(tag, what))]
+        self._mechanism = name
+        if initial.strip():
+            return self._bearer_response(initial)
+        self.phase = Phase.BEARER
+        return [SendToApp(self.dialect.continuation(b""))]
+
+    def _bearer_response(self, response: bytes) -> list:
+        self.phase = Phase.COMMAND
+        if response.strip() == b"*":
+            return [SendToApp(self.dialect.auth_cancelled(self._tag))]
+        try:
+            presented = sasl.decode_initial_response(self._mechanism, response)
+        except sasl.SASLError as e:
+            return [SendToApp(self.dialect.auth_malformed(self._tag, str(e)))]
+        self.phase = Phase.WAITING
+        return [ExchangeSecret(self._mechanism, presented.user, presented.secret)]
+
+    def _without_token(self, tag: bytes, verb: bytes) -> list:
+        """Lazy mode: a login command that cannot carry the secret (USER, LOGIN, …)."""
+        what = verb + b" " + NO_TOKEN.format(auth=self.dialect.AUTH_COMMAND).encode("ascii")
+        return [SendToApp(self.dialect.auth_without_token(tag, what))]

@@ -1,0 +1,144 @@
+"""Operations in Kubernetes mode against the fake API server: /status shows the
+controller and its listeners, /readyz says why it waits, and a real
+``twistd -n mailgw --kubernetes`` logs JSON when gateway.yaml asks for it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+from kubernetes import client as k8s
+
+import realservers
+from kubetest import wait_for
+from mailgw.kube.client import KubeApi
+from mailgw.kube.controller import KubeSettings
+from mailgw.kube.main import make_kubernetes_service
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except OSError:
+        return 0, b""
+
+
+def free_range(size=20):
+    start = realservers.free_port()
+    return (start, start + size - 1)
+
+
+def create_destination(fake, cr_name):
+    destination = {
+        "Name": f"{cr_name}-dest", "Type": "MAIL", "ProxyType": "Internet", "Authentication": "NoAuthentication",
+        "mail.transport.protocol": "smtp", "mail.smtp.host": "127.0.0.1", "mail.smtp.port": "1",
+    }
+    fake.create("secrets", "apps", {
+        "metadata": {"name": destination["Name"], "namespace": "apps"},
+        "data": {"destination.json": base64.b64encode(json.dumps(destination).encode()).decode()},
+    })
+    fake.create("destinations", "apps", {
+        "apiVersion": "destination.connectivity.api.sap/v1", "kind": "Destination",
+        "metadata": {"name": cr_name}, "spec": {"destinationRef": {"name": destination["Name"]}},
+    })
+
+
+@pytest.fixture
+def gateway(fake, reactor, in_reactor, tmp_path):
+    http_port = realservers.free_port()
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"http": {"listen": f"tcp:{http_port}:interface=127.0.0.1"}}))
+    api = KubeApi(k8s.ApiClient(fake.configuration()), timeout=2.0, connect_timeout=1.0)
+    settings = KubeSettings(
+        gateway_namespace="mailgw-system", identity="gw-0", port_range=free_range(),
+        resync_interval=3600, cache_ttl=0, leader_election=False, retry_delay=0.05,
+    )
+    service = in_reactor(make_kubernetes_service, reactor, str(tmp_path / "gateway.yaml"), api=api, settings=settings)
+    service.base = f"http://127.0.0.1:{http_port}"
+    yield service
+    if service.running:
+        in_reactor(service.stopService)
+
+
+def test_readyz_names_the_controller_until_it_has_synced(gateway, in_reactor):
+    in_reactor(gateway.privilegedStartService)  # the http listener, not the controller yet
+    try:
+        assert get(gateway.base + "/readyz") == (503, b"not ready: controller not synced\n")
+        page = json.loads(get(gateway.base + "/status")[1])
+        assert page["not_ready"] == ["controller not synced"]
+        assert page["controller"]["synced"] is False
+    finally:
+        in_reactor(gateway.startService)
+    wait_for(lambda: get(gateway.base + "/readyz") == (200, b"ready\n"), what="/readyz")
+
+
+def test_status_lists_the_controllers_listeners_and_state(fake, gateway, in_reactor):
+    in_reactor(gateway.startService)
+    create_destination(fake, "mymail")
+
+    def listed():
+        page = json.loads(get(gateway.base + "/status")[1] or b"{}")
+        return page if page.get("listeners") else None
+
+    page = wait_for(listed, what="the CR's listener in /status")
+    (listener,) = page["listeners"]
+    port = next(p.getHost().port for r, p in gateway.getServiceNamed("kubernetes").listeners.ports.items() if r.cr_name == "mymail")
+    assert listener["route"] == "apps/mymail" and listener["destination"] == "apps/mymail"
+    assert re.fullmatch(rf".*:{port}", listener["address"]) and listener["sessions"] == 0
+    assert page["controller"]["leader"] is True and page["controller"]["synced"] is True
+
+
+def test_twistd_kubernetes_mode_logs_json(fake, tmp_path):
+    http_port = realservers.free_port()
+    lo, hi = free_range()
+    (tmp_path / "kubeconfig").write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
+        "users": [{"name": "fake", "user": {}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+    }))
+    (tmp_path / "gateway.yaml").write_text(json.dumps({
+        "http": {"listen": f"tcp:{http_port}:interface=127.0.0.1"},
+        "logging": {"format": "json"},
+        "kubernetes": {"kubeconfig": str(tmp_path / "kubeconfig"), "leaderElection": False, "portRange": f"{lo}-{hi}"},
+    }))
+    # A CR whose destination is missing: the controller logs why (a mailgw.kube line).
+    fake.create("destinations", "apps", {
+        "apiVersion": "destination.connectivity.api.sap/v1", "kind": "Destination",
+        "metadata": {"name": "broken"}, "spec": {"destinationRef": {"name": "no-such-destination"}},
+    })
+    env = dict(os.environ, POD_NAMESPACE="mailgw-system", POD_NAME="gw-json")
+    proc = subprocess.Popen(
+        TWISTD + ["-n", "--pidfile=", "mailgw", "--kubernetes", "--config", "gateway.yaml"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for(lambda: get(f"http://127.0.0.1:{http_port}/readyz")[0] == 200, timeout=60, what="/readyz")
+        page = json.loads(get(f"http://127.0.0.1:{http_port}/status")[1])
+        assert page["ready"] is True and "controller" in page
+        wait_for(lambda: (fake.get("destinations", "apps", "broken").get("status") or {}).get("conditions"),
+                 timeout=60, what="the broken CR's status")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode in (0, -signal.SIGTERM), err
+    lines = [json.loads(line) for line in out.splitlines()]  # one JSON object per line
+    assert lines and all({"time", "level", "namespace", "message"} <= set(line) for line in lines)
+    kube = [line for line in lines if line["namespace"].startswith("mailgw.kube")]
+    assert any("broken" in line["message"] for line in kube), [(line["namespace"], line["message"]) for line in lines]
+    assert "Traceback" not in err

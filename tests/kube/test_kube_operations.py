@@ -1,0 +1,274 @@
+"""Kubernetes mode as an operator runs it, in process against the fake API server: many
+CRs at once, a leader and a follower, requests per CR, idle resyncs, pod changes,
+fencing, the drain, edited Services, colliding names, watchNamespaces, status."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from kubernetes import client as k8s
+
+from kubetest import wait_for
+from mailgw import metrics
+from mailgw.kube import model
+from mailgw.kube.client import KubeApi, user_agent
+from mailgw.kube.controller import KubeController, KubeSettings
+from mailgw.kube.model import Route
+from test_kube_controller import GW_LABELS, GW_NS, SMTPS, FakeListeners, condition, destination_cr, pod, secret, wait_condition
+
+RANGE = (20000, 24999)
+
+
+@pytest.fixture
+def cluster(fake):
+    fake.create("pods", GW_NS, pod("gw-0", "10.0.0.10"))
+    fake.create("pods", GW_NS, pod("gw-1", "10.0.0.11"))
+    return fake
+
+
+@pytest.fixture
+def start(cluster, reactor, in_reactor):
+    running = []
+
+    def make(identity="gw-0", leader_election=False, **overrides):
+        api_client = k8s.ApiClient(cluster.configuration())
+        api_client.user_agent = user_agent(identity)
+        api = KubeApi(api_client, timeout=5.0, connect_timeout=1.0)
+        values = dict(
+            gateway_namespace=GW_NS, pod_labels=GW_LABELS, identity=identity, port_range=RANGE,
+            resync_interval=3600, cache_ttl=60, watch_timeout=60, leader_election=leader_election,
+            retry_delay=0.05, lease_duration=30.0, renew_deadline=20.0, retry_period=0.2,
+        )
+        values.update(overrides)
+        listeners = FakeListeners()
+        controller = in_reactor(KubeController.create, api, listeners, KubeSettings(**values), reactor)
+        in_reactor(controller.startService)
+        running.append(controller)
+        wait_for(lambda: controller.ready, what="the initial lists")
+        return controller, listeners
+
+    yield make
+    for controller in running:
+        if controller.running:
+            in_reactor(controller.stopService)
+
+
+def held_lease(fake, holder="gw-0"):
+    """A Lease another replica holds (for a long time): whoever starts now follows."""
+    fake.create("leases", GW_NS, {"metadata": {"name": "mailgw-leader"}, "spec": {
+        "holderIdentity": holder, "leaseDurationSeconds": 3600, "renewTime": "2026-01-01T00:00:00.000000Z"}})
+
+
+def idle(in_reactor, *controllers):
+    for c in controllers:
+        wait_for(lambda: in_reactor(lambda: not c.queue.busy), what="the controller to go idle")
+
+
+def available(fake):
+    return sum(1 for d in fake.list("destinations") if (condition(fake, d["metadata"]["name"], d["metadata"]["namespace"]) or {}).get("status") == "True")
+
+
+def ports_of(fake):
+    """route key -> gateway port, from the NetworkPolicies (the trusted record)."""
+    found = {}
+    for policy in fake.list("networkpolicies", GW_NS):
+        ns, _, name = policy["metadata"]["annotations"][model.CR_ANNOTATION].partition("/")
+        for tenant, port in json.loads(policy["metadata"]["annotations"][model.PORTS_ANNOTATION]).items():
+            found[Route(ns, name, tenant or None)] = port
+    return found
+
+
+def writes(fake):
+    return sum(n for (verb, _), n in fake.tally().items() if verb not in ("get", "list"))
+
+
+def test_five_hundred_crs_at_once(cluster, start, in_reactor):
+    """All Available, every port distinct, no port ever moves, on the leader and on a
+    follower; each CR costs at most 6 requests (its Secret, policy, Service, slice,
+    status and Event)."""
+    held_lease(cluster)
+    leader, on_leader = start("gw-0")
+    follower, on_follower = start("gw-1", leader_election=True)
+    namespaces = [f"team-{i}" for i in range(5)]
+    for ns in namespaces:
+        for i in range(100):
+            cluster.create("secrets", ns, secret(f"d{i}", SMTPS, ns))
+    before = sum(cluster.tally().values())
+    for ns in namespaces:
+        for i in range(100):
+            cluster.create("destinations", ns, destination_cr(name=f"mail-{i}", ref=f"d{i}"))
+    wait_for(lambda: available(cluster) == 500, timeout=120, what="500 CRs Available")
+    idle(in_reactor, leader, follower)
+    assert not follower.is_leader
+    recorded = ports_of(cluster)
+    assert len(recorded) == 500 and len(set(recorded.values())) == 500
+    wait_for(lambda: on_follower.ports() == recorded, timeout=30, what="the follower to serve every route")
+    assert on_leader.ports() == recorded
+    for listeners in (on_leader, on_follower):
+        assert [e for e in listeners.log if e[0] == "close"] == []  # no port ever moved
+        assert len(listeners.log) == 500
+    for svc in cluster.list("services"):
+        assert int(svc["metadata"]["annotations"][model.PORT_ANNOTATION]) == recorded[
+            Route(svc["metadata"]["namespace"], svc["metadata"]["name"])]
+    spent = sum(cluster.tally().values()) - before
+    assert spent <= 6 * 500, cluster.tally()
+    assert {a for _, _, a in cluster.agents if "gw-1" in a} and not cluster.writes_by("gw-1")
+
+
+def test_idle_resync_and_a_pod_change(cluster, start, in_reactor):
+    for i in range(20):
+        cluster.create("secrets", "apps", secret(f"d{i}", SMTPS))
+        cluster.create("destinations", "apps", destination_cr(name=f"m{i}", ref=f"d{i}"))
+    controller, _ = start()
+    wait_for(lambda: available(cluster) == 20, timeout=30, what="20 CRs Available")
+    idle(in_reactor, controller)
+    before = cluster.tally()
+    in_reactor(controller.resync)
+    idle(in_reactor, controller)
+    assert cluster.tally() - before == {}  # an idle resync asks nothing and writes nothing
+    before = cluster.tally()
+    cluster.create("pods", GW_NS, pod("gw-2", "10.0.0.12"))
+    wait_for(lambda: all(len(s["endpoints"]) == 3 for s in cluster.list("endpointslices", "apps")),
+             what="the new pod in every slice")
+    idle(in_reactor, controller)
+    assert cluster.tally() - before == {("patch", "endpointslices"): 20}
+
+
+def test_terminating_pod_is_listed_not_ready(cluster, start):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr())
+    start()
+    wait_condition(cluster, "True", model.REASON_OK)
+    cluster.update("pods", GW_NS, "gw-1", {"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}})
+
+    def conditions():
+        es = cluster.get("endpointslices", "apps", "mymail-mailgw")
+        return {e["targetRef"]["name"]: e["conditions"] for e in es["endpoints"]}
+
+    wait_for(lambda: conditions()["gw-1"]["terminating"], what="gw-1 terminating in the slice")
+    assert conditions() == {"gw-0": {"ready": True, "serving": True, "terminating": False},
+                            "gw-1": {"ready": False, "serving": True, "terminating": True}}
+
+
+def test_network_policy_names_do_not_collide(cluster, start):
+    for ns, name in (("a", "b-c"), ("a-b", "c")):
+        cluster.create("secrets", ns, secret("example-dest-smtps", SMTPS, ns))
+        cluster.create("destinations", ns, destination_cr(name=name))
+    _, listeners = start()
+    wait_condition(cluster, "True", model.REASON_OK, name="b-c", ns="a")
+    wait_condition(cluster, "True", model.REASON_OK, name="c", ns="a-b")
+    names = sorted(p["metadata"]["name"] for p in cluster.list("networkpolicies", GW_NS))
+    assert names == ["mailgw-a-b.c", "mailgw-a.b-c"]
+    assert set(listeners.ports()) == {Route("a", "b-c"), Route("a-b", "c")}
+
+
+def test_an_edited_annotation_is_refused_and_restored(cluster, start, in_reactor):
+    held_lease(cluster)
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr())
+    cluster.create("destinations", "apps", destination_cr(name="other"))
+    leader, _ = start("gw-0")
+    follower, on_follower = start("gw-1", leader_election=True)
+    wait_condition(cluster, "True", model.REASON_OK)
+    wait_condition(cluster, "True", model.REASON_OK, name="other")
+    wait_for(lambda: len(on_follower.ports()) == 2, what="the follower listening")
+    ports = on_follower.ports()
+    mine, theirs = ports[Route("apps", "mymail")], ports[Route("apps", "other")]
+    # a namespace admin points the Service at another route's port, then outside the range
+    for edited in (theirs, 80):
+        cluster.update("services", "apps", "mymail", {
+            "metadata": {"annotations": {model.PORT_ANNOTATION: str(edited)}},
+            "spec": {"ports": [{"name": "mail", "protocol": "TCP", "port": 465, "targetPort": edited}]}})
+
+        def warned(edited=edited):
+            return [e for e in cluster.list("events", "apps")
+                    if e["reason"] == model.EVENT_SERVICE_EDITED and f"'{edited}'" in e["message"]]
+
+        wait_for(warned, what=f"the Warning about {edited}")
+        wait_for(lambda: cluster.get("services", "apps", "mymail")["metadata"]["annotations"][model.PORT_ANNOTATION]
+                 == str(mine), what="the annotation restored")
+        svc = cluster.get("services", "apps", "mymail")
+        assert svc["spec"]["ports"][0]["targetPort"] == mine
+        idle(in_reactor, leader, follower)
+        assert on_follower.ports() == ports  # the follower never opened the edited port
+        assert [e for e in on_follower.log if e[0] == "close"] == []
+
+
+def test_a_reconcile_whose_leadership_ended_writes_nothing(cluster, start, in_reactor):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    controller, _ = start()
+    stall = cluster.fault(r"/networkpolicies$", method="POST", status=None, delay=1.0, times=1)
+    cluster.create("destinations", "apps", destination_cr())
+    wait_for(lambda: stall.hits == 1, what="the first write to be under way")
+    in_reactor(controller._stopped_leading)  # leadership ends while the write hangs
+    since = time.monotonic()
+    time.sleep(1.5)
+    idle(in_reactor, controller)
+    assert cluster.writes_by("gw-0", since) == []  # no Service, slice, status or Event
+    assert cluster.get("services", "apps", "mymail") is None
+
+
+def test_drain_start_releases_the_lease_and_closes_listeners(cluster, start, in_reactor):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr())
+    controller, listeners = start(leader_election=True)
+    wait_for(lambda: controller.is_leader, what="leadership")
+    wait_condition(cluster, "True", model.REASON_OK)
+    wait_for(lambda: listeners.ports(), what="a listener")
+    in_reactor(controller.startDrain)
+    assert listeners.ports() == {} and not controller.is_leader
+    wait_for(lambda: not (cluster.get("leases", GW_NS, "mailgw-leader")["spec"].get("holderIdentity")),
+             what="the Lease released")
+    since = time.monotonic()
+    cluster.update("pods", GW_NS, "gw-1", {"status": {"conditions": [{"type": "Ready", "status": "False"}]}})
+    time.sleep(0.3)
+    assert cluster.writes_by("gw-0", since) == []
+
+
+def test_watch_namespaces_limit_what_is_served(cluster, start):
+    for ns in ("apps", "elsewhere"):
+        cluster.create("secrets", ns, secret("example-dest-smtps", SMTPS, ns))
+        cluster.create("destinations", ns, destination_cr())
+    controller, listeners = start(watch_namespaces=("apps",))
+    wait_condition(cluster, "True", model.REASON_OK)
+    time.sleep(0.3)
+    assert condition(cluster, ns="elsewhere") is None
+    assert set(listeners.ports()) == {Route("apps", "mymail")}
+    assert all(ns == "apps" for ns, _ in controller.crs)
+    watched = {p for m, p in cluster.requests if "watch=true" in p}
+    assert not any(p.startswith("/api/v1/services") or "/apis/destination.connectivity.api.sap/v1/destinations?" in p
+                   for p in watched)  # no cluster-wide watches
+
+
+def test_status_and_metrics(cluster, start, in_reactor):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr(tenants='["t1", "t2"]'))
+    controller, _ = start()
+    wait_condition(cluster, "True", model.REASON_OK)
+    idle(in_reactor, controller)
+    status = in_reactor(controller.status)
+    assert status == {"leader": True, "synced": True, "queue_depth": 0, "routes_served": 2, "last_error": None}
+    json.dumps(status)
+    assert metrics.KUBE_LEADER._value.get() == 1
+    assert metrics.KUBE_RECONCILES.labels("ok")._value.get() >= 1
+    assert metrics.KUBE_API_REQUESTS.labels("create", "services", "201")._value.get() >= 2
+    assert metrics.KUBE_API_REQUESTS.labels("watch", "destinations", "200")._value.get() >= 1
+    cr = cluster.get("destinations", "apps", "mymail")["status"]
+    assert cr["services"] == "mymail-t1,mymail-t2" and cr["tenantSubdomains"] == "t1,t2"
+    assert cr["conditions"][0]["observedGeneration"] == 1
+
+
+def test_a_follower_forgets_a_deleted_cr(cluster, start, in_reactor):
+    held_lease(cluster)
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr())
+    leader, _ = start("gw-0")
+    follower, on_follower = start("gw-1", leader_election=True)
+    wait_for(lambda: on_follower.ports(), what="the follower listening")
+    cluster.delete("destinations", "apps", "mymail")
+    wait_for(lambda: not on_follower.ports(), what="the follower's listener to close")
+    wait_for(lambda: not cluster.list("networkpolicies", GW_NS), what="the policy to go")
+    idle(in_reactor, leader, follower)
+    assert in_reactor(lambda: (follower.allocations, follower.owners, follower.served)) == ({}, {}, {})

@@ -1,0 +1,83 @@
+"""SingleFlightCache and BlockingPool: the one cache and the one pool every layer uses."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from mailgw.blocking import BlockingPool, PoolStopped
+from mailgw.cache import SingleFlightCache
+
+
+class Definitive(Exception):
+    pass
+
+
+def keep(seconds):
+    return lambda result: None if isinstance(result, Failure) and not result.check(Definitive) else seconds
+
+
+def test_concurrent_gets_share_one_fetch_and_report_hit_miss_shared():
+    clock, seen, fetches = Clock(), [], []
+    cache = SingleFlightCache(clock, keep(10), observe=seen.append)
+    pending = defer.Deferred()
+    fetch = lambda: fetches.append(1) or pending  # noqa: E731
+    first, second = cache.get("k", fetch), cache.get("k", fetch)
+    assert cache.in_flight == 1 and fetches == [1]
+    pending.callback("value")
+    assert first.result == second.result == "value"
+    assert cache.get("k", fetch).result == "value"
+    assert seen == ["miss", "shared", "hit"] and fetches == [1]
+
+
+def test_lifetime_rule_decides_what_is_kept():
+    clock = Clock()
+    cache = SingleFlightCache(clock, keep(10))
+    results = []
+    cache.get("gone", lambda: defer.fail(Definitive("no such destination"))).addErrback(results.append)
+    cache.get("down", lambda: defer.fail(RuntimeError("unreachable"))).addErrback(results.append)
+    assert isinstance(cache.peek("gone"), Failure) and cache.peek("down") is None
+    cache.get("gone", lambda: pytest.fail("a definitive failure is served from the cache")).addErrback(results.append)
+    assert [r.type for r in results] == [Definitive, RuntimeError, Definitive]
+    clock.advance(10)
+    assert cache.peek("gone") is None
+
+
+def test_cancelling_one_waiter_leaves_the_fetch_and_the_others():
+    cache = SingleFlightCache(Clock(), keep(10))
+    pending = defer.Deferred()
+    first, second = cache.get("k", lambda: pending), cache.get("k", lambda: pending)
+    first.cancel()
+    first.addErrback(lambda f: f.trap(defer.CancelledError))
+    pending.callback("v")
+    assert second.result == "v" and cache.peek("k") == "v"
+
+
+def test_invalidate_and_bounded_size():
+    clock = Clock()
+    cache = SingleFlightCache(clock, keep(10), max_entries=2)
+    for key in "abc":
+        cache.get(key, lambda key=key: key)
+    assert len(cache) == 2 and cache.peek("a") is None
+    cache.invalidate("c")
+    cache.invalidate_where(lambda key: key == "b")
+    assert len(cache) == 0
+
+
+def test_blocking_pool_runs_off_the_reactor_thread_and_refuses_when_stopped(reactor):
+    from support.reactor import in_reactor
+
+    pool = BlockingPool(reactor, "test-pool", 2)
+    with pytest.raises(PoolStopped):
+        in_reactor(pool, threading.current_thread)
+    in_reactor(pool.startService)
+    try:
+        worker = in_reactor(pool, threading.current_thread)
+        assert "test-pool" in worker.name and worker is not threading.current_thread()
+    finally:
+        in_reactor(pool.stopService)
+    assert not pool.started
