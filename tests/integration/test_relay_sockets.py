@@ -29,7 +29,7 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 import realservers
-from gatewayharness import in_reactor
+from support.reactor import in_reactor
 from mailgw import splice
 from mailgw.relay import Relay, make_relay
 from mailgw.splice import SpliceRelay
@@ -139,7 +139,7 @@ class Harness:
 
 
 @pytest.fixture(params=["splice", "twisted"])
-def kind(request, monkeypatch, reactor_thread):
+def kind(request, monkeypatch, reactor):
     """Which relay make_relay must pick: the test runs with each."""
     if request.param == "twisted":
         monkeypatch.setattr(splice, "ENABLED", False)
@@ -147,7 +147,7 @@ def kind(request, monkeypatch, reactor_thread):
 
 
 @pytest.fixture
-def harness_factory(reactor_thread):
+def harness_factory(reactor):
     made = []
 
     def make(**kwargs):
@@ -381,7 +381,7 @@ def test_out_of_descriptors_falls_back_to_the_twisted_relay(monkeypatch, harness
     assert recv_all(app, 13) == b"still relayed"
 
 
-def test_a_tls_leg_gets_the_twisted_relay(reactor_thread):
+def test_a_tls_leg_gets_the_twisted_relay(reactor):
     from twisted.internet import ssl
 
     server = socket.create_server(("127.0.0.1", 0))
