@@ -2,11 +2,12 @@
 
 :func:`make_relay` is what the session calls at release: it returns the zero-copy
 :class:`mailgw.splice.SpliceRelay` where both legs are plain sockets on Linux, and the
-Twisted :class:`Relay` otherwise (TLS on a leg, no ``os.splice``, other transports).
+Twisted :class:`Relay` otherwise (TLS on a leg, no ``os.splice``, other transports,
+or ``MAILGW_SPLICE=0`` in the environment).
 
-This is the hot path.  Each direction costs one Python call per received chunk (the
-transport's own read size, 64 KiB): ``write`` on the other leg and a timer bump.
-Backpressure is Twisted's producer/consumer: each transport is registered as the
+The Twisted relay's hot path costs one Python call per received chunk (the transport's
+read size, 64 KiB, or one TLS record): ``write`` on the other leg, a byte count and a
+timer bump.  Backpressure is Twisted's producer/consumer: each transport is registered as the
 streaming producer of the other, so a full write buffer on one side pauses reading on
 the other.
 """
@@ -18,7 +19,8 @@ from twisted.logger import Logger
 
 log = Logger()
 
-#: How long a TLS leg may wait for the peer's close_notify before it is aborted.
+#: How long a closing leg may take (a TLS leg waiting for the peer's close_notify, a
+#: splice relay delivering what it read) before it is aborted.
 CLOSE_GRACE = 5.0
 
 
@@ -33,7 +35,9 @@ def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: floa
     The session then routes ``dataReceived`` of each leg to ``from_app`` /
     ``from_upstream`` and both ``connectionLost`` to ``close()``.  Both relays count
     ``bytes_to_upstream`` and ``bytes_to_app`` (``leftover`` and ``pending`` included).
-    ``on_idle`` is called before the idle timer closes the relay.
+    ``on_idle`` is called before the idle timer closes the relay.  To end a session
+    with a goodbye, write it to the application transport and call ``close()`` in the
+    same reactor turn: both relays send it after the bytes already relayed.
     """
     from .splice import SpliceRelay, splice_unusable  # splice imports this module
 
