@@ -98,6 +98,12 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far (clock-tick resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -207,10 +213,12 @@ mail {{
 class Route:
     """An IMAP route: how a client reaches the mailbox."""
 
-    def __init__(self, name: str, port: int, tls_context=None, tls: bool = False):
+    def __init__(self, name: str, port: int, tls_context=None, tls: bool = False, pid: int | None = None):
         self.name, self.port, self.tls_context = name, port, tls_context
         self.tls = tls  # TLS somewhere on the way (compared with the client doing TLS itself)
+        self.pid = pid  # the gateway's process: its CPU time per FETCH is reported
         self.fetch: list[float] = []
+        self.fetch_cpu: list[float] = []
         self.session: list[float] = []
 
     def connect(self) -> imaplib.IMAP4:
@@ -223,9 +231,12 @@ class Route:
         client = self.connect()
         client.login(USER, PASSWORD)
         client.select("INBOX")
+        cpu0 = cpu_seconds(self.pid) if self.pid else 0.0
         t0 = time.perf_counter()
         typ, data = client.fetch("1", "(BODY.PEEK[])")
         elapsed = time.perf_counter() - t0
+        if self.pid:
+            self.fetch_cpu.append(cpu_seconds(self.pid) - cpu0)
         client.logout()
         got = len(data[0][1]) if typ == "OK" and data and isinstance(data[0], tuple) else -1
         if got < 0 or (size is not None and got != size):
@@ -317,6 +328,7 @@ def section_imap(args, routes: list[Route]) -> None:
     for route in routes:
         route.measure_fetch(size)
         route.fetch.clear()
+        route.fetch_cpu.clear()
     for run in range(args.runs):
         for route in rotated(routes, run):
             route.measure_fetch(size)
@@ -325,13 +337,16 @@ def section_imap(args, routes: list[Route]) -> None:
             route.measure_session()
     direct = routes[0]
     tls_client = next((r for r in routes if r.name.startswith("client doing TLS")), None)
-    print(f"{'route':40} {'FETCH s':>8} {'x direct':>9} {'x TLS cl.':>9} {'session ms':>11} {'x direct':>9} {'x TLS cl.':>9}")
+    print(f"{'route':40} {'FETCH s':>8} {'x direct':>9} {'x TLS cl.':>9} {'gw CPU ms':>9} "
+          f"{'session ms':>11} {'x direct':>9} {'x TLS cl.':>9}")
     for route in routes:
         f, s = median(route.fetch), median(route.session)
         tls_f = f"{f / median(tls_client.fetch):9.2f}" if route.tls and tls_client else f"{'':9}"
         tls_s = f"{s / median(tls_client.session):9.2f}" if route.tls and tls_client else f"{'':9}"
-        print(f"{route.name:40} {f:8.3f} {f / median(direct.fetch):9.2f} {tls_f} {s * 1e3:11.2f} "
+        cpu = f"{statistics.mean(route.fetch_cpu) * 1e3:9.0f}" if route.fetch_cpu else f"{'':9}"
+        print(f"{route.name:40} {f:8.3f} {f / median(direct.fetch):9.2f} {tls_f} {cpu} {s * 1e3:11.2f} "
               f"{s / median(direct.session):9.2f} {tls_s}")
+    print("(gw CPU ms: the gateway process's CPU time per FETCH, mean; clock-tick resolution)")
     # Paired ratios (each against the direct FETCH of the same run) are steadier than the
     # ratio of medians when other work shares the machine.
     print("FETCH ratios against direct, run by run, and their median:")
@@ -521,13 +536,14 @@ def main(argv=None):
             if nginx:
                 routes.append(Route("nginx mail proxy, plain", nginx.port))
             routes += [
-                Route("mailgw imap4, splice relay", ports["imap"]),
-                Route("mailgw imap4, Twisted relay", twisted_port),
-                Route("mailgw imap4s (TLS upstream)", ports["imaps"], tls=True),
+                Route("mailgw imap4, splice relay", ports["imap"], pid=gateway.proc.pid),
+                Route("mailgw imap4, Twisted relay", twisted_port, pid=twisted_gw.proc.pid),
+                Route("mailgw imap4s (TLS upstream)", ports["imaps"], tls=True, pid=gateway.proc.pid),
             ]
             if args.pool_size:
                 if pool_supported(gateway):
-                    routes.append(Route(f"mailgw imap4s, warm pool of {args.pool_size}", ports["pool"], tls=True))
+                    routes.append(Route(f"mailgw imap4s, warm pool of {args.pool_size}", ports["pool"], tls=True,
+                                        pid=gateway.proc.pid))
                 else:
                     print("note: warm-pool route skipped: this gateway does not support mailgw.pool.* yet "
                           "(no mailgw_pool_connections metric)")
