@@ -29,6 +29,7 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 import realservers
+from gatewayharness import LogCapture
 from support.reactor import in_reactor
 from mailgw import splice
 from mailgw.relay import Relay, make_relay
@@ -136,6 +137,15 @@ class Harness:
     def close(self):
         in_reactor(self.listener.stopListening)
         self.server.close()
+
+
+@pytest.fixture(autouse=True)
+def no_logged_failures():
+    """An exception in a relay's reactor callbacks is only logged: make it fail the test."""
+    with LogCapture() as logs:
+        yield
+    failures = [e["log_failure"].getTraceback() for e in logs.events if e.get("log_failure") is not None]
+    assert not failures, failures[0]
 
 
 @pytest.fixture(params=["splice", "twisted"])
@@ -347,6 +357,19 @@ def test_drain_goodbye_comes_after_the_relayed_bytes(kind, harness_factory):
     assert body == data[: len(body)]
     assert recv_all(upstream) == b""
     wait_lost(pair)
+
+
+def test_application_reset_while_the_pending_bytes_are_flushed(kind, harness_factory):
+    # The application never reads its 8 MiB of pending bytes and resets: the relay is
+    # still waiting for Twisted's buffer to empty when the leg is lost.
+    h = harness_factory(pending=os.urandom(8 * MiB))
+    app, upstream, pair = h.connect()
+    upstream.sendall(b"queued behind the pending bytes")
+    app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    app.close()  # RST
+    assert recv_all(upstream) == b""
+    wait_lost(pair)
+    assert pair.relay.closing
 
 
 def test_upstream_reset_closes_the_application_leg(kind, harness_factory):
