@@ -20,9 +20,39 @@ from .destination import Destination, DestinationError, parse_destination
 from .endpoints.tls import TLSConfigError, check_tls_files
 from .settings import Settings
 
+#: Configuration files (gateway.yaml, a destinations directory's *.json) larger than
+#: this are refused: nothing legitimate comes close, and reading must stay bounded.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+#: Secret files (``{file: path}``) larger than this are refused.
+MAX_SECRET_BYTES = 64 * 1024
+
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message says where and why."""
+
+
+def read_capped(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of ``path``, reading at most ``limit + 1`` of them (``/dev/zero`` and
+    runaway files are refused, not read until memory runs out)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what}: {e.strerror}") from None
+    if len(data) > limit:
+        raise ConfigError(f"{path}: {what} is larger than {_size(limit)}")
+    return data
+
+
+def _size(limit: int) -> str:
+    return f"{limit // (1024 * 1024)} MiB" if limit % (1024 * 1024) == 0 else f"{limit // 1024} KiB"
+
+
+def _text(data: bytes, path: Path, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: {what} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
 @frozen
@@ -118,20 +148,20 @@ def resolve_secret(value: Any, where: str, base: Path) -> Any:
         return os.environ[ref]
     path = base / ref
     try:
-        return path.read_text().rstrip("\r\n")
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read secret file {path}: {e.strerror}") from None
+        return _text(read_capped(path, MAX_SECRET_BYTES, "secret file"), path, "secret file").rstrip("\r\n")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _load_document(path: Path) -> Any:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    text = _text(read_capped(path, MAX_CONFIG_BYTES, "configuration file"), path, "configuration file")
     try:
         if path.suffix == ".json":
             return json.loads(text)
         return yaml.safe_load(text)  # YAML is a superset of JSON
+    except RecursionError:
+        # Both parsers recurse per nesting level; a few thousand "[" are enough.
+        raise ConfigError(f"{path}: nested too deeply") from None
     except (ValueError, yaml.YAMLError) as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

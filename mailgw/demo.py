@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 
 from twisted.application import service
 from twisted.cred import checkers, portal
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.mail import imap4, pop3, smtp
 from twisted.mail.imap4 import LOGINCredentials, PLAINCredentials
 from zope.interface import implementer
 
 from .config import parse_config
+from .listening import Listener, listen_now
 from .service import make_service
 
 log = Logger()
@@ -401,14 +402,26 @@ class DemoService(service.MultiService):
         self.upstream_ports: list = []
         self.gateway_service = None
 
-    @defer.inlineCallbacks
+    def privilegedStartService(self):
+        # Everything binds here, before the reactor runs: a port in use (another demo
+        # still running) stops start-up with one line (mailgw.process).
+        self._build()
+        super().privilegedStartService()
+
     def startService(self):
+        self._build()  # when nobody called privilegedStartService (in-process tests)
         super().startService()
+        self._print_welcome()
+
+    def _build(self):
+        """Listen with the demo mail server on loopback and build the gateway in front of it."""
+        if self.gateway_service is not None:
+            return
         accounts = demo_portal(self.mailbox, DEMO_USER, self.password)
         upstream = {}
         for name, factory in [("smtp", DemoSMTPFactory(accounts)), ("imap4", DemoIMAPFactory(accounts)),
                               ("pop3", DemoPOP3Factory(accounts))]:
-            port = yield endpoints.TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1").listen(factory)
+            port = listen_now(self.reactor, Listener(f"demo {name} server", "tcp:0:interface=127.0.0.1", factory))
             self.upstream_ports.append(port)
             upstream[name] = port.getHost().port
         config = {
@@ -427,7 +440,10 @@ class DemoService(service.MultiService):
             config["http"] = {"listen": f"tcp:{self.http[1]}:interface={self.http[0]}"}
         self.gateway_service = make_service(parse_config(config, "demo"), self.reactor)
         self.gateway_service.setServiceParent(self)
-        smtp_at, imap_at, pop3_at = [p.getHost() for p in (yield self.gateway_service.listening_ports())]
+
+    def _print_welcome(self):
+        smtp_at, imap_at, pop3_at = [item.address for item in self.gateway_service.listeners.listeners]
+        upstream = dict(zip(("smtp", "imap4", "pop3"), (p.getHost().port for p in self.upstream_ports)))
         self.out.write(
             "\nmailgw demo is running.  Applications need no login: the gateway holds the credentials.\n"
             f"  SMTP for applications: {smtp_at.host}:{smtp_at.port}\n"

@@ -12,34 +12,56 @@ Secrets (client secrets, refresh tokens, authorisation codes, access tokens) nev
 an exception message, a ``repr`` or a log line.  Exceptions from requests and oauthlib
 can carry request bodies or URLs, so they are never chained or logged: we build our own
 :class:`TokenError` outside the ``except`` block, so it has no ``__context__`` either.
+Text that comes from the token service (``error_description``, the HTTP reason) is
+redacted of every credential the request carried, in the forms a service may echo them:
+as sent, URL-encoded, base64, and the ``Authorization: Basic`` value (SPEC 9.6).
+
+Bounds (SPEC 9.6): a token response over :data:`MAX_RESPONSE_BYTES` is refused (read in
+chunks, never further than the cap); each request ends at its deadline however slowly the
+service trickles bytes -- the reactor shuts the request's socket down, so the pool thread
+stops too, and the request's concurrency slot is free at once.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import logging
 import math
 import re
+import socket
 import threading
+import time
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import requests
+import urllib3
 from attrs import define, field, frozen
 from oauthlib.oauth2 import BackendApplicationClient, InsecureTransportError, WebApplicationClient
+from requests.adapters import HTTPAdapter
 from requests.auth import HTTPBasicAuth
 from requests_oauthlib import OAuth2Session
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from . import metrics
 from .blocking import BlockingPool, PoolStopped
 from .cache import SingleFlightCache
 from .destination import OAUTH2_AUTHORIZATION_CODE, OAUTH2_REFRESH_TOKEN, Destination
 
 log = Logger(namespace="mailgw.oauth")
+
+#: Token service responses larger than this are refused (SPEC 9.6).
+MAX_RESPONSE_BYTES = 1024 * 1024
+#: Read size for token responses: also bounds what one read may decompress to.
+_CHUNK = 16 * 1024
 
 #: Lifetime assumed for a token whose response has no ``expires_in``.
 DEFAULT_LIFETIME = 300.0
@@ -61,6 +83,13 @@ INSECURE_TRANSPORT = "insecure_transport"
 INVALID_CONFIGURATION = "invalid_configuration"
 STOPPED = "stopped"
 INTERNAL_ERROR = "internal_error"
+RESPONSE_TOO_LARGE = "response_too_large"
+
+#: Our own error codes: anything else is the token service's OAuth2 ``error`` (a refusal).
+OWN_ERROR_CODES = frozenset({
+    UNREACHABLE, TIMEOUT, TLS_ERROR, HTTP_ERROR, MALFORMED_RESPONSE, INSECURE_TRANSPORT,
+    INVALID_CONFIGURATION, STOPPED, INTERNAL_ERROR, RESPONSE_TOO_LARGE,
+})
 
 
 class TokenError(Exception):
@@ -124,18 +153,46 @@ _ERROR_CODE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _UNPRINTABLE_RE = re.compile(r"[^\x20-\x7e]")
 
 
-def _redact(text: str, secrets: tuple[str, ...]) -> str:
+def _b64_forms(data: bytes) -> set[str]:
+    standard = base64.b64encode(data).decode("ascii")
+    urlsafe = base64.urlsafe_b64encode(data).decode("ascii")
+    return {standard, urlsafe, standard.rstrip("="), urlsafe.rstrip("=")}
+
+
+def secret_forms(secrets: tuple[str, ...], client_id: str | None = None, client_secret: str | None = None) -> tuple[str, ...]:
+    """Every form in which a token request carries ``secrets`` and a service may echo
+    them: as they are, URL-encoded (path and form style), base64 (standard and URL-safe,
+    with and without padding), and the value of ``Authorization: Basic`` for
+    ``client_id:client_secret`` (raw, as requests sends it, and form-encoded, as RFC 6749
+    asks).  Longest first, so a longer form is replaced before a part of it."""
+    forms: set[str] = set()
     for secret in secrets:
-        if secret:
-            for form in {secret, quote(secret, safe=""), quote(secret)}:
-                text = text.replace(form, "***")
+        if not secret:
+            continue
+        forms |= {secret, quote(secret, safe=""), quote(secret), quote_plus(secret)}
+        forms |= _b64_forms(secret.encode("utf-8"))
+    if client_id is not None and client_secret:
+        for pair in (f"{client_id}:{client_secret}", f"{quote_plus(client_id)}:{quote_plus(client_secret)}"):
+            forms |= _b64_forms(pair.encode("utf-8"))
+            try:
+                forms |= _b64_forms(pair.encode("latin-1"))
+            except UnicodeEncodeError:
+                pass
+    return tuple(sorted((f for f in forms if f), key=len, reverse=True))
+
+
+def _redact(text: str, forms: tuple[str, ...]) -> str:
+    """``text`` with every occurrence of every form replaced by ``***`` (ignoring case:
+    percent-encodings come in either, and redacting too much is harmless)."""
+    for form in forms:
+        text = re.sub(re.escape(form), "***", text, flags=re.IGNORECASE)
     return text
 
 
-def _safe_description(value: Any, secrets: tuple[str, ...]) -> str:
+def _safe_description(value: Any, forms: tuple[str, ...]) -> str:
     if not isinstance(value, str):
         return ""
-    text = _UNPRINTABLE_RE.sub("?", _redact(value, secrets)).strip()
+    text = _UNPRINTABLE_RE.sub("?", _redact(value, forms)).strip()
     return text[:200] + ("..." if len(text) > 200 else "")
 
 
@@ -177,6 +234,11 @@ class _Grant:
     def secrets(self) -> tuple[str, ...]:
         return tuple(s for s in (self.client_secret, self.refresh_token, self.code) if s)
 
+    @property
+    def redacted_forms(self) -> tuple[str, ...]:
+        """What to remove from any text the token service sends back."""
+        return secret_forms(self.secrets, self.client_id, self.client_secret)
+
     def describe(self) -> str:
         text = f"{self.grant_type} grant for client {self.client_id!r}"
         return text + (f", tenant {self.tenant!r}" if self.tenant else "")
@@ -208,15 +270,18 @@ def _parse_response(response: requests.Response, grant: _Grant) -> _Response:
     except (ValueError, RecursionError):
         obj = None
     where = f"token service {host}"
+    forms = grant.redacted_forms
     if isinstance(obj, dict) and isinstance(obj.get("error"), str) and obj["error"]:
-        code = obj["error"] if _ERROR_CODE_RE.fullmatch(obj["error"]) else "unknown_error"
-        description = _safe_description(obj.get("error_description"), grant.secrets)
+        code = obj["error"]
+        if not _ERROR_CODE_RE.fullmatch(code) or _redact(code, forms) != code:
+            code = "unknown_error"  # not an OAuth2 error code, or one that echoes a secret
+        description = _safe_description(obj.get("error_description"), forms)
         message = f"{where} refused the {grant.describe()}: {code}"
         if description:
             message += f" ({description})"
         raise TokenError(code, f"{message} [HTTP {status}]", host=host, status=status)
     if not 200 <= status < 300:
-        reason = _safe_description(response.reason, grant.secrets)
+        reason = _safe_description(response.reason, forms)
         raise TokenError(
             HTTP_ERROR, f"{where} answered HTTP {status} {reason}".rstrip() + f" to the {grant.describe()}", host=host, status=status
         )
@@ -269,10 +334,151 @@ def _parse_response(response: requests.Response, grant: _Grant) -> _Response:
     return _Response(access_token, token_type, expires_in, refresh, scope)
 
 
-def _request_blocking(grant: _Grant, timeout: float, abandoned: threading.Event) -> _Response:
-    """Run one grant with requests-oauthlib.  Blocks: call it in a pool thread."""
+class _ResponseTooLarge(requests.exceptions.RequestException):
+    """The token service's response passed :data:`MAX_RESPONSE_BYTES`."""
+
+
+class _DeadlinePassed(requests.exceptions.Timeout):
+    """The request's deadline passed while the response was still arriving."""
+
+
+class _SocketWatch:
+    """The sockets of one token request, so the reactor thread can shut them down at
+    the request's deadline: the pool thread blocked in a read then returns at once.
+
+    Each socket is kept as a duplicate of its file descriptor: shutting the duplicate
+    down ends the connection (TLS wraps the original, which then loses its descriptor),
+    and closing it (:meth:`close`, when the request ends) leaves the original alone.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.interrupted = False
+
+    def register(self, sock: socket.socket) -> None:
+        duplicate = sock.dup()
+        with self._lock:
+            if not self.interrupted:
+                self._sockets.append(duplicate)
+                return
+        _shut(duplicate)  # the deadline passed while this socket was connecting
+        duplicate.close()
+
+    def interrupt(self) -> None:
+        """Shut every socket of the request down (any thread)."""
+        with self._lock:
+            self.interrupted = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def close(self) -> None:
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            sock.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by the peer or by us
+
+
+def _watched_pools(watch: _SocketWatch) -> dict[str, type]:
+    """urllib3 connection pools whose connections register their sockets with ``watch``
+    as soon as TCP connects (before a TLS handshake that may trickle too).
+
+    ``_new_conn`` is the method urllib3's HTTP and HTTPS connections both create their
+    socket in (urllib3 1.x and 2.x alike); it is the one place to see the socket before
+    TLS wraps it.
+    """
+
+    class WatchedHTTPConnection(HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            sock = super()._new_conn()
+            watch.register(sock)
+            return sock
+
+    class WatchedHTTPSConnection(HTTPSConnection):
+        def _new_conn(self) -> socket.socket:
+            sock = super()._new_conn()
+            watch.register(sock)
+            return sock
+
+    class WatchedHTTPConnectionPool(HTTPConnectionPool):
+        ConnectionCls = WatchedHTTPConnection
+
+    class WatchedHTTPSConnectionPool(HTTPSConnectionPool):
+        ConnectionCls = WatchedHTTPSConnection
+
+    return {"http": WatchedHTTPConnectionPool, "https": WatchedHTTPSConnectionPool}
+
+
+class _BoundedAdapter(HTTPAdapter):
+    """The transport of one token request: no retries, every socket watched (see
+    :class:`_SocketWatch`), each read bounded by the time left until ``deadline`` (a
+    ``time.monotonic()`` value), and the response body read in chunks up to
+    ``max_bytes`` -- one byte more fails the request with :class:`_ResponseTooLarge`.
+    requests-oauthlib then reads the body from the bounded copy as usual.
+    """
+
+    def __init__(self, watch: _SocketWatch, deadline: float, max_bytes: int = MAX_RESPONSE_BYTES):
+        self._watch = watch
+        self._deadline = deadline
+        self._max_bytes = max_bytes
+        super().__init__(max_retries=0)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _watched_pools(self._watch)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):  # SOCKS managers bring their own connections
+            manager.pool_classes_by_scheme = _watched_pools(self._watch)
+        return manager
+
+    def _left(self) -> float:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise _DeadlinePassed("the token request's deadline passed")
+        return left
+
+    def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None, **kwargs: Any) -> requests.Response:
+        left = self._left()
+        response = super().send(request, stream=True, timeout=(left, left), **kwargs)
+        try:
+            body = self._read_bounded(response)
+        finally:
+            response.close()
+        headers = {k: v for k, v in response.raw.headers.items() if k.lower() not in ("content-encoding", "transfer-encoding", "content-length")}
+        raw = urllib3.HTTPResponse(
+            body=io.BytesIO(body), headers=headers, status=response.status_code, reason=response.reason,
+            preload_content=False, decode_content=False,
+        )
+        return self.build_response(request, raw)
+
+    def _read_bounded(self, response: requests.Response) -> bytes:
+        chunks, size = [], 0
+        while True:
+            self._left()  # a trickle that beats each read's timeout still meets the deadline
+            chunk = response.raw.read(_CHUNK, decode_content=True)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > self._max_bytes:
+                raise _ResponseTooLarge(f"response over {self._max_bytes} bytes")
+            chunks.append(chunk)
+
+
+def _request_blocking(grant: _Grant, budget: float, abandoned: threading.Event, watch: _SocketWatch) -> _Response:
+    """Run one grant with requests-oauthlib within ``budget`` seconds from now.  Blocks:
+    call it in a pool thread; the reactor interrupts it through ``watch``."""
     if abandoned.is_set():
         raise _Abandoned()
+    deadline = time.monotonic() + budget
     parsed: list[_Response] = []
 
     def check(response: requests.Response) -> requests.Response:
@@ -291,13 +497,16 @@ def _request_blocking(grant: _Grant, timeout: float, abandoned: threading.Event)
     where = f"token service {grant.host}"
     try:
         with OAuth2Session(client=client, redirect_uri=grant.redirect_uri) as session:
+            adapter = _BoundedAdapter(watch, deadline)
+            session.mount("https://", adapter)
+            session.mount("http://", adapter)
+            # A compressed body could expand far past what was read: ask for none.
+            session.headers["Accept-Encoding"] = "identity"
             session.register_compliance_hook("access_token_response", check)
             session.register_compliance_hook("refresh_token_response", check)
             if grant.grant_type == REFRESH_TOKEN:
                 extra = {"client_id": grant.client_id, "client_secret": grant.client_secret} if in_body else {}
-                session.refresh_token(
-                    grant.token_url, refresh_token=grant.refresh_token, auth=auth, timeout=(timeout, timeout), **extra
-                )
+                session.refresh_token(grant.token_url, refresh_token=grant.refresh_token, auth=auth, timeout=budget, **extra)
             else:
                 session.fetch_token(
                     grant.token_url,
@@ -305,12 +514,16 @@ def _request_blocking(grant: _Grant, timeout: float, abandoned: threading.Event)
                     auth=auth,
                     include_client_id=in_body,
                     client_secret=grant.client_secret if in_body else None,
-                    timeout=(timeout, timeout),
+                    timeout=budget,
                 )
     except TokenError as exc:
         error = TokenError(exc.error_code, exc.message, host=exc.host, status=exc.status)
+    except _ResponseTooLarge:
+        error = TokenError(
+            RESPONSE_TOO_LARGE, f"{where} answered the {grant.describe()} with more than {MAX_RESPONSE_BYTES // 1024} KiB", host=grant.host
+        )
     except requests.exceptions.Timeout:
-        error = TokenError(TIMEOUT, f"{where} did not answer the {grant.describe()} within {timeout:g}s", host=grant.host)
+        error = TokenError(TIMEOUT, f"{where} did not answer the {grant.describe()} within {budget:g}s", host=grant.host)
     except requests.exceptions.SSLError:
         error = TokenError(TLS_ERROR, f"TLS with {where} failed ({grant.describe()})", host=grant.host)
     except requests.exceptions.ConnectionError:
@@ -322,6 +535,10 @@ def _request_blocking(grant: _Grant, timeout: float, abandoned: threading.Event)
     except Exception as exc:  # oauthlib's own parsing after ours (e.g. a scope Warning)
         if not parsed:
             error = TokenError(MALFORMED_RESPONSE, f"{where}: unusable answer to the {grant.describe()} ({type(exc).__name__})", host=grant.host)
+    finally:
+        watch.close()
+    if abandoned.is_set():
+        raise _Abandoned()  # interrupted at the deadline or by stop: the caller has moved on
     if error is not None:
         raise error  # raised here, outside the except blocks: no __context__ with secrets
     if not parsed:
@@ -337,6 +554,7 @@ def _request_blocking(grant: _Grant, timeout: float, abandoned: threading.Event)
 class _Call:
     grant: _Grant
     abandoned: threading.Event = field(factory=threading.Event)
+    watch: _SocketWatch = field(factory=_SocketWatch)
     reason: str | None = None
     deferred: Deferred | None = None
 
@@ -344,10 +562,16 @@ class _Call:
 class TokenClient(MultiService):
     """Obtains tokens from token services, off the reactor thread.
 
-    ``timeout`` bounds each HTTP connect and read; ``deadline`` (default three times
-    ``timeout``) bounds a whole call including waiting for a slot, after which the
-    Deferred fails with ``timeout`` even if a thread is still stuck.  At most
-    ``max_concurrent`` (default ``pool_size``) requests run at once.
+    ``deadline`` (default: ``timeout``, gateway.yaml ``timeouts.token``) bounds a whole
+    call, waiting for a slot included, however slowly the service trickles bytes: the
+    Deferred then fails with ``timeout``, the slot is free for the next call, and the
+    request's socket is shut down so its pool thread stops too.  At most
+    ``max_concurrent`` (default ``pool_size``) requests run at once.  Responses over
+    :data:`MAX_RESPONSE_BYTES` are refused (``response_too_large``).
+
+    Every request counts in ``mailgw_token_requests_total{grant, outcome}`` (``ok``;
+    ``refused``: the service answered with an OAuth2 error; ``timeout``; ``error``:
+    anything else) and ``mailgw_token_request_seconds{grant}``.
 
     A twisted service: its :class:`~mailgw.blocking.BlockingPool` starts and stops with
     it (:meth:`start` / :meth:`stop` do the same for callers without a service tree).
@@ -364,7 +588,7 @@ class TokenClient(MultiService):
         super().__init__()
         self._reactor = reactor
         self.timeout = float(timeout)
-        self.deadline = float(deadline) if deadline is not None else 3 * self.timeout
+        self.deadline = float(deadline) if deadline is not None else self.timeout
         self.max_concurrent = max_concurrent or pool_size
         self._semaphore = DeferredSemaphore(self.max_concurrent)
         self.pool = BlockingPool(reactor, "mailgw-oauth", pool_size)
@@ -463,7 +687,8 @@ class TokenClient(MultiService):
         def in_pool() -> Deferred[_Response]:
             if call.abandoned.is_set():  # stopped or timed out while it waited for a slot
                 raise _Abandoned()
-            return self.pool(_request_blocking, grant, self.timeout, call.abandoned)
+            left = self.deadline - (self._reactor.seconds() - started)
+            return self.pool(_request_blocking, grant, max(0.001, left), call.abandoned, call.watch)
 
         log.debug("token request: {grant} at {host}", grant=grant.describe(), host=grant.host)
         d = self._semaphore.run(in_pool)
@@ -478,9 +703,11 @@ class TokenClient(MultiService):
             elapsed = self._reactor.seconds() - started
             if isinstance(result, Failure):
                 call.abandoned.set()
+                call.watch.interrupt()  # cancelled or failed: the thread need not go on
                 error = self._error_for(call, result)
                 if error is None:
-                    return result  # cancelled by our caller: CancelledError, as usual
+                    return result  # cancelled by our caller: CancelledError, as usual (not counted)
+                _count(grant, _outcome(error), elapsed)
                 log.warn(
                     "token request failed: {error_code}: {reason} ({elapsed:.3f}s)",
                     error_code=error.error_code,
@@ -488,6 +715,7 @@ class TokenClient(MultiService):
                     elapsed=elapsed,
                 )
                 return Failure(error)
+            _count(grant, "ok", elapsed)
             log.info(
                 "token obtained: {grant} at {host}, expires in {expires_in:g}s ({elapsed:.3f}s)",
                 grant=grant.describe(),
@@ -528,8 +756,20 @@ class TokenClient(MultiService):
     def _abandon(self, call: _Call, reason: str) -> None:
         call.reason = reason
         call.abandoned.set()
+        call.watch.interrupt()  # a thread blocked in a read returns now
         if call.deferred is not None and id(call) in self._call_objs:
-            call.deferred.cancel()
+            call.deferred.cancel()  # frees the slot: DeferredSemaphore.run releases on cancel
+
+
+def _outcome(error: TokenError) -> str:
+    if error.error_code == TIMEOUT:
+        return "timeout"
+    return "error" if error.error_code in OWN_ERROR_CODES else "refused"
+
+
+def _count(grant: _Grant, outcome: str, elapsed: float) -> None:
+    metrics.TOKEN_REQUESTS.labels(grant.grant_type, outcome).inc()
+    metrics.TOKEN_REQUEST_SECONDS.labels(grant.grant_type).observe(elapsed)
 
 
 # ---------------------------------------------------------------------------------------

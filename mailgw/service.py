@@ -1,25 +1,36 @@
-"""Builds the running gateway: listeners, the http listener, draining on stop."""
+"""Builds the running gateway: listeners, the http listener and send API, draining on
+stop, and applying a re-read configuration file (SIGHUP, standalone mode)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Mapping
+from typing import Any, Mapping
 
-from twisted.application import internet, service
-from twisted.internet import defer, endpoints
+from twisted.application import service
+from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import Interface
 
 from . import audit as audit_log
 from . import logs, metrics
+from .blocking import BlockingPool
 from .config import ConfigError, GatewayConfig, LoggingConfig, ProxyConfig
 from .destination import OAUTH2_CLIENT_CREDENTIALS, Destination
 from .endpoints.chain import socks_proxy, upstream_endpoint
 from .errors import GatewayError
+from .listening import (
+    Listener,
+    ListenerGroup,
+    StartupError,
+    endpoint_from_string,
+    find_conflict,
+    reachable_off_loopback,
+)
 from .oauth import AccessToken, TokenCache, TokenClient, TokenProvider
 from .pool import UpstreamPool
 from .protocol.refusal import Reason, Refusal
+from .send.connection import POOL_SIZE as SEND_POOL_SIZE
+from .send.http import BearerTokens, SendResource
 from .session import GatewayFactory, GatewaySession
 from .settings import Route, Settings
 from .status import StatusBoard, StatusResource, listener_info
@@ -260,7 +271,12 @@ class IDrainParticipant(Interface):
 
 
 class GatewayService(service.MultiService):
-    """The standalone gateway: one listening service per listener, plus http.
+    """The standalone gateway: its application listeners, the http listener (and the
+    send API's), the token client and the send pool.
+
+    ``listeners`` and ``web`` are :class:`~mailgw.listening.ListenerGroup` services:
+    every port is bound in ``privilegedStartService``, so a port in use stops start-up
+    with a :class:`~mailgw.listening.StartupError` before anything else runs.
 
     Children providing :class:`IDrainParticipant` (the Kubernetes controller, whose
     listeners are its own) are told when the drain starts.
@@ -271,11 +287,24 @@ class GatewayService(service.MultiService):
     #: set by the twistd plugin when gateway.yaml asks for JSON logs (mailgw.logs)
     log_observer = None
 
-    def __init__(self, gateway: Gateway):
+    def __init__(
+        self,
+        gateway: Gateway,
+        config: GatewayConfig | None = None,
+        token_client: TokenClient | None = None,
+        *,
+        owns_proxy: bool = True,
+    ):
         super().__init__()
         self.gateway = gateway
-        self.listeners = service.MultiService()
+        #: the configuration running now (replaced by :meth:`reconfigure`)
+        self.config = config
+        self.token_client = token_client
+        #: False when the caller supplied the proxy endpoint (tests): a reload keeps it
+        self.owns_proxy = owns_proxy
+        self.listeners = ListenerGroup(gateway.reactor)  # application listeners
         self.listeners.setServiceParent(self)
+        self.web = ListenerGroup(gateway.reactor)  # http listener and the send API's own
         #: more listening sockets for /status (Kubernetes mode: the controller's), each a
         #: callable returning mailgw.status.ListenerInfo values
         self.listener_sources: list = []
@@ -293,34 +322,86 @@ class GatewayService(service.MultiService):
 
     def listener_status(self) -> defer.Deferred:
         """Fires with a mailgw.status.ListenerInfo for every listening socket."""
-
-        def one(listening):
-            route = listening.route
-            d = _port_of(listening)
-            return d.addCallbacks(lambda port: [listener_info(route.destination, route.tenant, port)], lambda _: [])
-
-        waiting = [one(listening) for listening in self.listeners if listening.running]
+        found = [
+            listener_info(item.route.destination, item.route.tenant, item.port)
+            for item in self.listeners.listeners if item.port is not None
+        ]
+        waiting = [defer.succeed(found)]
         waiting += [defer.maybeDeferred(lambda source=source: list(source())) for source in self.listener_sources]
         d = defer.gatherResults(waiting, consumeErrors=True)
         return d.addCallback(lambda lists: [info for found in lists for info in found])
 
-    def send_address(self, name: str):
+    def send_address(self, name: str) -> defer.Deferred:
         """Where the send API reaches destination ``name``: the host and port of its
         first SMTP listener (``None`` when there is none), as a Deferred."""
         if self.gateway.source.family(name) != "smtp":
             return defer.succeed(None)
-        for listener in self.listeners:
-            if listener.route.destination == name and listener.route.tenant is None:
-                return _port_of(listener).addCallback(_connectable)
-        return defer.succeed(None)
+        listener = self.listeners.find(
+            lambda item: item.route.destination == name and item.route.tenant is None and item.port is not None
+        )
+        return defer.succeed(_connectable(listener.address) if listener is not None else None)
 
     def listening_ports(self) -> defer.Deferred:
-        """Fires with the listening ports (``getHost()`` tells where port 0 landed)."""
-        return defer.gatherResults([_port_of(s) for s in self.listeners])
+        """Fires with the application listeners' ports, in configuration order
+        (``getHost()`` tells where port 0 landed)."""
+        return defer.succeed([item.port for item in self.listeners.listeners])
+
+    def reconfigure(self, config: GatewayConfig) -> defer.Deferred:
+        """Apply a re-read configuration file (SIGHUP, SPEC 9.5).
+
+        Listeners added, removed or changed and destinations changed take effect:
+        a removed listener stops accepting (its sessions go on), a new one listens, and
+        new sessions use the new destinations, settings and connectivity proxy.  Open
+        sessions are untouched.  The http listener, the send API, the token client's
+        concurrency, audit and logging keep running as they are until a restart (a log
+        line names what changed).
+
+        Fails with :class:`ConfigError` or :class:`StartupError` (a new listener cannot
+        listen) and then leaves the running configuration as it was.
+        """
+        if self.gateway.draining:
+            return defer.fail(StartupError("the gateway is shutting down"))
+        try:
+            check_listening(config, self.gateway.reactor)
+        except ConfigError as e:
+            return defer.fail(e)
+        old = self.config
+        gateway = self.gateway
+        wanted = _application_listeners(config, gateway)
+        before = {item.listen for item in self.listeners.listeners}
+        after = {item.listen for item in wanted}
+
+        def commit() -> None:
+            gateway.source = StaticSource(config.destinations)
+            gateway.settings = config.settings
+            if self.owns_proxy:
+                gateway.proxy = config.connectivity_proxy
+                gateway.proxy_endpoint = _proxy_endpoint(gateway.reactor, config, gateway.tokens)
+            if self.token_client is not None:
+                self.token_client.timeout = self.token_client.deadline = config.settings.token_timeout
+            self.config = config
+
+        def report(_: Any) -> None:
+            # Warm pools follow: new routes get theirs, changed destinations new connections.
+            gateway.update_pools(self._routes())
+            log.info(
+                "configuration reloaded from {origin}: {listeners} listeners ({added} added, {removed} removed), "
+                "{destinations} destinations",
+                origin=config.origin, listeners=len(after), added=len(after - before), removed=len(before - after),
+                destinations=len(config.destinations),
+            )
+            pending = _restart_only_changes(old, config)
+            if pending:
+                log.warn("{sections} changed in {origin}: this takes effect at the next restart", sections=", ".join(pending), origin=config.origin)
+
+        return self.listeners.replace(wanted, commit).addCallback(report)
 
     def startService(self):
         super().startService()
-        self.gateway.update_pools([listener.route for listener in self.listeners])
+        self.gateway.update_pools(self._routes())
+
+    def _routes(self) -> list[Route]:
+        return [listener.route for listener in self.listeners.listeners]
 
     def stopService(self):
         # Stop accepting first, report not ready, then let open sessions finish.
@@ -334,34 +415,112 @@ class GatewayService(service.MultiService):
         return d
 
 
-def _port_of(listening: internet.StreamServerEndpointService) -> defer.Deferred:
-    """A new Deferred for the service's listening port, leaving the service's own alone.
-
-    StreamServerEndpointService keeps its port Deferred privately (and stops the port
-    through it); this is the one place that reads it.
-    """
-    observed = defer.Deferred()
-
-    def tell(result):
-        observed.callback(result) if not isinstance(result, Failure) else observed.errback(result)
-        return result
-
-    listening._waitingForPort.addBoth(tell)
-    return observed
-
-
-def _connectable(port) -> tuple[str, int]:
-    """A listening port's address as a client on this host can reach it."""
-    address = port.getHost()
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
-    return host, address.port
+def _restart_only_changes(old: GatewayConfig | None, new: GatewayConfig) -> list[str]:
+    """The sections of ``new`` that differ from ``old`` but are not applied by a reload."""
+    if old is None:
+        return []
+    changed = []
+    if old.http != new.http:
+        changed.append("http")
+    if old.audit != new.audit:
+        changed.append("audit")
+    if old.logging != new.logging:
+        changed.append("logging")
+    if old.settings.max_token_requests != new.settings.max_token_requests:
+        changed.append("limits.maxTokenRequests")
+    return changed
 
 
-def _server_endpoint(reactor, description: str, where: str):
-    try:
-        return endpoints.serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ConfigError(f"{where}: invalid endpoint string {description!r}: {e}") from None
+def _connectable(address) -> tuple[str, int] | None:
+    """A listening address as a client on this host can reach it (None: not IP)."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None or port is None:
+        return None
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return host, port
+
+
+def _listening_names(config: GatewayConfig) -> list[tuple[str, str]]:
+    named = [(f"listeners[{index}]", listener.listen) for index, listener in enumerate(config.listeners)]
+    if config.http is not None:
+        named.append(("http", config.http.listen))
+        if config.http.send is not None and config.http.send.listen:
+            named.append(("http.send", config.http.send.listen))
+    return named
+
+
+def check_listening(config: GatewayConfig, reactor=None, *, send_api: bool = True) -> None:
+    """Raise :class:`ConfigError` for what would otherwise fail while binding, with a
+    traceback, or leave the send API open (SPEC 9.1, 9.6): an endpoint string Twisted
+    cannot use, a port out of range, two listeners on one port, a send API reachable
+    from other hosts without tokens (or any send API where ``send_api`` is False: the
+    cluster-wide Kubernetes gateway)."""
+    if reactor is None:
+        from twisted.internet import reactor  # noqa: F811 - endpoints are only built, never bound
+    origin = config.origin
+    named = _listening_names(config)
+    for name, description in named:
+        try:
+            endpoint_from_string(reactor, description)
+        except ValueError as e:
+            raise ConfigError(f"{origin}: {name}: invalid endpoint string {description!r}: {e}") from None
+    conflict = find_conflict(named)
+    if conflict is not None:
+        raise ConfigError(f"{origin}: {conflict}")
+    send = config.http.send if config.http is not None else None
+    if send is None:
+        return
+    if not send_api:
+        raise ConfigError(f"{origin}: http.send: the cluster-wide gateway has no send API (run mailgw as a sidecar for that)")
+    where = send.listen or config.http.listen
+    if not send.tokens and reachable_off_loopback(where):
+        raise ConfigError(
+            f"{origin}: http.send: the send API would be reachable from other hosts on {where!r} without tokens: "
+            "add http.send.tokens, or listen on loopback (interface=127.0.0.1)"
+        )
+
+
+def _application_listeners(config: GatewayConfig, gateway: Gateway) -> list[Listener]:
+    result = []
+    for index, listener in enumerate(config.listeners):
+        route = Route(listener.destination, listener.tenant)
+        result.append(Listener(f"{config.origin}: listeners[{index}]", listener.listen, GatewayFactory(route, gateway), route))
+    return result
+
+
+def _proxy_endpoint(reactor, config: GatewayConfig, tokens):
+    proxy = config.connectivity_proxy
+    if proxy is None:
+        return None
+    return socks_proxy(
+        reactor, proxy, connect_timeout=config.settings.connect_timeout,
+        jwt_for_tenant=lambda tenant: tokens.for_connectivity_proxy(proxy, tenant),
+    )
+
+
+def _count_token_cache(result: str) -> None:
+    metrics.TOKEN_CACHE.labels(result).inc()
+
+
+def _add_web(top: GatewayService, config: GatewayConfig, reactor) -> None:
+    """The http listener (probes, metrics, /status), and the send API when ``http.send``
+    is configured: on the http listener, or on its own listener."""
+    from .web import make_send_site, make_site
+
+    http, send = config.http, config.http.send
+    gateway = top.gateway
+    send_resource = None
+    if send is not None:
+        pool = BlockingPool(reactor, "mailgw-send", SEND_POOL_SIZE)
+        pool.setServiceParent(top)
+        send_resource = SendResource(top.send_address, pool=pool, tokens=BearerTokens(send.tokens), audit=gateway.audit)
+    top.web.setServiceParent(top)
+    status = StatusResource(gateway, top.listener_status, top.status_providers)
+    if send is not None and send.listen:
+        top.web.add(Listener(f"{config.origin}: http", http.listen, make_site(gateway, status=status)))
+        top.web.add(Listener(f"{config.origin}: http.send", send.listen, make_send_site(send_resource)))
+    else:
+        top.web.add(Listener(f"{config.origin}: http", http.listen, make_site(gateway, send_resource, status=status)))
 
 
 def make_service(
@@ -370,19 +529,20 @@ def make_service(
     """The gateway for ``config``; nothing listens until the service starts.
 
     ``source`` replaces the configuration's destinations (Kubernetes mode).  With
-    ``send_api`` False the http listener serves no send API (the cluster-wide gateway).
+    ``send_api`` False there is no send API even when ``http.send`` asks for one (the
+    cluster-wide gateway): that is a :class:`ConfigError`, like listeners that cannot
+    work (see :func:`check_listening`).
     """
     if reactor is None:
         from twisted.internet import reactor  # noqa: F811 - the global reactor by default
+    check_listening(config, reactor, send_api=send_api)
     token_client = None
     if tokens is None:
         token_client = TokenClient(reactor, timeout=config.settings.token_timeout, max_concurrent=config.settings.max_token_requests)
-        tokens = TokenProvider(token_client, TokenCache(reactor))
-    if proxy_endpoint is None and config.connectivity_proxy is not None:
-        proxy_endpoint = socks_proxy(
-            reactor, config.connectivity_proxy, connect_timeout=config.settings.connect_timeout,
-            jwt_for_tenant=lambda tenant: tokens.for_connectivity_proxy(config.connectivity_proxy, tenant),
-        )
+        tokens = TokenProvider(token_client, TokenCache(reactor, observe=_count_token_cache))
+    owns_proxy = proxy_endpoint is None
+    if owns_proxy:
+        proxy_endpoint = _proxy_endpoint(reactor, config, tokens)
     try:
         audit = audit_log.from_config(config, reactor)
     except audit_log.AuditOpenError as e:
@@ -392,7 +552,7 @@ def make_service(
         tokens=tokens, proxy=config.connectivity_proxy, proxy_endpoint=proxy_endpoint,
         audit=audit, status=StatusBoard(reactor),
     )
-    top = GatewayService(gateway)
+    top = GatewayService(gateway, config, token_client, owns_proxy=owns_proxy)
     top.logging = config.logging
     if audit is not None:
         # Stops after the listeners' drain; records of sessions that end before it
@@ -400,24 +560,8 @@ def make_service(
         audit.setServiceParent(top)
     if token_client is not None:
         token_client.setServiceParent(top)  # its thread pool starts and stops with us
-    for index, listener in enumerate(config.listeners):
-        route = Route(listener.destination, listener.tenant)
-        endpoint = _server_endpoint(reactor, listener.listen, f"{config.origin}: listeners[{index}]")
-        listening = internet.StreamServerEndpointService(endpoint, GatewayFactory(route, gateway))
-        listening._raiseSynchronously = True  # a port in use fails start-up, loudly
-        listening.setName(f"listener {route} on {listener.listen}")
-        listening.route = route
-        listening.setServiceParent(top.listeners)
+    for listener in _application_listeners(config, gateway):
+        top.listeners.add(listener)
     if config.http is not None:
-        from .web import make_site
-
-        endpoint = _server_endpoint(reactor, config.http.listen, f"{config.origin}: http")
-        http = internet.StreamServerEndpointService(endpoint, make_site(
-            gateway, top.send_address if send_api else None,
-            status=StatusResource(gateway, top.listener_status, top.status_providers),
-        ))
-        http._raiseSynchronously = True
-        http.setServiceParent(top)
+        _add_web(top, config, reactor)
     return top
-
-

@@ -1,4 +1,9 @@
-"""The http listener: /healthz, /readyz, /metrics, /status (and the send API when configured)."""
+"""The http listener: /healthz, /readyz, /metrics, /status (and the send API when configured).
+
+The send API (SPEC 9.1) is mounted only when ``http.send`` is configured: on the http
+listener, or on a listener of its own (:func:`make_send_site`).  Probes, metrics and
+/status never need its bearer token.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ from twisted.web import resource, server
 
 from .send.http import SendResource, limited_request_factory
 from .status import StatusResource
+
+#: Request bodies on a site without the send API: probes and metrics take none.
+NO_SEND_BODY_LIMIT = 64 * 1024
 
 
 class _Health(resource.Resource):
@@ -36,22 +44,40 @@ class _Ready(resource.Resource):
         return b"ready\n"
 
 
-def make_site(gateway, send_address=None, status: StatusResource | None = None) -> server.Site:
+def make_site(gateway, send: SendResource | None = None, status: StatusResource | None = None) -> server.Site:
     """Health, readiness, metrics, ``/status`` (``status``, else one without listeners)
-    and, given ``send_address(name)`` (a Deferred of the ``(host, port)`` of the
-    destination's SMTP listener, or ``None``), the send API at
+    and, given ``send``, the send API at
     ``POST /v1/send/<destination>[/<recipient>]``."""
     root = resource.Resource()
     root.putChild(b"healthz", _Health())
     root.putChild(b"readyz", _Ready(gateway))
     root.putChild(b"metrics", MetricsResource())
     root.putChild(b"status", status or StatusResource(gateway))
-    if send_address is not None:
-        v1 = resource.Resource()
-        v1.putChild(b"send", SendResource(send_address, audit=getattr(gateway, "audit", None)))
-        root.putChild(b"v1", v1)
+    if send is not None:
+        _mount_send(root, send)
+    return _site(root, with_send=send is not None)
+
+
+def make_send_site(send: SendResource) -> server.Site:
+    """The send API alone, for its own listener (``http.send.listen``)."""
+    root = resource.Resource()
+    _mount_send(root, send)
+    return _site(root, with_send=True)
+
+
+def _mount_send(root: resource.Resource, send: SendResource) -> None:
+    v1 = resource.Resource()
+    v1.putChild(b"send", send)
+    root.putChild(b"v1", v1)
+
+
+def _site(root: resource.Resource, *, with_send: bool) -> server.Site:
     site = server.Site(root)
     site.displayTracebacks = False
-    # Bodies over the send API's limit are refused before they are read.
-    site.requestFactory = limited_request_factory()
+    # Bodies over the limit are refused before they are read: the send API's limit
+    # where it is mounted, a small one where nothing takes a body.
+    if with_send:
+        site.requestFactory = limited_request_factory()
+    else:
+        site.requestFactory = limited_request_factory(NO_SEND_BODY_LIMIT, count_refusals=False)
     return site

@@ -647,11 +647,12 @@ class AuthAttempt(NamedTuple):
     success: bool
 
 
-def _controller_class(line_length_limit: int):
+def _controller_class(line_length_limit: int, backlog: int | None = None):
     """An aiosmtpd Controller whose SMTP accepts lines up to ``line_length_limit`` bytes.
 
     aiosmtpd enforces RFC 5321's 1000 bytes (a class attribute read in ``__init__``);
     Postfix and Dovecot accept longer lines, and so must a sink standing in for them.
+    ``backlog``: the listen queue (asyncio's default is 100), for bursts of connections.
     """
     from aiosmtpd.controller import Controller
     from aiosmtpd.smtp import SMTP
@@ -668,6 +669,12 @@ def _controller_class(line_length_limit: int):
     class _Controller(Controller):
         def factory(self):
             return _SMTP(self.handler, **self.SMTP_kwargs)
+
+        if backlog is not None:
+            def _create_server(self):
+                return self.loop.create_server(
+                    self._factory_invoker, host=self.hostname, port=self.port, ssl=self.ssl_context, backlog=backlog,
+                )
 
     return _Controller
 
@@ -695,6 +702,7 @@ class SMTPSink(_Server):
         data_size_limit: int = 64 * MiB,
         line_length_limit: int = 1 * MiB,
         port: int | None = None,
+        backlog: int | None = None,
     ):
         if (require_starttls or implicit_tls) and tls_certs is None:
             raise ValueError("TLS options need tls_certs")
@@ -707,6 +715,7 @@ class SMTPSink(_Server):
         self.auth_required = bool(auth) if auth_required is None else auth_required
         self.data_size_limit = data_size_limit
         self.line_length_limit = line_length_limit
+        self.backlog = backlog
         self._lock = threading.Condition()
         self._messages: list[Message] = []
         self._auth_attempts: list[AuthAttempt] = []
@@ -760,7 +769,7 @@ class SMTPSink(_Server):
             else:
                 kwargs["tls_context"] = ctx
                 kwargs["require_starttls"] = self.require_starttls
-        self._controller = _controller_class(self.line_length_limit)(self, **kwargs)
+        self._controller = _controller_class(self.line_length_limit, self.backlog)(self, **kwargs)
         self._controller.start()
         self.start_seconds = time.monotonic() - t0
         return self

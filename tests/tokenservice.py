@@ -23,6 +23,13 @@ Switches (plain attributes, changeable while running): :attr:`refuse_all`
 :attr:`fail_status` (answer that HTTP status with an HTML body), :attr:`garbage` (answer
 200 with these bytes), :attr:`omit_access_token`, :attr:`expires_in` (``None``: absent),
 :attr:`rotate_refresh_tokens`.
+
+Hostile switches for the token endpoint (SPEC 9.6): :attr:`huge_body` (answer 200 with
+that many bytes, streamed until done or the client goes away), :attr:`trickle` (send the
+headers, then one body byte every that many seconds, forever), :attr:`echo_credentials`
+(refuse with an ``error_description`` that repeats the request's Authorization header
+and form body).  :attr:`client_gone` is set when a client closed the connection while a
+hostile answer was being written; :attr:`body_bytes_sent` counts what was written.
 """
 
 from __future__ import annotations
@@ -97,6 +104,11 @@ class TokenService:
         self.garbage: bytes | None = None
         self.omit_access_token = False
         self.rotate_refresh_tokens = False
+        self.huge_body: int | None = None
+        self.trickle: float | None = None
+        self.echo_credentials = False
+        self.client_gone = threading.Event()
+        self.body_bytes_sent = 0
         #: Lifetime of issued tokens for introspection when ``expires_in`` is None.
         self.default_lifetime = 3600.0
         self.refresh_tokens: dict[str, str] = {}
@@ -143,6 +155,11 @@ class TokenService:
             self.fail_status = None
             self.garbage = None
             self.omit_access_token = False
+            self.huge_body = None
+            self.trickle = None
+            self.echo_credentials = False
+            self.client_gone.clear()
+            self.body_bytes_sent = 0
             self.requests.clear()
             self.introspections.clear()
             self.max_active = self.active
@@ -331,7 +348,43 @@ class _Handler(BaseHTTPRequestHandler):
     def _form(self) -> dict[str, str]:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
-        return dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+        self.raw_body = raw.decode("utf-8", "replace")
+        return dict(parse_qsl(self.raw_body, keep_blank_values=True))
+
+    def _hostile(self) -> bool:
+        """Answer as one of the hostile switches says; False when none is on."""
+        svc = self.svc
+        if svc.echo_credentials:
+            echo = f"client authentication failed: Authorization: {self.headers.get('Authorization')}; body: {self.raw_body}"
+            self._json(401, {"error": "invalid_client", "error_description": echo})
+            return True
+        if svc.huge_body is None and svc.trickle is None:
+            return False
+        self.close_connection = True
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            if svc.trickle is not None:
+                self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            self.wfile.flush()
+            if svc.trickle is not None:
+                while not svc._stopping.is_set():
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    svc.body_bytes_sent += 1
+                    svc._stopping.wait(svc.trickle)
+            else:
+                chunk = b'{"padding": "' + b"x" * 65536
+                left = svc.huge_body
+                while left > 0 and not svc._stopping.is_set():
+                    piece = chunk[:left]
+                    self.wfile.write(piece)
+                    svc.body_bytes_sent += len(piece)
+                    left -= len(piece)
+        except OSError:  # BrokenPipeError, ConnectionResetError: the client went away
+            svc.client_gone.set()
+        return True
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
@@ -386,6 +439,9 @@ class _Handler(BaseHTTPRequestHandler):
             svc.requests.append(
                 RequestRecord(path, form.get("grant_type"), client_id, time.time(), method, dict(form), tenant, host)
             )
+        if self._hostile():
+            return
+        with svc._lock:
             reply = self._token_reply(svc, method, client_id, secret, tenant, form)
         self._send(*reply)
 

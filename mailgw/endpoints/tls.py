@@ -21,6 +21,10 @@ from ..destination import Destination
 
 log = Logger()
 
+#: PEM files larger than this are refused (a CA bundle is a few hundred KiB; reading
+#: stays bounded even when the path names /dev/zero).
+MAX_PEM_BYTES = 4 * 1024 * 1024
+
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
@@ -31,11 +35,14 @@ class TLSConfigError(ValueError):
 def _read(destination: Destination, key: str, path: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            return f.read()
+            pem = f.read(MAX_PEM_BYTES + 1)
     except OSError as e:
         raise TLSConfigError(
             f"destination {destination.name!r}, key {key!r}: cannot read {path}: {e.strerror}"
         ) from None
+    if len(pem) > MAX_PEM_BYTES:
+        raise TLSConfigError(f"destination {destination.name!r}, key {key!r}: {path} is larger than 4 MiB")
+    return pem
 
 
 def _certificates(destination: Destination, key: str, pem: bytes) -> list[ssl.Certificate]:

@@ -2,7 +2,10 @@
 
 Implementation choice: the SMTP client is the standard library's :mod:`smtplib`, driven
 command by command, and the Twisted path (:meth:`EmailConnection.send_deferred`) runs it
-in a private thread pool with ``deferToThreadPool``.  Why not ``twisted.mail.smtp``:
+off the reactor thread: in a :class:`~mailgw.blocking.BlockingPool` when the caller gives
+one (the gateway's send API owns a ``mailgw-send`` pool in its service tree), else in the
+reactor's own thread pool, so the Python API needs no service tree and keeps no global
+state of its own.  Why not ``twisted.mail.smtp``:
 
 - ``send()`` must work from plain Python code.  With smtplib it is an ordinary blocking
   call; with Twisted's client it would have to start and share a reactor in a background
@@ -21,7 +24,7 @@ in a private thread pool with ``deferToThreadPool``.  Why not ``twisted.mail.smt
   TLS 1.2, SNI and host-name verification on unless verification is disabled), used for
   implicit TLS and for STARTTLS alike.
 
-The reactor thread never blocks: all socket work happens in the pool's threads.  The
+The reactor thread never blocks: all socket work happens in a pool's threads.  The
 password never appears in a repr (``repr=False``), an exception message or a log line;
 smtplib's debug output stays off.
 """
@@ -31,7 +34,6 @@ from __future__ import annotations
 import smtplib
 import socket
 import ssl
-import threading
 from typing import Any, Callable
 
 import attrs
@@ -404,56 +406,39 @@ def send_message(request: SendRequest, config: SendConfig) -> str:
 
 # -- the Twisted side -------------------------------------------------------------------
 
-_pool = None
-_pool_lock = threading.Lock()
-
-#: Concurrent sends from Twisted code; each holds one thread while it talks SMTP.
+#: Threads of the gateway's send pool (``mailgw-send``): concurrent sends over HTTP, each
+#: holding one thread while it talks SMTP.
 POOL_SIZE = 10
 
 
-def _thread_pool(reactor):
-    """The private pool for sends, started on first use, stopped at reactor shutdown."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            from twisted.python.threadpool import ThreadPool
-
-            pool = ThreadPool(minthreads=0, maxthreads=POOL_SIZE, name="mailgw-send")
-            pool.start()
-
-            def stop():
-                global _pool
-                with _pool_lock:
-                    if _pool is pool:
-                        _pool = None
-                pool.stop()
-
-            reactor.addSystemEventTrigger("during", "shutdown", stop)
-            _pool = pool
-        return _pool
-
-
-def _in_pool(reactor, function: Callable[..., str], *args):
+def _in_pool(reactor, pool, function: Callable[..., str], *args):
+    """Run ``function`` off the reactor thread: in ``pool`` (a
+    :class:`~mailgw.blocking.BlockingPool`, or any callable with its signature) when
+    given, else in the reactor's own thread pool."""
+    if pool is not None:
+        return pool(function, *args)
     from twisted.internet.threads import deferToThreadPool
 
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return deferToThreadPool(reactor, _thread_pool(reactor), function, *args)
+    return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
 
 
-def send_message_deferred(request: SendRequest, config: SendConfig, reactor=None):
+def send_message_deferred(request: SendRequest, config: SendConfig, reactor=None, pool=None):
     """:func:`send_message` off the reactor thread: a Deferred firing with the reply.
 
-    It fails with :class:`MessageError` or :class:`SendError` like :func:`send_message`.
+    It runs in ``pool`` when given (the gateway passes its ``mailgw-send``
+    :class:`~mailgw.blocking.BlockingPool`), else in the reactor's thread pool.  It fails
+    with :class:`MessageError` or :class:`SendError` like :func:`send_message`.
     """
-    return _in_pool(reactor, send_message, request, config)
+    return _in_pool(reactor, pool, send_message, request, config)
 
 
-def send_built_deferred(built: BuiltMessage, config: SendConfig, reactor=None):
+def send_built_deferred(built: BuiltMessage, config: SendConfig, reactor=None, pool=None):
     """:func:`send_built` off the reactor thread: a Deferred firing with the reply."""
-    return _in_pool(reactor, send_built, built, config)
+    return _in_pool(reactor, pool, send_built, built, config)
 
 
 # -- the reference-style API ------------------------------------------------------------
@@ -559,10 +544,11 @@ class EmailConnection:
         """
         return send_built(self.build(), self.config)
 
-    def send_deferred(self, reactor=None):
+    def send_deferred(self, reactor=None, pool=None):
         """Send from Twisted code: a Deferred firing with the final reply text.
 
-        The mail is snapshotted now; building and sending run in a private thread
-        pool, so the reactor never blocks.  Failures as for :meth:`send`.
+        The mail is snapshotted now; building and sending run off the reactor thread,
+        in ``pool`` (a :class:`~mailgw.blocking.BlockingPool` the caller's service tree
+        owns) or else in the reactor's thread pool.  Failures as for :meth:`send`.
         """
-        return send_message_deferred(self.request(), self.config, reactor)
+        return send_message_deferred(self.request(), self.config, reactor, pool)

@@ -8,26 +8,34 @@ quoted-printable text), otherwise it is sent as a binary part, or as it is in th
 MIME-Version pass-through case.  The response body is the SMTP server's final reply.
 
 Status codes: 200 sent; 400 malformed request (the message names the header);
-404 unknown destination; 405 not POST; 413 body over the size limit; 502 the mail was
-not sent (refused by the server, or it could not be reached).
+401 no bearer token (when tokens are configured); 403 wrong bearer token; 404 unknown
+destination; 405 not POST; 413 body over the size limit; 502 the mail was not sent
+(refused by the server, or it could not be reached).  Every answer counts in
+``mailgw_send_requests_total{status}``.
+
+Access (SPEC 9.1): given :class:`BearerTokens`, every request needs
+``Authorization: Bearer <token>``; tokens are kept as SHA-256 digests and compared in
+constant time, and never appear in a log line or a reply.
 
 Mounting, for whoever builds the http listener's resource tree::
 
     v1 = Resource(); root.putChild(b"v1", v1)
-    v1.putChild(b"send", SendResource(resolve))
+    v1.putChild(b"send", SendResource(resolve, tokens=BearerTokens(["..."])))
     site = Site(root)
     site.requestFactory = limited_request_factory()   # refuse big bodies early
 
 ``resolve(name)`` returns the :class:`~mailgw.send.SendConfig` for a destination (or
 ``(host, port)`` of the gateway's SMTP listener for it, or ``None`` when unknown), or a
-Deferred of one of these.  Sending runs in the send API's private thread pool: the
-reactor never blocks.
+Deferred of one of these.  Sending runs off the reactor thread (the gateway's
+``mailgw-send`` pool): the reactor never blocks.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
-from typing import Callable
+from typing import Callable, Iterable
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -36,11 +44,13 @@ from twisted.web import server
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from .. import metrics
 from ..audit import body_size, send_audit_for
 from .connection import SendConfig, SendError, send_message_deferred
 from .message import MessageError, SendRequest, parse_content_type
 
 __all__ = [
+    "BearerTokens",
     "DEFAULT_MAX_BODY_SIZE",
     "HTTP_HEADERS",
     "LimitedRequest",
@@ -156,30 +166,79 @@ def parse_send_request(recipient: str | None, headers, body: bytes) -> SendReque
     )
 
 
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
+
+
+class BearerTokens:
+    """The tokens that may use the send API (``http.send.tokens``).
+
+    Only SHA-256 digests are kept, so neither a repr nor a memory dump of this object
+    shows a token, and comparing digests in constant time does not reveal a token's
+    length either.  No tokens: every request is allowed (the gateway allows that only
+    on loopback).
+    """
+
+    def __init__(self, tokens: Iterable[str] = ()):
+        self._digests = tuple(_digest(token.encode("utf-8")) for token in tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def __repr__(self) -> str:
+        return f"<BearerTokens ({len(self._digests)})>"
+
+    def check(self, authorization: bytes | None) -> int | None:
+        """``None`` when a request with this ``Authorization`` header may pass; 401
+        when it carries no bearer token, 403 when the token is not one of ours."""
+        if not self._digests:
+            return None
+        scheme, _, credentials = (authorization or b"").strip().partition(b" ")
+        credentials = credentials.strip()
+        if scheme.lower() != b"bearer" or not credentials:
+            return 401
+        presented = _digest(credentials)
+        match = False
+        for expected in self._digests:  # no early exit: every token costs the same
+            match |= hmac.compare_digest(presented, expected)
+        return None if match else 403
+
+
 class SendResource(Resource):
     """``POST /v1/send/<destination>[/<recipient>]``; mount it at ``/v1/send``.
 
     ``resolve(destination_name)`` gives a :class:`SendConfig`, a ``(host, port)`` of
     the gateway's SMTP listener for that destination, ``None`` for an unknown name, or
     a Deferred of one of these.  ``send(request, config)`` returns a Deferred of the
-    final reply (default: :func:`~mailgw.send.send_message_deferred`).  ``audit``
-    (a :class:`~mailgw.audit.AuditLog`) gets one line per request, whatever its answer.
+    final reply (default: :func:`~mailgw.send.send_message_deferred` in ``pool``, or in
+    the reactor's thread pool).  ``tokens``: the :class:`BearerTokens` every request
+    must present (none: no check).  ``audit`` (a :class:`~mailgw.audit.AuditLog`) gets
+    one line per request, whatever its answer.
     """
 
     isLeaf = True
 
     def __init__(self, resolve: Callable, *, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-                 send: Callable | None = None, reactor=None, audit=None):
+                 send: Callable | None = None, reactor=None, pool=None,
+                 tokens: BearerTokens | None = None, audit=None):
         super().__init__()
         self._resolve = resolve
         self._audit = audit
         self.max_body_size = max_body_size
         self._reactor = reactor
-        self._send = send or (lambda req, cfg: send_message_deferred(req, cfg, reactor))
+        self.tokens = tokens if tokens is not None else BearerTokens()
+        self._send = send or (lambda req, cfg: send_message_deferred(req, cfg, reactor, pool))
 
     def render(self, request):
         if self._audit is not None:  # SPEC 9.3: every request, once answered (or abandoned)
             request.notifyFinish().addBoth(self._audited, request, body_size(request))
+        # Access next: a caller without the token learns nothing else about the API.
+        refusal = self.tokens.check(request.getHeader(b"authorization"))
+        if refusal == 401:
+            request.setHeader(b"www-authenticate", b'Bearer realm="mailgw send API"')
+            return _respond(request, 401, "unauthorized: send the header Authorization: Bearer <token>")
+        if refusal == 403:
+            return _respond(request, 403, "forbidden: the bearer token is not valid")
         if request.method != b"POST":
             request.setHeader(b"allow", b"POST")
             return _respond(request, 405, "use POST /v1/send/<destination>[/<recipient>]")
@@ -264,6 +323,7 @@ class _UnknownDestination(LookupError):
 
 def _respond(request, code: int, text: str) -> bytes:
     """Set the status and headers; the body to return from ``render``."""
+    metrics.SEND_REQUESTS.labels(str(code)).inc()
     body = (text.rstrip("\n") + "\n").encode("utf-8")
     request.setResponseCode(code)
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -290,6 +350,8 @@ class LimitedRequest(server.Request):
     max_body_size = DEFAULT_MAX_BODY_SIZE
     #: Seconds to keep discarding the client's upload after answering 413.
     linger = 2.0
+    #: Whether a 413 counts as a send API request (``mailgw_send_requests_total``).
+    count_refusals = True
 
     _received = 0
     _refused = False
@@ -319,6 +381,8 @@ class LimitedRequest(server.Request):
 
     def _refuse(self):
         self._refused = True
+        if self.count_refusals:
+            metrics.SEND_REQUESTS.labels("413").inc()
         # No "100 Continue" after the answer: the client must not send the body.
         self.requestHeaders.removeHeader(b"expect")
         text = f"request body over the limit of {self.max_body_size} bytes\n".encode()
@@ -335,6 +399,9 @@ class LimitedRequest(server.Request):
         reactor.callLater(self.linger, self.channel.loseConnection)
 
 
-def limited_request_factory(max_body_size: int = DEFAULT_MAX_BODY_SIZE):
-    """A ``Site.requestFactory`` refusing bodies over ``max_body_size`` early."""
-    return type("LimitedRequest", (LimitedRequest,), {"max_body_size": max_body_size})
+def limited_request_factory(max_body_size: int = DEFAULT_MAX_BODY_SIZE, *, count_refusals: bool = True):
+    """A ``Site.requestFactory`` refusing bodies over ``max_body_size`` early.
+
+    ``count_refusals=False`` for a site without the send API (its 413s are not send API
+    requests)."""
+    return type("LimitedRequest", (LimitedRequest,), {"max_body_size": max_body_size, "count_refusals": count_refusals})

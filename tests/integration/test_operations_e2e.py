@@ -6,10 +6,7 @@ prometheus-client's parser), the audit lines (fields and values), /status, and a
 everything the gateway wrote for every secret of the run in every encoding.
 
 Everything runs once (a module-scoped fixture); each test checks one part, so a report
-can tell which part works.  Tests marked ``WAITS_FOR_TOKEN_AND_SEND_METRICS`` check
-metrics counted by the send API's and the token client's own code (a branch not yet in
-main): they are strict xfails, so they fail -- and their marker must go -- the day they
-pass.
+can tell which part works.
 """
 
 from __future__ import annotations
@@ -36,11 +33,6 @@ from tokenservice import TokenService
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 CLIENT_ID = "mailgw-e2e"
-
-WAITS_FOR_TOKEN_AND_SEND_METRICS = pytest.mark.xfail(
-    strict=True, reason="mailgw_token_* and mailgw_send_requests_total are counted by the token client and the "
-    "send API (the hardening branch); remove this marker when they are",
-)
 
 #: Destination -> what happens to its sessions in this run.
 RELAY, BAD_PASSWORD, LIMITED, CLIENT_CREDENTIALS, SUBMIT = "relay-imaps", "badpw-imaps", "limit-imaps", "cc-imaps", "submit-smtps"
@@ -271,14 +263,12 @@ def test_build_info(run):
     assert dict(labels)["version"] and run.samples["mailgw_build_info"][labels] == 1
 
 
-@WAITS_FOR_TOKEN_AND_SEND_METRICS
 def test_token_metrics(run):
     assert value(run, "mailgw_token_requests_total", grant="client_credentials", outcome="ok") >= 1
     assert value(run, "mailgw_token_request_seconds_count", grant="client_credentials") >= 1
     assert value(run, "mailgw_token_cache_total", result="miss") >= 1
 
 
-@WAITS_FOR_TOKEN_AND_SEND_METRICS
 def test_send_api_metric(run):
     assert value(run, "mailgw_send_requests_total", status="200") == 1
 

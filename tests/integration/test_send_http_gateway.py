@@ -27,7 +27,7 @@ def test_post_v1_send_through_a_configured_destination(postfix, certs, smtp_sink
             "mail.smtp.port": str(postfix.submission_port), "mail.user": "alice", "mail.password": "secret",
             "TrustStoreLocation": str(certs.ca_pem),
         }],
-        "http": {"listen": f"tcp:{http_port}:interface=127.0.0.1"},
+        "http": {"listen": f"tcp:{http_port}:interface=127.0.0.1", "send": {}},  # loopback: no tokens needed
     })
     base = f"http://127.0.0.1:{http_port}/v1/send"
     mark = uuid.uuid4().hex

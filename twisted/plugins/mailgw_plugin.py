@@ -13,7 +13,7 @@ class Options(usage.Options):
         ["kubernetes", None, "Cluster-wide gateway: watch Destination custom resources."],
     ]
     optParameters = [
-        ["config", "c", None, "gateway.yaml (YAML or JSON)."],
+        ["config", "c", None, "gateway.yaml (YAML or JSON).  SIGHUP re-reads it (standalone mode)."],
     ]
 
     def postOptions(self):
@@ -32,32 +32,59 @@ class MailgwServiceMaker:
     def makeService(self, options):
         from twisted.internet import reactor
 
-        if options["demo"]:
-            from mailgw.demo import DemoService
+        from mailgw.config import ConfigError
+        from mailgw.listening import StartupError
+        from mailgw.process import ConfigReloader, GatewayProcess, exit_with, ignore_hangup
 
-            return DemoService(reactor)
-        if options["kubernetes"]:
-            from mailgw.kube.main import make_kubernetes_service  # noqa: PLC0415
-
-            return _with_log_format(make_kubernetes_service(reactor, options["config"]), options)
-        from mailgw.config import ConfigError, load_config
-        from mailgw.service import make_service
-
+        parent = getattr(options, "parent", None)
+        daemon = parent is not None and not parent["nodaemon"]
         try:
-            service = make_service(load_config(options["config"]), reactor)
+            if options["demo"]:
+                from mailgw.demo import DemoService
+
+                child = DemoService(reactor)
+                on_hangup = ignore_hangup("the demo has no configuration file to re-read")
+            elif options["kubernetes"]:
+                child = self._kubernetes(reactor, options["config"])
+                on_hangup = ignore_hangup(
+                    "Kubernetes mode takes its destinations from the cluster; restart the pod to apply a changed gateway.yaml"
+                )
+            else:
+                from mailgw.config import load_config
+                from mailgw.service import make_service
+
+                child = make_service(load_config(options["config"]), reactor)
+                on_hangup = ConfigReloader(options["config"], child)
         except ConfigError as e:
             # One clear line, no traceback: this is the operator's file, not our bug.
-            raise SystemExit(f"mailgw: configuration error: {e}") from None
-        return _with_log_format(service, options)
+            exit_with(f"mailgw: configuration error: {e}")
+        except StartupError as e:
+            exit_with(f"mailgw: {e}")
+        process = GatewayProcess(child, reactor, on_hangup, daemon=daemon)
+        _with_log_format(process, child, parent)
+        return process
+
+    @staticmethod
+    def _kubernetes(reactor, config_path):
+        from kubernetes.config import ConfigException
+
+        from mailgw.kube.main import make_kubernetes_service  # noqa: PLC0415
+        from mailgw.process import exit_with
+
+        try:
+            return make_kubernetes_service(reactor, config_path)
+        except ConfigException as e:  # no in-cluster service account and no kubeconfig
+            exit_with(f"mailgw: Kubernetes API configuration: {e}")
 
 
-def _with_log_format(service, options):
-    """gateway.yaml's ``logging.format`` for twistd: the observer that the service
-    offers twistd's application when it becomes its child (see mailgw.logs)."""
+def _with_log_format(process, child, server_options):
+    """gateway.yaml's ``logging.format`` for twistd: the observer that the process
+    service offers twistd's application when it becomes its child (see mailgw.logs)."""
+    from mailgw.config import LoggingConfig
     from mailgw.logs import twistd_observer
 
-    service.log_observer = twistd_observer(service.logging.format, getattr(options, "parent", None))
-    return service
+    log_format = getattr(child, "logging", LoggingConfig()).format  # the demo has none
+    process.log_observer = twistd_observer(log_format, server_options)
 
 
 serviceMaker = MailgwServiceMaker()

@@ -1,0 +1,97 @@
+"""A token service that echoes the request's credentials in its error_description
+(SPEC 9.6): what reaches the application and the log is redacted, for the eager
+client-credentials grant (the SMTP refusal greeting) and the lazy refresh-token exchange
+(the IMAP reply to AUTHENTICATE, upstream: real Dovecot)."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import uuid
+from urllib.parse import quote, quote_plus
+
+import pytest
+
+import realservers
+from gatewayharness import LogCapture
+from tokenservice import TokenService
+
+CLIENT_ID = "mailgw-client"
+CLIENT_SECRET = "cs/echo+me=if&you dare"
+REFRESH = "rt/alice+echo=me"
+
+
+def forms(*secrets):
+    found = []
+    for secret in secrets:
+        found += [secret, quote(secret, safe=""), quote_plus(secret), base64.b64encode(secret.encode()).decode()]
+    for pair in (f"{CLIENT_ID}:{CLIENT_SECRET}", f"{quote_plus(CLIENT_ID)}:{quote_plus(CLIENT_SECRET)}"):
+        found.append(base64.b64encode(pair.encode()).decode())
+    return found
+
+
+@pytest.fixture(scope="module")
+def echoing():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # the test service is http
+        with TokenService(clients={CLIENT_ID: CLIENT_SECRET}) as service:
+            service.add_refresh_token(REFRESH, "alice")
+            service.echo_credentials = True
+            yield service
+
+
+@pytest.fixture(scope="module")
+def oauth_dovecot(tmp_path_factory, certs, smtp_sink, echoing):
+    """Dovecot offering XOAUTH2, so the gateway greets and the exchange is attempted."""
+    realservers.require_or_skip(realservers.Dovecot.TOOLS)
+    server = realservers.Dovecot(
+        tmp_path_factory.mktemp("dovecot-echo"), certs, users={"alice": "pw-" + uuid.uuid4().hex},
+        relay=(smtp_sink.host, smtp_sink.port), oauth2_introspection_url=echoing.introspection_url,
+    )
+    with server:
+        yield server
+
+
+def destination(name, authentication, protocol, port, certs, echoing):
+    return {
+        "Name": name, "Type": "MAIL", "ProxyType": "Internet", "Authentication": authentication,
+        "mail.transport.protocol": protocol, f"mail.{protocol}.host": "localhost", f"mail.{protocol}.port": str(port),
+        "mail.user": "alice", "TrustStoreLocation": str(certs.ca_pem),
+        "tokenServiceURL": echoing.token_url, "clientId": CLIENT_ID, "clientSecret": CLIENT_SECRET,
+    }
+
+
+def read_reply(sock_file, until: bytes) -> bytes:
+    data = b""
+    while until not in data:
+        line = sock_file.readline()
+        assert line, f"connection closed after {data!r}"
+        data += line
+    return data
+
+
+def test_echoed_credentials_never_reach_the_application_or_the_log(oauth_dovecot, certs, echoing, gateway_factory):
+    dovecot = oauth_dovecot
+    with LogCapture() as logs:
+        gateway = gateway_factory({"destinations": [
+            destination("cc-smtp", "OAuth2ClientCredentials", "smtp", dovecot.submission_port, certs, echoing),
+            destination("rt-imaps", "OAuth2RefreshToken", "imap4s", dovecot.imaps_port, certs, echoing),
+        ]})
+        # Eager: the refusal greeting names the token service's error.
+        with socket.create_connection(gateway.address(0), timeout=30) as sock:
+            smtp_reply = sock.makefile("rb").readline()
+        assert smtp_reply[:1] in (b"4", b"5") and b"invalid_client" in smtp_reply, smtp_reply
+        # Lazy: the application's refresh token is exchanged and refused.
+        with socket.create_connection(gateway.address(1), timeout=30) as sock:
+            reader = sock.makefile("rb")
+            greeting = reader.readline()
+            assert greeting.startswith(b"* OK"), greeting
+            xoauth2 = base64.b64encode(f"user=alice\x01auth=Bearer {REFRESH}\x01\x01".encode())
+            sock.sendall(b"t1 AUTHENTICATE XOAUTH2 " + xoauth2 + b"\r\n")
+            imap_reply = read_reply(reader, b"t1 ")
+        assert b"t1 NO [AUTHENTICATIONFAILED]" in imap_reply and b"invalid_client" in imap_reply, imap_reply
+        assert b"***" in imap_reply  # the echo arrived, redacted
+    logged = logs.text()
+    for form in forms(CLIENT_SECRET, REFRESH):
+        for where, text in (("SMTP reply", smtp_reply.decode()), ("IMAP reply", imap_reply.decode()), ("log", logged)):
+            assert form.lower() not in text.lower(), f"{form!r} in the {where}"

@@ -1,0 +1,234 @@
+"""SPEC 9.6 for the token client, against tests/tokenservice.py misbehaving on purpose:
+a 1 MiB cap on responses, one deadline per request however slowly the service trickles
+bytes (the thread stops and the slot is free again), credentials redacted from every
+error text even when the service echoes them, and the token metrics."""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+import threading
+from urllib.parse import quote, quote_plus
+
+import pytest
+from prometheus_client import REGISTRY
+from twisted.internet import defer
+from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import formatEvent, globalLogPublisher
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tokenservice import TokenService  # noqa: E402
+
+from mailgw.oauth import MAX_RESPONSE_BYTES, TokenClient, TokenError, secret_forms  # noqa: E402
+
+CLIENT_ID = "mail-gateway"
+#: Characters that URL-encoding and base64 both change.
+CLIENT_SECRET = "cs/Secret+with=odd&chars 7f3a"
+REFRESH = "rt/alice+Secret=19c2"
+
+
+def call(reactor, f, *args, **kwargs):
+    return blockingCallFromThread(reactor, f, *args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def insecure_transport(monkeypatch):
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
+
+
+@pytest.fixture
+def svc():
+    with TokenService(clients={CLIENT_ID: CLIENT_SECRET}) as service:
+        service.add_refresh_token(REFRESH, "alice@example.org")
+        yield service
+
+
+@pytest.fixture
+def make_client(reactor):
+    clients = []
+
+    def make(**kwargs):
+        client = TokenClient(reactor, **kwargs)
+        call(reactor, client.start)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        call(reactor, client.stop)
+
+
+@pytest.fixture
+def events():
+    captured = []
+    globalLogPublisher.addObserver(captured.append)
+    yield captured
+    globalLogPublisher.removeObserver(captured.append)
+
+
+def counted(grant, outcome) -> float:
+    return REGISTRY.get_sample_value("mailgw_token_requests_total", {"grant": grant, "outcome": outcome}) or 0.0
+
+
+def failure_of(reactor, f, *args, **kwargs) -> TokenError:
+    with pytest.raises(TokenError) as info:
+        call(reactor, f, *args, **kwargs)
+    return info.value
+
+
+def all_forms(*secrets) -> list[str]:
+    """What must never appear: each secret as is, URL-encoded, base64, and the Basic
+    header value of the client's credentials (as requests sends it, and form-encoded)."""
+    forms = []
+    for secret in secrets:
+        forms += [secret, quote(secret, safe=""), quote_plus(secret), base64.b64encode(secret.encode()).decode()]
+    for pair in (f"{CLIENT_ID}:{CLIENT_SECRET}", f"{quote_plus(CLIENT_ID)}:{quote_plus(CLIENT_SECRET)}"):
+        forms.append(base64.b64encode(pair.encode()).decode())
+    return forms
+
+
+# --- 1 MiB cap ------------------------------------------------------------------------------
+
+
+def test_response_over_one_mib_is_refused_without_reading_it_all(reactor, svc, make_client):
+    client = make_client(timeout=20)
+    svc.huge_body = 64 * 1024 * 1024
+    before = counted("client_credentials", "error")
+    error = failure_of(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
+    assert error.error_code == "response_too_large"
+    assert "more than 1024 KiB" in str(error) and f"127.0.0.1:{svc.port}" in str(error)
+    assert counted("client_credentials", "error") == before + 1
+    # We stopped reading at the cap and closed: the service could not write it all.
+    assert svc.client_gone.wait(20)
+    assert svc.body_bytes_sent < svc.huge_body
+
+
+def test_response_just_under_the_cap_is_fine(reactor, svc, make_client):
+    client = make_client(timeout=20)
+    head, tail = b'{"access_token": "at-big", "expires_in": 60, "padding": "', b'"}'
+    svc.garbage = head + b"p" * (MAX_RESPONSE_BYTES - len(head) - len(tail)) + tail
+    token = call(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
+    assert token.access_token == "at-big"
+
+
+# --- deadline ---------------------------------------------------------------------------------
+
+
+def test_trickling_service_meets_the_deadline_and_the_slot_is_free_again(reactor, svc, make_client):
+    # One slot and one thread: the second request can only succeed if the first one's
+    # slot was released and its thread stopped at the deadline.
+    client = make_client(timeout=1.0, max_concurrent=1, pool_size=1)
+    svc.trickle = 0.05  # a byte every 50 ms: every read succeeds long before its timeout
+    before = counted("client_credentials", "timeout")
+    error = failure_of(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
+    assert error.error_code == "timeout"
+    assert counted("client_credentials", "timeout") == before + 1
+    # The thread let go of the connection (the service's next write fails) ...
+    assert svc.client_gone.wait(20), "the pool thread still holds the trickling connection"
+    # ... and the next request gets the slot and the thread.
+    svc.trickle = None
+    token = call(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
+    assert token.access_token.startswith("at-")
+
+
+def test_trickle_while_others_wait_for_the_slot(reactor, svc, make_client):
+    client = make_client(timeout=1.0, max_concurrent=1, pool_size=2)
+    svc.trickle = 0.05
+
+    def two():
+        return defer.DeferredList(
+            [client.client_credentials(svc.token_url, CLIENT_ID, CLIENT_SECRET, scope=str(i)) for i in range(2)],
+            consumeErrors=True,
+        )
+
+    results = call(reactor, two)
+    # Both end with timeout (the second waited for the slot within the same deadline).
+    assert [r[1].value.error_code for r in results] == ["timeout", "timeout"]
+
+
+# --- redaction --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("client_auth", ["basic", "body"])
+def test_echoed_credentials_are_redacted(reactor, svc, make_client, events, client_auth):
+    client = make_client(timeout=10)
+    svc.echo_credentials = True
+    before = counted("refresh_token", "refused")
+    error = failure_of(reactor, client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH, client_auth=client_auth)
+    assert error.error_code == "invalid_client"
+    assert counted("refresh_token", "refused") == before + 1
+    text = str(error) + repr(error)
+    if client_auth == "basic":
+        assert "Authorization: Basic ***" in text
+    assert "grant_type=refresh_token" in text  # the echo is there, minus the secrets
+    logged = "\n".join(formatEvent(e) for e in events)
+    for form in all_forms(CLIENT_SECRET, REFRESH):
+        assert form not in text, form
+        assert form.lower() not in logged.lower(), form
+
+
+def test_error_code_that_echoes_a_secret_is_not_used():
+    from mailgw.oauth import _Grant, _parse_response
+
+    class Response:
+        status_code = 400
+        reason = "Bad Request"
+        headers = {"Content-Type": "application/json"}
+        content = b'{"error": "cs-Secret", "error_description": "x"}'
+
+    grant = _Grant("client_credentials", "http://t.example/token", CLIENT_ID, "cs-Secret")
+    with pytest.raises(TokenError) as info:
+        _parse_response(Response(), grant)
+    assert info.value.error_code == "unknown_error" and "cs-Secret" not in str(info.value)
+
+
+def test_secret_forms():
+    forms = secret_forms(("a b/c",), "id", "a b/c")
+    for expected in ("a b/c", "a%20b%2Fc", "a+b%2Fc", base64.b64encode(b"a b/c").decode(),
+                     base64.b64encode(b"id:a b/c").decode(), base64.b64encode(b"id:a+b%2Fc").decode()):
+        assert expected in forms
+    assert list(forms) == sorted(forms, key=len, reverse=True)
+
+
+# --- the cache metric -----------------------------------------------------------------------
+
+
+def test_token_cache_lookups_are_counted():
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailgw.config import parse_config
+    from mailgw.service import make_service
+
+    def value(result):
+        return REGISTRY.get_sample_value("mailgw_token_cache_total", {"result": result}) or 0.0
+
+    service = make_service(parse_config({}, "gateway.yaml"), MemoryReactorClock())
+    cache = service.gateway.tokens.cache
+    before = {r: value(r) for r in ("hit", "miss", "shared")}
+    fetched = defer.Deferred()
+    cache.get("k", lambda: fetched)
+    cache.get("k", lambda: fetched)
+    from mailgw.oauth import AccessToken
+
+    fetched.callback(AccessToken("at", expires_at=3600, expires_in=3600))
+    cache.get("k", lambda: fetched)
+    assert {r: value(r) - before[r] for r in before} == {"hit": 1, "miss": 1, "shared": 1}
+
+
+def test_stop_interrupts_a_trickling_request(reactor, svc, make_client):
+    client = make_client(timeout=30)
+    svc.trickle = 0.05
+    outcome = []
+    started = threading.Event()
+
+    def begin():
+        d = client.client_credentials(svc.token_url, CLIENT_ID, CLIENT_SECRET)
+        d.addErrback(lambda f: outcome.append(f.value))
+        reactor.callLater(0.5, started.set)
+
+    call(reactor, begin)
+    started.wait(10)
+    call(reactor, client.stop)
+    assert outcome and outcome[0].error_code == "stopped"
+    assert svc.client_gone.wait(20)
