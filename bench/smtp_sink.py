@@ -1,38 +1,39 @@
-"""A fast-enough SMTP sink for benchmarks: aiosmtpd, AUTH PLAIN/LOGIN for one user, data discarded.
+"""The bench's SMTP server, in a process of its own: ``tests/realservers.py``'s aiosmtpd sink.
 
-    python bench/smtp_sink.py PORT USER PASSWORD
+    python3 bench/smtp_sink.py PORT USER PASSWORD
+
+AUTH PLAIN/LOGIN for one user (optional for clients: the set-up loop only says EHLO and
+QUIT), messages discarded instead of kept (the bench sends tens of megabytes). Its own
+process so that the bench's client threads do not share a GIL with the server. Prints
+``ready`` once it accepts.
 """
 
+import os
 import sys
 import time
 
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+import realservers  # noqa: E402
 
 
-class Discard:
+class DiscardingSink(realservers.SMTPSink):
+    """Accepts every message and keeps none."""
+
     async def handle_DATA(self, server, session, envelope):
-        return "250 OK discarded %d bytes" % len(envelope.original_content or b"")
+        return "250 OK"
 
 
 def main():
-    port, user, password = int(sys.argv[1]), sys.argv[2].encode(), sys.argv[3].encode()
-
-    def authenticate(server, session, envelope, mechanism, data):
-        ok = isinstance(data, LoginPassword) and data.login == user and data.password == password
-        return AuthResult(success=ok, handled=False)
-
-    controller = Controller(
-        Discard(), hostname="127.0.0.1", port=port, authenticator=authenticate,
-        auth_require_tls=False, auth_required=True, data_size_limit=1 << 30, decode_data=False,
-    )
-    controller.start()
+    port, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    sink = DiscardingSink(auth={user: password}, auth_required=False, port=port, data_size_limit=1 << 30)
+    sink.start()
     print("ready", flush=True)
     try:
         while True:
             time.sleep(3600)
     finally:
-        controller.stop()
+        sink.stop()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
-"""The splice after release: bytes in, bytes out, with backpressure and an idle timeout.
+"""The relay after release: bytes in, bytes out, with backpressure and an idle timeout.
 
-This is the hot path.  Each direction costs one Python call per received chunk (the
-transport's own read size, 64 KiB): ``write`` on the other leg and a timer bump.
-Backpressure is Twisted's producer/consumer: each transport is registered as the
+:func:`make_relay` is what the session calls at release: it returns the zero-copy
+:class:`mailgw.splice.SpliceRelay` where both legs are plain sockets on Linux, and the
+Twisted :class:`Relay` otherwise (TLS on a leg, no ``os.splice``, other transports,
+or ``MAILGW_SPLICE=0`` in the environment).
+
+The Twisted relay's hot path costs one Python call per received chunk (the transport's
+read size, 64 KiB, or one TLS record): ``write`` on the other leg, a byte count and a
+timer bump.  Backpressure is Twisted's producer/consumer: each transport is registered as the
 streaming producer of the other, so a full write buffer on one side pauses reading on
 the other.
 """
@@ -14,15 +19,52 @@ from twisted.logger import Logger
 
 log = Logger()
 
-#: How long a TLS leg may wait for the peer's close_notify before it is aborted.
+#: How long a closing leg may take (a TLS leg waiting for the peer's close_notify, a
+#: splice relay delivering what it read) before it is aborted.
 CLOSE_GRACE = 5.0
 
 
-class Relay:
-    """Splices two connected protocols' transports.
+def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: float, sid: str,
+               leftover: bytes = b"", pending: bytes = b"", on_idle=None):
+    """The relay for a session released now: the splice relay where it can work, else ``Relay``.
 
-    ``app`` and ``upstream`` are protocols whose ``dataReceived``/``connectionLost`` the
-    session routes here (``from_app``, ``from_upstream``, ``lost``).
+    Call it once, at release, before anything else is written to either transport.
+    ``pending`` (bytes the upstream sent that the session still holds) goes to the
+    application and ``leftover`` (bytes the application sent after its releasing
+    command) to the upstream, each before anything relayed later in its direction.
+    The session then routes ``dataReceived`` of each leg to ``from_app`` /
+    ``from_upstream`` and both ``connectionLost`` to ``close()``.  Both relays count
+    ``bytes_to_upstream`` and ``bytes_to_app`` (``leftover`` and ``pending`` included).
+    ``on_idle`` is called before the idle timer closes the relay.  To end a session
+    with a goodbye, write it to the application transport and call ``close()`` in the
+    same reactor turn: both relays send it after the bytes already relayed.
+    """
+    from .splice import SpliceRelay, splice_unusable  # splice imports this module
+
+    why = splice_unusable(reactor, app_transport) or splice_unusable(reactor, upstream_transport)
+    relay = None
+    if why is None:
+        try:
+            relay = SpliceRelay(reactor, app_transport, upstream_transport,
+                                idle_timeout=idle_timeout, sid=sid, on_idle=on_idle)
+        except OSError as e:  # out of descriptors: the Twisted relay needs none more
+            why = f"no pipes: {e}"
+    if relay is None:
+        log.debug("session {sid}: Twisted relay ({why})", sid=sid, why=why)
+        relay = Relay(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, on_idle=on_idle)
+    if pending:
+        relay.from_upstream(pending)
+    if leftover:
+        relay.from_app(leftover)
+    return relay
+
+
+class Relay:
+    """Relays two connected protocols' transports with Twisted's producer/consumer.
+
+    The session routes each leg's ``dataReceived`` here (``from_app``,
+    ``from_upstream``) and calls ``close()`` when a leg is lost.  ``bytes_to_upstream``
+    and ``bytes_to_app`` count the bytes handed to each leg.
     """
 
     def __init__(self, reactor: IReactorTime, app_transport, upstream_transport, *, idle_timeout: float, sid: str, on_idle=None):

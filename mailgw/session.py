@@ -42,7 +42,7 @@ from .protocol.session import (
     StopTimer,
     Warmed,
 )
-from .relay import Relay, close_with_grace
+from .relay import Relay, close_with_grace, make_relay
 from .settings import Route, Settings
 
 log = Logger()
@@ -327,17 +327,14 @@ class GatewaySession(Protocol):
 
     def _release(self, action: StartRelay) -> None:
         log.debug("session {sid} released", sid=self.sid)
-        # From now on the relay registers the transports as each other's producers.
+        # From now on the relay (make_relay: splice or Twisted) owns both transports.
         self.transport.unregisterProducer()
         self.transport.resumeProducing()
-        if action.to_app:
-            self.transport.write(action.to_app)
-        self.relay = Relay(
+        self.relay = make_relay(
             self.reactor, self.transport, self._upstream.transport,
             idle_timeout=self.settings.relay_idle_timeout, sid=self.sid,
+            leftover=action.to_upstream, pending=action.to_app,
         )
-        if action.to_upstream:
-            self.relay.from_app(action.to_upstream)
 
     def _close(self) -> None:
         for pending in list(self._pending):

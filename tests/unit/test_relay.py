@@ -1,9 +1,11 @@
-"""The relay's wiring: producers, idle timeout, closing, TLS abort grace."""
+"""The Twisted relay's wiring (producers, idle timeout, closing, TLS abort grace) and
+``make_relay``'s choice; the splice relay runs on real sockets in
+tests/integration/test_relay_sockets.py."""
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from mailgw.relay import CLOSE_GRACE, Relay, close_with_grace
+from mailgw.relay import CLOSE_GRACE, Relay, close_with_grace, make_relay
 
 
 class Transport(StringTransport):
@@ -78,3 +80,47 @@ def test_close_with_grace_leaves_closed_transports_alone():
     transport.disconnected = True
     clock.advance(CLOSE_GRACE)
     assert not transport.aborted
+
+
+# -- byte counts and make_relay's choice --------------------------------------------------
+
+
+def test_byte_counts_per_direction():
+    _, app, up, relay = make()
+    relay.from_app(b"A1 SELECT INBOX\r\n")
+    relay.from_upstream(b"* 3 EXISTS\r\n")
+    relay.from_upstream(b"A1 OK\r\n")
+    assert (relay.bytes_to_upstream, relay.bytes_to_app) == (17, 19)
+
+
+def test_make_relay_gives_in_memory_transports_the_twisted_relay_with_pending_then_leftover():
+    clock, app, up = Clock(), Transport(), Transport()
+    relay = make_relay(clock, app, up, idle_timeout=60, sid="t", leftover=b"A2 FETCH 1 BODY[]\r\n",
+                       pending=b"* 1 RECENT\r\n")
+    assert type(relay) is Relay
+    assert app.value() == b"* 1 RECENT\r\n" and up.value() == b"A2 FETCH 1 BODY[]\r\n"
+    assert (relay.bytes_to_upstream, relay.bytes_to_app) == (19, 12)
+    clock.advance(61)
+    assert relay.closing
+
+
+def test_splice_is_refused_for_tls_wrapped_and_non_socket_legs(monkeypatch):
+    from twisted.internet import reactor
+    from twisted.internet.interfaces import ISSLTransport
+    from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+    from zope.interface import directlyProvides
+
+    from mailgw import splice
+
+    plain = Transport()
+    assert splice.splice_unusable(reactor, plain) == "the leg is not a file descriptor"
+    assert splice.splice_unusable(Clock(), plain) == "the reactor does not watch file descriptors"
+    tls = Transport()
+    directlyProvides(tls, ISSLTransport)
+    assert splice.splice_unusable(reactor, tls) == "the leg is TLS"
+    wrapper = ProtocolWrapper(WrappingFactory(None), None)
+    assert splice.splice_unusable(reactor, wrapper) == "the leg is a wrapped transport"
+    monkeypatch.delattr("os.splice")
+    assert splice.splice_unusable(reactor, plain) == "os.splice is not available"
+    monkeypatch.setattr(splice, "ENABLED", False)
+    assert splice.splice_unusable(reactor, plain) == "MAILGW_SPLICE=0"
