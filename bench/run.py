@@ -37,7 +37,6 @@ run with the routes alternated are what to quote.  The test suite never runs thi
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import http.server
 import imaplib
