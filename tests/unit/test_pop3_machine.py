@@ -5,21 +5,11 @@ import json
 
 import pytest
 
-from mailgw.protocol.actions import (
-    Close,
-    ExchangeSecret,
-    LoginRefused,
-    MisuseError,
-    Release,
-    SendToApp,
-    SendUpstream,
-    StartTLS,
-    UpstreamAwaitingLogin,
-    UpstreamFailed,
-    UpstreamReady,
-)
+from mailgw.protocol.actions import Close, LoginRefused, MisuseError, Release, SendToApp, StartTLS, UpstreamAwaitingLogin
+from mailgw.protocol.actions import UpstreamFailed, UpstreamReady
 from mailgw.protocol.credentials import BearerToken, Password
 from mailgw.protocol.pop3 import POP3AppSide, POP3Upstream
+from support.wire import failure, feed_bytewise, sent, started, to_app
 
 CAPA_PLAIN = b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nSTLS\r\nUSER\r\nSASL\r\n.\r\n"
 CAPA_TLS = b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n"
@@ -27,31 +17,8 @@ CAPA_AFTER = b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\n.\r\n"
 AFTER = ("CAPA", "TOP", "UIDL", "RESP-CODES", "PIPELINING")
 
 
-def sent(actions):
-    assert all(isinstance(a, SendUpstream) for a in actions), actions
-    return b"".join(a.data for a in actions)
-
-
-def failure(actions):
-    """The failure a call ended in (what came before it is moot: the session closes)."""
-    assert isinstance(actions[-1], UpstreamFailed) and not any(isinstance(a, UpstreamFailed) for a in actions[:-1]), actions
-    return actions[-1]
-
-
 def upstream(**kw):
-    kw.setdefault("implicit_tls", False)
-    m = POP3Upstream(**kw)
-    assert m.start() == ([StartTLS()] if kw["implicit_tls"] else [])
-    if kw["implicit_tls"]:
-        assert m.tls_established() == []
-    return m
-
-
-def feed_bytewise(m, data):
-    actions = []
-    for i in range(len(data)):
-        actions += m.receive(data[i : i + 1])
-    return actions
+    return started(POP3Upstream, **kw)
 
 
 def at_login(caps=CAPA_TLS, **kw):
@@ -252,10 +219,6 @@ def app(**kw):
     return POP3AppSide(**kw)
 
 
-def to_app(actions):
-    return b"".join(a.data for a in actions if isinstance(a, SendToApp))
-
-
 def test_greeting_and_capa():
     m = app()
     assert m.greeting() == b"+OK mailgw ready\r\n"
@@ -273,30 +236,6 @@ def test_user_pass_apop_answered_locally_then_release():
     assert m.receive(b"STAT\r\n") == [Release(b"STAT\r\n")]
     with pytest.raises(MisuseError):
         m.receive(b"more")
-
-
-@pytest.mark.parametrize(
-    "dialogue",
-    [
-        [(b"AUTH\r\n", b"+OK\r\nPLAIN\r\n.\r\n")],
-        [(b"AUTH PLAIN AGFsaWNlAHB3\r\n", b"+OK Logged in.\r\n")],
-        [(b"AUTH PLAIN\r\n", b"+ \r\n"), (b"AGFsaWNlAHB3\r\n", b"+OK Logged in.\r\n")],
-        [(b"auth xoauth2 dXNlcj1h\r\n", b"+OK Logged in.\r\n")],
-        [(b"AUTH PLAIN =\r\n", b"+OK Logged in.\r\n")],
-        [(b"AUTH LOGIN\r\n", b"+ VXNlcm5hbWU6\r\n"), (b"YQ==\r\n", b"+ UGFzc3dvcmQ6\r\n"), (b"cA==\r\n", b"+OK Logged in.\r\n")],
-        [(b"AUTH PLAIN\r\n", b"+ \r\n"), (b"*\r\n", b"-ERR Authentication cancelled\r\n")],
-    ],
-)
-def test_auth_answered_locally(dialogue):
-    m = app()
-    for line, reply in dialogue:
-        assert to_app(m.receive(line)) == reply
-
-
-def test_auth_response_line_is_not_a_command():
-    m = app()
-    m.receive(b"AUTH PLAIN\r\n")
-    assert m.receive(b"LIST\r\n") == [SendToApp(b"+OK Logged in.\r\n")]
 
 
 def test_reference_flow_without_login():
@@ -324,25 +263,6 @@ def test_quit_stls_and_empty_line_locally():
     actions = m.receive(b"QUIT\r\nLIST\r\n")
     assert actions == [SendToApp(b"+OK mailgw signing off\r\n"), Close("application quit")]
     assert m.receive(b"LIST\r\n") == []
-
-
-def test_line_too_long_closes():
-    m = app(max_line=100)
-    actions = m.receive(b"USER " + b"x" * 200)
-    assert to_app(actions) == b"-ERR mailgw: command line too long (limit 100 bytes)\r\n"
-    assert isinstance(actions[-1], Close)
-
-
-def test_refusal_and_goodbye():
-    assert POP3AppSide.dialect.refusal("destination x: boom", permanent=True) == b"-ERR mailgw: destination x: boom\r\n"
-    assert POP3AppSide.dialect.refusal("slow", permanent=False) == b"-ERR mailgw: slow\r\n"
-    assert POP3AppSide.dialect.refusal("bad\r\nINJECT").count(b"\r\n") == 1
-    assert POP3AppSide.dialect.goodbye("idle timeout") == b"-ERR mailgw: idle timeout\r\n"
-
-
-# -- properties ------------------------------------------------------------------------
-
-MAX = 256
 
 
 # -- lazy OAuth2 types: the upstream waits for the application's token -----------------
@@ -394,81 +314,3 @@ def test_lazy_upstream_stray_line_while_waiting_fails():
     m = waiting_upstream()
     f = failure(m.receive(b"-ERR Disconnected for inactivity.\r\n"))
     assert not f.permanent and "Disconnected" in f.reason
-
-
-def lazy_app(**kw):
-    kw.setdefault("capabilities", ("CAPA", "TOP", "UIDL", "STLS", "USER", "SASL PLAIN"))
-    return POP3AppSide(lazy=True, **kw)
-
-
-def xo(user, secret):
-    return base64.b64encode(f"user={user}\x01auth=Bearer {secret}\x01\x01".encode())
-
-
-def test_lazy_capa_and_auth_list_advertise_bearer_mechanisms():
-    m = lazy_app()
-    assert to_app(m.receive(b"CAPA\r\n")) == b"+OK Capability list follows\r\nCAPA\r\nTOP\r\nUIDL\r\nSASL XOAUTH2 OAUTHBEARER\r\n.\r\n"
-    assert to_app(m.receive(b"AUTH\r\n")) == b"+OK\r\nXOAUTH2\r\nOAUTHBEARER\r\n.\r\n"
-
-
-def test_lazy_auth_inline_then_release_of_pipelined_commands():
-    m = lazy_app()
-    [exchange] = m.receive(b"AUTH XOAUTH2 " + xo("alice", "rt-1") + b"\r\nSTAT\r\n")
-    assert exchange == ExchangeSecret("XOAUTH2", "alice", "rt-1") and "rt-1" not in repr(exchange)
-    assert m.receive(b"RETR 1\r\n") == []
-    actions = m.auth_succeeded(AFTER)
-    assert to_app(actions) == b"+OK Logged in.\r\n"
-    assert actions[-1] == Release(b"STAT\r\nRETR 1\r\n")
-
-
-def test_lazy_auth_with_continuation_split_bytewise():
-    m = lazy_app()
-    assert to_app(feed_bytewise(m, b"AUTH OAUTHBEARER\r\n")) == b"+ \r\n"
-    response = base64.b64encode(b"n,a=bob,\x01auth=Bearer code-9\x01\x01") + b"\r\n"
-    assert feed_bytewise(m, response) == [ExchangeSecret("OAUTHBEARER", "bob", "code-9")]
-    assert to_app(m.auth_succeeded(AFTER)) == b"+OK Logged in.\r\n"
-    assert b"PIPELINING" in to_app(m.receive(b"CAPA\r\n"))
-    assert m.receive(b"USER x\r\n") == [Release(b"USER x\r\n")]  # the upstream answers that now
-
-
-def test_lazy_refusals_keep_the_session_for_a_retry():
-    m = lazy_app()
-    m.receive(b"AUTH XOAUTH2 " + xo("alice", "revoked") + b"\r\n")
-    assert to_app(m.auth_refused("token service: invalid_grant")) == b"-ERR [AUTH] mailgw: token service: invalid_grant\r\n"
-    m.receive(b"AUTH XOAUTH2 " + xo("alice", "x") + b"\r\n")
-    assert to_app(m.auth_refused("unreachable", transient=True)) == b"-ERR [SYS/TEMP] mailgw: unreachable\r\n"
-    assert m.receive(b"AUTH XOAUTH2 " + xo("alice", "good") + b"\r\n") == [ExchangeSecret("XOAUTH2", "alice", "good")]
-    assert to_app(m.auth_succeeded(())) == b"+OK Logged in.\r\n"
-
-
-@pytest.mark.parametrize("command", [b"STAT", b"LIST", b"RETR 1", b"UIDL", b"NOOP", b"DELE 1", b"XYZZY"])
-def test_lazy_commands_before_authentication_are_refused(command):
-    m = lazy_app()
-    assert to_app(m.receive(command + b"\r\n")) == b"-ERR [AUTH] Authentication required\r\n"
-    assert to_app(m.receive(b"QUIT\r\n")) == b"+OK mailgw signing off\r\n"
-
-
-@pytest.mark.parametrize("command", [b"USER alice", b"PASS secret", b"APOP alice 0123", b"AUTH PLAIN AGFAYg==", b"AUTH LOGIN"])
-def test_lazy_password_logins_are_refused_clearly(command):
-    reply = to_app(lazy_app().receive(command + b"\r\n"))
-    assert reply.startswith(b"-ERR [AUTH] mailgw: ") and b"carries no token" in reply and b"secret" not in reply
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [b"not base64!", base64.b64encode(b"user=alice\x01\x01"), base64.b64encode(b"user=alice\x01auth=Bearer \x01\x01"), b"="],
-)
-def test_lazy_malformed_payloads_get_err_without_the_payload(payload):
-    m = lazy_app()
-    reply = to_app(m.receive(b"AUTH XOAUTH2 " + payload + b"\r\n"))
-    assert reply.startswith(b"-ERR mailgw: malformed authentication response") and payload not in reply
-    assert to_app(m.receive(b"AUTH XOAUTH2\r\n*\r\n")) == b"+ \r\n-ERR Authentication cancelled\r\n"
-
-
-def test_lazy_flood_while_waiting_closes():
-    m = lazy_app()
-    m.receive(b"AUTH XOAUTH2 " + xo("alice", "rt") + b"\r\n")
-    actions = m.receive(b"x" * 70000)
-    assert to_app(actions).startswith(b"-ERR") and isinstance(actions[-1], Close)
-
-

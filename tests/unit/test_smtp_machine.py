@@ -4,39 +4,18 @@ import base64
 
 import pytest
 
-from mailgw.protocol.actions import (
-    Close,
-    ExchangeSecret,
-    LoginRefused,
-    MisuseError,
-    Release,
-    SendToApp,
-    SendUpstream,
-    StartTLS,
-    UpstreamAwaitingLogin,
-    UpstreamFailed,
-    UpstreamReady,
-)
+from mailgw.protocol.actions import Close, LoginRefused, MisuseError, Release, StartTLS, UpstreamAwaitingLogin
+from mailgw.protocol.actions import UpstreamFailed, UpstreamReady
 from mailgw.protocol.credentials import BearerToken, Password
 from mailgw.protocol.smtp import SMTPAppSide, SMTPUpstream
+from support.wire import feed_bytewise, sent, started, to_app
 
 EHLO_PLAIN = b"250-mail.example.org\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
 EHLO_TLS = b"250-mail.example.org\r\n250-PIPELINING\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n"
 
 
-def sent(actions):
-    return b"".join(a.data for a in actions if isinstance(a, SendUpstream))
-
-
 def upstream(**kw):
-    """A machine whose connection is up (``start()`` called, as the glue does, and the
-    handshake done for implicit TLS)."""
-    kw.setdefault("implicit_tls", False)
-    machine = SMTPUpstream(**kw)
-    assert machine.start() == ([StartTLS()] if kw["implicit_tls"] else [])
-    if kw["implicit_tls"]:
-        assert machine.tls_established() == []
-    return machine
+    return started(SMTPUpstream, **kw)
 
 
 # -- upstream side -------------------------------------------------------------------
@@ -147,13 +126,8 @@ def test_unsolicited_bytes_after_ready_are_kept():
 
 def test_reply_split_byte_by_byte():
     m = upstream(starttls_enable=False, credentials=Password("a", "b"))
-    actions = []
-    for byte in b"220 hi\r\n":
-        actions += m.receive(bytes([byte]))
-    assert sent(actions) == b"EHLO mailgw\r\n"
-    for byte in EHLO_TLS:
-        actions = m.receive(bytes([byte]))
-    assert sent(actions).startswith(b"AUTH PLAIN")
+    assert sent(feed_bytewise(m, b"220 hi\r\n")) == b"EHLO mailgw\r\n"
+    assert sent(feed_bytewise(m, EHLO_TLS)) == b"AUTH PLAIN " + base64.b64encode(b"\0a\0b") + b"\r\n"
 
 
 # -- application side ----------------------------------------------------------------
@@ -164,10 +138,6 @@ def app(**kw):
     return SMTPAppSide(**kw)
 
 
-def to_app(actions):
-    return b"".join(a.data for a in actions if isinstance(a, SendToApp))
-
-
 def test_greeting_and_ehlo_lists_upstream_extensions_minus_tls_and_auth():
     m = app()
     assert m.greeting().startswith(b"220 ")
@@ -175,24 +145,6 @@ def test_greeting_and_ehlo_lists_upstream_extensions_minus_tls_and_auth():
     assert reply == b"250-mailgw\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250 AUTH PLAIN LOGIN\r\n"
     assert to_app(m.receive(b"HELO client\r\n")) == b"250 mailgw\r\n"
     assert to_app(m.receive(b"EHLO\r\n")).startswith(b"501")
-
-
-@pytest.mark.parametrize(
-    "dialogue",
-    [
-        [(b"AUTH PLAIN AGFsaWNlAHB3\r\n", b"235")],
-        [(b"AUTH PLAIN\r\n", b"334 "), (b"AGFsaWNlAHB3\r\n", b"235")],
-        [(b"AUTH LOGIN\r\n", b"334 VXNlcm5hbWU6"), (b"YWxpY2U=\r\n", b"334 UGFzc3dvcmQ6"), (b"cHc=\r\n", b"235")],
-        [(b"auth login YWxpY2U=\r\n", b"334 UGFzc3dvcmQ6"), (b"cHc=\r\n", b"235")],
-        [(b"AUTH CRAM-MD5\r\n", b"334 "), (b"whatever\r\n", b"235")],
-        [(b"AUTH XOAUTH2 abc\r\n", b"235")],
-        [(b"AUTH PLAIN\r\n", b"334 "), (b"*\r\n", b"501")],
-    ],
-)
-def test_auth_answered_locally(dialogue):
-    m = app()
-    for line, reply in dialogue:
-        assert to_app(m.receive(line)).startswith(reply)
 
 
 def test_release_at_first_other_command_with_pipelined_bytes():
@@ -213,21 +165,6 @@ def test_bare_lf_and_local_commands():
     assert to_app(m.receive(b"NOOP\n")) == b"250 2.0.0 OK\r\n"
     assert to_app(m.receive(b"STARTTLS\r\n")).startswith(b"502")
     assert m.receive(b"QUIT\r\n") == [Release(b"QUIT\r\n")]
-
-
-def test_line_too_long_is_refused_and_closed():
-    m = app(max_line=100)
-    actions = m.receive(b"EHLO " + b"x" * 200)
-    assert to_app(actions).startswith(b"500 5.5.6") and isinstance(actions[-1], Close)
-
-
-def test_refusal_texts():
-    assert SMTPAppSide.dialect.refusal("destination x: boom", permanent=True).startswith(b"554 5.3.0 mailgw: destination x")
-    assert SMTPAppSide.dialect.refusal("slow", permanent=False).startswith(b"421 ")
-    assert SMTPAppSide.dialect.refusal("bad\r\nINJECT", permanent=True).count(b"\r\n") == 1
-
-
-# -- properties ----------------------------------------------------------------------
 
 
 # -- lazy OAuth2 types: the upstream waits for the application's token ----------------
@@ -268,10 +205,7 @@ def test_lazy_upstream_refusal_is_not_fatal_and_can_be_retried():
 def test_lazy_upstream_uses_oauthbearer_when_only_that_is_offered_split_bytewise():
     m = upstream(starttls_enable=False, lazy=True)
     m.receive(b"220 hi\r\n")
-    actions = []
-    for byte in b"250-x\r\n250 AUTH OAUTHBEARER\r\n":
-        actions += m.receive(bytes([byte]))
-    assert actions == [UpstreamAwaitingLogin(("AUTH OAUTHBEARER",))]
+    assert feed_bytewise(m, b"250-x\r\n250 AUTH OAUTHBEARER\r\n") == [UpstreamAwaitingLogin(("AUTH OAUTHBEARER",))]
     assert sent(m.authenticate(BearerToken("alice", "tok"))).startswith(b"AUTH OAUTHBEARER ")
 
 
@@ -309,97 +243,6 @@ def lazy_app(**kw):
     return SMTPAppSide(lazy=True, **kw)
 
 
-def xo(user, secret):
-    return base64.b64encode(f"user={user}\x01auth=Bearer {secret}\x01\x01".encode())
-
-
-def test_lazy_ehlo_advertises_bearer_mechanisms_only():
-    m = lazy_app()
-    reply = to_app(m.receive(b"EHLO client\r\n"))
-    assert reply == b"250-mailgw\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250 AUTH XOAUTH2 OAUTHBEARER\r\n"
-
-
-@pytest.mark.parametrize("command", [b"MAIL FROM:<a@b>", b"RCPT TO:<a@b>", b"DATA", b"BDAT 10 LAST", b"VRFY x", b"XYZZY"])
-def test_lazy_commands_before_auth_need_authentication(command):
-    m = lazy_app()
-    assert to_app(m.receive(command + b"\r\n")) == b"530 5.7.0 Authentication required\r\n"
-    assert to_app(m.receive(b"NOOP\r\nRSET\r\n")) == b"250 2.0.0 OK\r\n" * 2
-
-
 def test_lazy_quit_before_auth_is_local():
     actions = lazy_app().receive(b"QUIT\r\n")
     assert to_app(actions).startswith(b"221 ") and isinstance(actions[-1], Close)
-
-
-def test_lazy_auth_inline_exchanges_then_releases_pipelined_commands():
-    m = lazy_app()
-    [exchange] = m.receive(b"AUTH XOAUTH2 " + xo("alice", "rt-secret") + b"\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
-    assert exchange == ExchangeSecret("XOAUTH2", "alice", "rt-secret")
-    assert "rt-secret" not in repr(exchange)
-    assert m.receive(b"DATA\r\n") == []  # waits for the outcome
-    actions = m.auth_succeeded(("PIPELINING", "SIZE 2000"))
-    assert to_app(actions) == b"235 2.7.0 Authentication successful\r\n"
-    assert actions[-1] == Release(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
-
-
-def test_lazy_auth_after_continuation_split_bytewise_and_oauthbearer():
-    m = lazy_app()
-    actions = []
-    for byte in b"AUTH OAUTHBEARER\r\n":
-        actions += m.receive(bytes([byte]))
-    assert to_app(actions) == b"334 \r\n"
-    response = base64.b64encode(b"n,a=bob,\x01host=x\x01port=25\x01auth=Bearer code-1\x01\x01") + b"\r\n"
-    actions = []
-    for byte in response:
-        actions += m.receive(bytes([byte]))
-    assert actions == [ExchangeSecret("OAUTHBEARER", "bob", "code-1")]
-    assert to_app(m.auth_succeeded(("SIZE 5",))) == b"235 2.7.0 Authentication successful\r\n"
-    assert to_app(m.receive(b"EHLO c\r\n")) == b"250-mailgw\r\n250-SIZE 5\r\n250 AUTH XOAUTH2 OAUTHBEARER\r\n"
-    assert to_app(m.receive(b"AUTH XOAUTH2 abc\r\n")).startswith(b"503")
-    assert m.receive(b"MAIL FROM:<a@b>\r\n") == [Release(b"MAIL FROM:<a@b>\r\n")]
-
-
-def test_lazy_refusals_keep_the_session_for_a_retry():
-    m = lazy_app()
-    m.receive(b"AUTH XOAUTH2 " + xo("alice", "revoked") + b"\r\n")
-    assert to_app(m.auth_refused("token service refused: invalid_grant")) == (
-        b"535 5.7.8 mailgw: token service refused: invalid_grant\r\n"
-    )
-    m.receive(b"AUTH XOAUTH2 " + xo("alice", "x") + b"\r\n")
-    assert to_app(m.auth_refused("token service unreachable", transient=True)).startswith(b"454 4.7.0 mailgw: ")
-    assert to_app(m.receive(b"MAIL FROM:<a@b>\r\n")).startswith(b"530")
-    assert m.receive(b"AUTH XOAUTH2 " + xo("alice", "good") + b"\r\n") == [ExchangeSecret("XOAUTH2", "alice", "good")]
-    assert to_app(m.auth_succeeded(())).startswith(b"235")
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [b"not base64!", base64.b64encode(b"user=alice\x01\x01"), base64.b64encode(b"auth=Bearer x\x01\x01"),
-     base64.b64encode(b"user=alice\x01auth=Basic x\x01\x01"), b"="],
-)
-def test_lazy_malformed_payloads_get_501_without_the_payload(payload):
-    m = lazy_app()
-    reply = to_app(m.receive(b"AUTH XOAUTH2 " + payload + b"\r\n"))
-    assert reply.startswith(b"501 5.5.2 mailgw: malformed") and payload not in reply
-    assert to_app(m.receive(b"NOOP\r\n")) == b"250 2.0.0 OK\r\n"
-
-
-def test_lazy_cancel_and_other_mechanisms():
-    m = lazy_app()
-    m.receive(b"AUTH XOAUTH2\r\n")
-    assert to_app(m.receive(b"*\r\n")).startswith(b"501 5.7.0")
-    for mechanism in (b"PLAIN AGFsaWNlAHB3", b"LOGIN", b"CRAM-MD5"):
-        reply = to_app(m.receive(b"AUTH " + mechanism + b"\r\n"))
-        assert reply.startswith(b"504 5.5.4") and b"XOAUTH2" in reply
-
-
-def test_lazy_flood_while_waiting_closes():
-    m = lazy_app()
-    m.receive(b"AUTH XOAUTH2 " + xo("alice", "rt") + b"\r\n")
-    actions = m.receive(b"x" * 70000)
-    assert to_app(actions).startswith(b"421") and isinstance(actions[-1], Close)
-    assert m.receive(b"more") == []
-
-
-def test_goodbye_is_one_printable_line():
-    assert SMTPAppSide.dialect.goodbye("drain\r\nRCPT TO:<x@y>") == b"421 4.3.2 mailgw: drain??RCPT TO:<x@y>\r\n"
