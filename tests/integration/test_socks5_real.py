@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from support.skips import require_or_skip
+from support.socks import reply_codes
 from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
@@ -31,25 +32,9 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.threads import blockingCallFromThread
 from zope.interface import implementer
 
-from mailgw.endpoints.socks5 import (
-    ProxyConnectError,
-    ProxyConnectionLost,
-    SOCKS5ClientEndpoint,
-    SOCKSTimeoutError,
-)
-from mailgw.protocol.socks5 import (
-    AddressTypeNotSupported,
-    CommandNotSupported,
-    ConnectionNotAllowed,
-    ConnectionRefused,
-    GeneralFailure,
-    HostUnreachable,
-    NetworkUnreachable,
-    NoAcceptableMethod,
-    SAPAuthRejected,
-    TTLExpired,
-    UserPassRejected,
-)
+from mailgw.endpoints.socks5 import ProxyConnectError, ProxyConnectionLost, SOCKS5ClientEndpoint, SOCKSTimeoutError
+from mailgw.protocol.socks5 import ConnectionNotAllowed, ConnectionRefused, HostUnreachable, NoAcceptableMethod
+from mailgw.protocol.socks5 import SAPAuthRejected, UserPassRejected
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from socks80 import SAPSocksServer  # noqa: E402  (tests/socks80.py)
@@ -521,22 +506,14 @@ def test_sap_wrong_jwt(reactor, sap, target):
     assert sap.sessions[-1].jwt_valid is False
 
 
-@pytest.mark.parametrize("code, cls, text", [
-    (0x01, GeneralFailure, "general failure"),
-    (0x02, ConnectionNotAllowed, "no access mapping for onprem.corp:993"),
-    (0x03, NetworkUnreachable, "connector unreachable or unknown location"),
-    (0x04, HostUnreachable, "host unreachable"),
-    (0x05, ConnectionRefused, "refused"),
-    (0x06, TTLExpired, "TTL expired"),
-    (0x07, CommandNotSupported, "not supported"),
-    (0x08, AddressTypeNotSupported, "address type"),
-])
+@pytest.mark.parametrize("code, cls, text", reply_codes("onprem.corp:993"))
 def test_sap_reply_codes(reactor, sap, code, cls, text):
     sap.configure(reply=code)
     ep = endpoint(reactor, sap.port, "onprem.corp", 993, method="sap",
                   jwt_provider=lambda: defer.succeed(JWT), location_id="loc")
-    with pytest.raises(cls, match=text):
+    with pytest.raises(cls) as exc:
         open_tunnel(reactor, ep)
+    assert text.lower() in str(exc.value).lower()
     assert sap.sessions[-1].reply == code
 
 

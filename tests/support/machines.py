@@ -21,18 +21,8 @@ import json
 from hypothesis import strategies as st
 
 from mailgw.protocol import sasl
-from mailgw.protocol.actions import (
-    Close,
-    ExchangeSecret,
-    LoginRefused,
-    Release,
-    SendToApp,
-    SendUpstream,
-    StartTLS,
-    UpstreamAwaitingLogin,
-    UpstreamFailed,
-    UpstreamReady,
-)
+from mailgw.protocol.actions import Close, ExchangeSecret, LoginRefused, Release, SendToApp, SendUpstream, StartTLS
+from mailgw.protocol.actions import UpstreamAwaitingLogin, UpstreamFailed, UpstreamReady
 from mailgw.protocol.appside import MAX_WAITING
 from mailgw.protocol.credentials import BearerToken, Password
 from mailgw.protocol.imap import IMAPAppSide, IMAPUpstream

@@ -10,30 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailgw.protocol.actions import ProtocolError, SendUpstream
-from mailgw.protocol.socks5 import (
-    MAX_REPLY,
-    AddressTypeNotSupported,
-    CommandNotSupported,
-    ConnectionNotAllowed,
-    ConnectionRefused,
-    DomainNameTooLong,
-    GeneralFailure,
-    HostUnreachable,
-    MalformedReply,
-    NetworkUnreachable,
-    NoAcceptableMethod,
-    SAPAuthRejected,
-    SOCKS5Client,
-    SOCKSAuthenticationError,
-    SOCKSConfigurationError,
-    SOCKSConnected,
-    SOCKSError,
-    SOCKSReplyError,
-    TTLExpired,
-    UnexpectedMethod,
-    UnknownReplyCode,
-    UserPassRejected,
-)
+from mailgw.protocol.socks5 import MAX_REPLY, ConnectionNotAllowed, DomainNameTooLong, MalformedReply, NetworkUnreachable
+from mailgw.protocol.socks5 import NoAcceptableMethod, SAPAuthRejected, SOCKS5Client, SOCKSAuthenticationError
+from mailgw.protocol.socks5 import SOCKSConfigurationError, SOCKSConnected, SOCKSError, SOCKSReplyError, UnexpectedMethod
+from mailgw.protocol.socks5 import UserPassRejected
+from support.socks import reply_codes
 
 HOST = "mail.corp.example"
 PORT = 143
@@ -185,18 +166,7 @@ def test_partial_reply_then_rest_with_leftover():
     assert done.leftover == b"+OK"
 
 
-REPLY_CODES = [
-    (0x01, GeneralFailure, "general failure"),
-    (0x02, ConnectionNotAllowed, "no access mapping for mail.corp.example:143"),
-    (0x03, NetworkUnreachable, "connector unreachable or unknown location"),
-    (0x04, HostUnreachable, "host unreachable"),
-    (0x05, ConnectionRefused, "refused"),
-    (0x06, TTLExpired, "TTL expired"),
-    (0x07, CommandNotSupported, "command not supported"),
-    (0x08, AddressTypeNotSupported, "address type not supported"),
-    (0x09, UnknownReplyCode, "unknown reply code 0x09"),
-    (0xFF, UnknownReplyCode, "unknown reply code 0xff"),
-]
+REPLY_CODES = reply_codes(f"{HOST}:{PORT}")
 
 
 @pytest.mark.parametrize("code, cls, text", REPLY_CODES)
