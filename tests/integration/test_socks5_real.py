@@ -1,7 +1,7 @@
 """SOCKS5ClientEndpoint against real proxies: microsocks, Dante and the 0x80 test server.
 
 The reactor runs in a background thread (started once, tolerated if already running);
-tests are plain blocking code that call into it with ``blockingCallFromThread``.  The
+tests are plain blocking code that call into it (``support.reactor.in_reactor``).  The
 target is a small threaded STARTTLS line server (trustme certificates) so the tests can
 prove: banner bytes right after the CONNECT reply, STARTTLS through the tunnel with
 certificate verification reaching the real TCP transport, and the typed errors.
@@ -9,19 +9,16 @@ certificate verification reaching the real TCP transport, and the typed errors.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import socket
 import socketserver
 import ssl
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+import realservers
+from socks80 import SAPSocksServer
+from support.reactor import in_reactor
 from support.skips import require_or_skip
 from support.socks import reply_codes
 from twisted.internet import defer, task
@@ -29,15 +26,12 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
 from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.internet.threads import blockingCallFromThread
 from zope.interface import implementer
 
 from mailgw.endpoints.socks5 import ProxyConnectError, ProxyConnectionLost, SOCKS5ClientEndpoint, SOCKSTimeoutError
 from mailgw.protocol.socks5 import ConnectionNotAllowed, ConnectionRefused, HostUnreachable, NoAcceptableMethod
 from mailgw.protocol.socks5 import SAPAuthRejected, UserPassRejected
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from socks80 import SAPSocksServer  # noqa: E402  (tests/socks80.py)
 
 LOCAL = "127.0.0.1"
 JWT = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJtYWlsZ3cifQ.sig-secret"
@@ -45,76 +39,9 @@ PROXY_USER, PROXY_PASSWORD = "gw", "proxy-pw-secret"
 BANNER = b"220 banner ready\r\n"
 
 
-# --------------------------------------------------------------------- skip policy
-
-
-def _need(binary: str) -> str:
-    require_or_skip(binary)
-    return shutil.which(binary, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((LOCAL, port), timeout=0.2).close()
-            return
-        except OSError:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
-class _Process:
-    """A server subprocess in its own session, stopped by signalling its group."""
-
-    def __init__(self, argv: list[str], port: int, log: Path):
-        self.port = port
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            _wait_port(port, self.proc)
-        except Exception:
-            self.stop()
-            raise RuntimeError(f"{argv[0]} did not start: {log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        # Signal the main process first so that it stops and reaps its own children
-        # (Dante's mother does); then make sure nothing of the group is left.
-        try:
-            self.proc.terminate()
-            self.proc.wait(3)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(3)
-        self._log.close()
-
-
-# --------------------------------------------------------------------- reactor thread
-
-
-def call(reactor, fn, *args, timeout: float = 5.0):
-    """Run ``fn(*args)`` in the reactor thread and wait for its (Deferred) result."""
-
-    def run():
-        d = defer.maybeDeferred(fn, *args)
-        d.addTimeout(timeout, reactor)
-        return d
-
-    return blockingCallFromThread(reactor, run)
+def call(fn, *args):
+    """``fn(*args)`` in the reactor thread; its (Deferred) result within 5 seconds."""
+    return in_reactor(fn, *args, timeout=5.0)
 
 
 # --------------------------------------------------------------------- the target
@@ -247,23 +174,23 @@ class LineClientFactory(Factory):
 
 
 def open_tunnel(reactor, endpoint) -> LineClient:
-    return call(reactor, endpoint.connect, LineClientFactory(reactor))
+    return call(endpoint.connect, LineClientFactory(reactor))
 
 
 def close(reactor, client: LineClient) -> None:
     if not client.lost.called:
-        call(reactor, lambda: (client.transport.loseConnection(), client.lost)[1])
+        call(lambda: (client.transport.loseConnection(), client.lost)[1])
 
 
 def starttls_round_trip(reactor, client: LineClient, trust_root) -> bytes:
-    call(reactor, client.until, BANNER)
-    call(reactor, client.send_and_wait, b"STARTTLS", b"220 go ahead\r\n")
+    call(client.until, BANNER)
+    call(client.send_and_wait, b"STARTTLS", b"220 go ahead\r\n")
 
     def start_tls():
         client.transport.startTLS(optionsForClientTLS("localhost", trustRoot=trust_root))
         return client.send_and_wait(b"PING", b"echo: PING (tls)\r\n")
 
-    return call(reactor, start_tls)
+    return call(start_tls)
 
 
 def endpoint(reactor, proxy_port, host, port, **kw):
@@ -273,66 +200,30 @@ def endpoint(reactor, proxy_port, host, port, **kw):
 
 
 def closed_port() -> int:
-    return _free_port()
+    return realservers.free_port()
 
 
 # --------------------------------------------------------------------- proxies
 
 
 @pytest.fixture(scope="module")
-def microsocks(tmp_path_factory):
-    binary = _need("microsocks")
-    d = tmp_path_factory.mktemp("microsocks")
-    port = _free_port()
-    p = _Process([binary, "-i", LOCAL, "-p", str(port)], port, d / "log")
-    yield p
-    p.stop()
-
-
-@pytest.fixture(scope="module")
-def microsocks_auth(tmp_path_factory):
-    binary = _need("microsocks")
-    d = tmp_path_factory.mktemp("microsocks-auth")
-    port = _free_port()
-    p = _Process([binary, "-i", LOCAL, "-p", str(port), "-u", PROXY_USER, "-P", PROXY_PASSWORD],
-                 port, d / "log")
-    yield p
-    p.stop()
+def microsocks_auth():
+    require_or_skip(realservers.Microsocks.TOOLS)
+    with realservers.Microsocks(user=PROXY_USER, password=PROXY_PASSWORD) as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="module")
 def blocked_port():
     """A port Dante's ruleset refuses (reply 0x02)."""
-    return _free_port()
+    return realservers.free_port()
 
 
 @pytest.fixture(scope="module")
 def dante(tmp_path_factory, blocked_port):
-    binary = _need("danted")
-    d = tmp_path_factory.mktemp("dante")
-    port = _free_port()
-    (d / "danted.conf").write_text(f"""\
-logoutput: {d / 'danted.log'}
-internal: {LOCAL} port = {port}
-external: {LOCAL}
-clientmethod: none
-socksmethod: none
-user.privileged: root
-user.unprivileged: nobody
-client pass {{
-  from: 127.0.0.0/8 to: 0.0.0.0/0
-}}
-socks block {{
-  from: 127.0.0.0/8 to: 127.0.0.1/32 port = {blocked_port}
-}}
-socks pass {{
-  from: 127.0.0.0/8 to: 0.0.0.0/0
-}}
-""")
-    p = _Process([binary, "-f", str(d / "danted.conf"), "-p", str(d / "danted.pid"), "-N", "1"],
-                 port, d / "stdout")
-    yield p
-    p.stop()
+    require_or_skip(realservers.Dante.TOOLS)
+    with realservers.Dante(tmp_path_factory.mktemp("dante"), blocked_ports=(blocked_port,)) as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="module")
@@ -363,8 +254,8 @@ def silent_listener():
 
 def test_microsocks_plain_tunnel(reactor, microsocks, target):
     client = open_tunnel(reactor, endpoint(reactor, microsocks.port, LOCAL, target.server_address[1]))
-    call(reactor, client.until, BANNER)
-    assert call(reactor, client.send_and_wait, b"HELLO", b"echo: HELLO\r\n").startswith(BANNER)
+    call(client.until, BANNER)
+    assert call(client.send_and_wait, b"HELLO", b"echo: HELLO\r\n").startswith(BANNER)
     close(reactor, client)
 
 
@@ -397,7 +288,7 @@ def test_microsocks_userpass(reactor, microsocks_auth, target):
     ep = endpoint(reactor, microsocks_auth.port, LOCAL, target.server_address[1],
                   method="userpass", username=PROXY_USER, password=PROXY_PASSWORD)
     client = open_tunnel(reactor, ep)
-    call(reactor, client.until, BANNER)
+    call(client.until, BANNER)
     close(reactor, client)
 
 
@@ -479,7 +370,7 @@ def test_sap_success_records_jwt_and_location_and_hands_banner_over(reactor, sap
     assert (session.target_host, session.target_port) == ("localhost", target.server_address[1])
     assert session.error is None
     # The banner came with the CONNECT reply and was handed over at once.
-    call(reactor, client.until, BANNER)
+    call(client.until, BANNER)
     assert client.chunks_in_connect_turn == [BANNER]
     starttls_round_trip(reactor, client, certs["ca"])
     assert client.handshake_done
@@ -492,7 +383,7 @@ def test_sap_without_location_id(reactor, sap, target):
                   jwt_provider=lambda: defer.succeed(JWT))
     client = open_tunnel(reactor, ep)
     assert sap.sessions[n].location_id is None and sap.sessions[n].jwt_valid
-    call(reactor, client.until, BANNER)
+    call(client.until, BANNER)
     close(reactor, client)
 
 
