@@ -5,62 +5,22 @@ from __future__ import annotations
 
 import random
 
-from twisted.internet.defer import fail, succeed
-from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-
 from mailgw.destination import parse_destination
 from mailgw.pool import UpstreamPool
 from mailgw.protocol.session import Phase
-from mailgw.service import Gateway, StaticSource
 from mailgw.session import GatewayFactory
-from mailgw.settings import Route, Settings
+from mailgw.settings import Route
+from support.destinations import plain
+from support.inmemory import Transport, in_memory_gateway
 
 
 def destination(**extra):
-    return parse_destination({
-        "Name": "warm", "Type": "MAIL", "Authentication": "NoAuthentication", "mail.transport.protocol": "smtp",
-        "mail.smtp.host": "127.0.0.1", "mail.smtp.port": "25", "mail.smtp.starttls.enable": "false",
-        "mailgw.pool.size": "2", "mailgw.pool.maxIdle": "60", **extra,
-    })
-
-
-class Transport(StringTransport):
-    disconnected = False
-
-    def loseConnection(self):
-        super().loseConnection()
-        self.disconnected = True
-
-
-class Upstreams:
-    """An endpoint whose every connect succeeds at once (or fails while ``down``)."""
-
-    def __init__(self):
-        self.connections = []  # (protocol, transport)
-        self.down = False
-
-    def connect(self, factory):
-        if self.down:
-            return fail(ConnectionRefusedError())
-        protocol, transport = factory.buildProtocol(None), Transport()
-        protocol.makeConnection(transport)
-        self.connections.append((protocol, transport))
-        return succeed(protocol)
-
-    def log_in(self, index):
-        protocol, transport = self.connections[index]
-        protocol.dataReceived(b"220 upstream ESMTP\r\n")
-        protocol.dataReceived(b"250-upstream\r\n250 PIPELINING\r\n")
-        return transport
+    return parse_destination(plain("warm", **{"mailgw.pool.size": "2", "mailgw.pool.maxIdle": "60", **extra}))
 
 
 def make(dest=None):
-    clock, upstreams = Clock(), Upstreams()
     dest = dest or destination()
-    gateway = Gateway(clock, Settings(), StaticSource({"warm": dest}))
-    gateway.upstream_endpoint = lambda destination, tenant: upstreams
+    clock, gateway, upstreams = in_memory_gateway(dest)
     route = Route("warm")
     pool = UpstreamPool(gateway, route, dest, rng=random.Random(1))
     gateway.pools[route] = pool
@@ -72,7 +32,7 @@ def test_warms_up_to_size_and_hands_over_a_logged_in_session():
     clock, gateway, pool, upstreams, factory = make()
     assert len(upstreams.connections) == 2 and len(pool.warming) == 2
     for index in range(2):
-        upstreams.log_in(index)
+        upstreams.smtp_ready(index)
     assert len(pool.ready) == 2 and not pool.warming
     session = factory.buildProtocol(None)
     assert session.machine.phase is Phase.WARM
@@ -85,13 +45,13 @@ def test_warms_up_to_size_and_hands_over_a_logged_in_session():
 
 def test_a_pooled_connection_serves_one_application_and_is_never_reused():
     clock, gateway, pool, upstreams, factory = make(destination(**{"mailgw.pool.size": "1"}))
-    upstreams.log_in(0)
+    upstreams.smtp_ready(0)
     first = factory.buildProtocol(None)
     first.makeConnection(Transport())
     first.dataReceived(b"MAIL FROM:<a@example.org>\r\n")
     first.connectionLost(None)
     assert upstreams.connections[0][1].disconnected  # its upstream went with it
-    upstreams.log_in(1)
+    upstreams.smtp_ready(1)
     second = factory.buildProtocol(None)
     assert second is not first and second._upstream is upstreams.connections[1][0]
 
@@ -104,7 +64,7 @@ def test_without_a_ready_connection_a_session_connects_itself():
 
 def test_health_checks_keep_good_connections_and_replace_bad_ones():
     clock, gateway, pool, upstreams, factory = make()
-    first, second = upstreams.log_in(0), upstreams.log_in(1)
+    first, second = upstreams.smtp_ready(0), upstreams.smtp_ready(1)
     first.clear(), second.clear()
     clock.advance(20)  # the ping interval: maxIdle / 3
     assert first.value() == second.value() == b"NOOP\r\n"
@@ -116,7 +76,7 @@ def test_health_checks_keep_good_connections_and_replace_bad_ones():
 
 def test_connections_retire_before_max_idle_and_before_their_token_expires():
     clock, gateway, pool, upstreams, factory = make()
-    upstreams.log_in(0), upstreams.log_in(1)
+    upstreams.smtp_ready(0), upstreams.smtp_ready(1)
     for _ in range(3):  # pings answered until maxIdle
         clock.advance(20)
         for protocol, transport in upstreams.connections[:2]:
@@ -147,13 +107,13 @@ def test_refills_back_off_while_the_upstream_fails():
     assert pool.failures == 9 and "connection refused" in pool.last_failure
     upstreams.down = False
     clock.advance(pool._retry.getTime() - clock.seconds())
-    upstreams.log_in(-1)
+    upstreams.smtp_ready(-1)
     assert len(pool.ready) == 1 and pool.failures == 0
 
 
 def test_a_changed_destination_replaces_the_pooled_connections():
     clock, gateway, pool, upstreams, factory = make()
-    upstreams.log_in(0), upstreams.log_in(1)
+    upstreams.smtp_ready(0), upstreams.smtp_ready(1)
     pool.update(destination(**{"mailgw.pool.size": "3", "mail.smtp.port": "2525"}))
     assert all(transport.disconnected for _, transport in upstreams.connections[:2])
     assert len(pool.warming) == 3 and pool.size == 3
@@ -164,6 +124,6 @@ def test_a_changed_destination_replaces_the_pooled_connections():
 
 def test_draining_stops_the_pools():
     clock, gateway, pool, upstreams, factory = make()
-    upstreams.log_in(0)
+    upstreams.smtp_ready(0)
     gateway.drain(10)
     assert not gateway.pools and all(transport.disconnected for _, transport in upstreams.connections)

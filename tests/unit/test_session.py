@@ -3,51 +3,19 @@
 from __future__ import annotations
 
 import pytest
-from twisted.internet.defer import succeed
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 
 from mailgw.destination import parse_destination
-from mailgw.service import Gateway, StaticSource
 from mailgw.protocol.session import Phase
-from mailgw.session import GatewaySession
 from mailgw.settings import Route, Settings
+from support.destinations import plain
+from support.inmemory import in_memory_gateway, open_session
 
-PLAIN_SMTP = parse_destination({
-    "Name": "plain", "Type": "MAIL", "Authentication": "NoAuthentication", "mail.transport.protocol": "smtp",
-    "mail.smtp.host": "127.0.0.1", "mail.smtp.port": "25", "mail.smtp.starttls.enable": "false",
-})
-
-
-class Transport(StringTransport):
-    disconnected = False
-
-    def loseConnection(self):
-        super().loseConnection()
-        self.disconnected = True
-
-
-class Endpoint:
-    """Connects the upstream protocol to an in-memory transport at once."""
-
-    def __init__(self):
-        self.protocol = None
-        self.transport = Transport()
-
-    def connect(self, factory):
-        self.protocol = factory.buildProtocol(None)
-        self.protocol.makeConnection(self.transport)
-        return succeed(self.protocol)
+PLAIN_SMTP = parse_destination(plain("plain"))
 
 
 def make(settings=Settings()):
-    clock = Clock()
-    gateway = Gateway(clock, settings, StaticSource({"plain": PLAIN_SMTP}))
-    endpoint = Endpoint()
-    gateway.upstream_endpoint = lambda destination, tenant: endpoint
-    session = GatewaySession(Route("plain"), gateway)
-    app = Transport()
-    session.makeConnection(app)
+    clock, gateway, endpoint = in_memory_gateway(PLAIN_SMTP, settings=settings)
+    session, app = open_session(gateway, Route("plain"))
     return clock, gateway, session, app, endpoint
 
 
@@ -55,16 +23,10 @@ def upstream_says(endpoint, data: bytes):
     endpoint.protocol.dataReceived(data)
 
 
-def login(endpoint):
-    upstream_says(endpoint, b"220 upstream ESMTP\r\n")
-    assert endpoint.transport.value() == b"EHLO mailgw\r\n"
-    upstream_says(endpoint, b"250-upstream\r\n250 PIPELINING\r\n")
-
-
 def test_greets_after_upstream_login_then_releases_and_relays():
     clock, gateway, session, app, endpoint = make()
     assert app.value() == b""  # nothing until the upstream is ready
-    login(endpoint)
+    endpoint.smtp_ready()
     assert app.value().startswith(b"220 ")
     endpoint.transport.clear()
     session.dataReceived(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n")
@@ -78,7 +40,7 @@ def test_greets_after_upstream_login_then_releases_and_relays():
 def test_early_application_bytes_are_kept_in_order():
     clock, gateway, session, app, endpoint = make()
     session.dataReceived(b"EHLO early\r\nMAIL FROM:<a@example.org>\r\n")
-    login(endpoint)
+    endpoint.smtp_ready()
     assert session.phase is Phase.RELAYING
     assert app.value().split(b"\r\n")[1].startswith(b"250-mailgw")
     assert endpoint.transport.value() == b"EHLO mailgw\r\nMAIL FROM:<a@example.org>\r\n"
@@ -99,7 +61,7 @@ def test_login_timeout_refuses_with_421():
 
 def test_idle_application_before_release_gets_goodbye():
     clock, gateway, session, app, endpoint = make(Settings(idle_timeout=30))
-    login(endpoint)
+    endpoint.smtp_ready()
     app.clear()
     clock.advance(29)
     session.dataReceived(b"NOOP\r\n")
@@ -111,7 +73,7 @@ def test_idle_application_before_release_gets_goodbye():
 
 def test_upstream_closing_after_release_closes_the_application():
     clock, gateway, session, app, endpoint = make()
-    login(endpoint)
+    endpoint.smtp_ready()
     session.dataReceived(b"QUIT\r\n")
     endpoint.protocol.connectionLost(None)
     assert app.disconnecting
@@ -119,7 +81,7 @@ def test_upstream_closing_after_release_closes_the_application():
 
 def test_application_closing_closes_upstream_and_ends_the_session():
     clock, gateway, session, app, endpoint = make()
-    login(endpoint)
+    endpoint.smtp_ready()
     assert session in gateway.sessions
     session.connectionLost(None)
     assert endpoint.transport.disconnecting and session not in gateway.sessions
@@ -129,7 +91,7 @@ def test_application_closing_closes_upstream_and_ends_the_session():
 @pytest.mark.parametrize("released", [False, True])
 def test_drain_timeout_closes_open_sessions_with_goodbye(released):
     clock, gateway, session, app, endpoint = make()
-    login(endpoint)
+    endpoint.smtp_ready()
     if released:
         session.dataReceived(b"MAIL FROM:<a@example.org>\r\n")
     app.clear()

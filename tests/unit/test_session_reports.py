@@ -8,48 +8,24 @@ import json
 
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 
 from mailgw.audit import SessionAudit
 from mailgw.destination import parse_destination
 from mailgw.oauth import AccessToken, TokenCache, TokenProvider
-from mailgw.service import Gateway, StaticSource
-from mailgw.session import GatewaySession
 from mailgw.settings import Route, Settings
+from support.destinations import mail, plain
+from support.inmemory import in_memory_gateway, open_session
 from support.secretscan import Secret, assert_no_secrets
 
 T0 = 1_700_000_000.0
-PLAIN_SMTP = parse_destination({
-    "Name": "plain", "Type": "MAIL", "Authentication": "NoAuthentication", "mail.transport.protocol": "smtp",
-    "mail.smtp.host": "127.0.0.1", "mail.smtp.port": "25", "mail.smtp.starttls.enable": "false",
-})
+PLAIN_SMTP = parse_destination(plain("plain"))
 CLIENT_SECRET = "cs-" + "5f0c9e2a7d" * 3
 ACCESS_TOKEN = "at-" + "a1b2c3d4e5" * 3
-CC_SMTP = parse_destination({
-    "Name": "cc", "Type": "MAIL", "Authentication": "OAuth2ClientCredentials", "mail.transport.protocol": "smtp",
-    "mail.smtp.host": "127.0.0.1", "mail.smtp.port": "587", "mail.smtp.starttls.enable": "false",
-    "mail.user": "alice@example.org", "tokenServiceURL": "http://127.0.0.1:1/oauth/token", "clientId": "gw",
-    "clientSecret": CLIENT_SECRET,
-})
-
-
-class Transport(StringTransport):
-    disconnected = False
-
-    def loseConnection(self):
-        super().loseConnection()
-        self.disconnected = True
-
-
-class Endpoint:
-    def __init__(self):
-        self.protocol = None
-        self.transport = Transport()
-
-    def connect(self, factory):
-        self.protocol = factory.buildProtocol(None)
-        self.protocol.makeConnection(self.transport)
-        return succeed(self.protocol)
+CC_SMTP = parse_destination(mail(
+    "cc", "smtp", 587, host="127.0.0.1", authentication="OAuth2ClientCredentials", user="alice@example.org",
+    password=None, tokenServiceURL="http://127.0.0.1:1/oauth/token", clientId="gw", clientSecret=CLIENT_SECRET,
+    **{"mail.smtp.starttls.enable": "false"},
+))
 
 
 class Recorder:
@@ -74,12 +50,8 @@ def make(destination=PLAIN_SMTP, settings=Settings()):
     clock = Clock()
     clock.advance(T0)
     tokens = TokenProvider(TokenClient(clock), TokenCache(clock))
-    gateway = Gateway(clock, settings, StaticSource({destination.name: destination}), tokens=tokens, audit=Recorder())
-    endpoint = Endpoint()
-    gateway.upstream_endpoint = lambda destination, tenant: endpoint
-    session = GatewaySession(Route(destination.name), gateway)
-    app = Transport()
-    session.makeConnection(app)
+    _, gateway, endpoint = in_memory_gateway(destination, settings=settings, clock=clock, tokens=tokens, audit=Recorder())
+    session, app = open_session(gateway, Route(destination.name))
     return clock, gateway, session, app, endpoint
 
 
