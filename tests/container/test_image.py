@@ -35,6 +35,7 @@ import yaml
 import realservers
 from fakeapi import FakeKubeAPI
 from podmantest import PLUGIN_CACHE_WARNING, ROOT, UID, Container
+from support.clients import imap_conversation
 
 LOCAL = "127.0.0.1"
 #: Fixed ports of ``twistd mailgw --demo`` (SMTP, IMAP, POP3, http).
@@ -355,15 +356,8 @@ def test_kubernetes_mode_serves_a_destination_end_to_end(run_container, mounted,
 
         # A client of the Service: reads the mailbox through the allocated port.
         gateway.wait_until(lambda: banner(port, b"* OK"), "the destination's listener")
-        with socket.create_connection((LOCAL, port), timeout=30) as sock:
-            f = sock.makefile("rb")
-            assert f.readline().startswith(b"* OK [CAPABILITY")
-            sock.sendall(b"a1 SELECT INBOX\r\na2 FETCH 1 BODY[TEXT]\r\na3 LOGOUT\r\n")
-            data = b""
-            while b"a3 OK" not in data:
-                chunk = sock.recv(65536)
-                assert chunk, data
-                data += chunk
+        greeting, data = imap_conversation((LOCAL, port), b"a1 SELECT INBOX\r\na2 FETCH 1 BODY[TEXT]\r\na3 LOGOUT\r\n")
+        assert greeting.startswith(b"* OK [CAPABILITY")
         assert b"a2 OK" in data and b"Hello from the seeded INBOX." in data
 
         # What the kubelet does to a deleted pod: the preStop hook, then SIGTERM.

@@ -11,11 +11,11 @@ import io
 import poplib
 import re
 import smtplib
-import socket
 import subprocess
 import uuid
 
 import pytest
+from support.clients import imap_conversation, imap_without_login
 from support.skips import require_or_skip
 
 from gatewayharness import LogCapture, in_reactor
@@ -59,12 +59,6 @@ def demo(reactor):
     running.stop()
 
 
-def imap_without_login(demo) -> imaplib.IMAP4:
-    client = imaplib.IMAP4(*demo.gateway["IMAP"], timeout=30)
-    client.state = "AUTH"  # imaplib insists on login(); the gateway does not need one
-    return client
-
-
 def pop3_lines(client: poplib.POP3, number: int) -> bytes:
     return b"\r\n".join(client.retr(number)[1])
 
@@ -83,15 +77,8 @@ def test_smtp_through_the_gateway_delivers(demo):
 
 
 def test_imap_reference_flow_on_a_raw_socket_shows_the_welcome(demo):
-    with socket.create_connection(demo.gateway["IMAP"], timeout=30) as sock:
-        f = sock.makefile("rb")
-        assert f.readline().startswith(b"* OK [CAPABILITY ")
-        sock.sendall(b"a1 SELECT INBOX\r\na2 FETCH 1 BODY[]\r\na3 LOGOUT\r\n")
-        data = b""
-        while b"a3 OK" not in data:
-            chunk = sock.recv(65536)
-            assert chunk, data
-            data += chunk
+    greeting, data = imap_conversation(demo.gateway["IMAP"], b"a1 SELECT INBOX\r\na2 FETCH 1 BODY[]\r\na3 LOGOUT\r\n")
+    assert greeting.startswith(b"* OK [CAPABILITY ")
     assert b"a1 OK" in data and b"a2 OK" in data
     assert b"Subject: Welcome to the mailgw demo\r\n" in data
 
@@ -99,7 +86,7 @@ def test_imap_reference_flow_on_a_raw_socket_shows_the_welcome(demo):
 def test_imap_reads_a_message_just_sent(demo):
     mark = uuid.uuid4().hex
     demo.send(mark, "read me over IMAP")
-    client = imap_without_login(demo)
+    client = imap_without_login(demo.gateway["IMAP"])
     typ, data = client.select("INBOX")
     assert typ == "OK"
     count = int(data[0])
@@ -112,7 +99,7 @@ def test_imap_reads_a_message_just_sent(demo):
 
 
 def test_imap_idle_sees_a_message_delivered_over_smtp(demo):
-    client = imap_without_login(demo)
+    client = imap_without_login(demo.gateway["IMAP"])
     count = int(client.select("INBOX")[1][0])
     tag = client._new_tag()
     client.send(tag + b" IDLE\r\n")
@@ -196,7 +183,7 @@ def test_the_demo_password_stays_out_of_logs_and_output(reactor):
         demo = start_demo()
         try:
             demo.send("secret check")
-            client = imap_without_login(demo)
+            client = imap_without_login(demo.gateway["IMAP"])
             client.select("INBOX")
             client.fetch("1", "(BODY[])")
             client.logout()

@@ -12,6 +12,7 @@ import threading
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from support.clients import read_line
 from support.gatewayprocess import GatewayProcess, free_port
 from support.reactor import wait_for
 
@@ -40,16 +41,6 @@ def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
     sock.settimeout(20)
     sock.connect(("127.0.0.1", port))
     return sock
-
-
-def _line(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def _read_all(sock: socket.socket) -> bytes:
@@ -84,7 +75,7 @@ def test_a_client_that_never_reads_cannot_grow_memory(gateway, family, command):
     """SPEC 9.6: reading pauses while more than 64 KiB of replies are unread."""
     sock = _connect(gateway.ports[family])
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    assert _line(sock)[:1] in (b"2", b"*")  # the greeting
+    assert read_line(sock)[:1] in (b"2", b"*")  # the greeting
     before = gateway.rss_kib()
     sock.setblocking(False)
     burst, sent = command * 8192, 0
@@ -114,7 +105,7 @@ def test_a_trickling_client_meets_the_dialogue_deadline(tmp_path, smtp_sink):
     }
     with GatewayProcess(tmp_path, config) as process:
         sock = _connect(port)
-        assert _line(sock).startswith(b"220 ")
+        assert read_line(sock).startswith(b"220 ")
         got = b""
         stop = threading.Event()
 
@@ -148,11 +139,11 @@ def test_sessions_per_client_address_are_limited(tmp_path, smtp_sink):
     with GatewayProcess(tmp_path, config) as process:
         held = [_connect(port) for _ in range(3)]
         for sock in held:
-            assert _line(sock).startswith(b"220 ")
+            assert read_line(sock).startswith(b"220 ")
         extra = _connect(port)
         assert _read_all(extra) == b"421 4.3.0 mailgw: destination sink: too many sessions from 127.0.0.1, try again later\r\n"
         other = _connect(port, source="127.0.0.2")
-        assert _line(other).startswith(b"220 ")
+        assert read_line(other).startswith(b"220 ")
         metrics = process.metrics()
         assert _sample(metrics, "mailgw_sessions_refused_total", destination="sink", reason="limit") == 1
         assert _sample(metrics, "mailgw_sessions_active", destination="sink") == 4

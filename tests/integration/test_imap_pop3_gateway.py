@@ -8,10 +8,10 @@ import poplib
 import re
 import socket
 import subprocess
-import threading
 import uuid
 
 import pytest
+from support.clients import imap_conversation, imap_without_login
 from support.skips import require_or_skip
 
 import realservers
@@ -55,48 +55,32 @@ def gw(dovecot, certs, reactor, tmp_path_factory):
     running.stop()
 
 
-def imap_to(gw, name, timeout=60):
-    host, port = gw.by_name[name]
-    return imaplib.IMAP4(host, port, timeout=timeout)
-
-
 # -- IMAP ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["imap", "imaps", "imap-bob"])
 def test_imaplib_without_login(gw, name):
-    client = imap_to(gw, name)
+    client = imap_without_login(gw.by_name[name])
     assert "STARTTLS" not in client.capabilities and "AUTH=PLAIN" in client.capabilities
-    # imaplib itself refuses SELECT before login(); the gateway does not need one.
-    client.state = "AUTH"
-    typ, _ = client.select("INBOX")
-    assert typ == "OK"
+    assert client.select("INBOX")[0] == "OK"
     typ, data = client.search(None, "SUBJECT", '"seeded message"')
-    first = data[0].split()[0]
-    typ, data = client.fetch(first, "(BODY[TEXT])")
-    assert b"Hello from the seeded INBOX." in data[0][1]
+    assert typ == "OK" and data[0], data
+    typ, data = client.fetch(data[0].split()[0], "(BODY[TEXT])")
+    assert typ == "OK" and b"Hello from the seeded INBOX." in data[0][1]
     client.logout()
 
 
 def test_imaplib_with_login_answered_locally(gw):
-    client = imap_to(gw, "imap")
-    typ, _ = client.login("whoever", 'any "password" at all')
-    assert typ == "OK"
+    client = imaplib.IMAP4(*gw.by_name["imap"], timeout=60)
+    assert client.login("whoever", 'any "password" at all')[0] == "OK"
     assert client.select("INBOX")[0] == "OK"
     client.logout()
 
 
 def test_reference_flow_without_login_on_a_raw_socket(gw):
-    with socket.create_connection(gw.by_name["imaps"], timeout=30) as sock:
-        f = sock.makefile("rb")
-        greeting = f.readline()
-        assert greeting.startswith(b"* OK [CAPABILITY ") and b"STARTTLS" not in greeting
-        sock.sendall(b'a1 LIST "" "*"\r\na2 SELECT INBOX\r\na3 FETCH 1 BODY[TEXT]\r\na4 LOGOUT\r\n')
-        data = b""
-        while b"a4 OK" not in data:
-            chunk = sock.recv(65536)
-            assert chunk, data
-            data += chunk
+    commands = b'a1 LIST "" "*"\r\na2 SELECT INBOX\r\na3 FETCH 1 BODY[TEXT]\r\na4 LOGOUT\r\n'
+    greeting, data = imap_conversation(gw.by_name["imaps"], commands)
+    assert greeting.startswith(b"* OK [CAPABILITY ") and b"STARTTLS" not in greeting
     assert b"a1 OK" in data and b"a2 OK" in data and b"a3 OK" in data
     assert b'"INBOX"' in data or b" INBOX" in data
 
@@ -116,14 +100,13 @@ def test_imap_login_with_literal_before_release(gw):
 
 
 def test_imap_idle_sees_new_mail(gw, dovecot):
-    client = imap_to(gw, "imaps")
-    client.state = "AUTH"  # no login() needed through the gateway
-    client.select("INBOX")
+    client = imap_without_login(gw.by_name["imaps"])
+    assert client.select("INBOX")[0] == "OK"
     tag = client._new_tag()
     client.send(tag + b" IDLE\r\n")
     assert client.readline().startswith(b"+")
-    subject = "idle-" + uuid.uuid4().hex
-    threading.Timer(0.5, dovecot.seed, ("alice", mail(subject))).start()
+    # The server idles now: what arrives is announced.
+    dovecot.seed("alice", mail("idle-" + uuid.uuid4().hex))
     client.sock.settimeout(30)
     line = client.readline()
     while b"EXISTS" not in line:
@@ -140,9 +123,8 @@ def test_imap_20mb_fetch_and_5mb_append(gw, dovecot, certs):
     line = b"The quick brown fox jumps over the lazy dog 0123456789 ~!@#$%^&*()_+\r\n"
     body = line * (20 * 1024 * 1024 // len(line))
     dovecot.seed("alice", mail(subject, body))
-    client = imap_to(gw, "imaps", timeout=120)
-    client.state = "AUTH"  # no login() needed through the gateway
-    client.select("INBOX")
+    client = imap_without_login(gw.by_name["imaps"], timeout=120)
+    assert client.select("INBOX")[0] == "OK"
     number = client.search(None, "SUBJECT", subject)[1][0].split()[0]
     typ, data = client.fetch(number, "(BODY.PEEK[TEXT])")
     assert typ == "OK" and data[0][1] == body
@@ -281,9 +263,8 @@ def test_no_secret_in_logs_or_streams(certs, tmp_path, gateway_factory):
                 {**dest("i-bad", "imap4", server.imap_port, certs, user="dan"), "mail.password": password},
                 {**dest("p-bad", "pop3", server.pop3_port, certs, user="dan"), "mail.password": password},
             ]})
-            client = imaplib.IMAP4(*running.address(0), timeout=30)
-            client.state = "AUTH"  # no login() needed through the gateway
-            client.select("INBOX")
+            client = imap_without_login(running.address(0))
+            assert client.select("INBOX")[0] == "OK"
             stream = repr(client.fetch("1", "(RFC822)"))
             client.logout()
             pop = poplib.POP3(*running.address(1), timeout=30)

@@ -19,6 +19,7 @@ import time
 import uuid
 
 import pytest
+from support.clients import imap_without_login
 from support.skips import require_or_skip
 
 import realservers
@@ -230,9 +231,8 @@ def raw(gw, name):
 
 @pytest.mark.parametrize("name", ["cc-imap", "cc-imaps"])
 def test_client_credentials_imap_without_login(gw, name):
-    client = imaplib.IMAP4(*gw.by_name[name], timeout=30)
+    client = imap_without_login(gw.by_name[name])
     assert "STARTTLS" not in client.capabilities
-    client.state = "AUTH"  # imaplib refuses SELECT before login(); the gateway needs none
     assert client.select("INBOX")[0] == "OK"
     number = client.search(None, "SUBJECT", '"seeded message"')[1][0].split()[0]
     assert b"Hello from the seeded INBOX." in client.fetch(number, "(BODY[TEXT])")[1][0][1]
@@ -544,9 +544,8 @@ def test_no_secret_in_logs_or_in_what_the_application_receives(gw, tokens, smtp_
                 if family == "smtp":
                     client.command(b"MAIL FROM:<alice@example.org>")
                 received += client.received
-        cc = imaplib.IMAP4(*gw.by_name["cc-imaps"], timeout=30)
-        cc.state = "AUTH"
-        cc.select("INBOX")
+        cc = imap_without_login(gw.by_name["cc-imaps"])
+        assert cc.select("INBOX")[0] == "OK"
         cc.logout()
     text = logs.text()
     assert "session" in text

@@ -22,6 +22,7 @@ import pytest
 
 import realservers
 from gatewayharness import LogCapture, start_gateway
+from support.clients import imap_without_login, smtp_reply
 from mailgw.config import ConfigError, parse_config
 from socks80 import SAPSocksServer
 from tokenservice import TokenService
@@ -117,9 +118,8 @@ def send_mail(address, sink, timeout=20):
 
 
 def read_imap(address, timeout=20):
-    client = imaplib.IMAP4(*address, timeout=timeout)
+    client = imap_without_login(address, timeout)
     assert "STARTTLS" not in client.capabilities and "AUTH=PLAIN" in client.capabilities
-    client.state = "AUTH"  # no login() needed through the gateway
     assert client.select("INBOX")[0] == "OK"
     typ, data = client.search(None, "SUBJECT", '"seeded message"')
     assert typ == "OK" and data[0], data
@@ -532,7 +532,7 @@ def converse(address, name, sink) -> bytes:
                             f"Subject: {mark}\r\n\r\nbody\r\n.\r\n".encode(), b"QUIT\r\n"]:
                 if command:
                     sock.sendall(command)
-                got += read_reply(f)
+                got += smtp_reply(f)[1]
             wait_delivered(sink, mark)
         elif name.startswith("imap"):
             sock.sendall(b"a1 LOGIN app pw\r\na2 CAPABILITY\r\na3 SELECT INBOX\r\na4 LOGOUT\r\n")
@@ -584,14 +584,3 @@ def test_no_secret_in_logs_or_application_stream(postfix, dovecot, certs, sap, t
         assert secret not in text, "secret in the gateway's logs"
         assert secret.encode() not in stream, "secret in the application's stream"
     assert "session" in text  # the capture did see the gateway's logs
-
-
-def read_reply(f) -> bytes:
-    lines = b""
-    while True:
-        line = f.readline()
-        if not line:
-            raise ConnectionError(f"connection closed after {lines!r}")
-        lines += line
-        if line[3:4] != b"-":
-            return lines

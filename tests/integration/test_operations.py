@@ -10,14 +10,13 @@ import signal
 import smtplib
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from support.clients import http
 from support.reactor import in_reactor, wait_for
 from support.secretscan import Secret, assert_no_secrets
 
@@ -50,15 +49,6 @@ SPEC_METRICS = {
 }
 #: Labels Prometheus adds to every scraped series (the Operator's target labels).
 TARGET_LABELS = {"namespace", "pod", "instance", "job", "service", "endpoint", "container"}
-
-
-def http(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=data, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 def plain_destination(name, sink, **extra):

@@ -18,13 +18,12 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 import uuid
 from collections import defaultdict
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.clients import http, read_line
 from support.reactor import wait_for
 from support.secretscan import Secret, assert_no_secrets
 
@@ -36,27 +35,6 @@ CLIENT_ID = "mailgw-e2e"
 
 #: Destination -> what happens to its sessions in this run.
 RELAY, BAD_PASSWORD, LIMITED, CLIENT_CREDENTIALS, SUBMIT = "relay-imaps", "badpw-imaps", "limit-imaps", "cc-imaps", "submit-smtps"
-
-
-def http(url, data=None, headers=None):
-    request = urllib.request.Request(url, data=data, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except OSError:
-        return 0, b""
-
-
-def read_line(sock) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 class Run:

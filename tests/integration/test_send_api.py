@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import shutil
 import ssl
 import subprocess
 import threading
@@ -16,6 +15,7 @@ import uuid
 import pytest
 
 import realservers
+from support.clients import curl_post
 from gatewayharness import LogCapture, in_reactor
 
 from mailgw.send import EmailConnection, MessageError, SendConfig, SendError, SendTimeout
@@ -327,20 +327,6 @@ def test_postfix_plain_port_offers_no_auth(postfix):
 # -- HTTP: curl -> SendResource -> gateway listener -> Postfix ----------------------------
 
 
-def curl(url, body=b"", headers=(), extra=()):
-    """POST with curl; returns (status, response text)."""
-    if shutil.which("curl") is None:
-        realservers.require_or_skip("curl")
-    argv = ["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", "--data-binary", "@-"]
-    for header in headers:
-        argv += ["-H", header]
-    argv += [*extra, url]
-    done = subprocess.run(argv, input=body, capture_output=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    text, _, status = done.stdout.decode("utf-8").rpartition("\n")
-    return int(status), text
-
-
 @pytest.fixture(scope="module")
 def office_gateway(postfix, certs, reactor, tmp_path_factory):
     """A real gateway whose listener sends through Postfix submission as alice."""
@@ -405,7 +391,7 @@ def site(office_gateway, refusing_server, reactor):
 
 def test_http_send_through_gateway_destination(site, smtp_sink):
     mark = marker()
-    status, text = curl(
+    status, text = curl_post(
         f"{site.base}/office/rcpt@example.org", f"Grüße {mark}\n".encode("utf-8"),
         [f"Subject: {mark} ✓", "From: app@example.org", "To: to@example.org",
          "Bcc: hidden@example.org", "X-Tag: one", "X-Tag: two",
@@ -425,9 +411,9 @@ def test_http_send_through_gateway_destination(site, smtp_sink):
 def test_http_recipient_from_to_header_and_binary_body(site, smtp_sink):
     mark = marker()
     blob = bytes(range(256)) + mark.encode()
-    status, text = curl(f"{site.base}/office", blob,
-                        ["To: first@example.org", f"Subject: {mark}",
-                         "Content-Type: application/octet-stream"])
+    status, text = curl_post(f"{site.base}/office", blob,
+                             ["To: first@example.org", f"Subject: {mark}",
+                              "Content-Type: application/octet-stream"])
     assert status == 200, text
     got = smtp_sink.wait_for(lambda m: mark.encode() in m.data, timeout=30)
     msg = parsed(got.data)
@@ -436,18 +422,18 @@ def test_http_recipient_from_to_header_and_binary_body(site, smtp_sink):
 
 
 def test_http_bad_requests_name_the_header(site):
-    status, text = curl(f"{site.base}/office/rcpt@example.org", b"x",
-                        ["To: Carol <carol@example.org>"])
+    status, text = curl_post(f"{site.base}/office/rcpt@example.org", b"x",
+                             ["To: Carol <carol@example.org>"])
     assert status == 400 and text.startswith("bad request: To: ") and "display names" in text
-    status, text = curl(f"{site.base}/office", b"x")
+    status, text = curl_post(f"{site.base}/office", b"x")
     assert status == 400 and "To: no recipient" in text
-    status, text = curl(f"{site.base}/office/a@b.example", b"\xff",
-                        ["Content-Type: text/plain; charset=UTF-8"])
+    status, text = curl_post(f"{site.base}/office/a@b.example", b"\xff",
+                             ["Content-Type: text/plain; charset=UTF-8"])
     assert status == 400 and "Content-Type" in text
 
 
 def test_http_unknown_destination_and_wrong_method(site):
-    status, text = curl(f"{site.base}/nowhere/rcpt@example.org", b"x")
+    status, text = curl_post(f"{site.base}/nowhere/rcpt@example.org", b"x")
     assert status == 404 and "unknown destination 'nowhere'" in text
     done = subprocess.run(["curl", "-sS", "-i", f"{site.base}/office/rcpt@example.org"],
                           capture_output=True, timeout=30)
@@ -456,7 +442,7 @@ def test_http_unknown_destination_and_wrong_method(site):
 
 
 def test_http_refusal_is_502_with_the_code(site):
-    status, text = curl(f"{site.base}/refusing/nobody@example.org", b"x")
+    status, text = curl_post(f"{site.base}/refusing/nobody@example.org", b"x")
     assert status == 502
     assert "recipient nobody@example.org refused: 550" in text
 
@@ -466,14 +452,14 @@ def test_http_request_size_limit(reactor, limited):
     calls = []
     s = Site(lambda name: calls.append(name), max_body_size=1000, limited=limited)
     try:
-        status, text = curl(f"{s.base}/office/rcpt@example.org", b"x" * 5000)
+        status, text = curl_post(f"{s.base}/office/rcpt@example.org", b"x" * 5000)
         assert status == 413 and "over the limit of 1000 bytes" in text
         # Chunked: no Content-Length, refused while reading.
-        status, text = curl(f"{s.base}/office/rcpt@example.org", b"y" * 5000,
-                            ["Transfer-Encoding: chunked"])
+        status, text = curl_post(f"{s.base}/office/rcpt@example.org", b"y" * 5000,
+                                 ["Transfer-Encoding: chunked"])
         assert status == 413
         # Large enough for curl to ask "Expect: 100-continue": refused before the body.
-        status, text = curl(f"{s.base}/office/rcpt@example.org", b"z" * (2 * 1024 * 1024))
+        status, text = curl_post(f"{s.base}/office/rcpt@example.org", b"z" * (2 * 1024 * 1024))
         assert status == 413
         assert calls == []  # refused before anything was resolved or sent
     finally:

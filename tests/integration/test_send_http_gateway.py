@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 
 import realservers
-
-
-def curl(url, body: bytes, *headers: str):
-    realservers.require_or_skip("curl")
-    argv = ["curl", "-sS", "--max-time", "60", "-o", "-", "-w", "\n%{http_code}", "--data-binary", "@-"]
-    for header in headers:
-        argv += ["-H", header]
-    done = subprocess.run(argv + [url], input=body, capture_output=True, timeout=90)
-    text, _, status = done.stdout.decode().rpartition("\n")
-    return int(status), text
+from support.clients import curl_post
 
 
 def test_post_v1_send_through_a_configured_destination(postfix, certs, smtp_sink, gateway_factory):
@@ -31,12 +21,12 @@ def test_post_v1_send_through_a_configured_destination(postfix, certs, smtp_sink
     })
     base = f"http://127.0.0.1:{http_port}/v1/send"
     mark = uuid.uuid4().hex
-    status, text = curl(f"{base}/office/rcpt@example.org", f"sent over HTTP {mark}\n".encode(),
-                        f"Subject: {mark}", "From: app@example.org", "Content-Type: text/plain; charset=UTF-8")
+    status, text = curl_post(f"{base}/office/rcpt@example.org", f"sent over HTTP {mark}\n".encode(),
+                             [f"Subject: {mark}", "From: app@example.org", "Content-Type: text/plain; charset=UTF-8"])
     assert status == 200 and text.startswith("250"), text
     got = smtp_sink.wait_for(lambda m: mark.encode() in m.data, timeout=30)
     assert got.rcpt_tos == ["rcpt@example.org"]
 
-    assert curl(f"{base}/nowhere/rcpt@example.org", b"x", "Subject: s")[0] == 404
-    status, text = curl(f"{base}/office/rcpt@example.org", b"x", "Cc: Display Name <a@example.org>")
+    assert curl_post(f"{base}/nowhere/rcpt@example.org", b"x", ["Subject: s"])[0] == 404
+    status, text = curl_post(f"{base}/office/rcpt@example.org", b"x", ["Cc: Display Name <a@example.org>"])
     assert status == 400 and "Cc" in text

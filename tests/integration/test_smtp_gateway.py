@@ -12,6 +12,7 @@ import threading
 import uuid
 
 import pytest
+from support.clients import smtp_reply
 from support.skips import require_or_skip
 
 import realservers
@@ -40,18 +41,6 @@ def message(mark, body=b"hello through mailgw\r\n"):
 
 def wait_delivered(sink, mark, timeout=30):
     return sink.wait_for(lambda m: mark.encode() in m.data, timeout=timeout)
-
-
-def read_reply(sock_file):
-    """One (multi-line) SMTP reply from a socket file: (code, text)."""
-    lines = []
-    while True:
-        line = sock_file.readline()
-        if not line:
-            raise ConnectionError(f"connection closed after {lines!r}")
-        lines.append(line)
-        if line[3:4] != b"-":
-            return int(line[:3]), b"".join(lines)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +92,7 @@ def test_raw_session_without_ehlo(gw, smtp_sink):
     mark = marker()
     with socket.create_connection(gw.by_name["smtps"], timeout=30) as sock:
         f = sock.makefile("rb")
-        assert read_reply(f)[0] == 220
+        assert smtp_reply(f)[0] == 220
         for command, expected in [
             (b"MAIL FROM:sender@example.org\r\n", 250),
             (b"RCPT TO:receiver@example.org\r\n", 250),
@@ -112,7 +101,7 @@ def test_raw_session_without_ehlo(gw, smtp_sink):
             (b"QUIT\r\n", 221),
         ]:
             sock.sendall(command)
-            assert read_reply(f)[0] == expected
+            assert smtp_reply(f)[0] == expected
     wait_delivered(smtp_sink, mark)
 
 
@@ -120,16 +109,16 @@ def test_pipelined_commands(gw, smtp_sink):
     mark = marker()
     with socket.create_connection(gw.by_name["submission"], timeout=30) as sock:
         f = sock.makefile("rb")
-        assert read_reply(f)[0] == 220
+        assert smtp_reply(f)[0] == 220
         # Everything in one write: the local EHLO answer must come first, then the
         # upstream's replies in order.
         sock.sendall(
             b"EHLO client\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
         )
-        codes = [read_reply(f)[0] for _ in range(4)]
+        codes = [smtp_reply(f)[0] for _ in range(4)]
         assert codes == [250, 250, 250, 354]
         sock.sendall(f"Subject: {mark}\r\n\r\npipelined\r\n.\r\nQUIT\r\n".encode())
-        assert [read_reply(f)[0] for _ in range(2)] == [250, 221]
+        assert [smtp_reply(f)[0] for _ in range(2)] == [250, 221]
     wait_delivered(smtp_sink, mark)
 
 
@@ -162,7 +151,7 @@ def test_20mb_message_byte_for_byte(gw, smtp_sink):
 
 def greeting_of(address, timeout=30):
     with socket.create_connection(address, timeout=timeout) as sock:
-        reply = read_reply(sock.makefile("rb"))
+        reply = smtp_reply(sock.makefile("rb"))
         sock.settimeout(5)
         assert sock.recv(100) == b"", "the gateway must close after a refusal"
         return reply
@@ -233,9 +222,9 @@ def test_oversized_line_refused_and_other_sessions_unharmed(gw, smtp_sink):
     other = smtplib.SMTP(host, port, timeout=30)  # a session already open
     with socket.create_connection((host, port), timeout=30) as sock:
         f = sock.makefile("rb")
-        assert read_reply(f)[0] == 220
+        assert smtp_reply(f)[0] == 220
         sock.sendall(b"EHLO " + b"x" * 100_000 + b"\r\n")
-        code, text = read_reply(f)
+        code, text = smtp_reply(f)
         assert code == 500 and b"too long" in text
         assert f.read() == b""  # closed
     mark = marker()
@@ -272,7 +261,7 @@ def test_password_never_in_logs_or_app_stream(certs, gateway_factory):
                                 b"RCPT TO:<d@e.f>\r\n", b"DATA\r\n", b"Subject: s\r\n\r\nbody\r\n.\r\n", b"QUIT\r\n"]:
                     if command:
                         sock.sendall(command)
-                    stream += read_reply(f)[1]
+                    stream += smtp_reply(f)[1]
             good.wait_for_messages(1)
             stream += greeting_of(running.address(1))[1]
         text = logs.text()

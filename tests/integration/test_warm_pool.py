@@ -14,6 +14,7 @@ from gatewayharness import start_gateway
 from mailgw.destination import parse_destination
 from mailgw.protocol.session import Phase
 from mailgw.settings import Route
+from support.clients import imap_without_login
 from support.reactor import in_reactor, wait_for
 
 
@@ -44,8 +45,7 @@ def test_sessions_take_logged_in_connections_and_never_share_one(dovecot, certs,
         wait_for(lambda: pool_status(gw, name)["ready"] == 2, what="two warm connections")
         assert connects(name) - before == 2
         for index in range(3):
-            client = imaplib.IMAP4(*gw.address(0), timeout=30)
-            client.state = "AUTH"  # the gateway logged in; imaplib need not
+            client = imap_without_login(gw.address(0))
             assert client.select("INBOX")[0] == "OK"
             assert client.logout()[0] == "BYE"
             wait_for(lambda: pool_status(gw, name)["ready"] == 2, what="the pool refilled")

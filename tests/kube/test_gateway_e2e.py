@@ -14,6 +14,7 @@ from kubernetes import client as k8s
 
 import realservers
 from kubetest import wait_for
+from support.clients import imap_conversation, read_line, read_tagged
 from mailgw.kube.client import KubeApi
 from mailgw.kube.controller import KubeSettings
 from mailgw.kube.main import make_kubernetes_service
@@ -87,15 +88,8 @@ def test_cr_with_secrets_destination_serves_the_mailbox(fake, gateway, dovecot, 
     manager = gateway.getServiceNamed("kubernetes").listeners
     port = listener_port(gateway, "mymail")
 
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        f = sock.makefile("rb")
-        assert f.readline().startswith(b"* OK [CAPABILITY")
-        sock.sendall(b"a1 SELECT INBOX\r\na2 FETCH 1 BODY[TEXT]\r\na3 LOGOUT\r\n")
-        data = b""
-        while b"a3 OK" not in data:
-            chunk = sock.recv(65536)
-            assert chunk, data
-            data += chunk
+    greeting, data = imap_conversation(("127.0.0.1", port), b"a1 SELECT INBOX\r\na2 FETCH 1 BODY[TEXT]\r\na3 LOGOUT\r\n")
+    assert greeting.startswith(b"* OK [CAPABILITY")
     assert b"a2 OK" in data and b"Hello from the seeded INBOX." in data
 
     service = wait_for(lambda: fake.get("services", "apps", "mymail"), what="the Service")
@@ -111,22 +105,16 @@ def test_other_crs_coming_and_going_leave_a_session_alone(fake, gateway, dovecot
     create(fake, "first", imap_destination("first-imap", dovecot, certs))
     port = listener_port(gateway, "first")
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        f = sock.makefile("rb")
-        assert f.readline().startswith(b"* OK")
+        assert read_line(sock).startswith(b"* OK")
         sock.sendall(b"a1 SELECT INBOX\r\n")
-        while not f.readline().startswith(b"a1 OK"):
-            pass
+        assert b"\r\na1 OK" in read_tagged(sock, b"a1")
         create(fake, "second", imap_destination("second-imap", dovecot, certs))
         listener_port(gateway, "second")
         fake.delete("destinations", "apps", "second")
         wait_for(lambda: all(r.cr_name != "second" for r in gateway.getServiceNamed("kubernetes").listeners.ports), what="second to close")
         sock.sendall(b"a2 FETCH 1 BODY[TEXT]\r\n")
-        data = b""
-        while b"a2 OK" not in data:
-            chunk = sock.recv(65536)
-            assert chunk, data
-            data += chunk
-    assert b"Hello from the seeded INBOX." in data
+        data = read_tagged(sock, b"a2")
+    assert b"\r\na2 OK" in data and b"Hello from the seeded INBOX." in data
 
 
 def test_listeners_accept_ipv6_and_ipv4(fake, gateway, dovecot, certs):

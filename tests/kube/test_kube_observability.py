@@ -11,29 +11,18 @@ import re
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 
 import pytest
 from kubernetes import client as k8s
 
 import realservers
 from kubetest import wait_for
+from support.clients import http
 from mailgw.kube.client import KubeApi
 from mailgw.kube.controller import KubeSettings
 from mailgw.kube.main import make_kubernetes_service
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except OSError:
-        return 0, b""
 
 
 def free_range(size=20):
@@ -75,13 +64,13 @@ def gateway(fake, reactor, in_reactor, tmp_path):
 def test_readyz_names_the_controller_until_it_has_synced(gateway, in_reactor):
     in_reactor(gateway.privilegedStartService)  # the http listener, not the controller yet
     try:
-        assert get(gateway.base + "/readyz") == (503, b"not ready: controller not synced\n")
-        page = json.loads(get(gateway.base + "/status")[1])
+        assert http(gateway.base + "/readyz") == (503, b"not ready: controller not synced\n")
+        page = json.loads(http(gateway.base + "/status")[1])
         assert page["not_ready"] == ["controller not synced"]
         assert page["controller"]["synced"] is False
     finally:
         in_reactor(gateway.startService)
-    wait_for(lambda: get(gateway.base + "/readyz") == (200, b"ready\n"), what="/readyz")
+    wait_for(lambda: http(gateway.base + "/readyz") == (200, b"ready\n"), what="/readyz")
 
 
 def test_status_lists_the_controllers_listeners_and_state(fake, gateway, in_reactor):
@@ -89,7 +78,7 @@ def test_status_lists_the_controllers_listeners_and_state(fake, gateway, in_reac
     create_destination(fake, "mymail")
 
     def listed():
-        page = json.loads(get(gateway.base + "/status")[1] or b"{}")
+        page = json.loads(http(gateway.base + "/status")[1] or b"{}")
         return page if page.get("listeners") else None
 
     page = wait_for(listed, what="the CR's listener in /status")
@@ -125,8 +114,8 @@ def test_twistd_kubernetes_mode_logs_json(fake, tmp_path):
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        wait_for(lambda: get(f"http://127.0.0.1:{http_port}/readyz")[0] == 200, timeout=60, what="/readyz")
-        page = json.loads(get(f"http://127.0.0.1:{http_port}/status")[1])
+        wait_for(lambda: http(f"http://127.0.0.1:{http_port}/readyz")[0] == 200, timeout=60, what="/readyz")
+        page = json.loads(http(f"http://127.0.0.1:{http_port}/status")[1])
         assert page["ready"] is True and "controller" in page
         wait_for(lambda: (fake.get("destinations", "apps", "broken").get("status") or {}).get("conditions"),
                  timeout=60, what="the broken CR's status")
