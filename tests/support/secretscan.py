@@ -84,6 +84,8 @@ def forms(secret: Secret) -> dict[str, str]:
         "SASL OAUTHBEARER": f"n,a={user},\x01auth=Bearer {value}\x01\x01",
         "SASL OAUTHBEARER without authzid": f"n,,\x01auth=Bearer {value}\x01\x01",
         "HTTP Basic": f"{user}:{value}",
+        # requests-oauthlib form-encodes the client's credentials before Basic (RFC 6749 2.3.1)
+        "HTTP Basic, form-encoded": f"{urllib.parse.quote_plus(user)}:{urllib.parse.quote_plus(value)}",
     }
     for name, text in sasl.items():
         shapes[f"{name} (base64)"] = _b64(text.encode("utf-8"))
@@ -91,23 +93,27 @@ def forms(secret: Secret) -> dict[str, str]:
     return {name: text for name, text in shapes.items() if text}
 
 
-def find_secrets(haystack: str | bytes, secrets: Iterable[Secret]) -> list[tuple[str, str]]:
-    """``(label, shape)`` for every shape of every secret found in ``haystack``."""
+def find_secrets(haystack: str | bytes, secrets: Iterable[Secret], ignore_case: bool = False) -> list[tuple[str, str]]:
+    """``(label, shape)`` for every shape of every secret found in ``haystack``; with
+    ``ignore_case``, in any case (an echo may change the case of percent-escapes)."""
     if isinstance(haystack, bytes):
         haystack = haystack.decode("utf-8", "replace")
+    if ignore_case:
+        haystack = haystack.lower()
     found = []
     for secret in secrets:
         if len(secret.value) < MIN_LENGTH:
             raise ValueError(f"secret {secret.label!r} is shorter than {MIN_LENGTH} characters: use a distinctive one")
         for shape, text in forms(secret).items():
-            if text in haystack:
+            if (text.lower() if ignore_case else text) in haystack:
                 found.append((secret.label, shape))
     return found
 
 
-def assert_no_secrets(haystack: str | bytes, secrets: Iterable[Secret], where: str = "the output") -> None:
+def assert_no_secrets(haystack: str | bytes, secrets: Iterable[Secret], where: str = "the output",
+                      ignore_case: bool = False) -> None:
     """Fail naming each secret (by label) and shape found in ``haystack``."""
     secrets = list(secrets)
     assert secrets, "no secrets to look for"
-    found = find_secrets(haystack, secrets)
+    found = find_secrets(haystack, secrets, ignore_case)
     assert not found, f"secrets found in {where}: " + ", ".join(f"{label} as {shape}" for label, shape in found)

@@ -1,15 +1,13 @@
 """OAuth2 grants, errors, cache and single flight: real HTTP against tests/tokenservice.py.
 
-The real reactor runs in a background thread (started here unless something else already
-runs it); test code drives it with ``blockingCallFromThread``.
+The real reactor runs in a background thread (the ``reactor`` fixture); test code drives
+it with ``support.reactor.in_reactor``.  ``make_client`` and ``events``: tests/unit/conftest.py.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import sys
 import threading
 import time
 
@@ -17,38 +15,23 @@ import pytest
 import requests
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.internet.threads import blockingCallFromThread
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tokenservice import TokenService  # noqa: E402
-
-from mailgw import oauth  # noqa: E402
-from mailgw.destination import (  # noqa: E402
+from tokenservice import TokenService
+from mailgw import oauth
+from mailgw.destination import (
     OAUTH2_AUTHORIZATION_CODE,
     OAUTH2_CLIENT_CREDENTIALS,
     OAUTH2_REFRESH_TOKEN,
     Destination,
 )
-from mailgw.oauth import AccessToken, TokenCache, TokenClient, TokenError, TokenProvider  # noqa: E402
+from mailgw.oauth import AccessToken, TokenCache, TokenError, TokenProvider
+from support.reactor import in_reactor
 
 CLIENT_ID = "mail-gateway"
 CLIENT_SECRET = "cs-Sup3rSecret-client-7f3a"
 REFRESH = "rt-alice-Secret-19c2"
 CODE = "code-alice-Secret-55d1"
-
-
-# --- the reactor, in a thread ------------------------------------------------------------
-
-
-def call(reactor, f, *args, **kwargs):
-    return blockingCallFromThread(reactor, f, *args, **kwargs)
-
-
-@pytest.fixture(autouse=True)
-def insecure_transport(monkeypatch):
-    # http:// token URLs: allowed in tests only, never by the library.
-    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
 
 
 @pytest.fixture
@@ -60,33 +43,8 @@ def svc():
 
 
 @pytest.fixture
-def make_client(reactor):
-    clients = []
-
-    def make(**kwargs):
-        kwargs.setdefault("timeout", 2.0)
-        client = TokenClient(reactor, **kwargs)
-        call(reactor, client.start)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        call(reactor, client.stop)
-
-
-@pytest.fixture
 def client(make_client):
-    return make_client()
-
-
-@pytest.fixture
-def events():
-    """Every twisted.logger event emitted during the test."""
-    captured = []
-    globalLogPublisher.addObserver(captured.append)
-    yield captured
-    globalLogPublisher.removeObserver(captured.append)
+    return make_client(timeout=2.0)
 
 
 def destination(svc, authentication=OAUTH2_CLIENT_CREDENTIALS, **changes):
@@ -107,7 +65,7 @@ def destination(svc, authentication=OAUTH2_CLIENT_CREDENTIALS, **changes):
 
 def expect_error(reactor, f, *args, **kwargs) -> TokenError:
     with pytest.raises(TokenError) as info:
-        call(reactor, f, *args, **kwargs)
+        in_reactor(f, *args, **kwargs)
     error = info.value
     for secret in (CLIENT_SECRET, REFRESH, CODE):
         assert secret not in str(error) and secret not in repr(error)
@@ -120,7 +78,7 @@ def expect_error(reactor, f, *args, **kwargs) -> TokenError:
 
 @pytest.mark.parametrize("client_auth", ["basic", "body"])
 def test_client_credentials(reactor, svc, client, client_auth):
-    token = call(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET, client_auth=client_auth)
+    token = in_reactor(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET, client_auth=client_auth)
     assert isinstance(token, AccessToken)
     assert svc.username_for(token.access_token) == CLIENT_ID
     assert token.token_type == "Bearer"
@@ -133,14 +91,14 @@ def test_client_credentials(reactor, svc, client, client_auth):
 
 
 def test_client_credentials_scope(reactor, svc, client):
-    token = call(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET, scope="mail.send mail.read")
+    token = in_reactor(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET, scope="mail.send mail.read")
     assert svc.requests[0].form["scope"] == "mail.send mail.read"
     assert token.scope == "mail.send mail.read"
 
 
 @pytest.mark.parametrize("client_auth", ["basic", "body"])
 def test_refresh_token_grant(reactor, svc, client, client_auth):
-    token = call(reactor, client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH, client_auth=client_auth)
+    token = in_reactor(client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH, client_auth=client_auth)
     assert svc.username_for(token.access_token) == "alice@example.org"
     [record] = svc.requests
     assert record.grant_type == "refresh_token"
@@ -150,19 +108,19 @@ def test_refresh_token_grant(reactor, svc, client, client_auth):
 
 def test_authorization_code_grant_single_use(reactor, svc, client):
     svc.add_code("code-2", "bob", redirect_uri="https://app.example/cb")
-    token = call(reactor, client.authorization_code, svc.token_url, CLIENT_ID, CLIENT_SECRET, CODE)
+    token = in_reactor(client.authorization_code, svc.token_url, CLIENT_ID, CLIENT_SECRET, CODE)
     assert svc.username_for(token.access_token) == "alice@example.org"
     assert token.refresh_token  # the service returns one with this grant
     assert expect_error(reactor, client.authorization_code, svc.token_url, CLIENT_ID, CLIENT_SECRET, CODE).error_code == "invalid_grant"
-    token = call(
-        reactor, client.authorization_code, svc.token_url, CLIENT_ID, CLIENT_SECRET, "code-2", redirect_uri="https://app.example/cb"
+    token = in_reactor(
+        client.authorization_code, svc.token_url, CLIENT_ID, CLIENT_SECRET, "code-2", redirect_uri="https://app.example/cb"
     )
     assert svc.username_for(token.access_token) == "bob"
     assert svc.requests[-1].form["redirect_uri"] == "https://app.example/cb"
 
 
 def test_introspection(svc, reactor, client):
-    token = call(reactor, client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH)
+    token = in_reactor(client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH)
     answer = requests.post(svc.introspection_url, data={"token": token.access_token}, timeout=5).json()
     assert answer["active"] is True and answer["username"] == "alice@example.org"
     assert requests.post(svc.introspection_url, data={"token": "nope"}, timeout=5).json() == {"active": False}
@@ -172,7 +130,7 @@ def test_introspection(svc, reactor, client):
 
 def test_no_expires_in_gets_default_lifetime(reactor, svc, client):
     svc.expires_in = None
-    token = call(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
+    token = in_reactor(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
     assert token.expires_in == oauth.DEFAULT_LIFETIME
     assert abs(token.expires_at - (time.time() + oauth.DEFAULT_LIFETIME)) < 5
 
@@ -271,7 +229,7 @@ def test_scope_changed_by_the_service_is_accepted(reactor, client):
             return status, body
 
     with Narrower(clients={CLIENT_ID: CLIENT_SECRET}) as narrower:
-        token = call(reactor, client.client_credentials, narrower.token_url, CLIENT_ID, CLIENT_SECRET, scope="mail.read mail.send")
+        token = in_reactor(client.client_credentials, narrower.token_url, CLIENT_ID, CLIENT_SECRET, scope="mail.read mail.send")
     assert token.scope == "mail.read"
 
 
@@ -290,8 +248,8 @@ def test_https_required_without_the_test_switch(reactor, svc, client, monkeypatc
 
 
 def test_stopped_client(reactor, svc, make_client):
-    client = make_client()
-    call(reactor, client.stop)
+    client = make_client(timeout=2.0)
+    in_reactor(client.stop)
     assert expect_error(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET).error_code == "stopped"
 
 
@@ -309,12 +267,12 @@ def test_stop_fails_calls_in_flight(reactor, svc, make_client):
         reactor.callLater(0.1, done.callback, outcome)
         return done
 
-    [error] = call(reactor, start_then_stop)
+    [error] = in_reactor(start_then_stop)
     assert isinstance(error, TokenError) and error.error_code == "stopped"
 
 
 def test_max_concurrent(reactor, svc, make_client):
-    client = make_client(max_concurrent=1, pool_size=4)
+    client = make_client(timeout=2.0, max_concurrent=1, pool_size=4)
     svc.delay = 0.1
 
     def three():
@@ -322,7 +280,7 @@ def test_max_concurrent(reactor, svc, make_client):
             [client.client_credentials(svc.token_url, CLIENT_ID, CLIENT_SECRET, scope=str(i)) for i in range(3)]
         )
 
-    call(reactor, three)
+    in_reactor(three)
     assert svc.token_requests() == 3
     assert svc.max_active == 1
 
@@ -342,27 +300,27 @@ def provider(client, clock):
 
 def test_cache_within_lifetime_then_expiry(reactor, svc, provider, clock):
     dest = destination(svc)
-    first = call(reactor, provider.for_client_credentials, dest)
-    second = call(reactor, provider.for_client_credentials, dest)
+    first = in_reactor(provider.for_client_credentials, dest)
+    second = in_reactor(provider.for_client_credentials, dest)
     assert first == second
     assert svc.token_requests() == 1
-    call(reactor, clock.advance, 3600 - 60 - 1)
-    assert call(reactor, provider.for_client_credentials, dest) == first
+    in_reactor(clock.advance, 3600 - 60 - 1)
+    assert in_reactor(provider.for_client_credentials, dest) == first
     assert svc.token_requests() == 1
-    call(reactor, clock.advance, 2)
-    third = call(reactor, provider.for_client_credentials, dest)
+    in_reactor(clock.advance, 2)
+    third = in_reactor(provider.for_client_credentials, dest)
     assert third.access_token != first.access_token
     assert svc.token_requests() == 2
 
 
 def test_cache_keys_tenant_and_scope(reactor, svc, provider):
     dest = destination(svc, token_service_url=svc.tenant_token_url, token_service_url_type="Common")
-    a = call(reactor, provider.for_client_credentials, dest, "acme")
-    b = call(reactor, provider.for_client_credentials, dest, "globex")
+    a = in_reactor(provider.for_client_credentials, dest, "acme")
+    b = in_reactor(provider.for_client_credentials, dest, "globex")
     assert a != b
     assert [r.tenant for r in svc.requests] == ["acme", "globex"]
-    call(reactor, provider.for_client_credentials, dest, "acme")
-    call(reactor, provider.for_client_credentials, destination(svc, scope="other"))
+    in_reactor(provider.for_client_credentials, dest, "acme")
+    in_reactor(provider.for_client_credentials, destination(svc, scope="other"))
     assert svc.token_requests() == 3
 
 
@@ -375,7 +333,7 @@ def test_concurrent_requests_share_one(reactor, svc, provider):
         assert len({id(d) for d in ds}) == 5
         return defer.gatherResults(ds)
 
-    tokens = call(reactor, five)
+    tokens = in_reactor(five)
     assert len({t.access_token for t in tokens}) == 1
     assert svc.token_requests() == 1
 
@@ -388,22 +346,22 @@ def test_failure_shared_and_not_cached(reactor, svc, provider):
     def three():
         return defer.DeferredList([provider.for_client_credentials(dest) for _ in range(3)], consumeErrors=True)
 
-    results = call(reactor, three)
+    results = in_reactor(three)
     assert [ok for ok, _ in results] == [False] * 3
     assert {f.value.error_code for _, f in results} == {"invalid_grant"}
     assert svc.token_requests() == 1
     svc.refuse_all = False
     svc.delay = 0
-    token = call(reactor, provider.for_client_credentials, dest)
+    token = in_reactor(provider.for_client_credentials, dest)
     assert svc.username_for(token.access_token) == CLIENT_ID
     assert svc.token_requests() == 2
 
 
 def test_exchange_refresh_token_cached_by_secret(reactor, svc, provider):
     dest = destination(svc, OAUTH2_REFRESH_TOKEN)
-    first = call(reactor, provider.exchange, dest, None, REFRESH)
+    first = in_reactor(provider.exchange, dest, None, REFRESH)
     assert svc.username_for(first.access_token) == "alice@example.org"
-    assert call(reactor, provider.exchange, dest, None, REFRESH) == first
+    assert in_reactor(provider.exchange, dest, None, REFRESH) == first
     assert svc.token_requests("refresh_token") == 1
     error = expect_error(reactor, provider.exchange, dest, None, "rt-unknown")
     assert error.error_code == "invalid_grant"
@@ -411,9 +369,9 @@ def test_exchange_refresh_token_cached_by_secret(reactor, svc, provider):
 
 def test_exchange_code_is_used_once(reactor, svc, provider):
     dest = destination(svc, OAUTH2_AUTHORIZATION_CODE)
-    first = call(reactor, provider.exchange, dest, None, CODE)
+    first = in_reactor(provider.exchange, dest, None, CODE)
     # The code is single-use at the service; the second session is served from the cache.
-    assert call(reactor, provider.exchange, dest, None, CODE) == first
+    assert in_reactor(provider.exchange, dest, None, CODE) == first
     assert svc.token_requests("authorization_code") == 1
     provider.invalidate(dest, None, CODE)
     assert expect_error(reactor, provider.exchange, dest, None, CODE).error_code == "invalid_grant"
@@ -432,9 +390,9 @@ def test_secrets_never_leak(reactor, svc, make_client, events, caplog):
     client = make_client(timeout=0.3)
     provider = TokenProvider(client, TokenCache(Clock()))
     tokens = [
-        call(reactor, provider.for_client_credentials, destination(svc)),
-        call(reactor, provider.exchange, destination(svc, OAUTH2_REFRESH_TOKEN), None, REFRESH),
-        call(reactor, provider.exchange, destination(svc, OAUTH2_AUTHORIZATION_CODE), None, CODE),
+        in_reactor(provider.for_client_credentials, destination(svc)),
+        in_reactor(provider.exchange, destination(svc, OAUTH2_REFRESH_TOKEN), None, REFRESH),
+        in_reactor(provider.exchange, destination(svc, OAUTH2_AUTHORIZATION_CODE), None, CODE),
     ]
     errors = [
         expect_error(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET + "x"),
@@ -542,6 +500,6 @@ def test_access_token_repr_hides_secrets():
 @pytest.mark.parametrize("method", ["basic", "body"])
 def test_destination_chooses_client_authentication(reactor, svc, provider, method):
     """tokenServiceAuthentication: HTTP Basic by default, the form body when asked."""
-    call(reactor, provider.for_client_credentials, destination(svc, token_client_auth=method))
-    call(reactor, provider.exchange, destination(svc, OAUTH2_REFRESH_TOKEN, token_client_auth=method), None, REFRESH)
+    in_reactor(provider.for_client_credentials, destination(svc, token_client_auth=method))
+    in_reactor(provider.exchange, destination(svc, OAUTH2_REFRESH_TOKEN, token_client_auth=method), None, REFRESH)
     assert [r.auth_method for r in svc.requests[-2:]] == [method, method]

@@ -6,35 +6,23 @@ error text even when the service echoes them, and the token metrics."""
 from __future__ import annotations
 
 import base64
-import os
-import sys
 import threading
-from urllib.parse import quote, quote_plus
 
 import pytest
 from prometheus_client import REGISTRY
 from twisted.internet import defer
-from twisted.internet.threads import blockingCallFromThread
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tokenservice import TokenService  # noqa: E402
-
-from mailgw.oauth import MAX_RESPONSE_BYTES, TokenClient, TokenError, secret_forms  # noqa: E402
+from tokenservice import TokenService
+from mailgw.oauth import MAX_RESPONSE_BYTES, TokenError, secret_forms
+from support.reactor import in_reactor
+from support.secretscan import Secret, assert_no_secrets
 
 CLIENT_ID = "mail-gateway"
 #: Characters that URL-encoding and base64 both change.
 CLIENT_SECRET = "cs/Secret+with=odd&chars 7f3a"
 REFRESH = "rt/alice+Secret=19c2"
-
-
-def call(reactor, f, *args, **kwargs):
-    return blockingCallFromThread(reactor, f, *args, **kwargs)
-
-
-@pytest.fixture(autouse=True)
-def insecure_transport(monkeypatch):
-    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
+SECRETS = [Secret("client secret", CLIENT_SECRET, user=CLIENT_ID), Secret("refresh token", REFRESH, user="alice@example.org")]
 
 
 @pytest.fixture
@@ -44,48 +32,14 @@ def svc():
         yield service
 
 
-@pytest.fixture
-def make_client(reactor):
-    clients = []
-
-    def make(**kwargs):
-        client = TokenClient(reactor, **kwargs)
-        call(reactor, client.start)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        call(reactor, client.stop)
-
-
-@pytest.fixture
-def events():
-    captured = []
-    globalLogPublisher.addObserver(captured.append)
-    yield captured
-    globalLogPublisher.removeObserver(captured.append)
-
-
 def counted(grant, outcome) -> float:
     return REGISTRY.get_sample_value("mailgw_token_requests_total", {"grant": grant, "outcome": outcome}) or 0.0
 
 
 def failure_of(reactor, f, *args, **kwargs) -> TokenError:
     with pytest.raises(TokenError) as info:
-        call(reactor, f, *args, **kwargs)
+        in_reactor(f, *args, **kwargs)
     return info.value
-
-
-def all_forms(*secrets) -> list[str]:
-    """What must never appear: each secret as is, URL-encoded, base64, and the Basic
-    header value of the client's credentials (as requests sends it, and form-encoded)."""
-    forms = []
-    for secret in secrets:
-        forms += [secret, quote(secret, safe=""), quote_plus(secret), base64.b64encode(secret.encode()).decode()]
-    for pair in (f"{CLIENT_ID}:{CLIENT_SECRET}", f"{quote_plus(CLIENT_ID)}:{quote_plus(CLIENT_SECRET)}"):
-        forms.append(base64.b64encode(pair.encode()).decode())
-    return forms
 
 
 # --- 1 MiB cap ------------------------------------------------------------------------------
@@ -108,7 +62,7 @@ def test_response_just_under_the_cap_is_fine(reactor, svc, make_client):
     client = make_client(timeout=20)
     head, tail = b'{"access_token": "at-big", "expires_in": 60, "padding": "', b'"}'
     svc.garbage = head + b"p" * (MAX_RESPONSE_BYTES - len(head) - len(tail)) + tail
-    token = call(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
+    token = in_reactor(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
     assert token.access_token == "at-big"
 
 
@@ -128,7 +82,7 @@ def test_trickling_service_meets_the_deadline_and_the_slot_is_free_again(reactor
     assert svc.client_gone.wait(20), "the pool thread still holds the trickling connection"
     # ... and the next request gets the slot and the thread.
     svc.trickle = None
-    token = call(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
+    token = in_reactor(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
     assert token.access_token.startswith("at-")
 
 
@@ -142,7 +96,7 @@ def test_trickle_while_others_wait_for_the_slot(reactor, svc, make_client):
             consumeErrors=True,
         )
 
-    results = call(reactor, two)
+    results = in_reactor(two)
     # Both end with timeout (the second waited for the slot within the same deadline).
     assert [r[1].value.error_code for r in results] == ["timeout", "timeout"]
 
@@ -163,9 +117,8 @@ def test_echoed_credentials_are_redacted(reactor, svc, make_client, events, clie
         assert "Authorization: Basic ***" in text
     assert "grant_type=refresh_token" in text  # the echo is there, minus the secrets
     logged = "\n".join(formatEvent(e) for e in events)
-    for form in all_forms(CLIENT_SECRET, REFRESH):
-        assert form not in text, form
-        assert form.lower() not in logged.lower(), form
+    assert_no_secrets(text, SECRETS, "the error")
+    assert_no_secrets(logged, SECRETS, "the log", ignore_case=True)
 
 
 def test_error_code_that_echoes_a_secret_is_not_used():
@@ -227,8 +180,8 @@ def test_stop_interrupts_a_trickling_request(reactor, svc, make_client):
         d.addErrback(lambda f: outcome.append(f.value))
         reactor.callLater(0.5, started.set)
 
-    call(reactor, begin)
+    in_reactor(begin)
     started.wait(10)
-    call(reactor, client.stop)
+    in_reactor(client.stop)
     assert outcome and outcome[0].error_code == "stopped"
     assert svc.client_gone.wait(20)
