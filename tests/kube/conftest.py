@@ -1,4 +1,5 @@
-"""Fixtures of the Kubernetes tests: the fake API server, and a helper to call into the reactor."""
+"""Fixtures of the Kubernetes tests: the fake API server (with the gateway's pods), a
+helper to call into the reactor, controllers against the fake."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from twisted.internet.threads import blockingCallFromThread
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fakeapi import FakeKubeAPI  # noqa: E402
-from kubetest import wait_for  # noqa: E402,F401
+from kubernetes import client as k8s  # noqa: E402
+from kubetest import GW_NS, FakeListeners, pod, wait_for  # noqa: E402
+
+from mailgw.kube.client import KubeApi, user_agent  # noqa: E402
+from mailgw.kube.controller import KubeController, KubeSettings  # noqa: E402
 
 __all__ = ["wait_for"]  # test_gateway_e2e.py imports it from here
 
@@ -32,3 +37,36 @@ def in_reactor(reactor) -> Callable[..., Any]:
 def fake():
     with FakeKubeAPI() as api:
         yield api
+
+
+@pytest.fixture
+def cluster(fake):
+    """The fake API server with two gateway pods, gw-0 and gw-1."""
+    fake.create("pods", GW_NS, pod("gw-0", "10.0.0.10"))
+    fake.create("pods", GW_NS, pod("gw-1", "10.0.0.11"))
+    return fake
+
+
+@pytest.fixture
+def controllers(cluster, reactor, in_reactor):
+    """``start(settings, api_timeout=1.0, fail_ports=())``: a started KubeController on
+    ``cluster`` whose initial lists are done, and its :class:`FakeListeners` (failing to
+    listen on ``fail_ports``); every one still running is stopped after the test."""
+    running = []
+
+    def start(settings: KubeSettings, api_timeout: float = 1.0, fail_ports=()):
+        api_client = k8s.ApiClient(cluster.configuration())
+        api_client.user_agent = user_agent(settings.identity)
+        api = KubeApi(api_client, timeout=api_timeout, connect_timeout=1.0)
+        listeners = FakeListeners()
+        listeners.fail_ports.update(fail_ports)
+        controller = in_reactor(KubeController.create, api, listeners, settings, reactor)
+        in_reactor(controller.startService)
+        running.append(controller)
+        wait_for(lambda: controller.ready, what="the controller's initial lists")
+        return controller, listeners
+
+    yield start
+    for controller in running:
+        if controller.running:
+            in_reactor(controller.stopService)

@@ -29,7 +29,6 @@ import bisect
 import collections
 import copy
 import datetime
-import http.server
 import json
 import os
 import re
@@ -42,6 +41,8 @@ import uuid
 from typing import Any
 
 import yaml
+
+from support.httpserver import HTTPService, JSONHandler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CRD_PATH = os.path.join(ROOT, "k8s", "crd.yaml")
@@ -223,18 +224,6 @@ def metadata_only(obj: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": copy.deepcopy(obj["metadata"])}
 
 
-class QuietServer(http.server.ThreadingHTTPServer):
-    """Clients that hang up (a stopped watch, a timed-out call) are normal here."""
-
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        import sys
-
-        if not isinstance(sys.exc_info()[1], OSError):
-            super().handle_error(request, client_address)
-
-
 class ApiError(Exception):
     def __init__(self, code: int, reason: str, message: str):
         super().__init__(message)
@@ -276,10 +265,13 @@ Write = collections.namedtuple("Write", "time method path agent")
 _VERBS = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 
 
-class FakeKubeAPI:
+class FakeKubeAPI(HTTPService):
     """The fake API server.  Use as a context manager or call start()/stop()."""
 
+    thread_name = "fake-kube-api"
+
     def __init__(self, crd_schema: dict[str, Any] | None = None):
+        self.Handler = _Handler
         self.schema = crd_schema if crd_schema is not None else load_crd_schema()
         self.cond = threading.Condition(threading.RLock())
         self.rv = 100
@@ -301,41 +293,14 @@ class FakeKubeAPI:
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self.open_watches = 0
         self._stopping = False
-        self.server: http.server.ThreadingHTTPServer | None = None
 
     # --- lifecycle --------------------------------------------------------------
-
-    def start(self) -> "FakeKubeAPI":
-        api = self
-
-        class Handler(_Handler):
-            fake = api
-
-        self.server = QuietServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-kube-api", daemon=True
-        )
-        self.thread.start()
-        return self
 
     def stop(self) -> None:
         with self.cond:
             self._stopping = True
             self.cond.notify_all()
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-
-    def __enter__(self) -> "FakeKubeAPI":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        super().stop()
 
     def configuration(self):
         """A ``kubernetes.client.Configuration`` for this server."""
@@ -589,29 +554,11 @@ _PATH = re.compile(
 )
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # headers and body go out in two writes: without this, Nagle and delayed ACKs add
-    # 40 ms to every request on a kept-alive connection
-    disable_nagle_algorithm = True
-    fake: FakeKubeAPI
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet
-        pass
-
-    # --- plumbing -----------------------------------------------------------------
-
-    def _send_json(self, code: int, body: Any) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+class _Handler(JSONHandler):
+    service: FakeKubeAPI
 
     def _body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        raw = self.body_bytes()
         if not raw:
             return None
         try:
@@ -635,7 +582,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
-        fake = self.fake
+        fake = self.service
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query))
         try:
@@ -683,23 +630,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                           items=[metadata_only(i) for i in result["items"]])
                     else:
                         result = fake._existing(res, ns, name)
-                    self._send_json(200, result)
+                    self.send_json(200, result)
                 elif method == "POST" and name is None and ns:
                     if not isinstance(body, dict):
                         raise ApiError(400, "BadRequest", "body must be an object")
-                    self._send_json(201, fake._create(res, ns, body))
+                    self.send_json(201, fake._create(res, ns, body))
                 elif method == "PUT" and name and ns:
-                    self._send_json(200, fake._replace(res, ns, name, sub, body or {}))
+                    self.send_json(200, fake._replace(res, ns, name, sub, body or {}))
                 elif method == "PATCH" and name and ns:
                     ctype = self.headers.get("Content-Type", "application/merge-patch+json")
-                    self._send_json(200, fake._patch(res, ns, name, sub, ctype, body))
+                    self.send_json(200, fake._patch(res, ns, name, sub, ctype, body))
                 elif method == "DELETE" and name and ns:
-                    self._send_json(200, fake._delete(res, ns, name))
+                    self.send_json(200, fake._delete(res, ns, name))
                 else:
                     raise ApiError(405, "MethodNotAllowed", f"{method} not supported here")
         except ApiError as e:
             try:
-                self._send_json(e.code, e.status())
+                self.send_json(e.code, e.status())
             except OSError:  # the client gave up (a timeout test)
                 self.close_connection = True
         except OSError:
@@ -724,7 +671,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return False
 
     def _watch(self, res, ns, query) -> None:
-        fake = self.fake
+        fake = self.service
         labels = query.get("labelSelector")
         fields = query.get("fieldSelector")
         bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
@@ -753,7 +700,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if since < fake.compacted:
                     gone = ApiError(410, "Expired", f"too old resource version: {since} ({fake.compacted})")
                     if fake.expire_with_http_status:
-                        self._send_json(410, gone.status())
+                        self.send_json(410, gone.status())
                         return
                     initial = [{"type": "ERROR", "object": gone.status()}]
             epoch, marks, closes = fake.epoch, fake.bookmarks, fake.closes

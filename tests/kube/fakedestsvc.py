@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.server
-import json
 import threading
 import urllib.parse
 from typing import Any
 
+from support.httpserver import HTTPService, JSONHandler
 
-from fakeapi import QuietServer
 
+class FakeDestinationService(HTTPService):
+    thread_name = "fake-destination-service"
 
-class FakeDestinationService:
     def __init__(self, clientid: str = "dest-client", clientsecret: str = "dest-secret"):
+        self.Handler = _Handler
         self.clientid = clientid
         self.clientsecret = clientsecret
         #: (subdomain, name) -> destination configuration
@@ -32,56 +32,13 @@ class FakeDestinationService:
         self.find_requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
 
-    # --- lifecycle --------------------------------------------------------------
-
-    def start(self) -> "FakeDestinationService":
-        svc = self
-
-        class Handler(_Handler):
-            service = svc
-
-        self.server = QuietServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self) -> "FakeDestinationService":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self.server.server_address[1]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
     def revoke_tokens(self) -> None:
         with self.lock:
             self.tokens.clear()
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
+class _Handler(JSONHandler):
     service: FakeDestinationService
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _send(self, code: int, body: Any) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def _subdomain(self) -> str:
         return (self.headers.get("Host") or "").split(".")[0]
@@ -93,34 +50,33 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         svc = self.service
-        length = int(self.headers.get("Content-Length") or 0)
-        form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+        form = dict(urllib.parse.parse_qsl(self.body_bytes().decode()))
         if self._path != "/oauth/token":
-            return self._send(404, {"error": "not_found"})
+            return self.send_json(404, {"error": "not_found"})
         auth = self.headers.get("Authorization", "")
         expected = "Basic " + base64.b64encode(f"{svc.clientid}:{svc.clientsecret}".encode()).decode()
         if auth != expected:
-            return self._send(401, {"error": "invalid_client", "error_description": "Bad credentials"})
+            return self.send_json(401, {"error": "invalid_client", "error_description": "Bad credentials"})
         if form.get("grant_type") != "client_credentials":
-            return self._send(400, {"error": "unsupported_grant_type"})
+            return self.send_json(400, {"error": "unsupported_grant_type"})
         sub = self._subdomain()
         with svc.lock:
             token = f"tok-{sub}-{len(svc.token_requests)}"
             svc.tokens[token] = sub
             svc.token_requests.append(sub)
-        self._send(200, {"access_token": token, "token_type": "bearer", "expires_in": 3600})
+        self.send_json(200, {"access_token": token, "token_type": "bearer", "expires_in": 3600})
 
     def do_GET(self) -> None:
         svc = self.service
         prefix = "/destination-configuration/v1/destinations/"
         if not self._path.startswith(prefix):
-            return self._send(404, {"ErrorMessage": "no such API"})
+            return self.send_json(404, {"ErrorMessage": "no such API"})
         auth = self.headers.get("Authorization", "")
         token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
         with svc.lock:
             sub = svc.tokens.get(token)
         if sub is None:
-            return self._send(401, {"ErrorMessage": "Unauthorized"})
+            return self.send_json(401, {"ErrorMessage": "Unauthorized"})
         name = urllib.parse.unquote(self._path[len(prefix):])
         refresh = self.headers.get("X-refresh-token")
         code = self.headers.get("X-code")
@@ -129,7 +85,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                       "code": code is not None})
             config = svc.destinations.get((sub, name))
         if config is None:
-            return self._send(404, {"ErrorMessage": "Configuration with the specified name was not found"})
+            return self.send_json(404, {"ErrorMessage": "Configuration with the specified name was not found"})
         body: dict[str, Any] = {"owner": {"SubaccountId": sub}, "destinationConfiguration": config}
         secret = refresh or code
         if secret is not None:
@@ -139,4 +95,4 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 digest = hashlib.sha256(secret.encode()).hexdigest()[:12]
                 body["authTokens"] = [{"type": "Bearer", "value": f"access-{digest}", "expires_in": "3600",
                                        "http_header": {"key": "Authorization", "value": f"Bearer access-{digest}"}}]
-        self._send(200, body)
+        self.send_json(200, body)

@@ -3,138 +3,24 @@ and a recording listener manager."""
 
 from __future__ import annotations
 
-import base64
-import json
-
 import pytest
-from kubernetes import client as k8s
-from twisted.internet.defer import succeed
-from twisted.internet.error import CannotListenError
-from zope.interface import implementer
-
-from kubetest import wait_for
+from kubetest import GW_LABELS, GW_NS, SMTPS, condition, destination_cr, pod, secret, wait_condition, wait_for
 from mailgw.kube import model
-from mailgw.kube.client import KubeApi
-from mailgw.kube.controller import KubeController, KubeSettings
-from mailgw.kube.listeners import IListenerManager
+from mailgw.kube.controller import KubeSettings
 from mailgw.kube.model import Route
 
-GW_NS = "mailgw-system"
-GW_LABELS = {"app.kubernetes.io/name": "mailgw"}
-
-SMTPS = {
-    "Name": "example-dest-smtps",
-    "Type": "MAIL",
-    "Authentication": "BasicAuthentication",
-    "mail.user": "app@example.org",
-    "mail.password": "secret",
-    "mail.transport.protocol": "smtps",
-    "mail.smtps.host": "smtp.example.org",
-    "mail.smtps.port": "465",
-    "ProxyType": "Internet",
-}
-
-
-@implementer(IListenerManager)
-class FakeListeners:
-    """Records what the controller asks for."""
-
-    def __init__(self):
-        self.open_routes: dict[Route, tuple[int, object]] = {}
-        self.log: list[tuple] = []
-        self.fail_ports: set[int] = set()
-
-    def open(self, route, port, destination):
-        if port in self.fail_ports:
-            raise CannotListenError("", port, OSError("address in use"))
-        assert route not in self.open_routes, f"{route} opened twice"
-        self.open_routes[route] = (port, destination)
-        self.log.append(("open", route, port))
-        return succeed(None)
-
-    def close(self, route):
-        del self.open_routes[route]
-        self.log.append(("close", route))
-        return succeed(None)
-
-    def ports(self):
-        return {r: p for r, (p, _) in dict(self.open_routes).items()}
-
-
-def secret(name, destination, ns="apps"):
-    return {
-        "metadata": {"name": name, "namespace": ns},
-        "data": {"destination.json": base64.b64encode(json.dumps(destination).encode()).decode()},
-    }
-
-
-def destination_cr(name="mymail", ref="example-dest-smtps", tenants=None, port=None, scope=None, instance=None):
-    spec = {"destinationRef": {"name": ref}}
-    if port:
-        spec["service"] = {"port": port}
-    if scope:
-        spec["accessControl"] = {"scope": scope}
-    if instance:
-        spec["destinationServiceInstanceName"] = instance
-    obj = {"apiVersion": "destination.connectivity.api.sap/v1", "kind": "Destination",
-           "metadata": {"name": name}, "spec": spec}
-    if tenants is not None:
-        obj["metadata"]["annotations"] = {model.TENANTS_ANNOTATION: tenants}
-    return obj
-
-
-def pod(name, ip, ready=True):
-    return {
-        "metadata": {"name": name, "namespace": GW_NS, "labels": dict(GW_LABELS)},
-        "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
-    }
-
-
-def condition(fake, name="mymail", ns="apps"):
-    obj = fake.get("destinations", ns, name) or {}
-    for cond in (obj.get("status") or {}).get("conditions") or []:
-        if cond["type"] == "Available":
-            return cond
-    return None
-
-
-def wait_condition(fake, status, reason, name="mymail", ns="apps", timeout=10):
-    def check():
-        cond = condition(fake, name, ns)
-        return cond is not None and (cond["status"], cond["reason"]) == (status, reason) and cond
-    return wait_for(check, timeout, f"{ns}/{name} to be {status}/{reason} (now {condition(fake, name, ns)})")
-
 
 @pytest.fixture
-def cluster(fake):
-    fake.create("pods", GW_NS, pod("gw-0", "10.0.0.10"))
-    fake.create("pods", GW_NS, pod("gw-1", "10.0.0.11"))
-    return fake
-
-
-@pytest.fixture
-def make_controller(cluster, reactor, in_reactor):
-    running = []
-
+def make_controller(controllers):
     def make(identity="gw-0", leader_election=False, api_timeout=1.0, fail_ports=(), **overrides):
-        api = KubeApi(k8s.ApiClient(cluster.configuration()), timeout=api_timeout, connect_timeout=1.0)
         settings = KubeSettings(
             gateway_namespace=GW_NS, pod_labels=GW_LABELS, identity=identity, port_range=(20000, 20999),
             resync_interval=3600, cache_ttl=0, watch_timeout=30, leader_election=leader_election,
             retry_delay=0.05, lease_duration=1.0, renew_deadline=0.8, retry_period=0.1, **overrides,
         )
-        listeners = FakeListeners()
-        listeners.fail_ports.update(fail_ports)
-        controller = in_reactor(KubeController.create, api, listeners, settings, reactor)
-        in_reactor(controller.startService)
-        running.append(controller)
-        wait_for(lambda: controller.ready, what="the controller's initial lists")
-        return controller, listeners
+        return controllers(settings, api_timeout=api_timeout, fail_ports=fail_ports)
 
-    yield make
-    for controller in running:
-        if controller.running:
-            in_reactor(controller.stopService)
+    return make
 
 
 def stop(in_reactor, controller):

@@ -9,13 +9,12 @@ from kubernetes import client as k8s
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
-from kubetest import wait_for
 from mailgw.kube import model
 from mailgw.kube.client import KubeApi, KubeApiError
 from mailgw.kube.controller import KubeController, KubeSettings
 from mailgw.kube.leader import LeaderElector, Observed, decide
 from mailgw.kube.model import Route
-from test_kube_controller import GW_LABELS, GW_NS, SMTPS, FakeListeners, destination_cr, pod, secret, wait_condition
+from kubetest import GW_LABELS, GW_NS, SMTPS, FakeListeners, destination_cr, pod, secret, wait_condition, wait_for
 
 
 class LeaseStore:

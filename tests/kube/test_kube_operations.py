@@ -8,51 +8,28 @@ import json
 import time
 
 import pytest
-from kubernetes import client as k8s
 
-from kubetest import wait_for
 from mailgw import metrics
 from mailgw.kube import model
-from mailgw.kube.client import KubeApi, user_agent
-from mailgw.kube.controller import KubeController, KubeSettings
+from mailgw.kube.controller import KubeSettings
 from mailgw.kube.model import Route
-from test_kube_controller import GW_LABELS, GW_NS, SMTPS, FakeListeners, condition, destination_cr, pod, secret, wait_condition
+from kubetest import GW_LABELS, GW_NS, SMTPS, condition, destination_cr, pod, secret, wait_condition, wait_for
 
 RANGE = (20000, 24999)
 
 
 @pytest.fixture
-def cluster(fake):
-    fake.create("pods", GW_NS, pod("gw-0", "10.0.0.10"))
-    fake.create("pods", GW_NS, pod("gw-1", "10.0.0.11"))
-    return fake
-
-
-@pytest.fixture
-def start(cluster, reactor, in_reactor):
-    running = []
-
+def start(controllers):
     def make(identity="gw-0", leader_election=False, **overrides):
-        api_client = k8s.ApiClient(cluster.configuration())
-        api_client.user_agent = user_agent(identity)
-        api = KubeApi(api_client, timeout=5.0, connect_timeout=1.0)
         values = dict(
             gateway_namespace=GW_NS, pod_labels=GW_LABELS, identity=identity, port_range=RANGE,
             resync_interval=3600, cache_ttl=60, watch_timeout=60, leader_election=leader_election,
             retry_delay=0.05, lease_duration=30.0, renew_deadline=20.0, retry_period=0.2,
         )
         values.update(overrides)
-        listeners = FakeListeners()
-        controller = in_reactor(KubeController.create, api, listeners, KubeSettings(**values), reactor)
-        in_reactor(controller.startService)
-        running.append(controller)
-        wait_for(lambda: controller.ready, what="the initial lists")
-        return controller, listeners
+        return controllers(KubeSettings(**values), api_timeout=5.0)
 
-    yield make
-    for controller in running:
-        if controller.running:
-            in_reactor(controller.stopService)
+    return make
 
 
 def held_lease(fake, holder="gw-0"):

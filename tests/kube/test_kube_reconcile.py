@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+from fakeapi import merge_patch  # RFC 7386, as the (fake) API server applies it
 
 from mailgw.destination import parse_destination
 from mailgw.kube import model
@@ -76,19 +77,6 @@ def cr_obj(name="mymail", ns="apps", uid="uid-1", tenants=None, spec=None, statu
     if status is not None:
         obj["status"] = status
     return obj
-
-
-def merge_patch(target, patch):
-    """RFC 7386, as the API server applies it."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
 
 
 def apply(plan, existing: Existing) -> Existing:

@@ -12,9 +12,8 @@ import pytest
 
 import realservers
 from kubeprocs import GW_NS, LEASE_DURATION, RENEW_DEADLINE, Replica, lease_holder, recorded_port
-from kubetest import wait_for
 from mailgw.kube import model
-from test_kube_controller import destination_cr, pod, secret, wait_condition
+from kubetest import destination_cr, pod, secret, wait_condition, wait_for
 
 
 

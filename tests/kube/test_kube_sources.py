@@ -13,7 +13,6 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from kubetest import wait_for
 from fakedestsvc import FakeDestinationService
 from mailgw.kube import model
 from mailgw.blocking import BlockingPool
@@ -34,7 +33,7 @@ from mailgw.sources.base import (
 )
 from mailgw.sources.btp import BtpCredentials, BtpSource, tenant_url
 from mailgw.sources.cache import CachingSource, SourceRegistry
-from test_kube_controller import GW_LABELS, GW_NS, SMTPS, FakeListeners, destination_cr, pod, secret, wait_condition
+from kubetest import GW_LABELS, GW_NS, SMTPS, FakeListeners, destination_cr, pod, secret, wait_condition, wait_for
 
 
 def sync(fn, *args):
