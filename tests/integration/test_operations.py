@@ -8,7 +8,6 @@ import json
 import re
 import signal
 import smtplib
-import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from support.clients import http
+from support.gatewayprocess import Twistd, write_config
 from support.reactor import in_reactor, wait_for
 from support.secretscan import Secret, assert_no_secrets
 
@@ -287,12 +287,8 @@ def test_twistd_json_logs_and_audit_on_stdout(tmp_path, auth_sink):
         "logging": {"format": "json"},
         "audit": {"path": "-"},
     }
-    (tmp_path / "gateway.yaml").write_text(json.dumps(config))
-    proc = subprocess.Popen(
-        TWISTD + ["-n", "--pidfile=", "mailgw", "--config", "gateway.yaml"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
+    write_config(tmp_path / "gateway.yaml", config)
+    with Twistd(["mailgw", "--config", "gateway.yaml"], tmp_path) as gateway:
         realservers.wait_for_banner("127.0.0.1", port, "220", timeout=30)
         mark = uuid.uuid4().hex
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
@@ -308,13 +304,8 @@ def test_twistd_json_logs_and_audit_on_stdout(tmp_path, auth_sink):
 
         wait_for(audit_written, timeout=30, what="the audit line")
         status_page = http(f"http://127.0.0.1:{http_port}/status")[1]
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode in (0, -signal.SIGTERM), err
+        assert gateway.stop(60) in (0, -signal.SIGTERM), gateway.stderr()
+    out, err = gateway.log(), gateway.stderr()
 
     lines = [json.loads(line) for line in out.splitlines()]  # every line is one JSON object
     logs = [line for line in lines if "level" in line]

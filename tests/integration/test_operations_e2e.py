@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import uuid
 from collections import defaultdict
@@ -24,6 +23,7 @@ from collections import defaultdict
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.clients import http, read_line
+from support.gatewayprocess import Twistd
 from support.reactor import wait_for
 from support.secretscan import Secret, assert_no_secrets
 
@@ -111,11 +111,7 @@ def run(tmp_path_factory, certs, smtp_sink):
         }))
         base = f"http://127.0.0.1:{http_port}"
         env = dict(os.environ, OAUTHLIB_INSECURE_TRANSPORT="1")  # the test token service is http
-        proc = subprocess.Popen(
-            TWISTD + ["-n", "--pidfile=", "mailgw", "--config", "gateway.yaml"],
-            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        try:
+        with Twistd(["mailgw", "--config", "gateway.yaml"], tmp, env) as gateway:
             # /readyz, not a probe of a listener: a probe would be one more session.
             wait_for(lambda: http(base + "/readyz")[0] == 200, timeout=30, what="/readyz")
 
@@ -155,13 +151,8 @@ def run(tmp_path_factory, certs, smtp_sink):
 
             metrics_text = wait_for(all_closed, timeout=30, what="every session to end")
             status_text = http(base + "/status")[1]
-            proc.send_signal(signal.SIGTERM)
-            stdout, stderr = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-        assert proc.returncode in (0, -signal.SIGTERM), stderr
+            assert gateway.stop(60) in (0, -signal.SIGTERM), gateway.stderr()
+        stdout, stderr = gateway.log(), gateway.stderr()
 
         r = Run()
         r.metrics_text, r.samples = metrics_text, samples_of(metrics_text)

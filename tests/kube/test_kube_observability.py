@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -18,6 +17,7 @@ from kubernetes import client as k8s
 import realservers
 from kubetest import wait_for
 from support.clients import http
+from support.gatewayprocess import Twistd
 from mailgw.kube.client import KubeApi
 from mailgw.kube.controller import KubeSettings
 from mailgw.kube.main import make_kubernetes_service
@@ -109,23 +109,14 @@ def test_twistd_kubernetes_mode_logs_json(fake, tmp_path):
         "metadata": {"name": "broken"}, "spec": {"destinationRef": {"name": "no-such-destination"}},
     })
     env = dict(os.environ, POD_NAMESPACE="mailgw-system", POD_NAME="gw-json")
-    proc = subprocess.Popen(
-        TWISTD + ["-n", "--pidfile=", "mailgw", "--kubernetes", "--config", "gateway.yaml"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
+    with Twistd(["mailgw", "--kubernetes", "--config", "gateway.yaml"], tmp_path, env) as gateway:
         wait_for(lambda: http(f"http://127.0.0.1:{http_port}/readyz")[0] == 200, timeout=60, what="/readyz")
         page = json.loads(http(f"http://127.0.0.1:{http_port}/status")[1])
         assert page["ready"] is True and "controller" in page
         wait_for(lambda: (fake.get("destinations", "apps", "broken").get("status") or {}).get("conditions"),
                  timeout=60, what="the broken CR's status")
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode in (0, -signal.SIGTERM), err
+        assert gateway.stop(60) in (0, -signal.SIGTERM), gateway.stderr()
+    out, err = gateway.log(), gateway.stderr()
     lines = [json.loads(line) for line in out.splitlines()]  # one JSON object per line
     assert lines and all({"time", "level", "namespace", "message"} <= set(line) for line in lines)
     kube = [line for line in lines if line["namespace"].startswith("mailgw.kube")]
