@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -627,6 +628,14 @@ service anvil {{
             key=lambda p: p.name,  # maildir names start with the delivery time
         )
         return [p.read_bytes() for p in files]
+
+
+def oauth_dovecot(workdir, certs: "Certs", relay: tuple[str, int], introspection_url: str) -> "Dovecot":
+    """A Dovecot (not started) whose user alice has a random password and logs in with
+    XOAUTH2 or OAUTHBEARER with any access token ``introspection_url`` vouches for."""
+    require_or_skip(Dovecot.TOOLS)
+    return Dovecot(workdir, certs, users={"alice": "pw-" + uuid.uuid4().hex}, relay=relay,
+                   oauth2_introspection_url=introspection_url)
 
 
 # --------------------------------------------------------------------------------------

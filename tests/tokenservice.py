@@ -30,12 +30,17 @@ headers, then one body byte every that many seconds, forever), :attr:`echo_crede
 (refuse with an ``error_description`` that repeats the request's Authorization header
 and form body).  :attr:`client_gone` is set when a client closed the connection while a
 hostile answer was being written; :attr:`body_bytes_sent` counts what was written.
+
+:func:`running` is a TokenService for a module-scoped fixture of tests that run the
+gateway's token client against it (it speaks http: ``OAUTHLIB_INSECURE_TRANSPORT=1``
+while it runs).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import ipaddress
 import json
 import secrets
@@ -44,6 +49,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+import pytest
 
 
 class LogEntry(NamedTuple):
@@ -481,3 +488,14 @@ if __name__ == "__main__":  # a manual try: python3 tests/tokenservice.py
             threading.Event().wait()
         except KeyboardInterrupt:
             pass
+
+
+@contextlib.contextmanager
+def running(**kwargs: Any):
+    """A running :class:`TokenService` (``kwargs`` as for it), with
+    ``OAUTHLIB_INSECURE_TRANSPORT=1`` in the environment until it stops: the library
+    refuses http:// token URLs otherwise, and only tests may allow them."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
+        with TokenService(**kwargs) as service:
+            yield service

@@ -11,7 +11,8 @@ import subprocess
 import uuid
 
 import pytest
-from support.clients import imap_conversation, imap_without_login
+from support.clients import imap_conversation, imap_reads_the_seeded_message, imap_without_login
+from support.clients import pop3_reads_the_seeded_message
 from support.skips import require_or_skip
 
 import realservers
@@ -60,14 +61,7 @@ def gw(dovecot, certs, reactor, tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["imap", "imaps", "imap-bob"])
 def test_imaplib_without_login(gw, name):
-    client = imap_without_login(gw.by_name[name])
-    assert "STARTTLS" not in client.capabilities and "AUTH=PLAIN" in client.capabilities
-    assert client.select("INBOX")[0] == "OK"
-    typ, data = client.search(None, "SUBJECT", '"seeded message"')
-    assert typ == "OK" and data[0], data
-    typ, data = client.fetch(data[0].split()[0], "(BODY[TEXT])")
-    assert typ == "OK" and b"Hello from the seeded INBOX." in data[0][1]
-    client.logout()
+    imap_reads_the_seeded_message(gw.by_name[name])
 
 
 def test_imaplib_with_login_answered_locally(gw):
@@ -146,13 +140,7 @@ def test_imap_20mb_fetch_and_5mb_append(gw, dovecot, certs):
 
 @pytest.mark.parametrize("name", ["pop3", "pop3s", "pop3-bob"])
 def test_poplib_without_login(gw, name):
-    client = poplib.POP3(*gw.by_name[name], timeout=60)
-    caps = client.capa()
-    assert "STLS" not in caps and "USER" in caps
-    count, _ = client.stat()
-    assert count >= 1
-    assert b"Hello from the seeded INBOX." in b"\r\n".join(client.retr(1)[1])
-    client.quit()
+    pop3_reads_the_seeded_message(gw.by_name[name])
 
 
 def test_poplib_with_user_pass_answered_locally(gw):

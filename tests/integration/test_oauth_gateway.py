@@ -24,22 +24,16 @@ from support.skips import require_or_skip
 
 import realservers
 from gatewayharness import LogCapture, start_gateway
-from tokenservice import TokenService
+import tokenservice
+from support.destinations import mail
 
 CLIENT_ID, CLIENT_SECRET = "mailgw-client", "cs-" + uuid.uuid4().hex
 CC, RT, AC = "OAuth2ClientCredentials", "OAuth2RefreshToken", "OAuth2AuthorizationCode"
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
-@pytest.fixture(scope="module")
-def tokens(monkeypatch_module):
-    monkeypatch_module.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # the test service is http
-    with TokenService(clients={CLIENT_ID: CLIENT_SECRET}, cc_usernames={CLIENT_ID: "alice"}) as service:
+def tokens():
+    with tokenservice.running(clients={CLIENT_ID: CLIENT_SECRET}, cc_usernames={CLIENT_ID: "alice"}) as service:
         yield service
 
 
@@ -51,26 +45,18 @@ def normal_token_service(tokens):
 
 @pytest.fixture(scope="module")
 def oauth_dovecot(tmp_path_factory, certs, smtp_sink, tokens):
-    realservers.require_or_skip(realservers.Dovecot.TOOLS)
-    server = realservers.Dovecot(
-        tmp_path_factory.mktemp("dovecot-oauth"), certs, users={"alice": "pw-" + uuid.uuid4().hex},
-        relay=(smtp_sink.host, smtp_sink.port), oauth2_introspection_url=tokens.introspection_url,
-    )
-    with server:
+    workdir, relay = tmp_path_factory.mktemp("dovecot-oauth"), (smtp_sink.host, smtp_sink.port)
+    with realservers.oauth_dovecot(workdir, certs, relay, tokens.introspection_url) as server:
         server.seed("alice", realservers.SEED_MESSAGE)
         yield server
 
 
 def oauth_dest(name, authentication, protocol, port, certs, tokens, **extra):
-    d = {
-        "Name": name, "Type": "MAIL", "ProxyType": "Internet", "Authentication": authentication,
-        "mail.transport.protocol": protocol, f"mail.{protocol}.host": "localhost", f"mail.{protocol}.port": str(port),
-        "mail.user": "alice", "TrustStoreLocation": str(certs.ca_pem),
-        "tokenServiceURL": tokens.token_url, "clientId": CLIENT_ID, "clientSecret": CLIENT_SECRET,
-        "tokenServiceURLType": "Dedicated",
-    }
-    d.update(extra)
-    return d
+    return mail(
+        name, protocol, port, authentication=authentication, password=None, ca=certs.ca_pem,
+        **{"tokenServiceURL": tokens.token_url, "clientId": CLIENT_ID, "clientSecret": CLIENT_SECRET,
+           "tokenServiceURLType": "Dedicated", **extra},
+    )
 
 
 def cc_dest(name, protocol, port, certs, tokens, **extra):

@@ -22,10 +22,10 @@ import pytest
 
 import realservers
 from gatewayharness import LogCapture, start_gateway
-from support.clients import imap_without_login, smtp_reply
+from support.clients import imap_reads_the_seeded_message, pop3_reads_the_seeded_message, smtp_reply
 from mailgw.config import ConfigError, parse_config
 from socks80 import SAPSocksServer
-from tokenservice import TokenService
+import tokenservice
 
 ALICE_PASSWORD = realservers.DEFAULT_USERS["alice"]
 
@@ -117,31 +117,8 @@ def send_mail(address, sink, timeout=20):
     wait_delivered(sink, mark)
 
 
-def read_imap(address, timeout=20):
-    client = imap_without_login(address, timeout)
-    assert "STARTTLS" not in client.capabilities and "AUTH=PLAIN" in client.capabilities
-    assert client.select("INBOX")[0] == "OK"
-    typ, data = client.search(None, "SUBJECT", '"seeded message"')
-    assert typ == "OK" and data[0], data
-    typ, data = client.fetch(data[0].split()[0], "(BODY.PEEK[TEXT])")
-    assert typ == "OK" and b"Hello from the seeded INBOX." in data[0][1]
-    client.logout()
-
-
-def read_pop3(address, timeout=20):
-    client = poplib.POP3(*address, timeout=timeout)
-    caps = client.capa()
-    assert "STLS" not in caps and "USER" in caps
-    count, _ = client.stat()
-    assert count >= 1
-    # Other modules append big messages to the same INBOX: look at headers first.
-    seeded = next(i for i in range(1, count + 1) if b"Subject: seeded message" in client.top(i, 0)[1])
-    assert b"Hello from the seeded INBOX." in b"\r\n".join(client.retr(seeded)[1])
-    client.quit()
-
-
-USE = {"submission": None, "smtps": None, "plain": None, "imap": read_imap, "imaps": read_imap,
-       "pop3": read_pop3, "pop3s": read_pop3}
+USE = {"submission": None, "smtps": None, "plain": None, "imap": imap_reads_the_seeded_message,
+       "imaps": imap_reads_the_seeded_message, "pop3": pop3_reads_the_seeded_message, "pop3s": pop3_reads_the_seeded_message}
 
 
 def use(address, name, sink):
@@ -173,7 +150,7 @@ class IssuedBy:
     gateway fetches the token in parallel with the proxy connection, so no fixed value
     can be known in advance)."""
 
-    def __init__(self, tokens: TokenService, client_id: str):
+    def __init__(self, tokens: tokenservice.TokenService, client_id: str):
         self.tokens, self.client_id = tokens, client_id
 
     def __eq__(self, jwt):
@@ -188,15 +165,8 @@ class IssuedBy:
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
-@pytest.fixture(scope="module")
-def tokens(monkeypatch_module):
-    monkeypatch_module.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # the test service is http
-    with TokenService(clients={CONN_CLIENT: CONN_SECRET}) as service:
+def tokens():
+    with tokenservice.running(clients={CONN_CLIENT: CONN_SECRET}) as service:
         yield service
 
 
@@ -293,13 +263,13 @@ def test_smtp_through_proxy(gateways, smtp_sink, proxy, name):
 @pytest.mark.parametrize("name", ["imap", "imaps"])
 @pytest.mark.parametrize("proxy", PROXIES)
 def test_imap_through_proxy(gateways, proxy, name):
-    read_imap(gateways[proxy].by_name[name])
+    imap_reads_the_seeded_message(gateways[proxy].by_name[name])
 
 
 @pytest.mark.parametrize("name", ["pop3", "pop3s"])
 @pytest.mark.parametrize("proxy", PROXIES)
 def test_pop3_through_proxy(gateways, proxy, name):
-    read_pop3(gateways[proxy].by_name[name])
+    pop3_reads_the_seeded_message(gateways[proxy].by_name[name])
 
 
 def test_imap_and_pop3_logins_answered_locally_through_proxy(gateways):

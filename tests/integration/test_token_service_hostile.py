@@ -6,13 +6,13 @@ client-credentials grant (the SMTP refusal greeting) and the lazy refresh-token 
 from __future__ import annotations
 
 import socket
-import uuid
 
 import pytest
 
 import realservers
 from gatewayharness import LogCapture
-from tokenservice import TokenService
+import tokenservice
+from support.destinations import mail
 from support.clients import read_line, read_tagged
 from support.secretscan import Secret, assert_no_secrets
 from support.wire import xoauth2
@@ -24,33 +24,23 @@ REFRESH = "rt/alice+echo=me"
 
 @pytest.fixture(scope="module")
 def echoing():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # the test service is http
-        with TokenService(clients={CLIENT_ID: CLIENT_SECRET}) as service:
-            service.add_refresh_token(REFRESH, "alice")
-            service.echo_credentials = True
-            yield service
+    with tokenservice.running(clients={CLIENT_ID: CLIENT_SECRET}) as service:
+        service.add_refresh_token(REFRESH, "alice")
+        service.echo_credentials = True
+        yield service
 
 
 @pytest.fixture(scope="module")
 def oauth_dovecot(tmp_path_factory, certs, smtp_sink, echoing):
     """Dovecot offering XOAUTH2, so the gateway greets and the exchange is attempted."""
-    realservers.require_or_skip(realservers.Dovecot.TOOLS)
-    server = realservers.Dovecot(
-        tmp_path_factory.mktemp("dovecot-echo"), certs, users={"alice": "pw-" + uuid.uuid4().hex},
-        relay=(smtp_sink.host, smtp_sink.port), oauth2_introspection_url=echoing.introspection_url,
-    )
-    with server:
+    workdir, relay = tmp_path_factory.mktemp("dovecot-echo"), (smtp_sink.host, smtp_sink.port)
+    with realservers.oauth_dovecot(workdir, certs, relay, echoing.introspection_url) as server:
         yield server
 
 
 def destination(name, authentication, protocol, port, certs, echoing):
-    return {
-        "Name": name, "Type": "MAIL", "ProxyType": "Internet", "Authentication": authentication,
-        "mail.transport.protocol": protocol, f"mail.{protocol}.host": "localhost", f"mail.{protocol}.port": str(port),
-        "mail.user": "alice", "TrustStoreLocation": str(certs.ca_pem),
-        "tokenServiceURL": echoing.token_url, "clientId": CLIENT_ID, "clientSecret": CLIENT_SECRET,
-    }
+    return mail(name, protocol, port, authentication=authentication, password=None, ca=certs.ca_pem,
+                tokenServiceURL=echoing.token_url, clientId=CLIENT_ID, clientSecret=CLIENT_SECRET)
 
 
 def test_echoed_credentials_never_reach_the_application_or_the_log(oauth_dovecot, certs, echoing, gateway_factory):

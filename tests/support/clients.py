@@ -8,6 +8,7 @@ that nothing after the line is lost to a buffer.
 from __future__ import annotations
 
 import imaplib
+import poplib
 import socket
 import subprocess
 import urllib.error
@@ -81,6 +82,37 @@ def imap_without_login(address: tuple[str, int], timeout: float = 30) -> imaplib
     client = imaplib.IMAP4(*address, timeout=timeout)
     client.state = "AUTH"  # imaplib refuses SELECT before login(); the gateway needs none
     return client
+
+
+#: The body of realservers.SEED_MESSAGE, in every INBOX of the ``dovecot`` fixture.
+SEEDED_TEXT = b"Hello from the seeded INBOX."
+
+
+def imap_reads_the_seeded_message(address: tuple[str, int], timeout: float = 30) -> None:
+    """imaplib without a login on a gateway listener (no STARTTLS, AUTH=PLAIN offered)
+    finds and reads realservers.SEED_MESSAGE."""
+    client = imap_without_login(address, timeout)
+    assert "STARTTLS" not in client.capabilities and "AUTH=PLAIN" in client.capabilities
+    assert client.select("INBOX")[0] == "OK"
+    typ, data = client.search(None, "SUBJECT", '"seeded message"')
+    assert typ == "OK" and data[0], data
+    typ, data = client.fetch(data[0].split()[0], "(BODY.PEEK[TEXT])")
+    assert typ == "OK" and SEEDED_TEXT in data[0][1]
+    assert client.logout()[0] == "BYE"
+
+
+def pop3_reads_the_seeded_message(address: tuple[str, int], timeout: float = 30) -> None:
+    """poplib without a login on a gateway listener (no STLS, USER offered) finds and
+    reads realservers.SEED_MESSAGE (poplib raises on any -ERR)."""
+    client = poplib.POP3(*address, timeout=timeout)
+    caps = client.capa()
+    assert "STLS" not in caps and "USER" in caps
+    count, _ = client.stat()
+    assert count >= 1
+    # Other modules append big messages to the same INBOX: look at headers first.
+    seeded = next(i for i in range(1, count + 1) if b"Subject: seeded message" in client.top(i, 0)[1])
+    assert SEEDED_TEXT in b"\r\n".join(client.retr(seeded)[1])
+    assert client.quit().startswith(b"+OK")
 
 
 def http_with_headers(url: str, data: bytes | None = None, headers: dict | None = None,
