@@ -12,14 +12,15 @@ from twisted.internet.defer import succeed
 from twisted.internet.error import CannotListenError
 from zope.interface import implementer
 
+import realservers
 from mailgw.kube import model
 from mailgw.kube.listeners import IListenerManager
 from mailgw.kube.model import Route
 from support.reactor import wait_for
 
 __all__ = [
-    "GW_LABELS", "GW_NS", "SMTPS", "FakeListeners", "condition", "destination_cr", "pod", "secret", "wait_condition",
-    "wait_for",
+    "GW_LABELS", "GW_NS", "SMTPS", "FakeListeners", "condition", "destination_cr", "free_range", "pod", "publish",
+    "secret", "wait_condition", "wait_for",
 ]
 
 GW_NS = "mailgw-system"
@@ -106,3 +107,15 @@ def wait_condition(fake, status, reason, name="mymail", ns="apps", timeout=10):
         cond = condition(fake, name, ns)
         return cond is not None and (cond["status"], cond["reason"]) == (status, reason) and cond
     return wait_for(check, timeout, f"{ns}/{name} to be {status}/{reason} (now {condition(fake, name, ns)})")
+
+
+def publish(fake, cr_name, destination, ns="apps"):
+    """A Secret holding ``destination`` and a Destination CR ``cr_name`` that refers to it."""
+    fake.create("secrets", ns, secret(destination["Name"], destination, ns))
+    fake.create("destinations", ns, destination_cr(name=cr_name, ref=destination["Name"]))
+
+
+def free_range(size=20):
+    """A run of ports nothing listens on (the allocator picks from it)."""
+    start = realservers.free_port()
+    return (start, start + size - 1)

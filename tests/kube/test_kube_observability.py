@@ -4,81 +4,51 @@ controller and its listeners, /readyz says why it waits, and a real
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
 import signal
-import sys
 
 import pytest
-from kubernetes import client as k8s
 
 import realservers
-from kubetest import wait_for
+from kubetest import free_range, publish, wait_for
 from support.clients import http
+from support.destinations import plain
 from support.gatewayprocess import Twistd
-from mailgw.kube.client import KubeApi
-from mailgw.kube.controller import KubeSettings
-from mailgw.kube.main import make_kubernetes_service
 
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-
-
-def free_range(size=20):
-    start = realservers.free_port()
-    return (start, start + size - 1)
-
-
-def create_destination(fake, cr_name):
-    destination = {
-        "Name": f"{cr_name}-dest", "Type": "MAIL", "ProxyType": "Internet", "Authentication": "NoAuthentication",
-        "mail.transport.protocol": "smtp", "mail.smtp.host": "127.0.0.1", "mail.smtp.port": "1",
-    }
-    fake.create("secrets", "apps", {
-        "metadata": {"name": destination["Name"], "namespace": "apps"},
-        "data": {"destination.json": base64.b64encode(json.dumps(destination).encode()).decode()},
-    })
-    fake.create("destinations", "apps", {
-        "apiVersion": "destination.connectivity.api.sap/v1", "kind": "Destination",
-        "metadata": {"name": cr_name}, "spec": {"destinationRef": {"name": destination["Name"]}},
-    })
+def publish_unreachable(fake, cr_name):
+    publish(fake, cr_name, plain(f"{cr_name}-dest", "smtp", 1, **{"mail.smtp.starttls.enable": None}))
 
 
 @pytest.fixture
-def gateway(fake, reactor, in_reactor, tmp_path):
-    http_port = realservers.free_port()
-    (tmp_path / "gateway.yaml").write_text(json.dumps({"http": {"listen": f"tcp:{http_port}:interface=127.0.0.1"}}))
-    api = KubeApi(k8s.ApiClient(fake.configuration()), timeout=2.0, connect_timeout=1.0)
-    settings = KubeSettings(
-        gateway_namespace="mailgw-system", identity="gw-0", port_range=free_range(),
-        resync_interval=3600, cache_ttl=0, leader_election=False, retry_delay=0.05,
-    )
-    service = in_reactor(make_kubernetes_service, reactor, str(tmp_path / "gateway.yaml"), api=api, settings=settings)
-    service.base = f"http://127.0.0.1:{http_port}"
-    yield service
-    if service.running:
-        in_reactor(service.stopService)
+def base(http_port):
+    return f"http://127.0.0.1:{http_port}"
 
 
-def test_readyz_names_the_controller_until_it_has_synced(gateway, in_reactor):
+@pytest.fixture
+def gateway(kube_gateway, http_port):
+    return kube_gateway(http_port)
+
+
+def test_readyz_names_the_controller_until_it_has_synced(gateway, base, in_reactor):
     in_reactor(gateway.privilegedStartService)  # the http listener, not the controller yet
     try:
-        assert http(gateway.base + "/readyz") == (503, b"not ready: controller not synced\n")
-        page = json.loads(http(gateway.base + "/status")[1])
+        assert http(base + "/readyz") == (503, b"not ready: controller not synced\n")
+        page = json.loads(http(base + "/status")[1])
         assert page["not_ready"] == ["controller not synced"]
         assert page["controller"]["synced"] is False
     finally:
         in_reactor(gateway.startService)
-    wait_for(lambda: http(gateway.base + "/readyz") == (200, b"ready\n"), what="/readyz")
+    wait_for(lambda: http(base + "/readyz") == (200, b"ready\n"), what="/readyz")
 
 
-def test_status_lists_the_controllers_listeners_and_state(fake, gateway, in_reactor):
+def test_status_lists_the_controllers_listeners_and_state(fake, gateway, base, in_reactor):
     in_reactor(gateway.startService)
-    create_destination(fake, "mymail")
+    publish_unreachable(fake, "mymail")
 
     def listed():
-        page = json.loads(http(gateway.base + "/status")[1] or b"{}")
+        page = json.loads(http(base + "/status")[1] or b"{}")
         return page if page.get("listeners") else None
 
     page = wait_for(listed, what="the CR's listener in /status")
