@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 
 import pytest
@@ -26,7 +25,7 @@ from mailgw.destination import (
     Destination,
 )
 from mailgw.oauth import AccessToken, TokenCache, TokenError, TokenProvider
-from support.reactor import in_reactor
+from support.reactor import in_reactor, wait_for
 
 CLIENT_ID = "mail-gateway"
 CLIENT_SECRET = "cs-Sup3rSecret-client-7f3a"
@@ -63,7 +62,7 @@ def destination(svc, authentication=OAUTH2_CLIENT_CREDENTIALS, **changes):
     return Destination(**values)
 
 
-def expect_error(reactor, f, *args, **kwargs) -> TokenError:
+def expect_error(f, *args, **kwargs) -> TokenError:
     with pytest.raises(TokenError) as info:
         in_reactor(f, *args, **kwargs)
     error = info.value
@@ -111,7 +110,7 @@ def test_authorization_code_grant_single_use(reactor, svc, client):
     token = in_reactor(client.authorization_code, svc.token_url, CLIENT_ID, CLIENT_SECRET, CODE)
     assert svc.username_for(token.access_token) == "alice@example.org"
     assert token.refresh_token  # the service returns one with this grant
-    assert expect_error(reactor, client.authorization_code, svc.token_url, CLIENT_ID, CLIENT_SECRET, CODE).error_code == "invalid_grant"
+    assert expect_error(client.authorization_code, svc.token_url, CLIENT_ID, CLIENT_SECRET, CODE).error_code == "invalid_grant"
     token = in_reactor(
         client.authorization_code, svc.token_url, CLIENT_ID, CLIENT_SECRET, "code-2", redirect_uri="https://app.example/cb"
     )
@@ -140,7 +139,7 @@ def test_no_expires_in_gets_default_lifetime(reactor, svc, client):
 
 @pytest.mark.parametrize("client_auth", ["basic", "body"])
 def test_wrong_client_secret(reactor, svc, client, client_auth):
-    error = expect_error(reactor, client.client_credentials, svc.token_url, CLIENT_ID, "wrong-secret", client_auth=client_auth)
+    error = expect_error(client.client_credentials, svc.token_url, CLIENT_ID, "wrong-secret", client_auth=client_auth)
     assert error.error_code == "invalid_client"
     assert error.status == 401
     assert f"127.0.0.1:{svc.port}" in str(error)
@@ -149,21 +148,21 @@ def test_wrong_client_secret(reactor, svc, client, client_auth):
 
 def test_revoked_refresh_token(reactor, svc, client):
     svc.revoke(REFRESH)
-    error = expect_error(reactor, client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH)
+    error = expect_error(client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH)
     assert error.error_code == "invalid_grant"
     assert "invalid_grant" in str(error)
 
 
 def test_refuse_all(reactor, svc, client):
     svc.refuse_all = True
-    assert expect_error(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET).error_code == "invalid_grant"
+    assert expect_error(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET).error_code == "invalid_grant"
 
 
 def test_service_down(reactor, client):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    error = expect_error(reactor, client.client_credentials, f"http://127.0.0.1:{port}/oauth/token", CLIENT_ID, CLIENT_SECRET)
+    error = expect_error(client.client_credentials, f"http://127.0.0.1:{port}/oauth/token", CLIENT_ID, CLIENT_SECRET)
     assert error.error_code == "unreachable"
     assert f"127.0.0.1:{port}" in str(error)
 
@@ -172,7 +171,7 @@ def test_slow_service_times_out(reactor, svc, make_client):
     client = make_client(timeout=0.3)
     svc.delay = 2
     started = time.monotonic()
-    error = expect_error(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
+    error = expect_error(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
     assert error.error_code == "timeout"
     assert time.monotonic() - started < 1.5
     svc.stop()  # wakes the delayed handler so the pool thread ends at once
@@ -182,7 +181,7 @@ def test_overall_deadline(reactor, svc, make_client):
     client = make_client(timeout=5, deadline=0.3)
     svc.delay = 5
     started = time.monotonic()
-    error = expect_error(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
+    error = expect_error(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
     assert error.error_code == "timeout"
     assert time.monotonic() - started < 1.5
     svc.stop()
@@ -204,7 +203,7 @@ def test_overall_deadline(reactor, svc, make_client):
 )
 def test_bad_answers(reactor, svc, client, setup, code):
     setup(svc)
-    error = expect_error(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
+    error = expect_error(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
     assert error.error_code == code
     assert f"127.0.0.1:{svc.port}" in str(error)
     assert "login here" not in str(error)
@@ -216,7 +215,7 @@ def test_error_description_is_redacted(reactor, client):
             return 400, {"error": "invalid_grant", "error_description": f"bad token {form.get('refresh_token')}\x00\n"}
 
     with Echo(clients={CLIENT_ID: CLIENT_SECRET}) as echo:
-        error = expect_error(reactor, client.refresh_token, echo.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH)
+        error = expect_error(client.refresh_token, echo.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH)
     assert error.error_code == "invalid_grant"
     assert "bad token ***" in str(error)
 
@@ -235,14 +234,14 @@ def test_scope_changed_by_the_service_is_accepted(reactor, client):
 
 def test_common_url_without_tenant(reactor, svc, provider):
     dest = destination(svc, token_service_url=svc.tenant_token_url, token_service_url_type="Common")
-    error = expect_error(reactor, provider.for_client_credentials, dest, None)
+    error = expect_error(provider.for_client_credentials, dest, None)
     assert error.error_code == "invalid_configuration"
     assert svc.requests == []
 
 
 def test_https_required_without_the_test_switch(reactor, svc, client, monkeypatch):
     monkeypatch.delenv("OAUTHLIB_INSECURE_TRANSPORT")
-    error = expect_error(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
+    error = expect_error(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
     assert error.error_code == "insecure_transport"
     assert svc.requests == []
 
@@ -250,25 +249,24 @@ def test_https_required_without_the_test_switch(reactor, svc, client, monkeypatc
 def test_stopped_client(reactor, svc, make_client):
     client = make_client(timeout=2.0)
     in_reactor(client.stop)
-    assert expect_error(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET).error_code == "stopped"
+    assert expect_error(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET).error_code == "stopped"
 
 
 def test_stop_fails_calls_in_flight(reactor, svc, make_client):
     client = make_client(timeout=5)
     svc.delay = 5
+    outcome = []
 
-    def start_then_stop():
-        d = client.client_credentials(svc.token_url, CLIENT_ID, CLIENT_SECRET)
-        outcome = []
-        d.addErrback(lambda f: outcome.append(f.value))
-        threading.Timer(0.1, svc.stop).start()  # let the pool thread finish soon
-        reactor.callLater(0.05, client.stop)
-        done = defer.Deferred()
-        reactor.callLater(0.1, done.callback, outcome)
-        return done
+    def start():
+        client.client_credentials(svc.token_url, CLIENT_ID, CLIENT_SECRET).addCallbacks(outcome.append, outcome.append)
 
-    [error] = in_reactor(start_then_stop)
-    assert isinstance(error, TokenError) and error.error_code == "stopped"
+    in_reactor(start)
+    wait_for(lambda: svc.active == 1, what="the request to reach the service")
+    stopping = in_reactor(lambda: [client.stop()])  # not waited for: its thread is still in the request
+    [failure] = wait_for(lambda: outcome, what="the call to fail")
+    assert failure.check(TokenError) and failure.value.error_code == "stopped", failure
+    svc.stop()  # wakes the delayed handler: the pool thread ends
+    in_reactor(lambda: stopping[0], timeout=10)
 
 
 def test_max_concurrent(reactor, svc, make_client):
@@ -363,7 +361,7 @@ def test_exchange_refresh_token_cached_by_secret(reactor, svc, provider):
     assert svc.username_for(first.access_token) == "alice@example.org"
     assert in_reactor(provider.exchange, dest, None, REFRESH) == first
     assert svc.token_requests("refresh_token") == 1
-    error = expect_error(reactor, provider.exchange, dest, None, "rt-unknown")
+    error = expect_error(provider.exchange, dest, None, "rt-unknown")
     assert error.error_code == "invalid_grant"
 
 
@@ -374,7 +372,7 @@ def test_exchange_code_is_used_once(reactor, svc, provider):
     assert in_reactor(provider.exchange, dest, None, CODE) == first
     assert svc.token_requests("authorization_code") == 1
     provider.invalidate(dest, None, CODE)
-    assert expect_error(reactor, provider.exchange, dest, None, CODE).error_code == "invalid_grant"
+    assert expect_error(provider.exchange, dest, None, CODE).error_code == "invalid_grant"
 
 
 def test_exchange_refuses_other_authentication(svc, provider):
@@ -395,15 +393,15 @@ def test_secrets_never_leak(reactor, svc, make_client, events, caplog):
         in_reactor(provider.exchange, destination(svc, OAUTH2_AUTHORIZATION_CODE), None, CODE),
     ]
     errors = [
-        expect_error(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET + "x"),
-        expect_error(reactor, client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH + "x"),
-        expect_error(reactor, client.authorization_code, svc.token_url, CLIENT_ID, CLIENT_SECRET, CODE),
+        expect_error(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET + "x"),
+        expect_error(client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH + "x"),
+        expect_error(client.authorization_code, svc.token_url, CLIENT_ID, CLIENT_SECRET, CODE),
     ]
     svc.garbage = f"<html>{CLIENT_SECRET}</html>".encode()
-    errors.append(expect_error(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET))
+    errors.append(expect_error(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET))
     svc.garbage = None
     svc.delay = 1
-    errors.append(expect_error(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET))
+    errors.append(expect_error(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET))
     svc.stop()
 
     secrets = [CLIENT_SECRET, REFRESH, CODE] + [t.access_token for t in tokens] + [t.refresh_token for t in tokens if t.refresh_token]

@@ -36,7 +36,7 @@ def counted(grant, outcome) -> float:
     return REGISTRY.get_sample_value("mailgw_token_requests_total", {"grant": grant, "outcome": outcome}) or 0.0
 
 
-def failure_of(reactor, f, *args, **kwargs) -> TokenError:
+def failure_of(f, *args, **kwargs) -> TokenError:
     with pytest.raises(TokenError) as info:
         in_reactor(f, *args, **kwargs)
     return info.value
@@ -49,7 +49,7 @@ def test_response_over_one_mib_is_refused_without_reading_it_all(reactor, svc, m
     client = make_client(timeout=20)
     svc.huge_body = 64 * 1024 * 1024
     before = counted("client_credentials", "error")
-    error = failure_of(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
+    error = failure_of(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
     assert error.error_code == "response_too_large"
     assert "more than 1024 KiB" in str(error) and f"127.0.0.1:{svc.port}" in str(error)
     assert counted("client_credentials", "error") == before + 1
@@ -75,7 +75,7 @@ def test_trickling_service_meets_the_deadline_and_the_slot_is_free_again(reactor
     client = make_client(timeout=1.0, max_concurrent=1, pool_size=1)
     svc.trickle = 0.05  # a byte every 50 ms: every read succeeds long before its timeout
     before = counted("client_credentials", "timeout")
-    error = failure_of(reactor, client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
+    error = failure_of(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
     assert error.error_code == "timeout"
     assert counted("client_credentials", "timeout") == before + 1
     # The thread let go of the connection (the service's next write fails) ...
@@ -109,7 +109,7 @@ def test_echoed_credentials_are_redacted(reactor, svc, make_client, events, clie
     client = make_client(timeout=10)
     svc.echo_credentials = True
     before = counted("refresh_token", "refused")
-    error = failure_of(reactor, client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH, client_auth=client_auth)
+    error = failure_of(client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH, client_auth=client_auth)
     assert error.error_code == "invalid_client"
     assert counted("refresh_token", "refused") == before + 1
     text = str(error) + repr(error)
