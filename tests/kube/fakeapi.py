@@ -250,6 +250,7 @@ class Fault:
         self.method, self.path, self.status, self.delay, self.times = method, re.compile(path), status, delay, times
         self.agent = agent
         self.hits = 0
+        self.answered = 0  # hits whose delay is over (answered, or failed as told)
 
     def matches(self, method: str, path: str, agent: str = "") -> bool:
         if self.times is not None and self.hits >= self.times:
@@ -606,6 +607,8 @@ class _Handler(JSONHandler):
             if fault is not None:
                 if fault.delay:
                     time.sleep(fault.delay)
+                with fake.cond:
+                    fault.answered += 1
                 if fault.status:
                     raise ApiError(fault.status, "InternalError", f"injected failure ({fault.status})")
             if not m:

@@ -14,6 +14,7 @@ from mailgw.kube import model
 from mailgw.kube.controller import KubeSettings
 from mailgw.kube.model import Route
 from kubetest import GW_LABELS, GW_NS, SMTPS, condition, destination_cr, pod, secret, wait_condition, wait_for
+from support.reactor import holds
 
 RANGE = (20000, 24999)
 
@@ -181,7 +182,7 @@ def test_a_reconcile_whose_leadership_ended_writes_nothing(cluster, start, in_re
     wait_for(lambda: stall.hits == 1, what="the first write to be under way")
     in_reactor(controller._stopped_leading)  # leadership ends while the write hangs
     since = time.monotonic()
-    time.sleep(1.5)
+    wait_for(lambda: stall.answered == 1, what="the stalled write to be answered")
     idle(in_reactor, controller)
     assert cluster.writes_by("gw-0", since) == []  # no Service, slice, status or Event
     assert cluster.get("services", "apps", "mymail") is None
@@ -200,8 +201,7 @@ def test_drain_start_releases_the_lease_and_closes_listeners(cluster, start, in_
              what="the Lease released")
     since = time.monotonic()
     cluster.update("pods", GW_NS, "gw-1", {"status": {"conditions": [{"type": "Ready", "status": "False"}]}})
-    time.sleep(0.3)
-    assert cluster.writes_by("gw-0", since) == []
+    holds(lambda: cluster.writes_by("gw-0", since) == [], 0.3, "no write by the drained gw-0")
 
 
 def test_watch_namespaces_limit_what_is_served(cluster, start):
@@ -210,8 +210,7 @@ def test_watch_namespaces_limit_what_is_served(cluster, start):
         cluster.create("destinations", ns, destination_cr())
     controller, listeners = start(watch_namespaces=("apps",))
     wait_condition(cluster, "True", model.REASON_OK)
-    time.sleep(0.3)
-    assert condition(cluster, ns="elsewhere") is None
+    holds(lambda: condition(cluster, ns="elsewhere") is None, 0.3, "no status in an unwatched namespace")
     assert set(listeners.ports()) == {Route("apps", "mymail")}
     assert all(ns == "apps" for ns, _ in controller.crs)
     watched = {p for m, p in cluster.requests if "watch=true" in p}

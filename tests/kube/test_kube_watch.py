@@ -150,8 +150,9 @@ def test_watch_with_label_selector(fake, start_watcher, reactor, in_reactor):
         fake.create("pods", "gw", {"metadata": {"name": "other", "labels": {"app": "x"}}})
         fake.create("pods", "elsewhere", {"metadata": {"name": "p0", "labels": {"app": "mailgw"}}})
         fake.create("pods", "gw", {"metadata": {"name": "p1", "labels": {"app": "mailgw"}}})
-        wait_for(lambda: rec.events, what="pod event")
-        time.sleep(0.05)
-        assert [n for _, n, _ in rec.events] == ["p1"]
+        fake.create("pods", "gw", {"metadata": {"name": "p2", "labels": {"app": "mailgw"}}})
+        # One watch delivers in order: had "other" or "p0" come, they would precede p2.
+        wait_for(lambda: len(rec.events) >= 2, what="pod events")
+        assert [n for _, n, _ in rec.events] == ["p1", "p2"]
     finally:
         in_reactor(w.stop)

@@ -42,6 +42,16 @@ def in_reactor(function: Callable[..., Any], *args: Any, timeout: float | None =
     return blockingCallFromThread(reactor, run)
 
 
+def holds(predicate: Callable[[], Any], seconds: float, what: str = "condition") -> None:
+    """Poll ``predicate`` from the test thread for ``seconds``; fail as soon as it is
+    false.  For what must *not* happen (a write, an event), which no event can signal."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert predicate(), f"no longer true: {what}"
+        time.sleep(0.01)
+    assert predicate(), f"no longer true: {what}"
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll ``predicate`` from the test thread until it is truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
