@@ -184,8 +184,8 @@ def test_the_demo_password_stays_out_of_logs_and_output(reactor):
         try:
             demo.send("secret check")
             client = imap_without_login(demo.gateway["IMAP"])
-            client.select("INBOX")
-            client.fetch("1", "(BODY[])")
+            assert client.select("INBOX")[0] == "OK"
+            assert client.fetch("1", "(BODY[])")[0] == "OK"
             client.logout()
             pop3 = poplib.POP3(*demo.gateway["POP3"], timeout=30)
             pop3.retr(1)

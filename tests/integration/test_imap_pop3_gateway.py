@@ -129,7 +129,7 @@ def test_imap_20mb_fetch_and_5mb_append(gw, dovecot, certs):
     client.logout()
     direct = imaplib.IMAP4_SSL("localhost", dovecot.imaps_port, ssl_context=certs.client_context())
     direct.login("alice", PASSWORDS["alice"])
-    direct.select("INBOX")
+    assert direct.select("INBOX")[0] == "OK"
     number = direct.search(None, "SUBJECT", appended)[1][0].split()[0]
     assert direct.fetch(number, "(BODY.PEEK[TEXT])")[1][0][1] == small
     direct.logout()

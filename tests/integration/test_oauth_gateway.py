@@ -190,9 +190,11 @@ class Raw:
         return self.command(b"STAT")
 
     def noop(self) -> bytes:
+        """A command the gateway answers itself before the login: its reply (POP3's
+        first line)."""
         if self.protocol == "pop3":
-            return self.command(b"CAPA", multiline=True)
-        return self.last(self.command(b"NOOP"))
+            return self.command(b"CAPA", multiline=True).splitlines(keepends=True)[0]
+        return self.last(self.command(b"NOOP")) + b"\r\n"
 
 
 FAMILY = {"smtp": "smtp", "smtps": "smtp", "imap": "imap", "imaps": "imap", "pop3": "pop3", "pop3s": "pop3"}
@@ -202,6 +204,7 @@ TEMPORARY = {"smtp": b"454 4.7.0", "imap": Raw.TAG + b" NO [UNAVAILABLE]", "pop3
 MALFORMED = {"smtp": b"501 ", "imap": Raw.TAG + b" BAD ", "pop3": b"-ERR mailgw: malformed"}
 NEEDS_AUTH = {"smtp": b"530 5.7.0", "imap": Raw.TAG + b" BAD ", "pop3": b"-ERR [AUTH] Authentication required"}
 MAILBOX_OK = {"smtp": b"250", "imap": Raw.TAG + b" OK", "pop3": b"+OK"}
+NOOP = {"smtp": b"250 2.0.0 OK\r\n", "imap": Raw.TAG + b" OK NOOP completed\r\n", "pop3": b"+OK Capability list follows\r\n"}
 
 
 def raw(gw, name):
@@ -301,7 +304,7 @@ def test_smtplib_xoauth2_with_authorization_code(gw, tokens, smtp_sink, name):
         return f"user=alice\x01auth=Bearer {code}\x01\x01" if challenge is None else ""
 
     with smtplib.SMTP(*gw.by_name[name], timeout=30) as client:
-        client.ehlo()
+        assert client.ehlo()[0] == 250
         assert client.esmtp_features["auth"].split() == ["XOAUTH2", "OAUTHBEARER"]
         assert "starttls" not in client.esmtp_features
         with pytest.raises(smtplib.SMTPSenderRefused) as refused:
@@ -392,7 +395,7 @@ def test_revoked_refresh_token_then_retry_in_the_same_session(gw, tokens, name):
         assert client.use_mailbox().startswith(NEEDS_AUTH[family])
         refused = client.auth("XOAUTH2", xoauth2(revoked))
         assert refused.startswith(REFUSED[family]) and b"invalid_grant" in refused, refused
-        assert client.noop()  # still open
+        assert client.noop() == NOOP[family]  # still open
         assert client.auth("XOAUTH2", xoauth2(good), inline=False).startswith(OK[family])
         assert client.use_mailbox().startswith(MAILBOX_OK[family])
 
@@ -443,7 +446,7 @@ def test_imap_login_and_smtp_plain_are_refused_clearly(gw, name):
         else:
             reply = client.auth("PLAIN", base64.b64encode(b"\0alice\0secret"))
             assert reply.startswith(b"504") and b"XOAUTH2" in reply
-        assert client.noop()
+        assert client.noop() == NOOP[family]
 
 
 def test_wrong_client_secret_for_an_exchange(gw, tokens):
@@ -460,7 +463,7 @@ def test_token_service_down_is_a_temporary_failure(gw, tokens, name):
     with raw(gw, name) as client:
         reply = client.auth("XOAUTH2", xoauth2(new_refresh_token(tokens)))
         assert reply.startswith(TEMPORARY[family]) and b"unreachable" in reply, reply
-        assert client.noop()
+        assert client.noop() == NOOP[family]
 
 
 def test_token_service_slow(oauth_dovecot, certs, tokens, gateway_factory):

@@ -200,7 +200,7 @@ def test_status_and_readyz_over_http(smtp_sink, gateway_factory):
     base = f"http://127.0.0.1:{http_port}"
     host, port = running.address(0)
     with smtplib.SMTP(host, port, timeout=30) as client:
-        client.ehlo()
+        assert client.ehlo()[0] == 250
         status, body = http(base + "/status")
         assert status == 200
         page = json.loads(body)

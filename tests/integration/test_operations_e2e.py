@@ -119,7 +119,7 @@ def run(tmp_path_factory, certs, smtp_sink):
             for name in (RELAY, CLIENT_CREDENTIALS):
                 client = imaplib.IMAP4("127.0.0.1", listeners[name], timeout=30)
                 client.login("app", app_password)
-                client.select("INBOX")
+                assert client.select("INBOX")[0] == "OK"
                 typ, data = client.fetch("1", "(BODY[TEXT])")
                 assert typ == "OK" and b"Hello from the seeded INBOX." in data[0][1]
                 client.logout()

@@ -287,10 +287,10 @@ def test_postfix_submission_starttls_auth_relays_byte_exact(postfix, smtp_sink, 
     marker = _marker()
     msg, body = _message(marker)
     with smtplib.SMTP(postfix.host, postfix.submission_port, timeout=10) as smtp:
-        smtp.ehlo()
+        assert smtp.ehlo()[0] == 250
         assert not smtp.has_extn("auth"), "AUTH must wait for STARTTLS"
         smtp.starttls(context=certs.client_context())
-        smtp.ehlo()
+        assert smtp.ehlo()[0] == 250
         smtp.user, smtp.password = ALICE
         assert smtp.auth("PLAIN", smtp.auth_plain)[0] == 235
         smtp.sendmail("alice@example.com", ["rcpt@example.net"], msg)
@@ -305,7 +305,7 @@ def test_postfix_submission_refuses_unauthenticated_relay(postfix, certs):
         with pytest.raises(smtplib.SMTPSenderRefused) as err:
             smtp.sendmail("a@example.com", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n")
         assert err.value.smtp_code == 530  # STARTTLS first
-        smtp.rset()
+        assert smtp.rset()[0] == 530  # even RSET waits for STARTTLS here
         smtp.starttls(context=certs.client_context())
         with pytest.raises(smtplib.SMTPRecipientsRefused):
             smtp.sendmail("a@example.com", ["b@example.net"], b"Subject: x\r\n\r\nx\r\n")
@@ -333,7 +333,7 @@ def test_postfix_plain_port_relays_without_auth(postfix, smtp_sink):
     marker = _marker()
     msg, body = _message(marker)
     with smtplib.SMTP(postfix.host, postfix.plain_port, timeout=10) as smtp:
-        smtp.ehlo()
+        assert smtp.ehlo()[0] == 250
         assert not smtp.has_extn("starttls") and not smtp.has_extn("auth")
         smtp.sendmail("anyone@example.com", ["rcpt@example.net"], msg)
     assert _body(smtp_sink.wait_for(lambda m: marker.encode() in m.data).data) == body

@@ -487,12 +487,12 @@ def test_session_fetch_through_the_splice_relay_byte_for_byte(dovecot, plain_ima
     dovecot.seed("alice", b"Subject: big\r\n\r\n" + body, mailbox=mailbox)
     direct = imaplib.IMAP4("127.0.0.1", dovecot.imap_port)
     direct.login("alice", realservers.DEFAULT_USERS["alice"])
-    direct.select(mailbox)
+    assert direct.select(mailbox)[0] == "OK"
     expected = direct.fetch("1", "(BODY.PEEK[])")[1][0][1]
     direct.logout()
     client = imaplib.IMAP4(*plain_imap_gateway.address())
     client.login("anything", "at all")  # answered by the gateway
-    client.select(mailbox)  # releases the session
+    assert client.select(mailbox)[0] == "OK"  # releases the session
     (session,) = _sessions(plain_imap_gateway)
     assert type(session.relay) is SpliceRelay
     assert client.fetch("1", "(BODY.PEEK[])")[1][0][1] == expected
