@@ -164,7 +164,7 @@ def test_pop3_reference_flow_on_a_raw_socket(gw):
         message = b""
         while (line := f.readline()) != b".\r\n":
             message += line
-        assert message
+        assert b"Subject: seeded message\r\n" in message  # the fixture's first message
         sock.sendall(b"quit\r\n")
         assert f.readline().startswith(b"+OK")
 
