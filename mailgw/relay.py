@@ -17,11 +17,10 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-log = Logger()
+from .closing import close_with_grace
+from .splice import SpliceRelay, splice_unusable
 
-#: How long a closing leg may take (a TLS leg waiting for the peer's close_notify, a
-#: splice relay delivering what it read) before it is aborted.
-CLOSE_GRACE = 5.0
+log = Logger()
 
 
 def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: float, sid: str,
@@ -39,7 +38,6 @@ def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: floa
     with a goodbye, write it to the application transport and call ``close()`` in the
     same reactor turn: both relays send it after the bytes already relayed.
     """
-    from .splice import SpliceRelay, splice_unusable  # splice imports this module
 
     why = splice_unusable(reactor, app_transport) or splice_unusable(reactor, upstream_transport)
     relay = None
@@ -121,21 +119,3 @@ class Relay:
             except Exception:  # pragma: no cover
                 pass
             close_with_grace(self.reactor, transport)
-
-
-def close_with_grace(reactor: IReactorTime, transport, grace: float = CLOSE_GRACE) -> None:
-    """``loseConnection`` and, if the transport is still open after ``grace``, abort it.
-
-    TLS ``loseConnection`` can wait forever for the peer's close_notify.
-    """
-    transport.loseConnection()
-    abort = getattr(transport, "abortConnection", None)
-    if abort is None:
-        return
-    reactor.callLater(grace, _abort_if_open, transport)
-
-
-def _abort_if_open(transport) -> None:
-    # Both TCP and TLS transports set ``disconnected`` once connectionLost ran.
-    if not getattr(transport, "disconnected", True):
-        transport.abortConnection()

@@ -42,7 +42,8 @@ from .protocol.session import (
     StopTimer,
     Warmed,
 )
-from .relay import Relay, close_with_grace, make_relay
+from .closing import close_with_grace
+from .relay import Relay, make_relay
 from .settings import Route, Settings
 
 log = Logger()

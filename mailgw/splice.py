@@ -62,7 +62,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
-from .relay import CLOSE_GRACE, close_with_grace
+from .closing import CLOSE_GRACE, close_with_grace
 
 log = Logger()
 
