@@ -17,7 +17,7 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .closing import close_with_grace
+from .relaycore import RelayCore, close_with_grace
 from .splice import SpliceRelay, splice_unusable
 
 log = Logger()
@@ -57,7 +57,7 @@ def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: floa
     return relay
 
 
-class Relay:
+class Relay(RelayCore):
     """Relays two connected protocols' transports with Twisted's producer/consumer.
 
     The session routes each leg's ``dataReceived`` here (``from_app``,
@@ -65,23 +65,17 @@ class Relay:
     and ``bytes_to_app`` count the bytes handed to each leg.
     """
 
+    __slots__ = ("bytes_to_upstream", "bytes_to_app", "_write_up", "_write_app")
+
     def __init__(self, reactor: IReactorTime, app_transport, upstream_transport, *, idle_timeout: float, sid: str, on_idle=None):
-        self.reactor = reactor
-        self.app = app_transport
-        self.upstream = upstream_transport
-        self.sid = sid
-        self.idle_timeout = idle_timeout
-        self.on_idle = on_idle
-        self.closing = False
+        super().__init__(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, on_idle=on_idle)
         self.bytes_to_upstream = 0  # for mailgw_relay_bytes_total and the audit log
         self.bytes_to_app = 0
         self.app.registerProducer(self.upstream, True)
         self.upstream.registerProducer(self.app, True)
-        self._idle = reactor.callLater(idle_timeout, self._idle_expired)
         # Bound methods looked up once: these run for every chunk.
         self._write_up = self.upstream.write
         self._write_app = self.app.write
-        self._bump = self._idle.reset
 
     def from_app(self, data: bytes) -> None:
         self._write_up(data)
@@ -93,19 +87,12 @@ class Relay:
         self.bytes_to_app += len(data)
         self._bump(self.idle_timeout)
 
-    def _idle_expired(self) -> None:
-        log.info("session {sid}: no traffic for {seconds:.0f}s, closing", sid=self.sid, seconds=self.idle_timeout)
-        if self.on_idle is not None:
-            self.on_idle()
-        self.close()
-
     def close(self) -> None:
         """Close both legs once (after what was already written is flushed)."""
         if self.closing:
             return
         self.closing = True
-        if self._idle.active():
-            self._idle.cancel()
+        self._stop_idle_timer()
         # A transport with a registered producer waits for unregisterProducer before
         # it really closes; unregister first.
         for transport in (self.app, self.upstream):

@@ -42,7 +42,7 @@ from .protocol.session import (
     StopTimer,
     Warmed,
 )
-from .closing import close_with_grace
+from .relaycore import close_with_grace
 from .relay import Relay, make_relay
 from .settings import Route, Settings
 

@@ -5,7 +5,7 @@ tests/integration/test_relay_sockets.py."""
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from mailgw.closing import CLOSE_GRACE, close_with_grace
+from mailgw.relaycore import CLOSE_GRACE, close_with_grace
 from mailgw.relay import Relay, make_relay
 
 
