@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from .actions import ProtocolError, SendToApp, SendUpstream
-from .appside import BEARER_MECHANISMS, AppSide, Dialect, Phase, safe_text
+from .appside import BEARER_MECHANISMS, AppSide, Dialect, Phase
 from .common import first_word, printable
 from .credentials import Password
 from .lines import LineReader
@@ -393,35 +393,24 @@ def _hidden(capability: str) -> bool:
     return upper in ("STARTTLS", "LOGINDISABLED", "SASL-IR", "IMAP4REV1") or upper.startswith("AUTH=")
 
 
-class IMAPDialect(Dialect):
-    """How IMAP writes the replies of the shared dialogue (RFC 3501, RFC 4959)."""
-
-    AUTH_COMMAND = "AUTHENTICATE"
-
-    def greeting(self, machine: AppSide) -> bytes:
-        return b"* OK [CAPABILITY " + machine.capability_text() + b"] mailgw ready" + CRLF
-
-    def goodbye(self, text: str) -> bytes:
-        return b"* BYE mailgw: " + safe_text(text) + CRLF  # also the refusal: IMAP has only BYE
-
-    def auth_done(self, tag: bytes) -> bytes:
-        return tag + b" OK AUTHENTICATE completed" + CRLF
-
-    def auth_succeeded(self, tag: bytes, machine: AppSide) -> bytes:
-        return tag + b" OK [CAPABILITY " + machine.capability_text() + b"] AUTHENTICATE completed" + CRLF
-
-    def auth_refused(self, tag: bytes, text: bytes, transient: bool) -> bytes:
-        code = b"[UNAVAILABLE]" if transient else b"[AUTHENTICATIONFAILED]"
-        return tag + b" NO " + code + b" mailgw: " + text + CRLF
-
-    def auth_cancelled(self, tag: bytes) -> bytes:
-        return tag + b" BAD AUTHENTICATE cancelled" + CRLF
-
-    def auth_malformed(self, tag: bytes, why: str) -> bytes:
-        return tag + b" BAD mailgw: malformed authentication response: " + safe_text(why) + CRLF
-
-    def auth_without_token(self, tag: bytes, what: bytes) -> bytes:
-        return tag + b" NO [CANNOT] mailgw: " + what + CRLF
+#: How IMAP words the replies of the shared dialogue (RFC 3501, RFC 4959): it has only
+#: BYE to refuse a session or end one.
+IMAP_DIALECT = Dialect(
+    auth_command="AUTHENTICATE",
+    greeting="* OK [CAPABILITY {caps}] mailgw ready",
+    refusal_permanent="* BYE mailgw: {text}",
+    refusal_transient="* BYE mailgw: {text}",
+    goodbye="* BYE mailgw: {text}",
+    too_long="* BYE mailgw: command line too long (limit {limit} bytes)",
+    continuation="+ {challenge}",
+    auth_done="{tag} OK AUTHENTICATE completed",
+    auth_succeeded="{tag} OK [CAPABILITY {caps}] AUTHENTICATE completed",
+    auth_refused="{tag} NO [AUTHENTICATIONFAILED] mailgw: {text}",
+    auth_unavailable="{tag} NO [UNAVAILABLE] mailgw: {text}",
+    auth_cancelled="{tag} BAD AUTHENTICATE cancelled",
+    auth_malformed="{tag} BAD mailgw: malformed authentication response: {why}",
+    auth_without_token="{tag} NO [CANNOT] mailgw: {what}",
+)
 
 
 class IMAPAppSide(AppSide):
@@ -437,7 +426,7 @@ class IMAPAppSide(AppSide):
     other commands before authentication get ``BAD``.
     """
 
-    dialect = IMAPDialect()
+    dialect = IMAP_DIALECT
 
     def __init__(self, **kwargs):
         self._final = b""  # the answer to a locally answered command being read to its end
@@ -460,8 +449,8 @@ class IMAPAppSide(AppSide):
                 caps.append(cap)
         self.capabilities = tuple(caps) + extra
 
-    def capability_text(self) -> bytes:
-        return " ".join(self.capabilities).encode("ascii", "replace")
+    def capability_text(self) -> str:
+        return " ".join(self.capabilities)
 
     def _command(self, line: bytes) -> list:
         if not line.strip():
@@ -469,7 +458,7 @@ class IMAPAppSide(AppSide):
         tag, _, rest = line.partition(b" ")
         verb, arg = first_word(rest)
         if verb == b"CAPABILITY":
-            return [SendToApp(b"* CAPABILITY " + self.capability_text() + CRLF + tag + b" OK CAPABILITY completed" + CRLF)]
+            return [SendToApp(b"* CAPABILITY " + self.capability_text().encode("ascii", "replace") + CRLF + tag + b" OK CAPABILITY completed" + CRLF)]
         if verb == b"NOOP":
             return [SendToApp(tag + b" OK NOOP completed" + CRLF)]
         if verb == b"LOGOUT":

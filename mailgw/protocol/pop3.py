@@ -10,7 +10,7 @@ releases at the first other command.
 from __future__ import annotations
 
 from .actions import SendToApp, SendUpstream
-from .appside import BEARER_MECHANISMS, AppSide, Dialect, safe_text
+from .appside import BEARER_MECHANISMS, AppSide, Dialect
 from .common import first_word, printable
 from .credentials import Password
 from .lines import LineReader
@@ -221,29 +221,23 @@ class POP3Upstream(UpstreamMachine):
 _HIDDEN = ("STLS", "SASL", "USER")
 
 
-class POP3Dialect(Dialect):
-    """How POP3 writes the replies of the shared dialogue (RFC 1939, RFC 5034)."""
-
-    def greeting(self, machine: AppSide) -> bytes:
-        return b"+OK mailgw ready" + CRLF
-
-    def goodbye(self, text: str) -> bytes:
-        return b"-ERR mailgw: " + safe_text(text) + CRLF  # also the refusal
-
-    def auth_done(self, tag: bytes) -> bytes:
-        return b"+OK Logged in." + CRLF
-
-    def auth_refused(self, tag: bytes, text: bytes, transient: bool) -> bytes:
-        return b"-ERR " + (b"[SYS/TEMP]" if transient else b"[AUTH]") + b" mailgw: " + text + CRLF
-
-    def auth_cancelled(self, tag: bytes) -> bytes:
-        return b"-ERR Authentication cancelled" + CRLF
-
-    def auth_malformed(self, tag: bytes, why: str) -> bytes:
-        return b"-ERR mailgw: malformed authentication response: " + safe_text(why) + CRLF
-
-    def auth_without_token(self, tag: bytes, what: bytes) -> bytes:
-        return b"-ERR [AUTH] mailgw: " + what + CRLF
+#: How POP3 words the replies of the shared dialogue (RFC 1939, RFC 5034, RFC 3206).
+POP3_DIALECT = Dialect(
+    auth_command="AUTH",
+    greeting="+OK mailgw ready",
+    refusal_permanent="-ERR mailgw: {text}",
+    refusal_transient="-ERR mailgw: {text}",
+    goodbye="-ERR mailgw: {text}",
+    too_long="-ERR mailgw: command line too long (limit {limit} bytes)",
+    continuation="+ {challenge}",
+    auth_done="+OK Logged in.",
+    auth_succeeded="+OK Logged in.",
+    auth_refused="-ERR [AUTH] mailgw: {text}",
+    auth_unavailable="-ERR [SYS/TEMP] mailgw: {text}",
+    auth_cancelled="-ERR Authentication cancelled",
+    auth_malformed="-ERR mailgw: malformed authentication response: {why}",
+    auth_without_token="-ERR [AUTH] mailgw: {what}",
+)
 
 
 def _listing(items) -> bytes:
@@ -261,7 +255,7 @@ class POP3AppSide(AppSide):
     get ``-ERR [AUTH] Authentication required``.
     """
 
-    dialect = POP3Dialect()
+    dialect = POP3_DIALECT
 
     def set_capabilities(self, capabilities: tuple[str, ...]) -> None:
         if not self.lazy:
@@ -299,7 +293,7 @@ class POP3AppSide(AppSide):
         if verb == b"USER":
             return [SendToApp(b"+OK" + CRLF)]
         if verb in (b"PASS", b"APOP"):
-            return [SendToApp(self.dialect.auth_done(b""))]
+            return [self._say("auth_done")]
         if verb == b"AUTH":
             if not arg:
                 return [SendToApp(_listing(("PLAIN",)))]

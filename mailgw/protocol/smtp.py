@@ -8,7 +8,7 @@ release: it greets, answers EHLO/HELO/AUTH locally and releases at the first oth
 from __future__ import annotations
 
 from .actions import ProtocolError, SendToApp, SendUpstream
-from .appside import BEARER_MECHANISMS, AppSide, Dialect, safe_text
+from .appside import BEARER_MECHANISMS, AppSide, Dialect
 from .common import first_word, printable
 from .lines import LineReader
 from .refusal import Reason
@@ -186,39 +186,24 @@ class SMTPUpstream(UpstreamMachine):
         return self._fail(f"unexpected upstream reply while waiting for the application to authenticate: {reply}")
 
 
-class SMTPDialect(Dialect):
-    """How SMTP writes the replies of the shared dialogue (RFC 5321, RFC 4954)."""
-
-    def greeting(self, machine: AppSide) -> bytes:
-        return b"220 " + machine.hostname.encode("ascii", "replace") + b" ESMTP mailgw ready" + CRLF
-
-    def refusal(self, text: str, permanent: bool = True) -> bytes:
-        # SPEC: 554 when retrying will not help, 421 when it may.
-        return (b"554 5.3.0 mailgw: " if permanent else b"421 4.3.0 mailgw: ") + safe_text(text) + CRLF
-
-    def goodbye(self, text: str) -> bytes:
-        return b"421 4.3.2 mailgw: " + safe_text(text) + CRLF
-
-    def too_long(self, limit: int) -> bytes:
-        return f"500 5.5.6 mailgw: command line too long (limit {limit} bytes)".encode("ascii") + CRLF
-
-    def continuation(self, challenge: bytes) -> bytes:
-        return b"334 " + challenge + CRLF
-
-    def auth_done(self, tag: bytes) -> bytes:
-        return b"235 2.7.0 Authentication successful" + CRLF
-
-    def auth_refused(self, tag: bytes, text: bytes, transient: bool) -> bytes:
-        return (b"454 4.7.0 mailgw: " if transient else b"535 5.7.8 mailgw: ") + text + CRLF
-
-    def auth_cancelled(self, tag: bytes) -> bytes:
-        return b"501 5.7.0 Authentication cancelled" + CRLF
-
-    def auth_malformed(self, tag: bytes, why: str) -> bytes:
-        return b"501 5.5.2 mailgw: malformed authentication response: " + safe_text(why) + CRLF
-
-    def auth_without_token(self, tag: bytes, what: bytes) -> bytes:
-        return b"504 5.5.4 mailgw: " + what + CRLF
+#: How SMTP words the replies of the shared dialogue (RFC 5321, RFC 4954): a refusal is
+#: 554 when retrying will not help, 421 when it may.
+SMTP_DIALECT = Dialect(
+    auth_command="AUTH",
+    greeting="220 {host} ESMTP mailgw ready",
+    refusal_permanent="554 5.3.0 mailgw: {text}",
+    refusal_transient="421 4.3.0 mailgw: {text}",
+    goodbye="421 4.3.2 mailgw: {text}",
+    too_long="500 5.5.6 mailgw: command line too long (limit {limit} bytes)",
+    continuation="334 {challenge}",
+    auth_done="235 2.7.0 Authentication successful",
+    auth_succeeded="235 2.7.0 Authentication successful",
+    auth_refused="535 5.7.8 mailgw: {text}",
+    auth_unavailable="454 4.7.0 mailgw: {text}",
+    auth_cancelled="501 5.7.0 Authentication cancelled",
+    auth_malformed="501 5.5.2 mailgw: malformed authentication response: {why}",
+    auth_without_token="504 5.5.4 mailgw: {what}",
+)
 
 
 #: Extensions never advertised to the application: the gateway owns TLS and AUTH.
@@ -239,7 +224,7 @@ class SMTPAppSide(AppSide):
     commands get ``530 5.7.0 Authentication required``; after it, as in eager mode.
     """
 
-    dialect = SMTPDialect()
+    dialect = SMTP_DIALECT
 
     def set_capabilities(self, capabilities: tuple[str, ...]) -> None:
         auth = "AUTH " + " ".join(BEARER_MECHANISMS) if self.lazy else "AUTH PLAIN LOGIN"

@@ -587,8 +587,8 @@ def test_refusal_and_goodbye():
     assert IMAPAppSide.dialect.refusal("destination x: boom", permanent=True) == b"* BYE mailgw: destination x: boom\r\n"
     assert IMAPAppSide.dialect.refusal("slow", permanent=False) == b"* BYE mailgw: slow\r\n"
     assert IMAPAppSide.dialect.refusal("bad\r\nINJECT", permanent=True).count(b"\r\n") == 1
-    assert IMAPAppSide.dialect.goodbye("idle timeout") == b"* BYE mailgw: idle timeout\r\n"
-    assert IMAPAppSide.dialect.goodbye("é\r\n").count(b"\r\n") == 1
+    assert IMAPAppSide.dialect.reply("goodbye", text="idle timeout") == b"* BYE mailgw: idle timeout\r\n"
+    assert IMAPAppSide.dialect.reply("goodbye", text="é\r\n").count(b"\r\n") == 1
 
 
 # -- properties ------------------------------------------------------------------------

@@ -337,7 +337,7 @@ def test_refusal_and_goodbye():
     assert POP3AppSide.dialect.refusal("destination x: boom", permanent=True) == b"-ERR mailgw: destination x: boom\r\n"
     assert POP3AppSide.dialect.refusal("slow", permanent=False) == b"-ERR mailgw: slow\r\n"
     assert POP3AppSide.dialect.refusal("bad\r\nINJECT").count(b"\r\n") == 1
-    assert POP3AppSide.dialect.goodbye("idle timeout") == b"-ERR mailgw: idle timeout\r\n"
+    assert POP3AppSide.dialect.reply("goodbye", text="idle timeout") == b"-ERR mailgw: idle timeout\r\n"
 
 
 # -- properties ------------------------------------------------------------------------

@@ -402,4 +402,4 @@ def test_lazy_flood_while_waiting_closes():
 
 
 def test_goodbye_is_one_printable_line():
-    assert SMTPAppSide.dialect.goodbye("drain\r\nRCPT TO:<x@y>") == b"421 4.3.2 mailgw: drain??RCPT TO:<x@y>\r\n"
+    assert SMTPAppSide.dialect.reply("goodbye", text="drain\r\nRCPT TO:<x@y>") == b"421 4.3.2 mailgw: drain??RCPT TO:<x@y>\r\n"
