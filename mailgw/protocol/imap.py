@@ -94,8 +94,9 @@ def parse_capabilities(text: bytes) -> tuple[str, ...]:
     return tuple(printable(atom, 200) for atom in text.split() if atom)
 
 
-class ResponseReader:
-    """Splits upstream bytes into :class:`Response` values, one at a time.
+class ResponseReader(LineReader):
+    """A line reader that splits upstream bytes into :class:`Response` values, one at a
+    time.
 
     Literals (``{n}`` CRLF and n bytes) inside untagged data responses are consumed as
     they arrive, so the buffer never holds more than one line; a whole response (lines
@@ -103,32 +104,23 @@ class ResponseReader:
     """
 
     def __init__(self, max_line: int, max_response: int):
-        self.lines = LineReader(max_line)
+        super().__init__(max_line)
         self.max_response = max_response
         self._first: bytes | None = None
         self._size = 0
         self._literal_left = 0
 
-    def feed(self, data: bytes) -> None:
-        self.lines.feed(data)
-
-    def idle(self) -> bool:
-        """True when nothing at all is buffered or half read."""
-        return self._first is None and not len(self.lines)
-
-    def take_rest(self) -> bytes:
-        return self.lines.take_rest()
-
     def next(self) -> Response | None:
+        """The next complete response, or None; :class:`ProtocolError` when too long."""
         while True:
             if self._literal_left:
-                count = min(self._literal_left, len(self.lines))
+                count = min(self._literal_left, len(self))
                 if not count:
                     return None
-                self.lines.read_exactly(count)
+                self.read_exactly(count)
                 self._literal_left -= count
                 continue
-            line = self.lines.read_line()
+            line = self.read_line()
             if line is None:
                 return None
             self._size += len(line) + 2
@@ -218,17 +210,9 @@ class IMAPUpstream(UpstreamMachine):
             Step.PING: lambda ok, response: self._pong(ok, str(response)),
         }
 
-    def _read(self, data: bytes) -> None:
-        self._reader.feed(data)
 
-    def _next_response(self) -> Response | None:
-        return self._reader.next()
 
-    def _take_rest(self) -> bytes:
-        return self._reader.take_rest()
 
-    def _reading(self) -> int:
-        return 0 if self._reader.idle() else max(1, len(self._reader.lines))
 
     def capabilities_now(self) -> tuple[str, ...]:
         return self.capabilities

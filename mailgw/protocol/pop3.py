@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .actions import SendToApp, SendUpstream
 from .appside import BEARER_MECHANISMS, AppSide, Dialect
-from .common import first_word, printable
+from .common import first_word, has_keyword, keyword_arguments, printable
 from .credentials import Password
 from .lines import LineReader
 from .refusal import Reason
@@ -33,20 +33,6 @@ def _is_continuation(line: bytes) -> bool:
     return line == b"+" or line.startswith(b"+ ")
 
 
-def sasl_mechanisms(capabilities: tuple[str, ...]) -> set[str]:
-    """The mechanisms of the ``SASL`` CAPA line (RFC 5034)."""
-    mechanisms: set[str] = set()
-    for line in capabilities:
-        words = line.upper().split()
-        if words and words[0] == "SASL":
-            mechanisms.update(words[1:])
-    return mechanisms
-
-
-def _has_capability(capabilities: tuple[str, ...], keyword: str) -> bool:
-    return any(line.split(" ", 1)[0].upper() == keyword for line in capabilities)
-
-
 class POP3Upstream(UpstreamMachine):
     """Drives the upstream POP3 session until it is authenticated.
 
@@ -60,7 +46,7 @@ class POP3Upstream(UpstreamMachine):
     def __init__(self, *, max_line: int = 8192, **options):
         super().__init__(**options)  # see UpstreamMachine
         self.capabilities: tuple[str, ...] = ()
-        self._lines = LineReader(max_line)
+        self._reader = LineReader(max_line)  # a response is a line
         self._capa_lines: list[bytes] | None = None  # not None while a CAPA list is read
         self._password: bytes = b""  # USER/PASS: what PASS sends
         self._on = {
@@ -75,11 +61,7 @@ class POP3Upstream(UpstreamMachine):
             Step.PING: lambda line: self._pong(_is_ok(line), printable(line)),
         }
 
-    def _read(self, data: bytes) -> None:
-        self._lines.feed(data)
 
-    def _next_response(self) -> bytes | None:
-        return self._lines.read_line()
 
     def _on_response(self, line: bytes) -> list:
         if self._capa_lines is not None:
@@ -89,17 +71,13 @@ class POP3Upstream(UpstreamMachine):
             return self._fail(f"unexpected upstream response in step {self.step.value}")
         return handler(line)
 
-    def _take_rest(self) -> bytes:
-        return self._lines.take_rest()
 
-    def _reading(self) -> int:
-        return len(self._lines)
 
     def capabilities_now(self) -> tuple[str, ...]:
         return self.capabilities
 
     def _offered(self) -> set[str]:
-        return sasl_mechanisms(self.capabilities)
+        return keyword_arguments(self.capabilities, "SASL")  # RFC 5034
 
     def _send(self, step: Step, command: bytes) -> list:
         self.step = step
@@ -171,7 +149,7 @@ class POP3Upstream(UpstreamMachine):
         if self.step is Step.CAPABILITIES_AFTER_LOGIN:
             return self._ready(capabilities if capabilities is not None else self.capabilities)
         self.capabilities = capabilities or ()
-        starttls = self._starttls_wanted(_has_capability(self.capabilities, "STLS"))
+        starttls = self._starttls_wanted(has_keyword(self.capabilities, "STLS"))
         return starttls if starttls is not None else self._login()
 
     def _on_stls(self, line: bytes) -> list:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .actions import ProtocolError, SendToApp, SendUpstream
 from .appside import BEARER_MECHANISMS, AppSide, Dialect
-from .common import first_word, printable
+from .common import first_word, has_keyword, keyword_arguments, printable
 from .lines import LineReader
 from .refusal import Reason
 from .upstream import SASLStart, Step, UpstreamMachine
@@ -29,22 +29,20 @@ class Reply:
         return f"{self.code} {printable(self.lines[0] if self.lines else b'')}"
 
 
-class ReplyReader:
-    """Assembles SMTP replies from bytes, one at a time; bounded in line length and line
-    count.  Replies are taken one by one (:meth:`next`) so that what follows a reply is
-    read only once the reply was acted on: the same actions however TCP splits bytes."""
+class ReplyReader(LineReader):
+    """A line reader that assembles SMTP replies, one at a time; bounded in line length
+    and line count.  Replies are taken one by one (:meth:`next`) so that what follows a
+    reply is read only once the reply was acted on: the same actions however TCP splits
+    bytes."""
 
     def __init__(self, max_line: int):
-        self.lines = LineReader(max_line)
+        super().__init__(max_line)
         self._partial: list[bytes] = []
         self._code: int | None = None
 
-    def feed(self, data: bytes) -> None:
-        self.lines.feed(data)
-
     def next(self) -> Reply | None:
         """The next complete reply, or None; :class:`ProtocolError` when malformed."""
-        while (line := self.lines.read_line()) is not None:
+        while (line := self.read_line()) is not None:
             if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
                 raise ProtocolError(f"upstream sent a malformed SMTP reply: {printable(line, 80)}")
             code = int(line[:3])
@@ -66,19 +64,10 @@ def parse_ehlo(reply: Reply) -> tuple[str, ...]:
     return tuple(printable(line, 512) for line in reply.lines[1:] if line.strip())
 
 
-def _has_extension(extensions: tuple[str, ...], keyword: str) -> bool:
-    return any(ext.split(" ", 1)[0].upper() == keyword for ext in extensions)
-
-
 def auth_mechanisms(extensions: tuple[str, ...]) -> set[str]:
-    mechanisms: set[str] = set()
-    for ext in extensions:
-        words = ext.upper().split()
-        if words and words[0] == "AUTH":
-            mechanisms.update(words[1:])
-        elif words and words[0].startswith("AUTH="):  # pre-RFC 4954 servers
-            mechanisms.update([words[0][5:], *words[1:]])
-    return mechanisms
+    """The mechanisms of the AUTH extension, and of ``AUTH=`` (pre-RFC 4954 servers)."""
+    legacy = tuple(ext[5:] for ext in extensions if ext.upper().startswith("AUTH="))
+    return keyword_arguments(extensions, "AUTH") | {m for line in legacy for m in line.upper().split()}
 
 
 class SMTPUpstream(UpstreamMachine):
@@ -93,7 +82,7 @@ class SMTPUpstream(UpstreamMachine):
         super().__init__(**options)  # see UpstreamMachine
         self.ehlo_name = ehlo_name.encode("ascii")
         self.extensions: tuple[str, ...] = ()
-        self._replies = ReplyReader(max_line)
+        self._reader = ReplyReader(max_line)
         self._on = {
             Step.GREETING: self._on_greeting,
             Step.CAPABILITIES: self._on_ehlo,
@@ -104,11 +93,7 @@ class SMTPUpstream(UpstreamMachine):
             Step.PING: lambda reply: self._pong(reply.code == 250, str(reply)),
         }
 
-    def _read(self, data: bytes) -> None:
-        self._replies.feed(data)
 
-    def _next_response(self) -> Reply | None:
-        return self._replies.next()
 
     def _on_response(self, reply: Reply) -> list:
         handler = self._on.get(self.step)
@@ -116,11 +101,7 @@ class SMTPUpstream(UpstreamMachine):
             return self._fail(f"unexpected upstream reply in step {self.step.value}: {reply}")
         return handler(reply)
 
-    def _take_rest(self) -> bytes:
-        return self._replies.lines.take_rest()
 
-    def _reading(self) -> int:
-        return len(self._replies.lines)
 
     def capabilities_now(self) -> tuple[str, ...]:
         return self.extensions
@@ -165,7 +146,7 @@ class SMTPUpstream(UpstreamMachine):
             self.step = Step.HELO  # an old server without ESMTP, and nothing to negotiate
             return [SendUpstream(b"HELO " + self.ehlo_name + CRLF)]
         self.extensions = parse_ehlo(reply)
-        starttls = self._starttls_wanted(_has_extension(self.extensions, "STARTTLS"))
+        starttls = self._starttls_wanted(has_keyword(self.extensions, "STARTTLS"))
         return starttls if starttls is not None else self._login()
 
     def _on_helo(self, reply: Reply) -> list:

@@ -4,8 +4,9 @@ The TLS policy, the life cycle (``start``, ``tls_established``, ``authenticate``
 lazy OAuth2 types, ``receive_eof``), the SASL login (which mechanism, what to send on
 each continuation, the bearer error challenge), the bytes that arrive after login, and
 how failures and refusals are reported.  Each protocol supplies how a response is read
-and what a command looks like: ``_feed()`` (bytes in, actions out, through ``self._on``),
-``_after_starttls()`` (ask for capabilities again), ``_offered()`` (the SASL mechanisms
+and what a command looks like: ``self._reader`` (a :class:`~mailgw.protocol.lines.LineReader`
+whose ``next()`` gives the next complete response, or None, and raises ProtocolError
+when it is malformed), ``_on_response()``, ``_after_starttls()`` (ask for capabilities again), ``_offered()`` (the SASL mechanisms
 on offer), ``_send_sasl()`` and ``_send_step()`` (the protocol's AUTH command and its
 continuation lines) and ``_login_without_sasl()`` (IMAP LOGIN, POP3 USER/PASS).
 """
@@ -160,11 +161,11 @@ class UpstreamMachine:
             return self._fail(INJECTION, kind=Reason.TLS)
         if self.step is Step.NEW:
             return self._fail("upstream data before the session started")
-        self._read(data)
+        self._reader.feed(data)
         actions: list = []
         while True:
             try:
-                response = self._next_response()
+                response = self._reader.next()
             except LineTooLong as e:
                 return actions + self._fail(f"upstream sent a {e}")
             except ProtocolError as e:
@@ -172,12 +173,12 @@ class UpstreamMachine:
             if response is None:
                 return actions
             actions += self._on_response(response)
-            if self.step is Step.TLS_HANDSHAKE and self._reading():
+            if self.step is Step.TLS_HANDSHAKE and len(self._reader):
                 return actions + self._fail(INJECTION, kind=Reason.TLS)
             if self.step is Step.FAILED:
                 return actions
             if self.step is Step.READY:
-                return actions + self._keep_after_ready(self._take_rest())
+                return actions + self._keep_after_ready(self._reader.take_rest())
 
     def receive_eof(self) -> list:
         """The upstream closed the connection (before release)."""
@@ -227,7 +228,7 @@ class UpstreamMachine:
     def buffered(self) -> int:
         """Upstream bytes held: a partial response being read, plus what arrived after
         login (each bounded: ``max_line`` and :attr:`PENDING_LIMIT`)."""
-        return self._reading() + len(self._pending)
+        return len(self._reader) + len(self._pending)
 
     def take_pending(self) -> bytes:
         """Upstream bytes that arrived after login, for the application at release."""
@@ -343,27 +344,15 @@ class UpstreamMachine:
 
     STARTTLS_VERB = "STARTTLS"
 
-    def _read(self, data: bytes) -> None:  # pragma: no cover - abstract
-        """Buffer ``data`` in the protocol's response reader."""
-        raise NotImplementedError
 
-    def _next_response(self):  # pragma: no cover - abstract
-        """The next complete response (None: not yet); ProtocolError when malformed."""
-        raise NotImplementedError
 
     def _on_response(self, response) -> list:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _take_rest(self) -> bytes:  # pragma: no cover - abstract
-        """Everything buffered and not yet read (kept for the application at release)."""
-        raise NotImplementedError
 
     def capabilities_now(self) -> tuple[str, ...]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _reading(self) -> int:  # pragma: no cover - abstract
-        """Bytes of a response not yet complete."""
-        raise NotImplementedError
 
     def _offered(self) -> set[str]:  # pragma: no cover - abstract
         raise NotImplementedError
