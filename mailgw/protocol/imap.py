@@ -195,7 +195,6 @@ class IMAPUpstream(UpstreamMachine):
 
     def __init__(self, *, max_line: int = 8192, **options):
         super().__init__(**options)  # see UpstreamMachine
-        self.capabilities: tuple[str, ...] = ()
         self._reader = ResponseReader(max_line, max(4 * max_line, 65536))
         self._preauth = False
         self._serial = 0
@@ -214,8 +213,6 @@ class IMAPUpstream(UpstreamMachine):
 
 
 
-    def capabilities_now(self) -> tuple[str, ...]:
-        return self.capabilities
 
     def _offered(self) -> set[str]:
         return {c[5:].upper() for c in self.capabilities if c.upper().startswith("AUTH=")}
@@ -229,19 +226,11 @@ class IMAPUpstream(UpstreamMachine):
         self._seen_caps = None
         return self._tag
 
-    def _command(self, step: Step, text: bytes) -> list:
-        self.step = step
-        return [SendUpstream(self._next_tag() + b" " + text + CRLF)]
+    def _tagged(self, text: bytes) -> bytes:
+        return self._next_tag() + b" " + text
 
-    def _after_starttls(self) -> list:
-        self.capabilities = ()  # RFC 3501 6.2.1: forget what was said in plaintext
-        return self._command(Step.CAPABILITIES, b"CAPABILITY")
 
-    def _send_starttls(self) -> list:
-        return self._command(Step.STARTTLS, b"STARTTLS")
 
-    def _send_ping(self) -> list:
-        return self._command(Step.PING, b"NOOP")
 
     def _send_sasl(self, start: SASLStart) -> list:
         command = b"AUTHENTICATE " + start.mechanism.encode("ascii")
@@ -252,8 +241,6 @@ class IMAPUpstream(UpstreamMachine):
                 self._steps.insert(0, start.initial)  # answers the first "+"
         return self._command(Step.LOGIN, command)
 
-    def _send_step(self, data: bytes) -> list:
-        return [SendUpstream(data + CRLF)]
 
     def _login(self) -> list:
         if self._preauth:
@@ -321,7 +308,7 @@ class IMAPUpstream(UpstreamMachine):
         self._preauth = response.status == b"PREAUTH"
         caps = response.capabilities()
         if caps is None:
-            return self._command(Step.CAPABILITIES, b"CAPABILITY")
+            return self._ask_capabilities()
         self.capabilities = caps
         return self._after_capabilities()
 
@@ -362,9 +349,6 @@ class IMAPUpstream(UpstreamMachine):
         caps = self._caps_from(response) if ok else None
         return self._ready(caps if caps is not None else self.capabilities)
 
-    def _ready(self, capabilities: tuple[str, ...]) -> list:
-        self.capabilities = capabilities
-        return super()._ready(capabilities)
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ releases at the first other command.
 
 from __future__ import annotations
 
-from .actions import SendToApp, SendUpstream
+from .actions import SendToApp
 from .appside import BEARER_MECHANISMS, AppSide, Dialect
 from .common import first_word, has_keyword, keyword_arguments, printable
 from .credentials import Password
@@ -42,10 +42,10 @@ class POP3Upstream(UpstreamMachine):
     """
 
     STARTTLS_VERB = "STLS"
+    CAPABILITY_COMMAND = b"CAPA"
 
     def __init__(self, *, max_line: int = 8192, **options):
         super().__init__(**options)  # see UpstreamMachine
-        self.capabilities: tuple[str, ...] = ()
         self._reader = LineReader(max_line)  # a response is a line
         self._capa_lines: list[bytes] | None = None  # not None while a CAPA list is read
         self._password: bytes = b""  # USER/PASS: what PASS sends
@@ -66,32 +66,17 @@ class POP3Upstream(UpstreamMachine):
     def _on_response(self, line: bytes) -> list:
         if self._capa_lines is not None:
             return self._on_capa_line(line)
-        handler = self._on.get(self.step)
-        if handler is None:
-            return self._fail(f"unexpected upstream response in step {self.step.value}")
-        return handler(line)
+        return super()._on_response(line)
 
 
 
-    def capabilities_now(self) -> tuple[str, ...]:
-        return self.capabilities
 
     def _offered(self) -> set[str]:
         return keyword_arguments(self.capabilities, "SASL")  # RFC 5034
 
-    def _send(self, step: Step, command: bytes) -> list:
-        self.step = step
-        return [SendUpstream(command + CRLF)]
 
-    def _after_starttls(self) -> list:
-        self.capabilities = ()  # RFC 2595: what was said in plaintext no longer counts
-        return self._send(Step.CAPABILITIES, b"CAPA")
 
-    def _send_starttls(self) -> list:
-        return self._send(Step.STARTTLS, b"STLS")
 
-    def _send_ping(self) -> list:
-        return self._send(Step.PING, b"NOOP")
 
     def _send_sasl(self, start: SASLStart) -> list:
         command = b"AUTH " + start.mechanism.encode("ascii")
@@ -99,10 +84,8 @@ class POP3Upstream(UpstreamMachine):
             command += b" " + start.initial  # RFC 5034 initial response
             if start.mechanism == "PLAIN":
                 self._steps.insert(0, start.initial)  # a server that still asks gets it again
-        return self._send(Step.LOGIN, command)
+        return self._command(Step.LOGIN, command)
 
-    def _send_step(self, data: bytes) -> list:
-        return [SendUpstream(data + CRLF)]
 
     def _login_without_sasl(self, offered: set[str]) -> list:
         creds = self.credentials
@@ -114,13 +97,13 @@ class POP3Upstream(UpstreamMachine):
                 kind=Reason.AUTH,
             )
         self._password = creds.password.encode("utf-8")
-        return self._send(Step.USER, b"USER " + creds.user.encode("utf-8"))
+        return self._command(Step.USER, b"USER " + creds.user.encode("utf-8"))
 
     # -- lines -----------------------------------------------------------------------
 
     def _on_greeting(self, line: bytes) -> list:
         if _is_ok(line):
-            return self._send(Step.CAPABILITIES, b"CAPA")
+            return self._command(Step.CAPABILITIES, b"CAPA")
         if _is_err(line):
             return self._fail(f"upstream greeting refused: {printable(line)}", permanent=False, kind=Reason.CONNECT)
         return self._malformed("POP3 response", line)
@@ -159,7 +142,7 @@ class POP3Upstream(UpstreamMachine):
 
     def _on_auth(self, line: bytes) -> list:
         if _is_ok(line):
-            return self._send(Step.CAPABILITIES_AFTER_LOGIN, b"CAPA")
+            return self._command(Step.CAPABILITIES_AFTER_LOGIN, b"CAPA")
         if _is_continuation(line):
             return self._on_challenge(line[2:])
         if _is_err(line):
@@ -169,14 +152,14 @@ class POP3Upstream(UpstreamMachine):
     def _on_user(self, line: bytes) -> list:
         if _is_ok(line):
             password, self._password = self._password, b""
-            return self._send(Step.PASS, b"PASS " + password)
+            return self._command(Step.PASS, b"PASS " + password)
         if _is_err(line):
             return self._fail(f"upstream refused the user name: {printable(line)}", kind=Reason.AUTH)
         return self._malformed("POP3 response", line)
 
     def _on_pass(self, line: bytes) -> list:
         if _is_ok(line):
-            return self._send(Step.CAPABILITIES_AFTER_LOGIN, b"CAPA")
+            return self._command(Step.CAPABILITIES_AFTER_LOGIN, b"CAPA")
         if _is_err(line):
             return self._refused(printable(line))
         return self._malformed("POP3 response", line)
@@ -187,9 +170,6 @@ class POP3Upstream(UpstreamMachine):
             permanent=False,
         )
 
-    def _ready(self, capabilities: tuple[str, ...]) -> list:
-        self.capabilities = capabilities
-        return super()._ready(capabilities)
 
 
 # ---------------------------------------------------------------------------------------

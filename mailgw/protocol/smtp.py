@@ -7,7 +7,7 @@ release: it greets, answers EHLO/HELO/AUTH locally and releases at the first oth
 
 from __future__ import annotations
 
-from .actions import ProtocolError, SendToApp, SendUpstream
+from .actions import ProtocolError, SendToApp
 from .appside import BEARER_MECHANISMS, AppSide, Dialect
 from .common import first_word, has_keyword, keyword_arguments, printable
 from .lines import LineReader
@@ -81,7 +81,6 @@ class SMTPUpstream(UpstreamMachine):
     def __init__(self, *, ehlo_name: str = "mailgw", max_line: int = 8192, **options):
         super().__init__(**options)  # see UpstreamMachine
         self.ehlo_name = ehlo_name.encode("ascii")
-        self.extensions: tuple[str, ...] = ()
         self._reader = ReplyReader(max_line)
         self._on = {
             Step.GREETING: self._on_greeting,
@@ -95,68 +94,53 @@ class SMTPUpstream(UpstreamMachine):
 
 
 
-    def _on_response(self, reply: Reply) -> list:
-        handler = self._on.get(self.step)
-        if handler is None:
-            return self._fail(f"unexpected upstream reply in step {self.step.value}: {reply}")
-        return handler(reply)
 
 
 
-    def capabilities_now(self) -> tuple[str, ...]:
-        return self.extensions
+
+    @property
+    def CAPABILITY_COMMAND(self) -> bytes:  # noqa: N802 - the base's class attribute
+        return b"EHLO " + self.ehlo_name
 
     def _offered(self) -> set[str]:
-        return auth_mechanisms(self.extensions)
+        return auth_mechanisms(self.capabilities)
 
-    def _ehlo(self) -> list:
-        self.step = Step.CAPABILITIES
-        return [SendUpstream(b"EHLO " + self.ehlo_name + CRLF)]
 
-    def _after_starttls(self) -> list:
-        self.extensions = ()  # RFC 3207: forget what was said in plaintext
-        return self._ehlo()
 
-    def _send_starttls(self) -> list:
-        return [SendUpstream(b"STARTTLS" + CRLF)]
 
-    def _send_ping(self) -> list:
-        return [SendUpstream(b"NOOP" + CRLF)]
 
     def _send_sasl(self, start: SASLStart) -> list:
         command = b"AUTH " + start.mechanism.encode("ascii")
         if start.initial is not None:
             command += b" " + start.initial
-        return [SendUpstream(command + CRLF)]
+        return self._command(Step.LOGIN, command)
 
-    def _send_step(self, data: bytes) -> list:
-        return [SendUpstream(data + CRLF)]
 
     # -- replies ---------------------------------------------------------------------
 
     def _on_greeting(self, reply: Reply) -> list:
         if reply.code != 220:
             return self._fail(f"upstream greeting refused: {reply}", permanent=reply.code >= 500, kind=Reason.CONNECT)
-        return self._ehlo()
+        return self._ask_capabilities()
 
     def _on_ehlo(self, reply: Reply) -> list:
         if reply.code != 250:
             if self.credentials is not None or self.lazy or self.starttls_required:
                 return self._fail(f"upstream refused EHLO: {reply}")
-            self.step = Step.HELO  # an old server without ESMTP, and nothing to negotiate
-            return [SendUpstream(b"HELO " + self.ehlo_name + CRLF)]
-        self.extensions = parse_ehlo(reply)
-        starttls = self._starttls_wanted(has_keyword(self.extensions, "STARTTLS"))
+            # an old server without ESMTP, and nothing to negotiate
+            return self._command(Step.HELO, b"HELO " + self.ehlo_name)
+        self.capabilities = parse_ehlo(reply)
+        starttls = self._starttls_wanted(has_keyword(self.capabilities, "STARTTLS"))
         return starttls if starttls is not None else self._login()
 
     def _on_helo(self, reply: Reply) -> list:
         if reply.code != 250:
             return self._fail(f"upstream refused HELO: {reply}")
-        return self._ready(self.extensions)
+        return self._ready(self.capabilities)
 
     def _on_auth(self, reply: Reply) -> list:
         if reply.code == 235:
-            return self._ready(self.extensions)
+            return self._ready(self.capabilities)
         if reply.code == 334:
             return self._on_challenge(reply.lines[0] if reply.lines else b"")
         return self._refused(str(reply))
