@@ -20,7 +20,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tokenservice import TokenService  # noqa: E402
 
-from mailgw.oauth import MAX_RESPONSE_BYTES, TokenClient, TokenError, secret_forms  # noqa: E402
+from mailgw.oauth import MAX_RESPONSE_BYTES, REFRESH_TOKEN, TokenClient, TokenError, secret_forms  # noqa: E402  # noqa: E402
 
 CLIENT_ID = "mail-gateway"
 #: Characters that URL-encoding and base64 both change.
@@ -155,7 +155,7 @@ def test_echoed_credentials_are_redacted(reactor, svc, make_client, events, clie
     client = make_client(timeout=10)
     svc.echo_credentials = True
     before = counted("refresh_token", "refused")
-    error = failure_of(reactor, client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH, client_auth=client_auth)
+    error = failure_of(reactor, client.exchange, REFRESH_TOKEN, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH, client_auth=client_auth)
     assert error.error_code == "invalid_client"
     assert counted("refresh_token", "refused") == before + 1
     text = str(error) + repr(error)
