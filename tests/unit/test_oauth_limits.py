@@ -20,7 +20,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tokenservice import TokenService  # noqa: E402
 
-from mailgw.oauth import MAX_RESPONSE_BYTES, REFRESH_TOKEN, TokenClient, TokenError, secret_forms  # noqa: E402  # noqa: E402
+from mailgw.oauth import MAX_RESPONSE_BYTES, REFRESH_TOKEN, TokenClient, TokenError, secret_forms  # noqa: E402
 
 CLIENT_ID = "mail-gateway"
 #: Characters that URL-encoding and base64 both change.
