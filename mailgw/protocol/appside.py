@@ -93,6 +93,67 @@ class Dialect:
         return self.reply("refusal_permanent" if permanent else "refusal_transient", text=text)
 
 
+# How each protocol words the replies of the shared dialogue, side by side.
+
+#: How SMTP words the replies of the shared dialogue (RFC 5321, RFC 4954): a refusal is
+#: 554 when retrying will not help, 421 when it may.
+SMTP_DIALECT = Dialect(
+    auth_command="AUTH",
+    greeting="220 {host} ESMTP mailgw ready",
+    refusal_permanent="554 5.3.0 mailgw: {text}",
+    refusal_transient="421 4.3.0 mailgw: {text}",
+    goodbye="421 4.3.2 mailgw: {text}",
+    too_long="500 5.5.6 mailgw: command line too long (limit {limit} bytes)",
+    continuation="334 {challenge}",
+    auth_done="235 2.7.0 Authentication successful",
+    auth_succeeded="235 2.7.0 Authentication successful",
+    auth_refused="535 5.7.8 mailgw: {text}",
+    auth_unavailable="454 4.7.0 mailgw: {text}",
+    auth_cancelled="501 5.7.0 Authentication cancelled",
+    auth_malformed="501 5.5.2 mailgw: malformed authentication response: {why}",
+    auth_without_token="504 5.5.4 mailgw: {what}",
+)
+
+
+#: How IMAP words the replies of the shared dialogue (RFC 3501, RFC 4959): it has only
+#: BYE to refuse a session or end one.
+IMAP_DIALECT = Dialect(
+    auth_command="AUTHENTICATE",
+    greeting="* OK [CAPABILITY {caps}] mailgw ready",
+    refusal_permanent="* BYE mailgw: {text}",
+    refusal_transient="* BYE mailgw: {text}",
+    goodbye="* BYE mailgw: {text}",
+    too_long="* BYE mailgw: command line too long (limit {limit} bytes)",
+    continuation="+ {challenge}",
+    auth_done="{tag} OK AUTHENTICATE completed",
+    auth_succeeded="{tag} OK [CAPABILITY {caps}] AUTHENTICATE completed",
+    auth_refused="{tag} NO [AUTHENTICATIONFAILED] mailgw: {text}",
+    auth_unavailable="{tag} NO [UNAVAILABLE] mailgw: {text}",
+    auth_cancelled="{tag} BAD AUTHENTICATE cancelled",
+    auth_malformed="{tag} BAD mailgw: malformed authentication response: {why}",
+    auth_without_token="{tag} NO [CANNOT] mailgw: {what}",
+)
+
+
+#: How POP3 words the replies of the shared dialogue (RFC 1939, RFC 5034, RFC 3206).
+POP3_DIALECT = Dialect(
+    auth_command="AUTH",
+    greeting="+OK mailgw ready",
+    refusal_permanent="-ERR mailgw: {text}",
+    refusal_transient="-ERR mailgw: {text}",
+    goodbye="-ERR mailgw: {text}",
+    too_long="-ERR mailgw: command line too long (limit {limit} bytes)",
+    continuation="+ {challenge}",
+    auth_done="+OK Logged in.",
+    auth_succeeded="+OK Logged in.",
+    auth_refused="-ERR [AUTH] mailgw: {text}",
+    auth_unavailable="-ERR [SYS/TEMP] mailgw: {text}",
+    auth_cancelled="-ERR Authentication cancelled",
+    auth_malformed="-ERR mailgw: malformed authentication response: {why}",
+    auth_without_token="-ERR [AUTH] mailgw: {what}",
+)
+
+
 class AppSide:
     """The application-facing dialogue before release, protocol-independent part.
 

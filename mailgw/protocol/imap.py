@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from .actions import ProtocolError, SendToApp, SendUpstream
-from .appside import BEARER_MECHANISMS, AppSide, Dialect, Phase
+from .appside import BEARER_MECHANISMS, IMAP_DIALECT, AppSide, Phase
 from .common import first_word, printable
 from .credentials import Password
 from .lines import LineReader
@@ -359,26 +359,6 @@ def _hidden(capability: str) -> bool:
     """Capabilities never advertised to the application: the gateway owns TLS and login."""
     upper = capability.upper()
     return upper in ("STARTTLS", "LOGINDISABLED", "SASL-IR", "IMAP4REV1") or upper.startswith("AUTH=")
-
-
-#: How IMAP words the replies of the shared dialogue (RFC 3501, RFC 4959): it has only
-#: BYE to refuse a session or end one.
-IMAP_DIALECT = Dialect(
-    auth_command="AUTHENTICATE",
-    greeting="* OK [CAPABILITY {caps}] mailgw ready",
-    refusal_permanent="* BYE mailgw: {text}",
-    refusal_transient="* BYE mailgw: {text}",
-    goodbye="* BYE mailgw: {text}",
-    too_long="* BYE mailgw: command line too long (limit {limit} bytes)",
-    continuation="+ {challenge}",
-    auth_done="{tag} OK AUTHENTICATE completed",
-    auth_succeeded="{tag} OK [CAPABILITY {caps}] AUTHENTICATE completed",
-    auth_refused="{tag} NO [AUTHENTICATIONFAILED] mailgw: {text}",
-    auth_unavailable="{tag} NO [UNAVAILABLE] mailgw: {text}",
-    auth_cancelled="{tag} BAD AUTHENTICATE cancelled",
-    auth_malformed="{tag} BAD mailgw: malformed authentication response: {why}",
-    auth_without_token="{tag} NO [CANNOT] mailgw: {what}",
-)
 
 
 class IMAPAppSide(AppSide):

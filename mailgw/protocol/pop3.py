@@ -10,7 +10,7 @@ releases at the first other command.
 from __future__ import annotations
 
 from .actions import SendToApp
-from .appside import BEARER_MECHANISMS, AppSide, Dialect
+from .appside import BEARER_MECHANISMS, POP3_DIALECT, AppSide
 from .common import first_word, has_keyword, keyword_arguments, printable
 from .credentials import Password
 from .lines import LineReader
@@ -177,25 +177,6 @@ class POP3Upstream(UpstreamMachine):
 
 #: CAPA lines never shown to the application: the gateway owns TLS and login.
 _HIDDEN = ("STLS", "SASL", "USER")
-
-
-#: How POP3 words the replies of the shared dialogue (RFC 1939, RFC 5034, RFC 3206).
-POP3_DIALECT = Dialect(
-    auth_command="AUTH",
-    greeting="+OK mailgw ready",
-    refusal_permanent="-ERR mailgw: {text}",
-    refusal_transient="-ERR mailgw: {text}",
-    goodbye="-ERR mailgw: {text}",
-    too_long="-ERR mailgw: command line too long (limit {limit} bytes)",
-    continuation="+ {challenge}",
-    auth_done="+OK Logged in.",
-    auth_succeeded="+OK Logged in.",
-    auth_refused="-ERR [AUTH] mailgw: {text}",
-    auth_unavailable="-ERR [SYS/TEMP] mailgw: {text}",
-    auth_cancelled="-ERR Authentication cancelled",
-    auth_malformed="-ERR mailgw: malformed authentication response: {why}",
-    auth_without_token="-ERR [AUTH] mailgw: {what}",
-)
 
 
 def _listing(items) -> bytes:

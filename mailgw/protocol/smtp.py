@@ -8,7 +8,7 @@ release: it greets, answers EHLO/HELO/AUTH locally and releases at the first oth
 from __future__ import annotations
 
 from .actions import ProtocolError, SendToApp
-from .appside import BEARER_MECHANISMS, AppSide, Dialect
+from .appside import BEARER_MECHANISMS, SMTP_DIALECT, AppSide
 from .common import first_word, has_keyword, keyword_arguments, printable
 from .lines import LineReader
 from .refusal import Reason
@@ -149,26 +149,6 @@ class SMTPUpstream(UpstreamMachine):
         if reply.code == 421:
             return self._fail(f"upstream closed the session: {reply}", permanent=False, kind=Reason.CONNECT)
         return self._fail(f"unexpected upstream reply while waiting for the application to authenticate: {reply}")
-
-
-#: How SMTP words the replies of the shared dialogue (RFC 5321, RFC 4954): a refusal is
-#: 554 when retrying will not help, 421 when it may.
-SMTP_DIALECT = Dialect(
-    auth_command="AUTH",
-    greeting="220 {host} ESMTP mailgw ready",
-    refusal_permanent="554 5.3.0 mailgw: {text}",
-    refusal_transient="421 4.3.0 mailgw: {text}",
-    goodbye="421 4.3.2 mailgw: {text}",
-    too_long="500 5.5.6 mailgw: command line too long (limit {limit} bytes)",
-    continuation="334 {challenge}",
-    auth_done="235 2.7.0 Authentication successful",
-    auth_succeeded="235 2.7.0 Authentication successful",
-    auth_refused="535 5.7.8 mailgw: {text}",
-    auth_unavailable="454 4.7.0 mailgw: {text}",
-    auth_cancelled="501 5.7.0 Authentication cancelled",
-    auth_malformed="501 5.5.2 mailgw: malformed authentication response: {why}",
-    auth_without_token="504 5.5.4 mailgw: {what}",
-)
 
 
 #: Extensions never advertised to the application: the gateway owns TLS and AUTH.
