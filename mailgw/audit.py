@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from . import metrics
 from .logs import isoformat
 
-__all__ = ["AuditLog", "AuditOpenError", "SendAudit", "SessionAudit", "body_size", "recipient_count", "send_audit_for"]
+__all__ = ["AuditLog", "AuditOpenError", "SendAudit", "SessionAudit"]
 
 log = Logger(namespace="mailgw.audit")
 
@@ -157,49 +157,6 @@ class SendAudit:
             "bytes": self.bytes,
             "status": self.status,
         }
-
-
-def recipient_count(addresses) -> int:
-    """How many distinct addresses (case-insensitively) are in ``addresses``."""
-    return len({a.strip().lower() for a in addresses if a and a.strip()})
-
-
-def body_size(request: Any) -> int:
-    """The size of a twisted.web request's body (read it before the request finishes:
-    Twisted drops the body then)."""
-    content = getattr(request, "content", None)
-    if content is None:
-        return 0
-    position = content.tell()
-    try:
-        return content.seek(0, 2)
-    finally:
-        content.seek(position)
-
-
-def send_audit_for(request: Any, answered: bool, when: float, size: int) -> SendAudit:
-    """The :class:`SendAudit` of a finished send API request (a twisted.web request
-    whose ``postpath`` is ``[destination, recipient?]``) whose body had ``size`` bytes;
-    ``answered`` is False when the client went away before the answer (status 499)."""
-    from .send.message import MessageError, check_address
-
-    def texts(values) -> list[str]:
-        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values or ()]
-
-    path = texts(request.postpath)
-    headers = request.requestHeaders
-    named = path[1:2] + [v for h in (b"to", b"cc", b"bcc") for v in texts(headers.getRawHeaders(h))]
-    sender = None
-    given = texts(headers.getRawHeaders(b"from"))
-    if len(given) == 1:
-        try:
-            sender = check_address("From", given[0])
-        except MessageError:
-            pass  # not an address: nothing of it is written
-    return SendAudit(
-        time=when, destination=path[0] if path else "", from_=sender, recipients=recipient_count(named),
-        bytes=size, status=request.code if answered else 499,
-    )
 
 
 class AuditOpenError(OSError):

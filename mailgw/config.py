@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+import attrs
 from attrs import field, frozen
 
 from .destination import Destination, DestinationError, parse_destination
@@ -118,21 +120,14 @@ class GatewayConfig:
     kubernetes: Mapping[str, Any] | None = None
 
 
-_SETTING_KEYS = {
-    # gateway.yaml name: (section, Settings attribute)
-    ("timeouts", "connect"): "connect_timeout",
-    ("timeouts", "tls"): "tls_timeout",
-    ("timeouts", "login"): "login_timeout",
-    ("timeouts", "idle"): "idle_timeout",
-    ("timeouts", "dialogue"): "dialogue_timeout",
-    ("timeouts", "relayIdle"): "relay_idle_timeout",
-    ("timeouts", "token"): "token_timeout",
-    ("timeouts", "drain"): "drain_timeout",
-    ("limits", "maxLine"): "max_line",
-    ("limits", "maxSessionsPerDestination"): "max_sessions_per_destination",
-    ("limits", "maxSessionsPerClient"): "max_sessions_per_client",
-    ("limits", "maxTokenRequests"): "max_token_requests",
-}
+def _setting_attribute(section: str, key: str) -> str | None:
+    """The Settings attribute of ``timeouts.<key>`` / ``limits.<key>`` in gateway.yaml:
+    the key in snake case, with ``_timeout`` for the timeouts (``relayIdle`` is
+    ``relay_idle_timeout``, ``maxSessionsPerClient`` is ``max_sessions_per_client``)."""
+    name = re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower() + ("_timeout" if section == "timeouts" else "")
+    known = {f.name: f.type for f in attrs.fields(Settings)}
+    wanted = "float" if section == "timeouts" else "int"
+    return name if known.get(name) == wanted else None
 
 
 def resolve_secret(value: Any, where: str, base: Path) -> Any:
@@ -269,7 +264,7 @@ def _settings(doc: Mapping[str, Any], origin: str) -> Settings:
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{origin}: {section} must be a mapping")
         for key, value in raw.items():
-            attribute = _SETTING_KEYS.get((section, key))
+            attribute = _setting_attribute(section, key) if isinstance(key, str) else None
             if attribute is None:
                 raise ConfigError(f"{origin}: {section}: unknown key {key!r}")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:

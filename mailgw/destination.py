@@ -162,157 +162,153 @@ def parse_destination(obj: Mapping[str, Any], origin: str | None = None) -> Dest
     raw_name = obj.get("Name")
     if not isinstance(raw_name, str) or not raw_name.strip():
         raise DestinationError(origin or "?", "Name", "is missing or empty")
-    name = raw_name.strip()
+    keys = _Keys(obj, raw_name.strip())
+    if keys.text("Type", required=True) != "MAIL":
+        raise DestinationError(keys.name, "Type", f"must be MAIL, not {keys.text('Type')!r}")
+    proxy_type = keys.choice("ProxyType", PROXY_TYPES, "Internet")
+    authentication = keys.choice("Authentication", AUTHENTICATION_TYPES, NO_AUTH)
+    server = keys.server()
+    login = keys.login(authentication, server["auth"])
+    return Destination(
+        name=keys.name, proxy_type=proxy_type, authentication=authentication,
+        **server, **login, **keys.token_service(authentication, login["user"]),
+        location_id=keys.text("CloudConnectorLocationId"),
+        trust_store=keys.text("TrustStoreLocation"),
+        key_store=keys.text("KeyStoreLocation"),
+        trust_all=_bool(keys.name, "TrustAll", obj.get("TrustAll"), False),
+        **keys.pool(authentication, server["auth"]),
+    )
 
-    def text(key: str, required: bool = False) -> str | None:
-        value = obj.get(key)
+
+class _Keys:
+    """Reads and checks the keys of one destination object, a group at a time; every
+    error names the destination and the key."""
+
+    def __init__(self, obj: Mapping[str, Any], name: str):
+        self.obj = obj
+        self.name = name
+        self.protocol = ""
+        self._spellings: list[str] = []
+
+    def text(self, key: str, required: bool = False) -> str | None:
+        value = self.obj.get(key)
         if value is None:
             if required:
-                raise DestinationError(name, key, "is missing")
+                raise DestinationError(self.name, key, "is missing")
             return None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)
         if not isinstance(value, str):
-            raise DestinationError(name, key, f"must be a string, not {type(value).__name__}")
+            raise DestinationError(self.name, key, f"must be a string, not {type(value).__name__}")
         value = value.strip()
         if required and not value:
-            raise DestinationError(name, key, "is empty")
+            raise DestinationError(self.name, key, "is empty")
         return value or None
 
-    kind = text("Type", required=True)
-    if kind != "MAIL":
-        raise DestinationError(name, "Type", f"must be MAIL, not {kind!r}")
+    def choice(self, key: str, allowed: tuple[str, ...], default: str) -> str:
+        value = self.text(key) or default
+        if value not in allowed:
+            raise DestinationError(self.name, key, f"must be one of {', '.join(allowed)}, not {value!r}")
+        return value
 
-    proxy_type = text("ProxyType") or "Internet"
-    if proxy_type not in PROXY_TYPES:
-        raise DestinationError(
-            name, "ProxyType", f"must be one of {', '.join(PROXY_TYPES)}, not {proxy_type!r}"
-        )
-
-    authentication = text("Authentication") or NO_AUTH
-    if authentication not in AUTHENTICATION_TYPES:
-        raise DestinationError(
-            name,
-            "Authentication",
-            f"must be one of {', '.join(AUTHENTICATION_TYPES)}, not {authentication!r}",
-        )
-
-    given_protocol = text("mail.transport.protocol", required=True)
-    protocol = PROTOCOL_ALIASES.get(given_protocol.lower(), given_protocol.lower())
-    if protocol not in PROTOCOLS:
-        raise DestinationError(
-            name,
-            "mail.transport.protocol",
-            f"must be one of {', '.join(PROTOCOLS)}, not {given_protocol!r}",
-        )
-
-    # Keys may use the alias spelling (mail.imaps.host for imap4s); accept both.
-    spellings = [protocol] + [alias for alias, canon in PROTOCOL_ALIASES.items() if canon == protocol]
-    if given_protocol.lower() not in spellings:
-        spellings.append(given_protocol.lower())
-
-    def proto_key(suffix: str) -> tuple[str, str | None]:
-        for spelling in spellings:
+    def _protocol_key(self, suffix: str) -> tuple[str, str | None]:
+        """``mail.<p>.<suffix>`` in whichever spelling of the protocol it was given."""
+        for spelling in self._spellings:
             key = f"mail.{spelling}.{suffix}"
-            if key in obj:
-                return key, text(key)
-        return f"mail.{protocol}.{suffix}", None
+            if key in self.obj:
+                return key, self.text(key)
+        return f"mail.{self.protocol}.{suffix}", None
 
-    host_key, host = proto_key("host")
-    if not host:
-        raise DestinationError(name, host_key, "is missing")
-    if any(c.isspace() for c in host) or "/" in host:
-        raise DestinationError(name, host_key, f"is not a host name: {host!r}")
+    def server(self) -> dict[str, Any]:
+        """The protocol, the mail server's address, and how to log in and use TLS there."""
+        given = self.text("mail.transport.protocol", required=True)
+        protocol = PROTOCOL_ALIASES.get(given.lower(), given.lower())
+        if protocol not in PROTOCOLS:
+            raise DestinationError(
+                self.name, "mail.transport.protocol", f"must be one of {', '.join(PROTOCOLS)}, not {given!r}"
+            )
+        self.protocol = protocol
+        # Keys may use the alias spelling (mail.imaps.host for imap4s); accept both.
+        self._spellings = [protocol] + [alias for alias, canon in PROTOCOL_ALIASES.items() if canon == protocol]
+        if given.lower() not in self._spellings:
+            self._spellings.append(given.lower())
 
-    port_key, port_text = proto_key("port")
-    if port_text is None:
-        port = PROTOCOLS[protocol][2]
-    else:
-        try:
-            port = int(port_text)
-        except ValueError:
-            raise DestinationError(name, port_key, f"must be a port number, not {port_text!r}") from None
-        if not 0 < port < 65536:
-            raise DestinationError(name, port_key, f"must be between 1 and 65535, not {port}")
+        host_key, host = self._protocol_key("host")
+        if not host:
+            raise DestinationError(self.name, host_key, "is missing")
+        if any(c.isspace() for c in host) or "/" in host:
+            raise DestinationError(self.name, host_key, f"is not a host name: {host!r}")
+        port_key, port_text = self._protocol_key("port")
+        if port_text is None:
+            port = PROTOCOLS[protocol][2]
+        else:
+            try:
+                port = int(port_text)
+            except ValueError:
+                raise DestinationError(self.name, port_key, f"must be a port number, not {port_text!r}") from None
+            if not 0 < port < 65536:
+                raise DestinationError(self.name, port_key, f"must be between 1 and 65535, not {port}")
 
-    auth_key, auth_text = proto_key("auth")
-    auth = _bool(name, auth_key, auth_text, True)
-    enable_key, enable_text = proto_key("starttls.enable")
-    starttls_enable = _bool(name, enable_key, enable_text, True)
-    required_key, required_text = proto_key("starttls.required")
-    starttls_required = _bool(name, required_key, required_text, False)
-    if starttls_required and not starttls_enable:
-        raise DestinationError(name, required_key, f"is true but {enable_key} is false")
+        auth_key, auth_text = self._protocol_key("auth")
+        enable_key, enable_text = self._protocol_key("starttls.enable")
+        required_key, required_text = self._protocol_key("starttls.required")
+        starttls_enable = _bool(self.name, enable_key, enable_text, True)
+        starttls_required = _bool(self.name, required_key, required_text, False)
+        if starttls_required and not starttls_enable:
+            raise DestinationError(self.name, required_key, f"is true but {enable_key} is false")
+        return {
+            "protocol": protocol, "host": host, "port": port, "auth": _bool(self.name, auth_key, auth_text, True),
+            "starttls_enable": starttls_enable, "starttls_required": starttls_required,
+        }
 
-    user = text("mail.user")
-    password = text("mail.password")
-    if authentication == BASIC and auth:
-        if not user:
-            raise DestinationError(name, "mail.user", "is required for BasicAuthentication")
-        if password is None:
-            raise DestinationError(name, "mail.password", "is required for BasicAuthentication")
+    def login(self, authentication: str, auth: bool) -> dict[str, Any]:
+        """The mailbox user and password."""
+        user, password = self.text("mail.user"), self.text("mail.password")
+        if authentication == BASIC and auth:
+            if not user:
+                raise DestinationError(self.name, "mail.user", "is required for BasicAuthentication")
+            if password is None:
+                raise DestinationError(self.name, "mail.password", "is required for BasicAuthentication")
+        return {"user": user, "password": password}
 
-    token_url = text("tokenServiceURL")
-    token_url_type = text("tokenServiceURLType") or "Dedicated"
-    if token_url_type not in TOKEN_URL_TYPES:
-        raise DestinationError(
-            name, "tokenServiceURLType", f"must be Dedicated or Common, not {token_url_type!r}"
-        )
-    client_id = text("clientId")
-    client_secret = text("clientSecret")
-    if authentication in OAUTH2_TYPES:
-        if not token_url:
-            raise DestinationError(name, "tokenServiceURL", f"is required for {authentication}")
-        if not token_url.startswith(("https://", "http://")):
-            raise DestinationError(name, "tokenServiceURL", "must be an http(s) URL")
-        if not client_id:
-            raise DestinationError(name, "clientId", f"is required for {authentication}")
-        if client_secret is None:
-            raise DestinationError(name, "clientSecret", f"is required for {authentication}")
-        if authentication == OAUTH2_CLIENT_CREDENTIALS and not user:
-            raise DestinationError(name, "mail.user", "is required for OAuth2ClientCredentials")
+    def token_service(self, authentication: str, user: str | None) -> dict[str, Any]:
+        """Where and how the OAuth2 types get their tokens."""
+        url = self.text("tokenServiceURL")
+        url_type = self.text("tokenServiceURLType") or "Dedicated"
+        if url_type not in TOKEN_URL_TYPES:
+            raise DestinationError(self.name, "tokenServiceURLType", f"must be Dedicated or Common, not {url_type!r}")
+        client_id, client_secret = self.text("clientId"), self.text("clientSecret")
+        if authentication in OAUTH2_TYPES:
+            if not url:
+                raise DestinationError(self.name, "tokenServiceURL", f"is required for {authentication}")
+            if not url.startswith(("https://", "http://")):
+                raise DestinationError(self.name, "tokenServiceURL", "must be an http(s) URL")
+            if not client_id:
+                raise DestinationError(self.name, "clientId", f"is required for {authentication}")
+            if client_secret is None:
+                raise DestinationError(self.name, "clientSecret", f"is required for {authentication}")
+            if authentication == OAUTH2_CLIENT_CREDENTIALS and not user:
+                raise DestinationError(self.name, "mail.user", "is required for OAuth2ClientCredentials")
+        client_auth = (self.text("tokenServiceAuthentication") or "basic").lower()
+        if client_auth not in ("basic", "body"):
+            raise DestinationError(self.name, "tokenServiceAuthentication", f"must be basic or body, not {client_auth!r}")
+        return {
+            "token_service_url": url, "token_service_url_type": url_type, "client_id": client_id,
+            "client_secret": client_secret, "scope": self.text("scope"), "token_client_auth": client_auth,
+        }
 
-    token_client_auth = (text("tokenServiceAuthentication") or "basic").lower()
-    if token_client_auth not in ("basic", "body"):
-        raise DestinationError(name, "tokenServiceAuthentication", f"must be basic or body, not {token_client_auth!r}")
-
-    trust_all = _bool(name, "TrustAll", obj.get("TrustAll"), False)
-
-    pool_size = _number(name, "mailgw.pool.size", text("mailgw.pool.size"), 0, int, MAX_POOL_SIZE)
-    pool_max_idle = _number(name, "mailgw.pool.maxIdle", text("mailgw.pool.maxIdle"), 60.0, float, 86400)
-    if pool_size and authentication in LAZY_TYPES and auth:
-        raise DestinationError(
-            name, "mailgw.pool.size",
-            f"a warm pool logs in ahead of time, which {authentication} cannot (the application brings the secret)",
-        )
-    if pool_max_idle <= 0:
-        raise DestinationError(name, "mailgw.pool.maxIdle", "must be more than 0 seconds")
-
-    return Destination(
-        name=name,
-        protocol=protocol,
-        host=host,
-        port=port,
-        proxy_type=proxy_type,
-        authentication=authentication,
-        auth=auth,
-        user=user,
-        password=password,
-        token_service_url=token_url,
-        token_service_url_type=token_url_type,
-        client_id=client_id,
-        client_secret=client_secret,
-        scope=text("scope"),
-        token_client_auth=token_client_auth,
-        location_id=text("CloudConnectorLocationId"),
-        starttls_enable=starttls_enable,
-        starttls_required=starttls_required,
-        trust_store=text("TrustStoreLocation"),
-        key_store=text("KeyStoreLocation"),
-        trust_all=trust_all,
-        pool_size=pool_size,
-        pool_max_idle=pool_max_idle,
-    )
+    def pool(self, authentication: str, auth: bool) -> dict[str, Any]:
+        """The warm upstream pool (SPEC 9.7)."""
+        size = _number(self.name, "mailgw.pool.size", self.text("mailgw.pool.size"), 0, int, MAX_POOL_SIZE)
+        max_idle = _number(self.name, "mailgw.pool.maxIdle", self.text("mailgw.pool.maxIdle"), 60.0, float, 86400)
+        if size and authentication in LAZY_TYPES and auth:
+            raise DestinationError(
+                self.name, "mailgw.pool.size",
+                f"a warm pool logs in ahead of time, which {authentication} cannot (the application brings the secret)",
+            )
+        if max_idle <= 0:
+            raise DestinationError(self.name, "mailgw.pool.maxIdle", "must be more than 0 seconds")
+        return {"pool_size": size, "pool_max_idle": max_idle}
 
 
 def evolve(destination: Destination, **changes: Any) -> Destination:

@@ -633,39 +633,30 @@ class TokenClient(MultiService):
         """The client-credentials grant.  ``tenant`` is only used in messages."""
         return self._grant(CLIENT_CREDENTIALS, token_url, client_id, client_secret, client_auth, scope=scope, tenant=tenant)
 
-    def refresh_token(
+    def exchange(
         self,
+        grant_type: str,
         token_url: str,
         client_id: str,
         client_secret: str,
-        refresh_token: str,
+        secret: str,
+        *,
         scope: str | None = None,
         tenant: str | None = None,
         client_auth: str = "basic",
-    ) -> Deferred[AccessToken]:
-        """The refresh-token grant, with client authentication (Basic or in the body)."""
-        if not refresh_token:
-            return fail(TokenError(INVALID_CONFIGURATION, "empty refresh token", host=_host(token_url)))
-        return self._grant(
-            REFRESH_TOKEN, token_url, client_id, client_secret, client_auth, scope=scope, tenant=tenant, refresh_token=refresh_token
-        )
-
-    def authorization_code(
-        self,
-        token_url: str,
-        client_id: str,
-        client_secret: str,
-        code: str,
         redirect_uri: str | None = None,
-        tenant: str | None = None,
-        client_auth: str = "basic",
     ) -> Deferred[AccessToken]:
-        """The authorisation-code grant (the code was obtained by the application)."""
-        if not code:
-            return fail(TokenError(INVALID_CONFIGURATION, "empty authorization code", host=_host(token_url)))
-        return self._grant(
-            AUTHORIZATION_CODE, token_url, client_id, client_secret, client_auth, tenant=tenant, code=code, redirect_uri=redirect_uri
-        )
+        """Exchange what an application presented: the refresh-token grant (``secret`` is
+        the refresh token) or the authorisation-code grant (``secret`` is the code,
+        ``redirect_uri`` the one it was issued for), with client authentication (Basic
+        or in the body)."""
+        what = {REFRESH_TOKEN: "refresh token", AUTHORIZATION_CODE: "authorization code"}.get(grant_type)
+        if what is None:
+            raise ValueError(f"exchange() takes the refresh_token or authorization_code grant, not {grant_type!r}")
+        if not secret:
+            return fail(TokenError(INVALID_CONFIGURATION, f"empty {what}", host=_host(token_url)))
+        secrets = {"refresh_token": secret} if grant_type == REFRESH_TOKEN else {"code": secret, "redirect_uri": redirect_uri}
+        return self._grant(grant_type, token_url, client_id, client_secret, client_auth, scope=scope, tenant=tenant, **secrets)
 
     # -- machinery ----------------------------------------------------------------------
 
@@ -888,15 +879,12 @@ class TokenProvider:
         if not secret:
             return fail(TokenError(INVALID_CONFIGURATION, "empty refresh token or authorization code", host=_host(url)))
         key = exchange_key(url, destination.client_id, destination.client_secret, secret)
-        if destination.authentication == OAUTH2_REFRESH_TOKEN:
-            fetch = lambda: self.client.refresh_token(  # noqa: E731
-                url, destination.client_id, destination.client_secret, secret, destination.scope, tenant, destination.token_client_auth
-            )
-        else:
-            fetch = lambda: self.client.authorization_code(  # noqa: E731
-                url, destination.client_id, destination.client_secret, secret, None, tenant, destination.token_client_auth
-            )
-        return self.cache.get(key, fetch)
+        grant = REFRESH_TOKEN if destination.authentication == OAUTH2_REFRESH_TOKEN else AUTHORIZATION_CODE
+        return self.cache.get(key, lambda: self.client.exchange(
+            grant, url, destination.client_id, destination.client_secret, secret,
+            scope=destination.scope if grant == REFRESH_TOKEN else None, tenant=tenant,
+            client_auth=destination.token_client_auth,
+        ))
 
     def invalidate(self, destination: Destination, tenant: str | None = None, secret: str | None = None) -> None:
         """Forget the cached token (the upstream refused it)."""

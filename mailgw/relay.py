@@ -17,11 +17,10 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-log = Logger()
+from .relaycore import RelayCore, close_with_grace
+from .splice import SpliceRelay, splice_unusable
 
-#: How long a closing leg may take (a TLS leg waiting for the peer's close_notify, a
-#: splice relay delivering what it read) before it is aborted.
-CLOSE_GRACE = 5.0
+log = Logger()
 
 
 def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: float, sid: str,
@@ -39,7 +38,6 @@ def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: floa
     with a goodbye, write it to the application transport and call ``close()`` in the
     same reactor turn: both relays send it after the bytes already relayed.
     """
-    from .splice import SpliceRelay, splice_unusable  # splice imports this module
 
     why = splice_unusable(reactor, app_transport) or splice_unusable(reactor, upstream_transport)
     relay = None
@@ -59,7 +57,7 @@ def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: floa
     return relay
 
 
-class Relay:
+class Relay(RelayCore):
     """Relays two connected protocols' transports with Twisted's producer/consumer.
 
     The session routes each leg's ``dataReceived`` here (``from_app``,
@@ -67,23 +65,17 @@ class Relay:
     and ``bytes_to_app`` count the bytes handed to each leg.
     """
 
+    __slots__ = ("bytes_to_upstream", "bytes_to_app", "_write_up", "_write_app")
+
     def __init__(self, reactor: IReactorTime, app_transport, upstream_transport, *, idle_timeout: float, sid: str, on_idle=None):
-        self.reactor = reactor
-        self.app = app_transport
-        self.upstream = upstream_transport
-        self.sid = sid
-        self.idle_timeout = idle_timeout
-        self.on_idle = on_idle
-        self.closing = False
+        super().__init__(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, on_idle=on_idle)
         self.bytes_to_upstream = 0  # for mailgw_relay_bytes_total and the audit log
         self.bytes_to_app = 0
         self.app.registerProducer(self.upstream, True)
         self.upstream.registerProducer(self.app, True)
-        self._idle = reactor.callLater(idle_timeout, self._idle_expired)
         # Bound methods looked up once: these run for every chunk.
         self._write_up = self.upstream.write
         self._write_app = self.app.write
-        self._bump = self._idle.reset
 
     def from_app(self, data: bytes) -> None:
         self._write_up(data)
@@ -95,19 +87,12 @@ class Relay:
         self.bytes_to_app += len(data)
         self._bump(self.idle_timeout)
 
-    def _idle_expired(self) -> None:
-        log.info("session {sid}: no traffic for {seconds:.0f}s, closing", sid=self.sid, seconds=self.idle_timeout)
-        if self.on_idle is not None:
-            self.on_idle()
-        self.close()
-
     def close(self) -> None:
         """Close both legs once (after what was already written is flushed)."""
         if self.closing:
             return
         self.closing = True
-        if self._idle.active():
-            self._idle.cancel()
+        self._stop_idle_timer()
         # A transport with a registered producer waits for unregisterProducer before
         # it really closes; unregister first.
         for transport in (self.app, self.upstream):
@@ -121,21 +106,3 @@ class Relay:
             except Exception:  # pragma: no cover
                 pass
             close_with_grace(self.reactor, transport)
-
-
-def close_with_grace(reactor: IReactorTime, transport, grace: float = CLOSE_GRACE) -> None:
-    """``loseConnection`` and, if the transport is still open after ``grace``, abort it.
-
-    TLS ``loseConnection`` can wait forever for the peer's close_notify.
-    """
-    transport.loseConnection()
-    abort = getattr(transport, "abortConnection", None)
-    if abort is None:
-        return
-    reactor.callLater(grace, _abort_if_open, transport)
-
-
-def _abort_if_open(transport) -> None:
-    # Both TCP and TLS transports set ``disconnected`` once connectionLost ran.
-    if not getattr(transport, "disconnected", True):
-        transport.abortConnection()

@@ -42,7 +42,4 @@ class Settings:
     max_sessions_per_destination: int = 1000
     max_sessions_per_client: int = 100  # open sessions per client IP address
     max_token_requests: int = 8  # concurrent token requests, all destinations together
-    #: before release, reading from the application pauses while more replies than
-    #: this are unread (SPEC 9.6)
-    max_unread_replies: int = 65536
     hostname: str = "mailgw"

@@ -62,7 +62,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
-from .relay import CLOSE_GRACE, close_with_grace
+from .relaycore import CLOSE_GRACE, RelayCore, close_with_grace
 
 log = Logger()
 
@@ -286,7 +286,7 @@ class _Flushed:
         self.leg.transport.unregisterProducer()
 
 
-class SpliceRelay:
+class SpliceRelay(RelayCore):
     """Relays two plain socket transports with ``splice(2)``; the interface of ``Relay``.
 
     ``from_app``/``from_upstream`` send bytes the session holds (e.g. the leftover at
@@ -297,18 +297,11 @@ class SpliceRelay:
     """
 
     # Slots: a released session keeps one of these for as long as it lasts.
-    __slots__ = ("reactor", "app", "upstream", "sid", "idle_timeout", "on_idle", "closing", "state", "_grace",
-                 "_legs", "_pipes", "_to_up", "_to_app", "_ended_first", "_idle", "_bump", "_flushing")
+    __slots__ = ("state", "_grace", "_legs", "_pipes", "_to_up", "_to_app", "_ended_first", "_flushing")
 
     def __init__(self, reactor, app_transport, upstream_transport, *, idle_timeout: float, sid: str,
                  on_idle=None, pipe_size: int = PIPE_SIZE):
-        self.reactor = reactor
-        self.app = app_transport
-        self.upstream = upstream_transport
-        self.sid = sid
-        self.idle_timeout = idle_timeout
-        self.on_idle = on_idle
-        self.closing = False
+        super().__init__(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, on_idle=on_idle)
         self.state = SPLICING
         self._grace = None
         self._legs: tuple[_Leg, ...] = ()
@@ -323,6 +316,7 @@ class SpliceRelay:
             self._to_app = _Pipe(pipe_size)
             self._pipes += (self._to_app,)
         except OSError:
+            self._stop_idle_timer()
             self._release_fds()
             raise
         self._to_up.src, self._to_up.dst = app_leg, up_leg
@@ -332,8 +326,6 @@ class SpliceRelay:
         self._ended_first: _Leg | None = None
         for transport in (app_transport, upstream_transport):
             transport.stopReading()
-        self._idle = reactor.callLater(idle_timeout, self._idle_expired)
-        self._bump = self._idle.reset
         self._flushing: dict[_Leg, _Flushed] = {}
         for leg in self._legs:
             self._await_flush(leg)
@@ -368,8 +360,7 @@ class SpliceRelay:
         if self.closing:
             return
         self.closing = True
-        if self._idle.active():
-            self._idle.cancel()
+        self._stop_idle_timer()
         # Legs still flushing keep their bytes in Twisted's buffer, which loseConnection
         # writes out; nothing was spliced towards them.
         for flushed in self._flushing.values():
@@ -446,12 +437,6 @@ class SpliceRelay:
                 return False
         self._finish()
         return True
-
-    def _idle_expired(self) -> None:
-        log.info("session {sid}: no traffic for {seconds:.0f}s, closing", sid=self.sid, seconds=self.idle_timeout)
-        if self.on_idle is not None:
-            self.on_idle()
-        self.close()
 
     def _release_fds(self) -> None:
         for leg in self._legs:

@@ -244,12 +244,10 @@ def cr_key_of(obj: Mapping[str, Any]) -> tuple[str, str] | None:
 
 def route_of_service(obj: Mapping[str, Any]) -> Route | None:
     """The route of any managed Service, from its annotations (for cluster-wide reads)."""
-    if not is_managed(obj):
+    key = cr_key_of(obj)
+    if key is None:
         return None
-    ref = _annotations(obj).get(CR_ANNOTATION)
-    if not isinstance(ref, str) or "/" not in ref:
-        return None
-    namespace, _, name = ref.partition("/")
+    namespace, name = key
     tenant = _labels(obj).get(TENANT_LABEL) or None
     route = Route(namespace, name, tenant)
     meta = _meta(obj)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import enum
 
+from attrs import frozen
+
 from . import sasl
 from .actions import Close, ExchangeSecret, MisuseError, Release, SendToApp
 from .common import printable
@@ -52,51 +54,104 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+@frozen
 class Dialect:
-    """How one protocol writes the replies the shared dialogue needs.  ``tag`` is the
-    IMAP command tag (empty for SMTP and POP3)."""
+    """How one protocol words the replies of the shared dialogue: a template per reply.
 
-    #: the login command that carries SASL, in error texts ("AUTH" / "AUTHENTICATE")
-    AUTH_COMMAND = "AUTH"
+    Templates are ``str.format`` strings without the CRLF.  ``{tag}`` is the IMAP
+    command tag (empty for SMTP and POP3), ``{text}``, ``{why}`` and ``{what}`` are
+    explanations (made printable and bounded first), ``{caps}`` the capabilities the
+    application is told, ``{host}`` the gateway's host name, ``{limit}`` the line limit
+    and ``{challenge}`` a SASL challenge.
+    """
 
-    def greeting(self, machine: "AppSide") -> bytes:  # pragma: no cover - abstract
-        raise NotImplementedError
+    auth_command: str  # the login command that carries SASL, for error texts
+    greeting: str
+    refusal_permanent: str  # the greeting that refuses a session (upstream, limits)
+    refusal_transient: str
+    goodbye: str  # the gateway ends a session (drain, idle, dialogue deadline, upstream gone)
+    too_long: str
+    continuation: str
+    auth_done: str  # eager mode: the application's login, answered locally
+    auth_succeeded: str  # lazy mode: the upstream accepted the exchanged token
+    auth_refused: str  # lazy mode: refused; the application may try again
+    auth_unavailable: str  # lazy mode: the token service or the upstream may recover
+    auth_cancelled: str
+    auth_malformed: str
+    auth_without_token: str  # lazy mode: a command or mechanism that carries no secret
+
+    def reply(self, name: str, tag: bytes = b"", **values) -> bytes:
+        """The reply ``name`` (one of the templates above) filled in, as a CRLF-terminated
+        line."""
+        for key in ("text", "why"):
+            if key in values:
+                values[key] = safe_text(values[key]).decode("ascii")
+        text = getattr(self, name).format(tag=tag.decode("latin-1"), **values)
+        return text.encode("latin-1", "replace") + CRLF
 
     def refusal(self, text: str, permanent: bool = True) -> bytes:
-        """The greeting that refuses the session (upstream or limits)."""
-        return self.goodbye(text)
+        return self.reply("refusal_permanent" if permanent else "refusal_transient", text=text)
 
-    def goodbye(self, text: str) -> bytes:  # pragma: no cover - abstract
-        """What the application reads when the gateway ends a session (drain, idle,
-        dialogue deadline, upstream gone)."""
-        raise NotImplementedError
 
-    def too_long(self, limit: int) -> bytes:
-        return self.goodbye(f"command line too long (limit {limit} bytes)")
+# How each protocol words the replies of the shared dialogue, side by side.
 
-    def continuation(self, challenge: bytes) -> bytes:
-        return b"+ " + challenge + CRLF
+#: How SMTP words the replies of the shared dialogue (RFC 5321, RFC 4954): a refusal is
+#: 554 when retrying will not help, 421 when it may.
+SMTP_DIALECT = Dialect(
+    auth_command="AUTH",
+    greeting="220 {host} ESMTP mailgw ready",
+    refusal_permanent="554 5.3.0 mailgw: {text}",
+    refusal_transient="421 4.3.0 mailgw: {text}",
+    goodbye="421 4.3.2 mailgw: {text}",
+    too_long="500 5.5.6 mailgw: command line too long (limit {limit} bytes)",
+    continuation="334 {challenge}",
+    auth_done="235 2.7.0 Authentication successful",
+    auth_succeeded="235 2.7.0 Authentication successful",
+    auth_refused="535 5.7.8 mailgw: {text}",
+    auth_unavailable="454 4.7.0 mailgw: {text}",
+    auth_cancelled="501 5.7.0 Authentication cancelled",
+    auth_malformed="501 5.5.2 mailgw: malformed authentication response: {why}",
+    auth_without_token="504 5.5.4 mailgw: {what}",
+)
 
-    def auth_done(self, tag: bytes) -> bytes:  # pragma: no cover - abstract
-        """Eager mode: the application's login, answered locally."""
-        raise NotImplementedError
 
-    def auth_succeeded(self, tag: bytes, machine: "AppSide") -> bytes:
-        """Lazy mode: the upstream accepted the exchanged token."""
-        return self.auth_done(tag)
+#: How IMAP words the replies of the shared dialogue (RFC 3501, RFC 4959): it has only
+#: BYE to refuse a session or end one.
+IMAP_DIALECT = Dialect(
+    auth_command="AUTHENTICATE",
+    greeting="* OK [CAPABILITY {caps}] mailgw ready",
+    refusal_permanent="* BYE mailgw: {text}",
+    refusal_transient="* BYE mailgw: {text}",
+    goodbye="* BYE mailgw: {text}",
+    too_long="* BYE mailgw: command line too long (limit {limit} bytes)",
+    continuation="+ {challenge}",
+    auth_done="{tag} OK AUTHENTICATE completed",
+    auth_succeeded="{tag} OK [CAPABILITY {caps}] AUTHENTICATE completed",
+    auth_refused="{tag} NO [AUTHENTICATIONFAILED] mailgw: {text}",
+    auth_unavailable="{tag} NO [UNAVAILABLE] mailgw: {text}",
+    auth_cancelled="{tag} BAD AUTHENTICATE cancelled",
+    auth_malformed="{tag} BAD mailgw: malformed authentication response: {why}",
+    auth_without_token="{tag} NO [CANNOT] mailgw: {what}",
+)
 
-    def auth_refused(self, tag: bytes, text: bytes, transient: bool) -> bytes:  # pragma: no cover
-        raise NotImplementedError
 
-    def auth_cancelled(self, tag: bytes) -> bytes:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def auth_malformed(self, tag: bytes, why: str) -> bytes:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def auth_without_token(self, tag: bytes, what: bytes) -> bytes:  # pragma: no cover - abstract
-        """Lazy mode: a login command or mechanism that cannot carry the secret."""
-        raise NotImplementedError
+#: How POP3 words the replies of the shared dialogue (RFC 1939, RFC 5034, RFC 3206).
+POP3_DIALECT = Dialect(
+    auth_command="AUTH",
+    greeting="+OK mailgw ready",
+    refusal_permanent="-ERR mailgw: {text}",
+    refusal_transient="-ERR mailgw: {text}",
+    goodbye="-ERR mailgw: {text}",
+    too_long="-ERR mailgw: command line too long (limit {limit} bytes)",
+    continuation="+ {challenge}",
+    auth_done="+OK Logged in.",
+    auth_succeeded="+OK Logged in.",
+    auth_refused="-ERR [AUTH] mailgw: {text}",
+    auth_unavailable="-ERR [SYS/TEMP] mailgw: {text}",
+    auth_cancelled="-ERR Authentication cancelled",
+    auth_malformed="-ERR mailgw: malformed authentication response: {why}",
+    auth_without_token="-ERR [AUTH] mailgw: {what}",
+)
 
 
 class AppSide:
@@ -136,8 +191,12 @@ class AppSide:
         told, minus what the gateway owns (TLS, login)."""
         raise NotImplementedError  # pragma: no cover - every protocol has its own
 
+    def capability_text(self) -> str:
+        """The capabilities as the greeting and replies name them (IMAP)."""
+        return ""
+
     def greeting(self) -> bytes:
-        return self.dialect.greeting(self)
+        return self.dialect.reply("greeting", host=self.hostname, caps=self.capability_text())
 
     @property
     def buffered(self) -> int:
@@ -164,16 +223,20 @@ class AppSide:
         self._expect(Phase.WAITING)
         self.phase, self.authenticated = Phase.COMMAND, True
         self.set_capabilities(capabilities)
-        return [SendToApp(self.dialect.auth_succeeded(self._tag, self))] + self._process()
+        return [self._say("auth_succeeded", self._tag, caps=self.capability_text())] + self._process()
 
     def auth_refused(self, reason: str, transient: bool = False) -> list:
         """Lazy mode: the exchange or the upstream login failed; the application may try
         again (``transient``: the token service or the upstream may recover)."""
         self._expect(Phase.WAITING)
         self.phase = Phase.COMMAND
-        return [SendToApp(self.dialect.auth_refused(self._tag, safe_text(reason), transient))] + self._process()
+        return [self._say("auth_unavailable" if transient else "auth_refused", self._tag, text=reason)] + self._process()
 
     # -- the loop ----------------------------------------------------------------------
+
+    def _say(self, reply: str, tag: bytes = b"", **values) -> SendToApp:
+        """One of the dialect's replies (see :class:`Dialect`), as an action."""
+        return SendToApp(self.dialect.reply(reply, tag, **values))
 
     def _expect(self, *phases: Phase) -> None:
         if self.phase not in phases:
@@ -197,7 +260,7 @@ class AppSide:
             except LineTooLong:
                 self.phase = Phase.CLOSED
                 return actions + [
-                    SendToApp(self.dialect.too_long(self.max_line)),
+                    self._say("too_long", limit=self.max_line),
                     Close("application command line too long"),
                 ]
             if line is None:
@@ -225,7 +288,7 @@ class AppSide:
     def _close(self, text: str) -> list:
         """Close the session because of the application: one closing line, then Close."""
         self.phase = Phase.CLOSED
-        return [SendToApp(self.dialect.goodbye(text)), Close(f"application {text}")]
+        return [self._say("goodbye", text=text), Close(f"application {text}")]
 
     def _quit(self, reply: bytes, why: str = "application quit") -> list:
         self.phase = Phase.CLOSED
@@ -244,20 +307,20 @@ class AppSide:
             return self._auth_done()
         self._prompts = prompts
         self.phase = Phase.PROMPTS
-        return [SendToApp(self.dialect.continuation(self._prompts.pop(0)))]
+        return [self._say("continuation", challenge=self._prompts.pop(0).decode("ascii"))]
 
     def _prompt_answered(self, line: bytes) -> list:
         if line.strip() == b"*":
             self.phase = Phase.COMMAND
-            return [SendToApp(self.dialect.auth_cancelled(self._tag))]
+            return [self._say("auth_cancelled", self._tag)]
         if self._prompts:
-            return [SendToApp(self.dialect.continuation(self._prompts.pop(0)))]
+            return [self._say("continuation", challenge=self._prompts.pop(0).decode("ascii"))]
         return self._auth_done()
 
     def _auth_done(self) -> list:
         self.phase = Phase.COMMAND
         self.authenticated = True
-        return [SendToApp(self.dialect.auth_done(self._tag))]
+        return [self._say("auth_done", self._tag)]
 
     # -- lazy login: the secret the application presents ---------------------------------
 
@@ -266,26 +329,25 @@ class AppSide:
         self._tag = tag
         name = mechanism.upper().decode("ascii", "replace")
         if name not in BEARER_MECHANISMS:
-            what = b"this mechanism " + NO_TOKEN.format(auth=self.dialect.AUTH_COMMAND).encode("ascii")
-            return [SendToApp(self.dialect.auth_without_token(tag, what))]
+            return self._without_token(tag, b"this mechanism")
         self._mechanism = name
         if initial.strip():
             return self._bearer_response(initial)
         self.phase = Phase.BEARER
-        return [SendToApp(self.dialect.continuation(b""))]
+        return [self._say("continuation", challenge="")]
 
     def _bearer_response(self, response: bytes) -> list:
         self.phase = Phase.COMMAND
         if response.strip() == b"*":
-            return [SendToApp(self.dialect.auth_cancelled(self._tag))]
+            return [self._say("auth_cancelled", self._tag)]
         try:
             presented = sasl.decode_initial_response(self._mechanism, response)
         except sasl.SASLError as e:
-            return [SendToApp(self.dialect.auth_malformed(self._tag, str(e)))]
+            return [self._say("auth_malformed", self._tag, why=str(e))]
         self.phase = Phase.WAITING
         return [ExchangeSecret(self._mechanism, presented.user, presented.secret)]
 
     def _without_token(self, tag: bytes, verb: bytes) -> list:
         """Lazy mode: a login command that cannot carry the secret (USER, LOGIN, …)."""
-        what = verb + b" " + NO_TOKEN.format(auth=self.dialect.AUTH_COMMAND).encode("ascii")
-        return [SendToApp(self.dialect.auth_without_token(tag, what))]
+        what = verb.decode("ascii", "replace") + " " + NO_TOKEN.format(auth=self.dialect.auth_command)
+        return [self._say("auth_without_token", tag, what=what)]

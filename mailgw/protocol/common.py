@@ -20,6 +20,23 @@ def first_word(line: bytes) -> tuple[bytes, bytes]:
     return verb.upper(), rest.strip()
 
 
+def has_keyword(lines: tuple[str, ...], keyword: str) -> bool:
+    """True when a capability line (SMTP EHLO extension, POP3 CAPA line) starts with
+    ``keyword`` (case-insensitive)."""
+    return any(line.split(" ", 1)[0].upper() == keyword for line in lines)
+
+
+def keyword_arguments(lines: tuple[str, ...], keyword: str) -> set[str]:
+    """The upper-cased words after ``keyword`` on capability lines that start with it:
+    the mechanisms of SMTP's ``AUTH`` extension or POP3's ``SASL`` CAPA line."""
+    found: set[str] = set()
+    for line in lines:
+        words = line.upper().split()
+        if words and words[0] == keyword:
+            found.update(words[1:])
+    return found
+
+
 class UpstreamBuffer:
     """Bytes the upstream sends once it is ready but before release (kept, bounded).
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from .actions import ProtocolError, SendToApp, SendUpstream
-from .appside import BEARER_MECHANISMS, AppSide, Dialect, Phase, safe_text
+from .appside import BEARER_MECHANISMS, IMAP_DIALECT, AppSide, Phase
 from .common import first_word, printable
 from .credentials import Password
 from .lines import LineReader
@@ -94,8 +94,9 @@ def parse_capabilities(text: bytes) -> tuple[str, ...]:
     return tuple(printable(atom, 200) for atom in text.split() if atom)
 
 
-class ResponseReader:
-    """Splits upstream bytes into :class:`Response` values, one at a time.
+class ResponseReader(LineReader):
+    """A line reader that splits upstream bytes into :class:`Response` values, one at a
+    time.
 
     Literals (``{n}`` CRLF and n bytes) inside untagged data responses are consumed as
     they arrive, so the buffer never holds more than one line; a whole response (lines
@@ -103,32 +104,23 @@ class ResponseReader:
     """
 
     def __init__(self, max_line: int, max_response: int):
-        self.lines = LineReader(max_line)
+        super().__init__(max_line)
         self.max_response = max_response
         self._first: bytes | None = None
         self._size = 0
         self._literal_left = 0
 
-    def feed(self, data: bytes) -> None:
-        self.lines.feed(data)
-
-    def idle(self) -> bool:
-        """True when nothing at all is buffered or half read."""
-        return self._first is None and not len(self.lines)
-
-    def take_rest(self) -> bytes:
-        return self.lines.take_rest()
-
     def next(self) -> Response | None:
+        """The next complete response, or None; :class:`ProtocolError` when too long."""
         while True:
             if self._literal_left:
-                count = min(self._literal_left, len(self.lines))
+                count = min(self._literal_left, len(self))
                 if not count:
                     return None
-                self.lines.read_exactly(count)
+                self.read_exactly(count)
                 self._literal_left -= count
                 continue
-            line = self.lines.read_line()
+            line = self.read_line()
             if line is None:
                 return None
             self._size += len(line) + 2
@@ -203,7 +195,6 @@ class IMAPUpstream(UpstreamMachine):
 
     def __init__(self, *, max_line: int = 8192, **options):
         super().__init__(**options)  # see UpstreamMachine
-        self.capabilities: tuple[str, ...] = ()
         self._reader = ResponseReader(max_line, max(4 * max_line, 65536))
         self._preauth = False
         self._serial = 0
@@ -218,20 +209,10 @@ class IMAPUpstream(UpstreamMachine):
             Step.PING: lambda ok, response: self._pong(ok, str(response)),
         }
 
-    def _read(self, data: bytes) -> None:
-        self._reader.feed(data)
 
-    def _next_response(self) -> Response | None:
-        return self._reader.next()
 
-    def _take_rest(self) -> bytes:
-        return self._reader.take_rest()
 
-    def _reading(self) -> int:
-        return 0 if self._reader.idle() else max(1, len(self._reader.lines))
 
-    def capabilities_now(self) -> tuple[str, ...]:
-        return self.capabilities
 
     def _offered(self) -> set[str]:
         return {c[5:].upper() for c in self.capabilities if c.upper().startswith("AUTH=")}
@@ -245,19 +226,11 @@ class IMAPUpstream(UpstreamMachine):
         self._seen_caps = None
         return self._tag
 
-    def _command(self, step: Step, text: bytes) -> list:
-        self.step = step
-        return [SendUpstream(self._next_tag() + b" " + text + CRLF)]
+    def _tagged(self, text: bytes) -> bytes:
+        return self._next_tag() + b" " + text
 
-    def _after_starttls(self) -> list:
-        self.capabilities = ()  # RFC 3501 6.2.1: forget what was said in plaintext
-        return self._command(Step.CAPABILITIES, b"CAPABILITY")
 
-    def _send_starttls(self) -> list:
-        return self._command(Step.STARTTLS, b"STARTTLS")
 
-    def _send_ping(self) -> list:
-        return self._command(Step.PING, b"NOOP")
 
     def _send_sasl(self, start: SASLStart) -> list:
         command = b"AUTHENTICATE " + start.mechanism.encode("ascii")
@@ -268,8 +241,6 @@ class IMAPUpstream(UpstreamMachine):
                 self._steps.insert(0, start.initial)  # answers the first "+"
         return self._command(Step.LOGIN, command)
 
-    def _send_step(self, data: bytes) -> list:
-        return [SendUpstream(data + CRLF)]
 
     def _login(self) -> list:
         if self._preauth:
@@ -337,7 +308,7 @@ class IMAPUpstream(UpstreamMachine):
         self._preauth = response.status == b"PREAUTH"
         caps = response.capabilities()
         if caps is None:
-            return self._command(Step.CAPABILITIES, b"CAPABILITY")
+            return self._ask_capabilities()
         self.capabilities = caps
         return self._after_capabilities()
 
@@ -378,9 +349,6 @@ class IMAPUpstream(UpstreamMachine):
         caps = self._caps_from(response) if ok else None
         return self._ready(caps if caps is not None else self.capabilities)
 
-    def _ready(self, capabilities: tuple[str, ...]) -> list:
-        self.capabilities = capabilities
-        return super()._ready(capabilities)
 
 
 # ---------------------------------------------------------------------------------------
@@ -391,37 +359,6 @@ def _hidden(capability: str) -> bool:
     """Capabilities never advertised to the application: the gateway owns TLS and login."""
     upper = capability.upper()
     return upper in ("STARTTLS", "LOGINDISABLED", "SASL-IR", "IMAP4REV1") or upper.startswith("AUTH=")
-
-
-class IMAPDialect(Dialect):
-    """How IMAP writes the replies of the shared dialogue (RFC 3501, RFC 4959)."""
-
-    AUTH_COMMAND = "AUTHENTICATE"
-
-    def greeting(self, machine: AppSide) -> bytes:
-        return b"* OK [CAPABILITY " + machine.capability_text() + b"] mailgw ready" + CRLF
-
-    def goodbye(self, text: str) -> bytes:
-        return b"* BYE mailgw: " + safe_text(text) + CRLF  # also the refusal: IMAP has only BYE
-
-    def auth_done(self, tag: bytes) -> bytes:
-        return tag + b" OK AUTHENTICATE completed" + CRLF
-
-    def auth_succeeded(self, tag: bytes, machine: AppSide) -> bytes:
-        return tag + b" OK [CAPABILITY " + machine.capability_text() + b"] AUTHENTICATE completed" + CRLF
-
-    def auth_refused(self, tag: bytes, text: bytes, transient: bool) -> bytes:
-        code = b"[UNAVAILABLE]" if transient else b"[AUTHENTICATIONFAILED]"
-        return tag + b" NO " + code + b" mailgw: " + text + CRLF
-
-    def auth_cancelled(self, tag: bytes) -> bytes:
-        return tag + b" BAD AUTHENTICATE cancelled" + CRLF
-
-    def auth_malformed(self, tag: bytes, why: str) -> bytes:
-        return tag + b" BAD mailgw: malformed authentication response: " + safe_text(why) + CRLF
-
-    def auth_without_token(self, tag: bytes, what: bytes) -> bytes:
-        return tag + b" NO [CANNOT] mailgw: " + what + CRLF
 
 
 class IMAPAppSide(AppSide):
@@ -437,7 +374,7 @@ class IMAPAppSide(AppSide):
     other commands before authentication get ``BAD``.
     """
 
-    dialect = IMAPDialect()
+    dialect = IMAP_DIALECT
 
     def __init__(self, **kwargs):
         self._final = b""  # the answer to a locally answered command being read to its end
@@ -460,8 +397,8 @@ class IMAPAppSide(AppSide):
                 caps.append(cap)
         self.capabilities = tuple(caps) + extra
 
-    def capability_text(self) -> bytes:
-        return " ".join(self.capabilities).encode("ascii", "replace")
+    def capability_text(self) -> str:
+        return " ".join(self.capabilities)
 
     def _command(self, line: bytes) -> list:
         if not line.strip():
@@ -469,7 +406,7 @@ class IMAPAppSide(AppSide):
         tag, _, rest = line.partition(b" ")
         verb, arg = first_word(rest)
         if verb == b"CAPABILITY":
-            return [SendToApp(b"* CAPABILITY " + self.capability_text() + CRLF + tag + b" OK CAPABILITY completed" + CRLF)]
+            return [SendToApp(b"* CAPABILITY " + self.capability_text().encode("ascii", "replace") + CRLF + tag + b" OK CAPABILITY completed" + CRLF)]
         if verb == b"NOOP":
             return [SendToApp(tag + b" OK NOOP completed" + CRLF)]
         if verb == b"LOGOUT":

@@ -44,6 +44,11 @@ class LineReader:
             raise LineTooLong(f"line longer than {self.max_line} bytes")
         return line
 
+    def next(self) -> bytes | None:
+        """:meth:`read_line`, under the name every response reader of the upstream
+        machines answers to (a POP3 response is a line)."""
+        return self.read_line()
+
     def read_exactly(self, count: int) -> bytes | None:
         """``count`` raw bytes (an IMAP literal), or ``None`` until that many arrived."""
         if len(self._buffer) < count:

@@ -9,9 +9,9 @@ releases at the first other command.
 
 from __future__ import annotations
 
-from .actions import SendToApp, SendUpstream
-from .appside import BEARER_MECHANISMS, AppSide, Dialect, safe_text
-from .common import first_word, printable
+from .actions import SendToApp
+from .appside import BEARER_MECHANISMS, POP3_DIALECT, AppSide
+from .common import first_word, has_keyword, keyword_arguments, printable
 from .credentials import Password
 from .lines import LineReader
 from .refusal import Reason
@@ -33,20 +33,6 @@ def _is_continuation(line: bytes) -> bool:
     return line == b"+" or line.startswith(b"+ ")
 
 
-def sasl_mechanisms(capabilities: tuple[str, ...]) -> set[str]:
-    """The mechanisms of the ``SASL`` CAPA line (RFC 5034)."""
-    mechanisms: set[str] = set()
-    for line in capabilities:
-        words = line.upper().split()
-        if words and words[0] == "SASL":
-            mechanisms.update(words[1:])
-    return mechanisms
-
-
-def _has_capability(capabilities: tuple[str, ...], keyword: str) -> bool:
-    return any(line.split(" ", 1)[0].upper() == keyword for line in capabilities)
-
-
 class POP3Upstream(UpstreamMachine):
     """Drives the upstream POP3 session until it is authenticated.
 
@@ -56,11 +42,11 @@ class POP3Upstream(UpstreamMachine):
     """
 
     STARTTLS_VERB = "STLS"
+    CAPABILITY_COMMAND = b"CAPA"
 
     def __init__(self, *, max_line: int = 8192, **options):
         super().__init__(**options)  # see UpstreamMachine
-        self.capabilities: tuple[str, ...] = ()
-        self._lines = LineReader(max_line)
+        self._reader = LineReader(max_line)  # a response is a line
         self._capa_lines: list[bytes] | None = None  # not None while a CAPA list is read
         self._password: bytes = b""  # USER/PASS: what PASS sends
         self._on = {
@@ -75,45 +61,22 @@ class POP3Upstream(UpstreamMachine):
             Step.PING: lambda line: self._pong(_is_ok(line), printable(line)),
         }
 
-    def _read(self, data: bytes) -> None:
-        self._lines.feed(data)
 
-    def _next_response(self) -> bytes | None:
-        return self._lines.read_line()
 
     def _on_response(self, line: bytes) -> list:
         if self._capa_lines is not None:
             return self._on_capa_line(line)
-        handler = self._on.get(self.step)
-        if handler is None:
-            return self._fail(f"unexpected upstream response in step {self.step.value}")
-        return handler(line)
+        return super()._on_response(line)
 
-    def _take_rest(self) -> bytes:
-        return self._lines.take_rest()
 
-    def _reading(self) -> int:
-        return len(self._lines)
 
-    def capabilities_now(self) -> tuple[str, ...]:
-        return self.capabilities
 
     def _offered(self) -> set[str]:
-        return sasl_mechanisms(self.capabilities)
+        return keyword_arguments(self.capabilities, "SASL")  # RFC 5034
 
-    def _send(self, step: Step, command: bytes) -> list:
-        self.step = step
-        return [SendUpstream(command + CRLF)]
 
-    def _after_starttls(self) -> list:
-        self.capabilities = ()  # RFC 2595: what was said in plaintext no longer counts
-        return self._send(Step.CAPABILITIES, b"CAPA")
 
-    def _send_starttls(self) -> list:
-        return self._send(Step.STARTTLS, b"STLS")
 
-    def _send_ping(self) -> list:
-        return self._send(Step.PING, b"NOOP")
 
     def _send_sasl(self, start: SASLStart) -> list:
         command = b"AUTH " + start.mechanism.encode("ascii")
@@ -121,10 +84,8 @@ class POP3Upstream(UpstreamMachine):
             command += b" " + start.initial  # RFC 5034 initial response
             if start.mechanism == "PLAIN":
                 self._steps.insert(0, start.initial)  # a server that still asks gets it again
-        return self._send(Step.LOGIN, command)
+        return self._command(Step.LOGIN, command)
 
-    def _send_step(self, data: bytes) -> list:
-        return [SendUpstream(data + CRLF)]
 
     def _login_without_sasl(self, offered: set[str]) -> list:
         creds = self.credentials
@@ -136,13 +97,13 @@ class POP3Upstream(UpstreamMachine):
                 kind=Reason.AUTH,
             )
         self._password = creds.password.encode("utf-8")
-        return self._send(Step.USER, b"USER " + creds.user.encode("utf-8"))
+        return self._command(Step.USER, b"USER " + creds.user.encode("utf-8"))
 
     # -- lines -----------------------------------------------------------------------
 
     def _on_greeting(self, line: bytes) -> list:
         if _is_ok(line):
-            return self._send(Step.CAPABILITIES, b"CAPA")
+            return self._command(Step.CAPABILITIES, b"CAPA")
         if _is_err(line):
             return self._fail(f"upstream greeting refused: {printable(line)}", permanent=False, kind=Reason.CONNECT)
         return self._malformed("POP3 response", line)
@@ -171,7 +132,7 @@ class POP3Upstream(UpstreamMachine):
         if self.step is Step.CAPABILITIES_AFTER_LOGIN:
             return self._ready(capabilities if capabilities is not None else self.capabilities)
         self.capabilities = capabilities or ()
-        starttls = self._starttls_wanted(_has_capability(self.capabilities, "STLS"))
+        starttls = self._starttls_wanted(has_keyword(self.capabilities, "STLS"))
         return starttls if starttls is not None else self._login()
 
     def _on_stls(self, line: bytes) -> list:
@@ -181,7 +142,7 @@ class POP3Upstream(UpstreamMachine):
 
     def _on_auth(self, line: bytes) -> list:
         if _is_ok(line):
-            return self._send(Step.CAPABILITIES_AFTER_LOGIN, b"CAPA")
+            return self._command(Step.CAPABILITIES_AFTER_LOGIN, b"CAPA")
         if _is_continuation(line):
             return self._on_challenge(line[2:])
         if _is_err(line):
@@ -191,14 +152,14 @@ class POP3Upstream(UpstreamMachine):
     def _on_user(self, line: bytes) -> list:
         if _is_ok(line):
             password, self._password = self._password, b""
-            return self._send(Step.PASS, b"PASS " + password)
+            return self._command(Step.PASS, b"PASS " + password)
         if _is_err(line):
             return self._fail(f"upstream refused the user name: {printable(line)}", kind=Reason.AUTH)
         return self._malformed("POP3 response", line)
 
     def _on_pass(self, line: bytes) -> list:
         if _is_ok(line):
-            return self._send(Step.CAPABILITIES_AFTER_LOGIN, b"CAPA")
+            return self._command(Step.CAPABILITIES_AFTER_LOGIN, b"CAPA")
         if _is_err(line):
             return self._refused(printable(line))
         return self._malformed("POP3 response", line)
@@ -209,9 +170,6 @@ class POP3Upstream(UpstreamMachine):
             permanent=False,
         )
 
-    def _ready(self, capabilities: tuple[str, ...]) -> list:
-        self.capabilities = capabilities
-        return super()._ready(capabilities)
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,31 +177,6 @@ class POP3Upstream(UpstreamMachine):
 
 #: CAPA lines never shown to the application: the gateway owns TLS and login.
 _HIDDEN = ("STLS", "SASL", "USER")
-
-
-class POP3Dialect(Dialect):
-    """How POP3 writes the replies of the shared dialogue (RFC 1939, RFC 5034)."""
-
-    def greeting(self, machine: AppSide) -> bytes:
-        return b"+OK mailgw ready" + CRLF
-
-    def goodbye(self, text: str) -> bytes:
-        return b"-ERR mailgw: " + safe_text(text) + CRLF  # also the refusal
-
-    def auth_done(self, tag: bytes) -> bytes:
-        return b"+OK Logged in." + CRLF
-
-    def auth_refused(self, tag: bytes, text: bytes, transient: bool) -> bytes:
-        return b"-ERR " + (b"[SYS/TEMP]" if transient else b"[AUTH]") + b" mailgw: " + text + CRLF
-
-    def auth_cancelled(self, tag: bytes) -> bytes:
-        return b"-ERR Authentication cancelled" + CRLF
-
-    def auth_malformed(self, tag: bytes, why: str) -> bytes:
-        return b"-ERR mailgw: malformed authentication response: " + safe_text(why) + CRLF
-
-    def auth_without_token(self, tag: bytes, what: bytes) -> bytes:
-        return b"-ERR [AUTH] mailgw: " + what + CRLF
 
 
 def _listing(items) -> bytes:
@@ -261,7 +194,7 @@ class POP3AppSide(AppSide):
     get ``-ERR [AUTH] Authentication required``.
     """
 
-    dialect = POP3Dialect()
+    dialect = POP3_DIALECT
 
     def set_capabilities(self, capabilities: tuple[str, ...]) -> None:
         if not self.lazy:
@@ -299,7 +232,7 @@ class POP3AppSide(AppSide):
         if verb == b"USER":
             return [SendToApp(b"+OK" + CRLF)]
         if verb in (b"PASS", b"APOP"):
-            return [SendToApp(self.dialect.auth_done(b""))]
+            return [self._say("auth_done")]
         if verb == b"AUTH":
             if not arg:
                 return [SendToApp(_listing(("PLAIN",)))]

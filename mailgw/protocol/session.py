@@ -381,7 +381,7 @@ class SessionMachine:
         return self.failed(Refusal(reason, Reason.SHUTDOWN, permanent=False))
 
     def goodbye_bytes(self, text: str) -> bytes:
-        return families.dialect(self.family).goodbye(text)
+        return families.dialect(self.family).reply("goodbye", text=text)
 
     # -- routing the protocol machines' actions ------------------------------------------------
 

@@ -7,9 +7,9 @@ release: it greets, answers EHLO/HELO/AUTH locally and releases at the first oth
 
 from __future__ import annotations
 
-from .actions import ProtocolError, SendToApp, SendUpstream
-from .appside import BEARER_MECHANISMS, AppSide, Dialect, safe_text
-from .common import first_word, printable
+from .actions import ProtocolError, SendToApp
+from .appside import BEARER_MECHANISMS, SMTP_DIALECT, AppSide
+from .common import first_word, has_keyword, keyword_arguments, printable
 from .lines import LineReader
 from .refusal import Reason
 from .upstream import SASLStart, Step, UpstreamMachine
@@ -29,22 +29,20 @@ class Reply:
         return f"{self.code} {printable(self.lines[0] if self.lines else b'')}"
 
 
-class ReplyReader:
-    """Assembles SMTP replies from bytes, one at a time; bounded in line length and line
-    count.  Replies are taken one by one (:meth:`next`) so that what follows a reply is
-    read only once the reply was acted on: the same actions however TCP splits bytes."""
+class ReplyReader(LineReader):
+    """A line reader that assembles SMTP replies, one at a time; bounded in line length
+    and line count.  Replies are taken one by one (:meth:`next`) so that what follows a
+    reply is read only once the reply was acted on: the same actions however TCP splits
+    bytes."""
 
     def __init__(self, max_line: int):
-        self.lines = LineReader(max_line)
+        super().__init__(max_line)
         self._partial: list[bytes] = []
         self._code: int | None = None
 
-    def feed(self, data: bytes) -> None:
-        self.lines.feed(data)
-
     def next(self) -> Reply | None:
         """The next complete reply, or None; :class:`ProtocolError` when malformed."""
-        while (line := self.lines.read_line()) is not None:
+        while (line := self.read_line()) is not None:
             if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
                 raise ProtocolError(f"upstream sent a malformed SMTP reply: {printable(line, 80)}")
             code = int(line[:3])
@@ -66,19 +64,10 @@ def parse_ehlo(reply: Reply) -> tuple[str, ...]:
     return tuple(printable(line, 512) for line in reply.lines[1:] if line.strip())
 
 
-def _has_extension(extensions: tuple[str, ...], keyword: str) -> bool:
-    return any(ext.split(" ", 1)[0].upper() == keyword for ext in extensions)
-
-
 def auth_mechanisms(extensions: tuple[str, ...]) -> set[str]:
-    mechanisms: set[str] = set()
-    for ext in extensions:
-        words = ext.upper().split()
-        if words and words[0] == "AUTH":
-            mechanisms.update(words[1:])
-        elif words and words[0].startswith("AUTH="):  # pre-RFC 4954 servers
-            mechanisms.update([words[0][5:], *words[1:]])
-    return mechanisms
+    """The mechanisms of the AUTH extension, and of ``AUTH=`` (pre-RFC 4954 servers)."""
+    legacy = tuple(ext[5:] for ext in extensions if ext.upper().startswith("AUTH="))
+    return keyword_arguments(extensions, "AUTH") | {m for line in legacy for m in line.upper().split()}
 
 
 class SMTPUpstream(UpstreamMachine):
@@ -92,8 +81,7 @@ class SMTPUpstream(UpstreamMachine):
     def __init__(self, *, ehlo_name: str = "mailgw", max_line: int = 8192, **options):
         super().__init__(**options)  # see UpstreamMachine
         self.ehlo_name = ehlo_name.encode("ascii")
-        self.extensions: tuple[str, ...] = ()
-        self._replies = ReplyReader(max_line)
+        self._reader = ReplyReader(max_line)
         self._on = {
             Step.GREETING: self._on_greeting,
             Step.CAPABILITIES: self._on_ehlo,
@@ -104,78 +92,55 @@ class SMTPUpstream(UpstreamMachine):
             Step.PING: lambda reply: self._pong(reply.code == 250, str(reply)),
         }
 
-    def _read(self, data: bytes) -> None:
-        self._replies.feed(data)
 
-    def _next_response(self) -> Reply | None:
-        return self._replies.next()
 
-    def _on_response(self, reply: Reply) -> list:
-        handler = self._on.get(self.step)
-        if handler is None:
-            return self._fail(f"unexpected upstream reply in step {self.step.value}: {reply}")
-        return handler(reply)
 
-    def _take_rest(self) -> bytes:
-        return self._replies.lines.take_rest()
 
-    def _reading(self) -> int:
-        return len(self._replies.lines)
 
-    def capabilities_now(self) -> tuple[str, ...]:
-        return self.extensions
+
+    @property
+    def CAPABILITY_COMMAND(self) -> bytes:  # noqa: N802 - the base's class attribute
+        return b"EHLO " + self.ehlo_name
 
     def _offered(self) -> set[str]:
-        return auth_mechanisms(self.extensions)
+        return auth_mechanisms(self.capabilities)
 
-    def _ehlo(self) -> list:
-        self.step = Step.CAPABILITIES
-        return [SendUpstream(b"EHLO " + self.ehlo_name + CRLF)]
 
-    def _after_starttls(self) -> list:
-        self.extensions = ()  # RFC 3207: forget what was said in plaintext
-        return self._ehlo()
 
-    def _send_starttls(self) -> list:
-        return [SendUpstream(b"STARTTLS" + CRLF)]
 
-    def _send_ping(self) -> list:
-        return [SendUpstream(b"NOOP" + CRLF)]
 
     def _send_sasl(self, start: SASLStart) -> list:
         command = b"AUTH " + start.mechanism.encode("ascii")
         if start.initial is not None:
             command += b" " + start.initial
-        return [SendUpstream(command + CRLF)]
+        return self._command(Step.LOGIN, command)
 
-    def _send_step(self, data: bytes) -> list:
-        return [SendUpstream(data + CRLF)]
 
     # -- replies ---------------------------------------------------------------------
 
     def _on_greeting(self, reply: Reply) -> list:
         if reply.code != 220:
             return self._fail(f"upstream greeting refused: {reply}", permanent=reply.code >= 500, kind=Reason.CONNECT)
-        return self._ehlo()
+        return self._ask_capabilities()
 
     def _on_ehlo(self, reply: Reply) -> list:
         if reply.code != 250:
             if self.credentials is not None or self.lazy or self.starttls_required:
                 return self._fail(f"upstream refused EHLO: {reply}")
-            self.step = Step.HELO  # an old server without ESMTP, and nothing to negotiate
-            return [SendUpstream(b"HELO " + self.ehlo_name + CRLF)]
-        self.extensions = parse_ehlo(reply)
-        starttls = self._starttls_wanted(_has_extension(self.extensions, "STARTTLS"))
+            # an old server without ESMTP, and nothing to negotiate
+            return self._command(Step.HELO, b"HELO " + self.ehlo_name)
+        self.capabilities = parse_ehlo(reply)
+        starttls = self._starttls_wanted(has_keyword(self.capabilities, "STARTTLS"))
         return starttls if starttls is not None else self._login()
 
     def _on_helo(self, reply: Reply) -> list:
         if reply.code != 250:
             return self._fail(f"upstream refused HELO: {reply}")
-        return self._ready(self.extensions)
+        return self._ready(self.capabilities)
 
     def _on_auth(self, reply: Reply) -> list:
         if reply.code == 235:
-            return self._ready(self.extensions)
+            return self._ready(self.capabilities)
         if reply.code == 334:
             return self._on_challenge(reply.lines[0] if reply.lines else b"")
         return self._refused(str(reply))
@@ -184,41 +149,6 @@ class SMTPUpstream(UpstreamMachine):
         if reply.code == 421:
             return self._fail(f"upstream closed the session: {reply}", permanent=False, kind=Reason.CONNECT)
         return self._fail(f"unexpected upstream reply while waiting for the application to authenticate: {reply}")
-
-
-class SMTPDialect(Dialect):
-    """How SMTP writes the replies of the shared dialogue (RFC 5321, RFC 4954)."""
-
-    def greeting(self, machine: AppSide) -> bytes:
-        return b"220 " + machine.hostname.encode("ascii", "replace") + b" ESMTP mailgw ready" + CRLF
-
-    def refusal(self, text: str, permanent: bool = True) -> bytes:
-        # SPEC: 554 when retrying will not help, 421 when it may.
-        return (b"554 5.3.0 mailgw: " if permanent else b"421 4.3.0 mailgw: ") + safe_text(text) + CRLF
-
-    def goodbye(self, text: str) -> bytes:
-        return b"421 4.3.2 mailgw: " + safe_text(text) + CRLF
-
-    def too_long(self, limit: int) -> bytes:
-        return f"500 5.5.6 mailgw: command line too long (limit {limit} bytes)".encode("ascii") + CRLF
-
-    def continuation(self, challenge: bytes) -> bytes:
-        return b"334 " + challenge + CRLF
-
-    def auth_done(self, tag: bytes) -> bytes:
-        return b"235 2.7.0 Authentication successful" + CRLF
-
-    def auth_refused(self, tag: bytes, text: bytes, transient: bool) -> bytes:
-        return (b"454 4.7.0 mailgw: " if transient else b"535 5.7.8 mailgw: ") + text + CRLF
-
-    def auth_cancelled(self, tag: bytes) -> bytes:
-        return b"501 5.7.0 Authentication cancelled" + CRLF
-
-    def auth_malformed(self, tag: bytes, why: str) -> bytes:
-        return b"501 5.5.2 mailgw: malformed authentication response: " + safe_text(why) + CRLF
-
-    def auth_without_token(self, tag: bytes, what: bytes) -> bytes:
-        return b"504 5.5.4 mailgw: " + what + CRLF
 
 
 #: Extensions never advertised to the application: the gateway owns TLS and AUTH.
@@ -239,7 +169,7 @@ class SMTPAppSide(AppSide):
     commands get ``530 5.7.0 Authentication required``; after it, as in eager mode.
     """
 
-    dialect = SMTPDialect()
+    dialect = SMTP_DIALECT
 
     def set_capabilities(self, capabilities: tuple[str, ...]) -> None:
         auth = "AUTH " + " ".join(BEARER_MECHANISMS) if self.lazy else "AUTH PLAIN LOGIN"

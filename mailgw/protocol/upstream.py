@@ -4,8 +4,9 @@ The TLS policy, the life cycle (``start``, ``tls_established``, ``authenticate``
 lazy OAuth2 types, ``receive_eof``), the SASL login (which mechanism, what to send on
 each continuation, the bearer error challenge), the bytes that arrive after login, and
 how failures and refusals are reported.  Each protocol supplies how a response is read
-and what a command looks like: ``_feed()`` (bytes in, actions out, through ``self._on``),
-``_after_starttls()`` (ask for capabilities again), ``_offered()`` (the SASL mechanisms
+and what a command looks like: ``self._reader`` (a :class:`~mailgw.protocol.lines.LineReader`
+whose ``next()`` gives the next complete response, or None, and raises ProtocolError
+when it is malformed), ``_on_response()``, ``_after_starttls()`` (ask for capabilities again), ``_offered()`` (the SASL mechanisms
 on offer), ``_send_sasl()`` and ``_send_step()`` (the protocol's AUTH command and its
 continuation lines) and ``_login_without_sasl()`` (IMAP LOGIN, POP3 USER/PASS).
 """
@@ -16,11 +17,13 @@ import enum
 from attrs import field, frozen
 
 from . import sasl
-from .actions import LoginRefused, MisuseError, ProtocolError, StartTLS, UpstreamAwaitingLogin, UpstreamFailed, UpstreamReady
+from .actions import LoginRefused, MisuseError, ProtocolError, SendUpstream, StartTLS, UpstreamAwaitingLogin, UpstreamFailed, UpstreamReady
 from .common import UpstreamBuffer, printable
 from .lines import LineTooLong
 from .credentials import BearerToken, Credentials, Password
 from .refusal import Reason
+
+CRLF = b"\r\n"
 
 #: Plaintext after the STARTTLS go-ahead would be read as if it came through the TLS
 #: tunnel: a command/response-injection attack (CVE-2011-0411 and kin).
@@ -132,6 +135,9 @@ class UpstreamMachine:
         self.starttls_required = starttls_required and not implicit_tls
         self.credentials = credentials
         self.tls_active = False
+        #: what the server offers: SMTP EHLO extension lines, IMAP capability atoms,
+        #: POP3 CAPA lines (as ``str``)
+        self.capabilities: tuple[str, ...] = ()
         self.step = Step.NEW
         self._pending = UpstreamBuffer(self.PENDING_LIMIT)
         self._sasl: SASLStart | None = None
@@ -160,11 +166,11 @@ class UpstreamMachine:
             return self._fail(INJECTION, kind=Reason.TLS)
         if self.step is Step.NEW:
             return self._fail("upstream data before the session started")
-        self._read(data)
+        self._reader.feed(data)
         actions: list = []
         while True:
             try:
-                response = self._next_response()
+                response = self._reader.next()
             except LineTooLong as e:
                 return actions + self._fail(f"upstream sent a {e}")
             except ProtocolError as e:
@@ -172,12 +178,12 @@ class UpstreamMachine:
             if response is None:
                 return actions
             actions += self._on_response(response)
-            if self.step is Step.TLS_HANDSHAKE and self._reading():
+            if self.step is Step.TLS_HANDSHAKE and len(self._reader):
                 return actions + self._fail(INJECTION, kind=Reason.TLS)
             if self.step is Step.FAILED:
                 return actions
             if self.step is Step.READY:
-                return actions + self._keep_after_ready(self._take_rest())
+                return actions + self._keep_after_ready(self._reader.take_rest())
 
     def receive_eof(self) -> list:
         """The upstream closed the connection (before release)."""
@@ -217,6 +223,38 @@ class UpstreamMachine:
         self.step = Step.PING
         return self._send_ping()
 
+    def _command(self, step: Step, text: bytes) -> list:
+        """Send the command ``text`` and wait for its answer in ``step``."""
+        self.step = step
+        return [SendUpstream(self._tagged(text) + CRLF)]
+
+    def _tagged(self, text: bytes) -> bytes:
+        """The command line as sent (IMAP puts a fresh tag before it)."""
+        return text
+
+    def _send_step(self, data: bytes) -> list:
+        """A continuation line of a SASL exchange."""
+        return [SendUpstream(data + CRLF)]
+
+    def _ask_capabilities(self) -> list:
+        return self._command(Step.CAPABILITIES, self.CAPABILITY_COMMAND)
+
+    def _after_starttls(self) -> list:
+        self.capabilities = ()  # RFC 3207, 3501 6.2.1, 2595: forget what was said in plaintext
+        return self._ask_capabilities()
+
+    def _send_starttls(self) -> list:
+        return self._command(Step.STARTTLS, self.STARTTLS_VERB.encode("ascii"))
+
+    def _send_ping(self) -> list:
+        return self._command(Step.PING, b"NOOP")
+
+    def _on_response(self, response) -> list:
+        handler = self._on.get(self.step)
+        if handler is None:
+            return self._fail(f"unexpected upstream response in step {self.step.value}")
+        return handler(response)
+
     def _pong(self, ok: bool, reply: str) -> list:
         if not ok:
             return self._fail(f"upstream failed the health check: {reply}", permanent=False, kind=Reason.CONNECT)
@@ -227,7 +265,7 @@ class UpstreamMachine:
     def buffered(self) -> int:
         """Upstream bytes held: a partial response being read, plus what arrived after
         login (each bounded: ``max_line`` and :attr:`PENDING_LIMIT`)."""
-        return self._reading() + len(self._pending)
+        return len(self._reader) + len(self._pending)
 
     def take_pending(self) -> bytes:
         """Upstream bytes that arrived after login, for the application at release."""
@@ -281,11 +319,11 @@ class UpstreamMachine:
         offered = self._offered()
         if self.credentials is None:
             if not self.lazy:
-                return self._ready(self.capabilities_now())
+                return self._ready(self.capabilities)
             if not offered & set(BEARER_MECHANISMS):
                 return self._fail(no_mechanism(BearerToken("", ""), offered), kind=Reason.AUTH)
             self.step = Step.AWAITING_LOGIN
-            return [UpstreamAwaitingLogin(self.capabilities_now())]
+            return [UpstreamAwaitingLogin(self.capabilities)]
         self._token_status = None
         try:
             start = sasl_start(self.credentials, offered)
@@ -328,6 +366,7 @@ class UpstreamMachine:
         return [LoginRefused(reason)]
 
     def _ready(self, capabilities: tuple[str, ...]) -> list:
+        self.capabilities = capabilities
         self.step = Step.READY
         self.credentials = None  # not needed any more: keep secrets short-lived
         self.ready_capabilities = capabilities
@@ -342,46 +381,24 @@ class UpstreamMachine:
     # -- what each protocol supplies -----------------------------------------------------
 
     STARTTLS_VERB = "STARTTLS"
+    #: the command that asks for the capabilities (SMTP: EHLO with its name)
+    CAPABILITY_COMMAND = b"CAPABILITY"
 
-    def _read(self, data: bytes) -> None:  # pragma: no cover - abstract
-        """Buffer ``data`` in the protocol's response reader."""
-        raise NotImplementedError
 
-    def _next_response(self):  # pragma: no cover - abstract
-        """The next complete response (None: not yet); ProtocolError when malformed."""
-        raise NotImplementedError
 
-    def _on_response(self, response) -> list:  # pragma: no cover - abstract
-        raise NotImplementedError
 
-    def _take_rest(self) -> bytes:  # pragma: no cover - abstract
-        """Everything buffered and not yet read (kept for the application at release)."""
-        raise NotImplementedError
 
-    def capabilities_now(self) -> tuple[str, ...]:  # pragma: no cover - abstract
-        raise NotImplementedError
 
-    def _reading(self) -> int:  # pragma: no cover - abstract
-        """Bytes of a response not yet complete."""
-        raise NotImplementedError
 
     def _offered(self) -> set[str]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _send_starttls(self) -> list:  # pragma: no cover - abstract
-        raise NotImplementedError
 
-    def _send_ping(self) -> list:  # pragma: no cover - abstract
-        raise NotImplementedError
 
-    def _after_starttls(self) -> list:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def _send_sasl(self, start: SASLStart) -> list:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _send_step(self, data: bytes) -> list:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def _login_without_sasl(self, offered: set[str]) -> list:
         return self._fail(no_mechanism(self.credentials, offered), kind=Reason.AUTH)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -45,9 +45,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from .. import metrics
-from ..audit import body_size, send_audit_for
+from ..audit import SendAudit
 from .connection import SendConfig, SendError, send_message_deferred
-from .message import MessageError, SendRequest, parse_content_type
+from .message import MessageError, SendRequest, check_address, parse_content_type
 
 __all__ = [
     "BearerTokens",
@@ -202,6 +202,50 @@ class BearerTokens:
         for expected in self._digests:  # no early exit: every token costs the same
             match |= hmac.compare_digest(presented, expected)
         return None if match else 403
+
+
+# -- the audit line of a request (SPEC 9.3) ---------------------------------------------
+
+
+def recipient_count(addresses) -> int:
+    """How many distinct addresses (case-insensitively) are in ``addresses``."""
+    return len({a.strip().lower() for a in addresses if a and a.strip()})
+
+
+def body_size(request: Any) -> int:
+    """The size of a twisted.web request's body (read it before the request finishes:
+    Twisted drops the body then)."""
+    content = getattr(request, "content", None)
+    if content is None:
+        return 0
+    position = content.tell()
+    try:
+        return content.seek(0, 2)
+    finally:
+        content.seek(position)
+
+
+def send_audit_for(request: Any, answered: bool, when: float, size: int) -> SendAudit:
+    """The :class:`SendAudit` of a finished send API request (a twisted.web request
+    whose ``postpath`` is ``[destination, recipient?]``) whose body had ``size`` bytes;
+    ``answered`` is False when the client went away before the answer (status 499)."""
+    def texts(values) -> list[str]:
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values or ()]
+
+    path = texts(request.postpath)
+    headers = request.requestHeaders
+    named = path[1:2] + [v for h in (b"to", b"cc", b"bcc") for v in texts(headers.getRawHeaders(h))]
+    sender = None
+    given = texts(headers.getRawHeaders(b"from"))
+    if len(given) == 1:
+        try:
+            sender = check_address("From", given[0])
+        except MessageError:
+            pass  # not an address: nothing of it is written
+    return SendAudit(
+        time=when, destination=path[0] if path else "", from_=sender, recipients=recipient_count(named),
+        bytes=size, status=request.code if answered else 499,
+    )
 
 
 class SendResource(Resource):

@@ -245,6 +245,16 @@ def parse_content_type(value: str | None, header: str = "Content-Type"):
     return scratch.get_content_maintype(), scratch.get_content_subtype(), params
 
 
+def _encoded(header: str, text: str, charset: str) -> bytes:
+    """``text`` in ``charset``, or a MessageError naming what is wrong."""
+    try:
+        return text.encode(charset)
+    except LookupError:
+        raise MessageError(header, f"unknown charset {charset!r}") from None
+    except UnicodeEncodeError:
+        raise MessageError(header, f"the body cannot be encoded in charset {charset!r}") from None
+
+
 def _fill_part(part: MIMEPart, content: Union[str, bytes], content_type: str | None,
                header: str, default_type: str) -> None:
     """Set ``content`` into ``part`` following the text/bytes rules."""
@@ -258,26 +268,11 @@ def _fill_part(part: MIMEPart, content: Union[str, bytes], content_type: str | N
         )
     if isinstance(content, str):
         charset = params.pop("charset", None) or "us-ascii"
+        data = _encoded(header, content, charset)
         if maintype == "text":
-            try:
-                content.encode(charset)
-            except LookupError:
-                raise MessageError(header, f"unknown charset {charset!r}") from None
-            except UnicodeEncodeError:
-                raise MessageError(
-                    header, f"the body cannot be encoded in charset {charset!r}"
-                ) from None
             part.set_content(content, subtype=subtype, charset=charset, params=params)
             return
         # Text given for a non-text type: its bytes in the named charset.
-        try:
-            data = content.encode(charset)
-        except LookupError:
-            raise MessageError(header, f"unknown charset {charset!r}") from None
-        except UnicodeEncodeError:
-            raise MessageError(
-                header, f"the body cannot be encoded in charset {charset!r}"
-            ) from None
         params["charset"] = charset
     elif isinstance(content, (bytes, bytearray, memoryview)):
         data = bytes(content)

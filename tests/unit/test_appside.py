@@ -280,9 +280,9 @@ def test_refusal_and_goodbye_are_one_printable_line(p):
     assert dialect.refusal("destination x: boom", permanent=True) == p.refusal + b"destination x: boom\r\n"
     assert dialect.refusal("slow", permanent=False) == p.transient_refusal + b"slow\r\n"
     assert dialect.refusal("bad\r\nINJECT") == p.refusal + b"bad??INJECT\r\n"
-    assert dialect.goodbye("idle timeout") == p.goodbye + b"idle timeout\r\n"
-    assert dialect.goodbye("drain\r\nRCPT TO:<x@y>") == p.goodbye + b"drain??RCPT TO:<x@y>\r\n"
-    assert dialect.goodbye("é\r\n") == p.goodbye + b"????\r\n"
+    assert dialect.reply("goodbye", text="idle timeout") == p.goodbye + b"idle timeout\r\n"
+    assert dialect.reply("goodbye", text="drain\r\nRCPT TO:<x@y>") == p.goodbye + b"drain??RCPT TO:<x@y>\r\n"
+    assert dialect.reply("goodbye", text="é\r\n") == p.goodbye + b"????\r\n"
 
 
 # -- lazy OAuth2 types: the application presents its refresh token or code ---------------

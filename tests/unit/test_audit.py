@@ -15,7 +15,8 @@ from twisted.logger import globalLogPublisher
 from twisted.web.http_headers import Headers
 
 from mailgw import metrics
-from mailgw.audit import AuditLog, AuditOpenError, SendAudit, SessionAudit, body_size, from_config, send_audit_for
+from mailgw.audit import AuditLog, AuditOpenError, SendAudit, SessionAudit, from_config
+from mailgw.send.http import body_size, send_audit_for
 from mailgw.config import ConfigError, parse_config
 from mailgw.service import make_service
 

@@ -24,7 +24,7 @@ from mailgw.destination import (
     OAUTH2_REFRESH_TOKEN,
     Destination,
 )
-from mailgw.oauth import AccessToken, TokenCache, TokenError, TokenProvider
+from mailgw.oauth import AUTHORIZATION_CODE, REFRESH_TOKEN, AccessToken, TokenCache, TokenError, TokenProvider
 from support.reactor import in_reactor, wait_for
 
 CLIENT_ID = "mail-gateway"
@@ -97,7 +97,7 @@ def test_client_credentials_scope(reactor, svc, client):
 
 @pytest.mark.parametrize("client_auth", ["basic", "body"])
 def test_refresh_token_grant(reactor, svc, client, client_auth):
-    token = in_reactor(client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH, client_auth=client_auth)
+    token = in_reactor(client.exchange, REFRESH_TOKEN, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH, client_auth=client_auth)
     assert svc.username_for(token.access_token) == "alice@example.org"
     [record] = svc.requests
     assert record.grant_type == "refresh_token"
@@ -107,19 +107,19 @@ def test_refresh_token_grant(reactor, svc, client, client_auth):
 
 def test_authorization_code_grant_single_use(reactor, svc, client):
     svc.add_code("code-2", "bob", redirect_uri="https://app.example/cb")
-    token = in_reactor(client.authorization_code, svc.token_url, CLIENT_ID, CLIENT_SECRET, CODE)
+    token = in_reactor(client.exchange, AUTHORIZATION_CODE, svc.token_url, CLIENT_ID, CLIENT_SECRET, CODE)
     assert svc.username_for(token.access_token) == "alice@example.org"
     assert token.refresh_token  # the service returns one with this grant
-    assert expect_error(client.authorization_code, svc.token_url, CLIENT_ID, CLIENT_SECRET, CODE).error_code == "invalid_grant"
+    assert expect_error(client.exchange, AUTHORIZATION_CODE, svc.token_url, CLIENT_ID, CLIENT_SECRET, CODE).error_code == "invalid_grant"
     token = in_reactor(
-        client.authorization_code, svc.token_url, CLIENT_ID, CLIENT_SECRET, "code-2", redirect_uri="https://app.example/cb"
+        client.exchange, AUTHORIZATION_CODE, svc.token_url, CLIENT_ID, CLIENT_SECRET, "code-2", redirect_uri="https://app.example/cb"
     )
     assert svc.username_for(token.access_token) == "bob"
     assert svc.requests[-1].form["redirect_uri"] == "https://app.example/cb"
 
 
 def test_introspection(svc, reactor, client):
-    token = in_reactor(client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH)
+    token = in_reactor(client.exchange, REFRESH_TOKEN, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH)
     answer = requests.post(svc.introspection_url, data={"token": token.access_token}, timeout=5).json()
     assert answer["active"] is True and answer["username"] == "alice@example.org"
     assert requests.post(svc.introspection_url, data={"token": "nope"}, timeout=5).json() == {"active": False}
@@ -148,7 +148,7 @@ def test_wrong_client_secret(reactor, svc, client, client_auth):
 
 def test_revoked_refresh_token(reactor, svc, client):
     svc.revoke(REFRESH)
-    error = expect_error(client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH)
+    error = expect_error(client.exchange, REFRESH_TOKEN, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH)
     assert error.error_code == "invalid_grant"
     assert "invalid_grant" in str(error)
 
@@ -215,7 +215,7 @@ def test_error_description_is_redacted(reactor, client):
             return 400, {"error": "invalid_grant", "error_description": f"bad token {form.get('refresh_token')}\x00\n"}
 
     with Echo(clients={CLIENT_ID: CLIENT_SECRET}) as echo:
-        error = expect_error(client.refresh_token, echo.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH)
+        error = expect_error(client.exchange, REFRESH_TOKEN, echo.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH)
     assert error.error_code == "invalid_grant"
     assert "bad token ***" in str(error)
 
@@ -394,8 +394,8 @@ def test_secrets_never_leak(reactor, svc, make_client, events, caplog):
     ]
     errors = [
         expect_error(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET + "x"),
-        expect_error(client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH + "x"),
-        expect_error(client.authorization_code, svc.token_url, CLIENT_ID, CLIENT_SECRET, CODE),
+        expect_error(client.exchange, REFRESH_TOKEN, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH + "x"),
+        expect_error(client.exchange, AUTHORIZATION_CODE, svc.token_url, CLIENT_ID, CLIENT_SECRET, CODE),
     ]
     svc.garbage = f"<html>{CLIENT_SECRET}</html>".encode()
     errors.append(expect_error(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET))

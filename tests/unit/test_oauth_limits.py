@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.logger import formatEvent
 
 from tokenservice import TokenService
-from mailgw.oauth import MAX_RESPONSE_BYTES, TokenError, secret_forms
+from mailgw.oauth import MAX_RESPONSE_BYTES, REFRESH_TOKEN, TokenError, secret_forms
 from support.reactor import in_reactor
 from support.secretscan import Secret, assert_no_secrets
 
@@ -109,7 +109,7 @@ def test_echoed_credentials_are_redacted(reactor, svc, make_client, events, clie
     client = make_client(timeout=10)
     svc.echo_credentials = True
     before = counted("refresh_token", "refused")
-    error = failure_of(client.refresh_token, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH, client_auth=client_auth)
+    error = failure_of(client.exchange, REFRESH_TOKEN, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH, client_auth=client_auth)
     assert error.error_code == "invalid_client"
     assert counted("refresh_token", "refused") == before + 1
     text = str(error) + repr(error)

@@ -5,7 +5,8 @@ tests/integration/test_relay_sockets.py."""
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from mailgw.relay import CLOSE_GRACE, Relay, close_with_grace, make_relay
+from mailgw.relaycore import CLOSE_GRACE, close_with_grace
+from mailgw.relay import Relay, make_relay
 
 
 class Transport(StringTransport):

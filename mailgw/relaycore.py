@@ -1,0 +1,69 @@
+"""What both relays share (the Twisted one in :mod:`mailgw.relay`, the zero-copy one in
+:mod:`mailgw.splice`): the post-release idle timer, the closing state, and closing a
+connection that might never finish closing.
+
+A TLS ``loseConnection`` can wait forever for the peer's close_notify, and a plain one
+for a peer that never reads what is still buffered: every leg the gateway closes gets a
+deadline after which it is aborted.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+log = Logger(namespace="mailgw.relay")
+
+#: How long a closing leg may take (flushing, TLS close_notify) before it is aborted.
+CLOSE_GRACE = 5.0
+
+
+def close_with_grace(reactor: IReactorTime, transport, grace: float = CLOSE_GRACE) -> None:
+    """``loseConnection`` and, if the transport is still open after ``grace``, abort it.
+
+    TLS ``loseConnection`` can wait forever for the peer's close_notify.
+    """
+    transport.loseConnection()
+    abort = getattr(transport, "abortConnection", None)
+    if abort is None:
+        return
+    reactor.callLater(grace, _abort_if_open, transport)
+
+
+def _abort_if_open(transport) -> None:
+    # Both TCP and TLS transports set ``disconnected`` once connectionLost ran.
+    if not getattr(transport, "disconnected", True):
+        transport.abortConnection()
+
+
+class RelayCore:
+    """The part of a relay that is not about moving bytes: the two legs' transports,
+    the idle timer (reset by :meth:`_bump` on traffic) and the closing state.
+    Subclasses implement ``from_app``, ``from_upstream`` and ``close``."""
+
+    __slots__ = ("reactor", "app", "upstream", "sid", "idle_timeout", "on_idle", "closing", "_idle", "_bump")
+
+    def __init__(self, reactor: IReactorTime, app_transport, upstream_transport, *, idle_timeout: float, sid: str, on_idle=None):
+        self.reactor = reactor
+        self.app = app_transport
+        self.upstream = upstream_transport
+        self.sid = sid
+        self.idle_timeout = idle_timeout
+        self.on_idle = on_idle
+        self.closing = False
+        self._idle = reactor.callLater(idle_timeout, self._idle_expired)
+        # Bound once: it runs for every chunk.
+        self._bump = self._idle.reset
+
+    def close(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _idle_expired(self) -> None:
+        log.info("session {sid}: no traffic for {seconds:.0f}s, closing", sid=self.sid, seconds=self.idle_timeout)
+        if self.on_idle is not None:
+            self.on_idle()
+        self.close()
+
+    def _stop_idle_timer(self) -> None:
+        if self._idle.active():
+            self._idle.cancel()
