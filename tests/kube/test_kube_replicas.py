@@ -51,15 +51,21 @@ def replicas(fake, tmp_path):
         replica.close()
 
 
-def test_both_serve_one_writes_and_the_survivor_of_a_sigkill_takes_over(fake, replicas):
+def two_replicas(fake, replicas):
+    """gw-a and gw-b, both ready, and a CR ``first`` served: ``(a, b, leader, follower)``."""
     a, b = replicas("gw-a", "127.0.0.2"), replicas("gw-b", "127.0.0.3")
     a.wait_ready()
     b.wait_ready()
     holder = wait_for(lambda: lease_holder(fake), what="a leader")
-    leader, survivor = (a, b) if holder == "gw-a" else (b, a)
+    leader, follower = (a, b) if holder == "gw-a" else (b, a)
     fake.create("secrets", "apps", secret("first", refusing_destination("first")))
     fake.create("destinations", "apps", destination_cr(name="first", ref="first"))
     wait_condition(fake, "True", model.REASON_OK, name="first", timeout=20)
+    return a, b, leader, follower
+
+
+def test_both_serve_one_writes_and_the_survivor_of_a_sigkill_takes_over(fake, replicas):
+    a, b, leader, survivor = two_replicas(fake, replicas)
     port = recorded_port(fake, "apps", "first")
     for replica in (a, b):  # every replica serves the route (the gateway's own refusal)
         line = wait_for(lambda r=replica: _try_greeting(r.interface, port), what=f"{replica.identity} serving")
@@ -85,14 +91,7 @@ def _try_greeting(host, port):
 
 
 def test_a_leader_whose_lease_call_hangs_stops_writing_within_the_renew_deadline(fake, replicas):
-    a, b = replicas("gw-a", "127.0.0.2"), replicas("gw-b", "127.0.0.3")
-    a.wait_ready()
-    b.wait_ready()
-    holder = wait_for(lambda: lease_holder(fake), what="a leader")
-    leader, other = (a, b) if holder == "gw-a" else (b, a)
-    fake.create("secrets", "apps", secret("d", refusing_destination("d")))
-    fake.create("destinations", "apps", destination_cr(name="before", ref="d"))
-    wait_condition(fake, "True", model.REASON_OK, name="before", timeout=20)
+    _, _, leader, other = two_replicas(fake, replicas)
     assert fake.writes_by(leader.identity)
 
     # every Lease call of the leader now hangs (far longer than any deadline)
@@ -101,7 +100,7 @@ def test_a_leader_whose_lease_call_hangs_stops_writing_within_the_renew_deadline
     names = []
     while time.monotonic() < hung + RENEW_DEADLINE + LEASE_DURATION + 2:
         names.append(f"during-{len(names)}")
-        fake.create("destinations", "apps", destination_cr(name=names[-1], ref="d"))
+        fake.create("destinations", "apps", destination_cr(name=names[-1], ref="first"))
         time.sleep(0.25)
     for name in names:
         wait_condition(fake, "True", model.REASON_OK, name=name, timeout=LEASE_DURATION + 10)
