@@ -23,11 +23,15 @@ __all__ = ["in_reactor", "LogCapture", "start_gateway"]  # in_reactor: re-export
 
 
 class RunningGateway:
-    """A started gateway; ``address(i)`` is where listener ``i`` accepts."""
+    """A started gateway; ``address(i)`` is where listener ``i`` accepts, ``by_name`` where
+    the first listener of each destination does."""
 
-    def __init__(self, service, addresses):
+    def __init__(self, service, addresses, destinations=()):
         self.service = service
         self.addresses = addresses
+        self.by_name: dict[str, tuple[str, int]] = {}
+        for name, address in zip(destinations, addresses):
+            self.by_name.setdefault(name, address)
 
     @property
     def gateway(self):
@@ -66,7 +70,8 @@ def start_gateway(doc: dict[str, Any], base: Path | None = None, **service_kwarg
         return service.listening_ports().addCallback(lambda ports: (service, ports))
 
     service, ports = in_reactor(start)
-    return RunningGateway(service, [(p.getHost().host, p.getHost().port) for p in ports])
+    addresses = [(p.getHost().host, p.getHost().port) for p in ports]
+    return RunningGateway(service, addresses, [listener["destination"] for listener in doc["listeners"]])
 
 
 class LogCapture:

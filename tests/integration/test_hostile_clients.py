@@ -13,18 +13,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from support.clients import read_line
+from support.destinations import plain
 from support.gatewayprocess import GatewayProcess, free_port
 from support.reactor import wait_for
 
 MiB = 1024
-
-
-def _destination(name, protocol, port, **extra):
-    return {
-        "Name": name, "Type": "MAIL", "Authentication": extra.pop("Authentication", "NoAuthentication"),
-        "mail.transport.protocol": protocol, f"mail.{protocol}.host": "127.0.0.1", f"mail.{protocol}.port": str(port),
-        f"mail.{protocol}.starttls.enable": "false", **extra,
-    }
 
 
 def _sample(metrics: str, name: str, **labels) -> float:
@@ -56,8 +49,8 @@ def gateway(tmp_path_factory, smtp_sink, dovecot):
     ports = {name: free_port() for name in ("smtp", "imap")}
     config = {
         "destinations": [
-            _destination("sink", "smtp", smtp_sink.port),
-            _destination("mailbox", "imap4", dovecot.imap_port, Authentication="BasicAuthentication",
+            plain("sink", "smtp", smtp_sink.port),
+            plain("mailbox", "imap4", dovecot.imap_port, Authentication="BasicAuthentication",
                          **{"mail.user": "alice", "mail.password": "secret"}),
         ],
         "listeners": [
@@ -99,7 +92,7 @@ def test_a_trickling_client_meets_the_dialogue_deadline(tmp_path, smtp_sink):
     application trickles bytes (each byte resets the idle timer)."""
     port = free_port()
     config = {
-        "destinations": [_destination("sink", "smtp", smtp_sink.port)],
+        "destinations": [plain("sink", "smtp", smtp_sink.port)],
         "listeners": [{"destination": "sink", "listen": f"tcp:{port}:interface=127.0.0.1"}],
         "timeouts": {"dialogue": 2, "idle": 1},
     }
@@ -132,7 +125,7 @@ def test_sessions_per_client_address_are_limited(tmp_path, smtp_sink):
     are still served."""
     port = free_port()
     config = {
-        "destinations": [_destination("sink", "smtp", smtp_sink.port)],
+        "destinations": [plain("sink", "smtp", smtp_sink.port)],
         "listeners": [{"destination": "sink", "listen": f"tcp:{port}:interface=127.0.0.1"}],
         "limits": {"maxSessionsPerClient": 3},
     }
@@ -180,7 +173,7 @@ def test_too_much_before_the_greeting_is_refused_once(tmp_path):
     port = free_port()
     with _SilentServer() as upstream:
         config = {
-            "destinations": [_destination("stuck", "smtp", upstream.port)],
+            "destinations": [plain("stuck", "smtp", upstream.port)],
             "listeners": [{"destination": "stuck", "listen": f"tcp:{port}:interface=127.0.0.1"}],
             "limits": {"maxLine": 1000},
         }

@@ -16,19 +16,14 @@ from support.clients import pop3_reads_the_seeded_message
 from support.skips import require_or_skip
 
 import realservers
+from support import destinations
 from gatewayharness import LogCapture, start_gateway
 
 PASSWORDS = realservers.DEFAULT_USERS
 
 
 def dest(name, protocol, port, certs, user="alice", **extra):
-    d = {
-        "Name": name, "Type": "MAIL", "ProxyType": "Internet", "Authentication": "BasicAuthentication",
-        "mail.transport.protocol": protocol, f"mail.{protocol}.host": "localhost", f"mail.{protocol}.port": str(port),
-        "mail.user": user, "mail.password": PASSWORDS.get(user, "x"), "TrustStoreLocation": str(certs.ca_pem),
-    }
-    d.update(extra)
-    return d
+    return destinations.mail(name, protocol, port, user=user, password=PASSWORDS.get(user, "x"), ca=certs.ca_pem, **extra)
 
 
 def mail(subject, body=b"body line\r\n"):
@@ -51,7 +46,6 @@ def gw(dovecot, certs, reactor, tmp_path_factory):
         dest("pop3-closed", "pop3", realservers.free_port(), certs),
     ]
     running = start_gateway({"destinations": destinations}, tmp_path_factory.mktemp("gw"))
-    running.by_name = {d["Name"]: running.address(i) for i, d in enumerate(destinations)}
     yield running
     running.stop()
 

@@ -89,7 +89,6 @@ def gw(oauth_dovecot, certs, tokens, reactor, tmp_path_factory):
         oauth_dest("rt-down-pop3s", RT, "pop3s", dv.pop3s_port, certs, tokens, tokenServiceURL=down),
     ]
     running = start_gateway({"destinations": destinations}, tmp_path_factory.mktemp("gw-oauth"))
-    running.by_name = {d["Name"]: running.address(i) for i, d in enumerate(destinations)}
     yield running
     running.stop()
 

@@ -21,6 +21,7 @@ import uuid
 import pytest
 
 import realservers
+from support.destinations import mail
 from gatewayharness import LogCapture, start_gateway
 from support.clients import imap_reads_the_seeded_message, pop3_reads_the_seeded_message, smtp_reply
 from mailgw.config import ConfigError, parse_config
@@ -55,13 +56,7 @@ TARGET = _target_host()
 
 
 def dest(name, protocol, port, certs, *, proxy_type="OnPremise", **extra):
-    d = {
-        "Name": name, "Type": "MAIL", "ProxyType": proxy_type, "Authentication": "BasicAuthentication",
-        "mail.transport.protocol": protocol, f"mail.{protocol}.host": TARGET, f"mail.{protocol}.port": str(port),
-        "mail.user": "alice", "mail.password": ALICE_PASSWORD, "TrustStoreLocation": str(certs.ca_pem),
-    }
-    d.update(extra)
-    return {k: v for k, v in d.items() if v is not None}
+    return mail(name, protocol, port, host=TARGET, ca=certs.ca_pem, ProxyType=proxy_type, **extra)
 
 
 def smtp_destinations(postfix, certs, **extra):
@@ -234,7 +229,6 @@ def gateways(request, postfix, dovecot, certs, reactor, tmp_path_factory, tokens
                 {"destinations": destinations, "connectivityProxy": proxy_config(kinds[name], proxy, tokens)},
                 tmp_path_factory.mktemp("gw"),
             )
-            running.by_name = {d["Name"]: running.address(i) for i, d in enumerate(destinations)}
             started[name] = running
         yield started
     finally:
@@ -378,7 +372,6 @@ REPLY_WORDS = {
 
 def start(gateway_factory, destinations, **doc):
     running = gateway_factory({"destinations": destinations, **doc})
-    running.by_name = {d["Name"]: running.address(i) for i, d in enumerate(destinations)}
     return running
 
 

@@ -16,19 +16,14 @@ from support.clients import smtp_reply
 from support.skips import require_or_skip
 
 import realservers
+from support.destinations import mail
 from gatewayharness import LogCapture
 
 ALICE_PASSWORD = "secret"  # realservers.DEFAULT_USERS
 
 
 def dest(name, protocol, port, certs, **extra):
-    d = {
-        "Name": name, "Type": "MAIL", "ProxyType": "Internet", "Authentication": "BasicAuthentication",
-        "mail.transport.protocol": protocol, f"mail.{protocol}.host": "localhost", f"mail.{protocol}.port": str(port),
-        "mail.user": "alice", "mail.password": ALICE_PASSWORD, "TrustStoreLocation": str(certs.ca_pem),
-    }
-    d.update(extra)
-    return {k: v for k, v in d.items() if v is not None}
+    return mail(name, protocol, port, ca=certs.ca_pem, **extra)
 
 
 def marker():
@@ -58,7 +53,6 @@ def gw(postfix, certs, smtp_sink, reactor, tmp_path_factory):
         dest("closed", "smtp", realservers.free_port(), certs),
     ]
     running = gatewayharness.start_gateway({"destinations": destinations}, tmp_path_factory.mktemp("gw"))
-    running.by_name = {d["Name"]: running.address(i) for i, d in enumerate(destinations)}
     yield running
     running.stop()
 

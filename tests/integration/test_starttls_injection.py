@@ -9,6 +9,8 @@ import threading
 
 import pytest
 
+from support.destinations import mail
+
 
 class HostileServer:
     """Answers just enough of the protocol to reach STARTTLS, then injects."""
@@ -43,12 +45,9 @@ class HostileServer:
                 pass
 
 
-def smtp_answer(line):
-    if line.upper().startswith(b"EHLO"):
-        return b"250-hostile\r\n250 STARTTLS\r\n"
-    if line.upper().startswith(b"STARTTLS"):
-        return b"220 go ahead\r\n250 injected\r\n"
-    return b"500 what\r\n"
+def answering(replies: dict[bytes, bytes], otherwise: bytes):
+    """What the server says to a line: the reply to its command word, else ``otherwise``."""
+    return lambda line: replies.get(line.split(b" ", 1)[0].strip().upper(), otherwise)
 
 
 def imap_answer(line):
@@ -60,30 +59,23 @@ def imap_answer(line):
     return tag + b" BAD what\r\n"
 
 
-def pop3_answer(line):
-    if line.upper().startswith(b"CAPA"):
-        return b"+OK\r\nSTLS\r\nUSER\r\n.\r\n"
-    if line.upper().startswith(b"STLS"):
-        return b"+OK begin TLS\r\n+OK injected\r\n"
-    return b"-ERR what\r\n"
-
-
 @pytest.mark.parametrize(
     "protocol, greeting, answer, refusal",
     [
-        ("smtp", b"220 hostile ESMTP\r\n", smtp_answer, b"554"),
+        ("smtp", b"220 hostile ESMTP\r\n", answering({
+            b"EHLO": b"250-hostile\r\n250 STARTTLS\r\n", b"STARTTLS": b"220 go ahead\r\n250 injected\r\n",
+        }, b"500 what\r\n"), b"554"),
         ("imap4", b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hostile\r\n", imap_answer, b"* BYE"),
-        ("pop3", b"+OK hostile\r\n", pop3_answer, b"-ERR"),
+        ("pop3", b"+OK hostile\r\n", answering({
+            b"CAPA": b"+OK\r\nSTLS\r\nUSER\r\n.\r\n", b"STLS": b"+OK begin TLS\r\n+OK injected\r\n",
+        }, b"-ERR what\r\n"), b"-ERR"),
     ],
 )
 def test_injection_after_starttls_go_ahead_aborts(certs, gateway_factory, protocol, greeting, answer, refusal):
     with HostileServer(greeting, answer) as server:
-        running = gateway_factory({"destinations": [{
-            "Name": "hostile", "Type": "MAIL", "Authentication": "BasicAuthentication",
-            "mail.transport.protocol": protocol, f"mail.{protocol}.host": "localhost",
-            f"mail.{protocol}.port": str(server.port), "mail.user": "u", "mail.password": "p",
-            "TrustStoreLocation": str(certs.ca_pem),
-        }]})
+        running = gateway_factory({"destinations": [
+            mail("hostile", protocol, server.port, user="u", password="p", ca=certs.ca_pem),
+        ]})
         with socket.create_connection(running.address(), timeout=30) as sock:
             line = sock.makefile("rb").readline()
     assert line.startswith(refusal) and b"STARTTLS injection" in line, line

@@ -9,7 +9,7 @@ import poplib
 import pytest
 from prometheus_client import REGISTRY
 
-import realservers
+from support.destinations import mail
 from gatewayharness import start_gateway
 from mailgw.destination import parse_destination
 from mailgw.protocol.session import Phase
@@ -19,12 +19,7 @@ from support.reactor import in_reactor, wait_for
 
 
 def dest(name, protocol, port, certs, **extra):
-    return {
-        "Name": name, "Type": "MAIL", "Authentication": "BasicAuthentication",
-        "mail.transport.protocol": protocol, f"mail.{protocol}.host": "localhost", f"mail.{protocol}.port": str(port),
-        "mail.user": "alice", "mail.password": realservers.DEFAULT_USERS["alice"], "TrustStoreLocation": str(certs.ca_pem),
-        **extra,
-    }
+    return mail(name, protocol, port, ca=certs.ca_pem, **extra)
 
 
 def pool_status(gw, name):
