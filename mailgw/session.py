@@ -192,7 +192,8 @@ class GatewaySession(Protocol):
     def _upstream_lost(self, reason: Failure | None):
         self._upstream = None
         if self.relay is not None:
-            log.debug("session {sid} closed by the upstream", sid=self.sid)
+            if self.gateway.debug:
+                log.debug("session {sid} closed by the upstream", sid=self.sid)
             self.relay.close()
             return
         refusal = None
@@ -245,7 +246,8 @@ class GatewaySession(Protocol):
         elif isinstance(action, Refused):
             self.gateway.session_refused(self, action.refusal)
         elif isinstance(action, Log):
-            log.emit(_LEVELS[action.level], "session {sid}: {message}", sid=self.sid, message=action.message)
+            if action.level != "debug" or self.gateway.debug:
+                log.emit(_LEVELS[action.level], "session {sid}: {message}", sid=self.sid, message=action.message)
         elif isinstance(action, StartRelay):
             self._release(action)
         elif isinstance(action, Warmed):
@@ -323,7 +325,8 @@ class GatewaySession(Protocol):
         self.gateway.session_milestone(self, name)
 
     def _release(self, action: StartRelay) -> None:
-        log.debug("session {sid} released", sid=self.sid)
+        if self.gateway.debug:
+            log.debug("session {sid} released", sid=self.sid)
         # From now on the relay (make_relay: splice or Twisted) owns both transports.
         self.transport.unregisterProducer()
         self.transport.resumeProducing()
