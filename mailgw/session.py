@@ -263,7 +263,14 @@ class GatewaySession(Protocol):
         """Call ``function`` (maybe returning a Deferred) and feed its outcome to the
         machine: ``then(result)``, or ``failed(refusal)`` (default: the session's set-up
         failed)."""
-        d = defer.maybeDeferred(function, *args)
+        try:
+            d = function(*args)
+        except Exception:
+            self._failed(Failure(), failed)
+            return
+        if not isinstance(d, defer.Deferred):  # an answer at once (a static source)
+            self._run(then(d))
+            return
         if d.called:  # a cache hit: no need to track it
             d.addCallbacks(lambda result: self._run(then(result)), lambda f: self._failed(f, failed))
             return
