@@ -26,7 +26,9 @@ class DiscardingSink(realservers.SMTPSink):
 
 def main():
     port, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    sink = DiscardingSink(auth={user: password}, auth_required=False, port=port, data_size_limit=1 << 30)
+    # A large backlog: the memory section opens a thousand sessions at once, and the
+    # gateway (backlog 1024) connects upstream for each.
+    sink = DiscardingSink(auth={user: password}, auth_required=False, port=port, data_size_limit=1 << 30, backlog=4096)
     sink.start()
     print("ready", flush=True)
     try:

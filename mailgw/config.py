@@ -104,6 +104,9 @@ class LoggingConfig:
     """``logging`` (SPEC 9.4)."""
 
     format: str = "text"  # text | json
+    #: ``debug`` adds a line for every step of every session (connect, greet, release,
+    #: close); the default ``info`` keeps sessions to warnings and the audit log
+    level: str = "info"
 
 
 @frozen
@@ -323,12 +326,14 @@ def _audit(raw: Any, origin: str, base: Path) -> AuditConfig | None:
 def _logging(raw: Any, origin: str) -> LoggingConfig:
     if raw is None:
         return LoggingConfig()
-    if not isinstance(raw, Mapping) or set(raw) - {"format"}:
-        raise ConfigError(f"{origin}: logging: must be a mapping with the key format")
-    log_format = raw.get("format", "text")
+    if not isinstance(raw, Mapping) or set(raw) - {"format", "level"}:
+        raise ConfigError(f"{origin}: logging: must be a mapping with the keys format and level")
+    log_format, level = raw.get("format", "text"), raw.get("level", "info")
     if log_format not in ("text", "json"):
         raise ConfigError(f"{origin}: logging, key 'format': must be text or json, not {log_format!r}")
-    return LoggingConfig(format=log_format)
+    if level not in ("info", "debug"):
+        raise ConfigError(f"{origin}: logging, key 'level': must be info or debug, not {level!r}")
+    return LoggingConfig(format=log_format, level=level)
 
 
 _TOP_LEVEL = {

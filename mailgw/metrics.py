@@ -65,3 +65,41 @@ BUILD_INFO.labels(__version__).set(1)
 AUDIT_DROPPED = Counter(
     "mailgw_audit_dropped_total", "Audit records not written: the writer fell behind or the file failed"
 )
+
+
+class DestinationMetrics:
+    """The labelled children of one destination's session metrics, looked up once:
+    ``labels()`` is a dictionary look-up under a lock, and a session used a dozen."""
+
+    def __init__(self, destination: str):
+        self.destination = destination
+        self.accepted = SESSIONS_ACCEPTED.labels(destination)
+        self.active = SESSIONS_ACTIVE.labels(destination)
+        self._relayed: dict = {}
+        self._refused: dict = {}
+        self._durations: dict = {}
+        self._phases: dict = {}
+
+    def relay_bytes(self, direction: str):
+        child = self._relayed.get(direction)
+        if child is None:
+            child = self._relayed[direction] = RELAY_BYTES.labels(self.destination, direction)
+        return child
+
+    def refused(self, reason: str):
+        child = self._refused.get(reason)
+        if child is None:
+            child = self._refused[reason] = SESSIONS_REFUSED.labels(self.destination, reason)
+        return child
+
+    def duration(self, outcome: str):
+        child = self._durations.get(outcome)
+        if child is None:
+            child = self._durations[outcome] = SESSION_DURATION.labels(self.destination, outcome)
+        return child
+
+    def upstream(self, phase: str):
+        child = self._phases.get(phase)
+        if child is None:
+            child = self._phases[phase] = UPSTREAM_SECONDS.labels(self.destination, phase)
+        return child

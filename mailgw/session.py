@@ -192,7 +192,8 @@ class GatewaySession(Protocol):
     def _upstream_lost(self, reason: Failure | None):
         self._upstream = None
         if self.relay is not None:
-            log.debug("session {sid} closed by the upstream", sid=self.sid)
+            if self.gateway.debug:
+                log.debug("session {sid} closed by the upstream", sid=self.sid)
             self.relay.close()
             return
         refusal = None
@@ -245,7 +246,8 @@ class GatewaySession(Protocol):
         elif isinstance(action, Refused):
             self.gateway.session_refused(self, action.refusal)
         elif isinstance(action, Log):
-            log.emit(_LEVELS[action.level], "session {sid}: {message}", sid=self.sid, message=action.message)
+            if action.level != "debug" or self.gateway.debug:
+                log.emit(_LEVELS[action.level], "session {sid}: {message}", sid=self.sid, message=action.message)
         elif isinstance(action, StartRelay):
             self._release(action)
         elif isinstance(action, Warmed):
@@ -261,7 +263,14 @@ class GatewaySession(Protocol):
         """Call ``function`` (maybe returning a Deferred) and feed its outcome to the
         machine: ``then(result)``, or ``failed(refusal)`` (default: the session's set-up
         failed)."""
-        d = defer.maybeDeferred(function, *args)
+        try:
+            d = function(*args)
+        except Exception:
+            self._failed(Failure(), failed)
+            return
+        if not isinstance(d, defer.Deferred):  # an answer at once (a static source)
+            self._run(then(d))
+            return
         if d.called:  # a cache hit: no need to track it
             d.addCallbacks(lambda result: self._run(then(result)), lambda f: self._failed(f, failed))
             return
@@ -323,7 +332,8 @@ class GatewaySession(Protocol):
         self.gateway.session_milestone(self, name)
 
     def _release(self, action: StartRelay) -> None:
-        log.debug("session {sid} released", sid=self.sid)
+        if self.gateway.debug:
+            log.debug("session {sid} released", sid=self.sid)
         # From now on the relay (make_relay: splice or Twisted) owns both transports.
         self.transport.unregisterProducer()
         self.transport.resumeProducing()

@@ -284,7 +284,7 @@ def test_twistd_json_logs_and_audit_on_stdout(tmp_path, auth_sink):
         )],
         "listeners": [{"destination": "office", "listen": f"tcp:{port}:interface=127.0.0.1"}],
         "http": {"listen": f"tcp:{http_port}:interface=127.0.0.1", "send": {"tokens": [{"file": "send-token"}]}},
-        "logging": {"format": "json"},
+        "logging": {"format": "json", "level": "debug"},  # every session step, with its sid
         "audit": {"path": "-"},
     }
     write_config(tmp_path / "gateway.yaml", config)

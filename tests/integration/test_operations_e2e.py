@@ -107,7 +107,7 @@ def run(tmp_path_factory, certs, smtp_sink):
             "http": {"listen": f"tcp:{http_port}:interface=127.0.0.1", "send": {"tokens": [{"file": "send-token"}]}},
             "limits": {"maxSessionsPerDestination": 1},
             "audit": {"path": "audit.jsonl"},
-            "logging": {"format": "json"},
+            "logging": {"format": "json", "level": "debug"},  # every session step, with its sid
         }))
         base = f"http://127.0.0.1:{http_port}"
         env = dict(os.environ, OAUTHLIB_INSECURE_TRANSPORT="1")  # the test token service is http

@@ -5,16 +5,19 @@ from __future__ import annotations
 import imaplib
 import json
 import poplib
+import signal
 
 import pytest
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
 from support.destinations import mail
 from gatewayharness import start_gateway
 from mailgw.destination import parse_destination
 from mailgw.protocol.session import Phase
 from mailgw.settings import Route
-from support.clients import imap_without_login
+from support.clients import http, imap_without_login
+from support.gatewayprocess import GatewayProcess, free_port, write_config
 from support.reactor import in_reactor, wait_for
 
 
@@ -104,3 +107,33 @@ def test_a_changed_destination_replaces_the_pooled_connections(dovecot, certs, r
         assert old not in in_reactor(lambda: list(gw.gateway.pools[Route(name)].ready))
     finally:
         gw.stop()
+
+
+def test_sighup_with_a_changed_destination_replaces_the_pooled_connections(dovecot, certs, tmp_path):
+    """A real twistd: SIGHUP re-reads gateway.yaml; the pool follows the new destination."""
+
+    def status():
+        return json.loads(http(gw.http + "/status")[1])
+
+    def connects() -> float:
+        return sum(
+            s.value for f in text_string_to_metric_families(gw.metrics()) for s in f.samples
+            if s.name == "mailgw_upstream_seconds_count" and s.labels == {"destination": "warm", "phase": "connect"}
+        )
+
+    port = free_port()
+    config = {
+        "destinations": [dest("warm", "imap4s", dovecot.imaps_port, certs, **{"mailgw.pool.size": "1"})],
+        "listeners": [{"destination": "warm", "listen": f"tcp:{port}:interface=127.0.0.1"}],
+    }
+    with GatewayProcess(tmp_path, config) as gw:
+        wait_for(lambda: status()["pools"] and status()["pools"][0]["ready"] == 1, what="a warm connection")
+        assert connects() == 1
+        config["destinations"] = [dest("warm", "imap4s", dovecot.imaps_port, certs, **{"mailgw.pool.size": "2", "mailgw.pool.maxIdle": "120"})]
+        write_config(tmp_path / "gateway.yaml", {**config, "http": gw.config["http"]})
+        gw.signal(signal.SIGHUP)
+        wait_for(lambda: status()["pools"][0]["size"] == 2 and status()["pools"][0]["ready"] == 2, what="the reloaded pool")
+        assert connects() == 3  # the old connection was replaced, not kept
+        client = imap_without_login(("127.0.0.1", port))
+        assert client.select("INBOX")[0] == "OK"
+        assert client.logout()[0] == "BYE"
