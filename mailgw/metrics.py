@@ -68,38 +68,29 @@ AUDIT_DROPPED = Counter(
 
 
 class DestinationMetrics:
-    """The labelled children of one destination's session metrics, looked up once:
+    """The labelled children of one destination's session metrics, each looked up once:
     ``labels()`` is a dictionary look-up under a lock, and a session used a dozen."""
 
     def __init__(self, destination: str):
         self.destination = destination
         self.accepted = SESSIONS_ACCEPTED.labels(destination)
         self.active = SESSIONS_ACTIVE.labels(destination)
-        self._relayed: dict = {}
-        self._refused: dict = {}
-        self._durations: dict = {}
-        self._phases: dict = {}
+        self._children: dict = {}
+
+    def _child(self, metric, label: str):
+        child = self._children.get((metric, label))
+        if child is None:
+            child = self._children[metric, label] = metric.labels(self.destination, label)
+        return child
 
     def relay_bytes(self, direction: str):
-        child = self._relayed.get(direction)
-        if child is None:
-            child = self._relayed[direction] = RELAY_BYTES.labels(self.destination, direction)
-        return child
+        return self._child(RELAY_BYTES, direction)
 
     def refused(self, reason: str):
-        child = self._refused.get(reason)
-        if child is None:
-            child = self._refused[reason] = SESSIONS_REFUSED.labels(self.destination, reason)
-        return child
+        return self._child(SESSIONS_REFUSED, reason)
 
     def duration(self, outcome: str):
-        child = self._durations.get(outcome)
-        if child is None:
-            child = self._durations[outcome] = SESSION_DURATION.labels(self.destination, outcome)
-        return child
+        return self._child(SESSION_DURATION, outcome)
 
     def upstream(self, phase: str):
-        child = self._phases.get(phase)
-        if child is None:
-            child = self._phases[phase] = UPSTREAM_SECONDS.labels(self.destination, phase)
-        return child
+        return self._child(UPSTREAM_SECONDS, phase)
