@@ -101,10 +101,6 @@ class Destination:
         return PROTOCOLS[self.protocol][1]
 
     @property
-    def default_port(self) -> int:
-        return PROTOCOLS[self.protocol][2]
-
-    @property
     def on_premise(self) -> bool:
         return self.proxy_type == "OnPremise"
 

@@ -43,13 +43,6 @@ class GatewayError(Exception):
         self.reason = reason
 
 
-class UnsupportedError(GatewayError):
-    """The destination asks for something this gateway does not do."""
-
-    def __init__(self, message: str):
-        super().__init__(message, permanent=True, reason=Reason.INTERNAL)
-
-
 def describe(failure: Failure | BaseException, address: str) -> Refusal:
     """The refusal for a failure while reaching or talking to ``address``.
 

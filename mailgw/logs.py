@@ -36,8 +36,6 @@ from zope.interface import implementer
 
 __all__ = ["JsonLogObserver", "event_record", "isoformat", "offer_observer", "twistd_observer"]
 
-FORMATS = ("text", "json")
-
 
 def isoformat(seconds: float) -> str:
     """``2026-05-09T07:35:25.123Z``: UTC, milliseconds (logs, audit log, /status)."""

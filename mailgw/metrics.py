@@ -17,10 +17,6 @@ REFUSAL_REASONS = (
 )
 #: ``mailgw_session_duration_seconds{outcome}`` and the audit log's ``outcome``.
 OUTCOMES = ("relayed", "refused", "closed")
-#: ``mailgw_relay_bytes_total{direction}``.
-DIRECTIONS = ("to_upstream", "to_app")
-#: ``mailgw_upstream_seconds{phase}``.
-UPSTREAM_PHASES = ("connect", "tls", "login")
 
 #: Upstream phases and token requests: milliseconds to tens of seconds.
 _FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

@@ -128,9 +128,6 @@ class AccessToken:
     expires_in: float = DEFAULT_LIFETIME
     scope: str | None = None
 
-    def expired(self, now: float) -> bool:
-        return now >= self.expires_at
-
 
 # ---------------------------------------------------------------------------------------
 # helpers that keep secrets out of messages

@@ -161,10 +161,6 @@ class DestinationCR:
     def key(self) -> tuple[str, str]:
         return (self.namespace, self.name)
 
-    @property
-    def shared(self) -> bool:
-        return bool(self.tenants)
-
     def routes(self) -> tuple[Route, ...]:
         """One route per tenant in shared mode, else a single route without tenant."""
         if self.problem is not None:

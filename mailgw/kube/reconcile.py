@@ -175,14 +175,6 @@ class Plan:
     #: more Events: objects found edited behind the gateway's back (and restored)
     warnings: tuple[Event, ...] = ()
 
-    @property
-    def available(self) -> bool:
-        return not self.problems
-
-
-class PortsExhausted(Exception):
-    pass
-
 
 # --- small helpers ----------------------------------------------------------------
 
@@ -254,17 +246,6 @@ def route_of_service(obj: Mapping[str, Any]) -> Route | None:
     if meta.get("namespace") != namespace or meta.get("name") != route.service_name:
         return None
     return route
-
-
-def allocations_from_services(services: Iterable[Mapping[str, Any]]) -> dict[Route, int]:
-    """Read the gateway port allocations back from the Services mailgw owns."""
-    result: dict[Route, int] = {}
-    for svc in services:
-        route = route_of_service(svc)
-        port = read_port(svc)
-        if route is not None and port is not None:
-            result[route] = port
-    return result
 
 
 def _bounded_name(base: str, limit: int = 253) -> str:

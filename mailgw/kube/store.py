@@ -65,9 +65,6 @@ class Store:
     def values(self) -> list[dict[str, Any]]:
         return list(self._objects.values())
 
-    def in_namespace(self, namespace: str) -> dict[str, dict[str, Any]]:
-        return {name: obj for (ns, name), obj in self._objects.items() if ns == namespace}
-
     def by_index(self, value: Hashable) -> list[dict[str, Any]]:
         return [self._objects[k] for k in sorted(self._index.get(value, ()))]
 
