@@ -15,6 +15,7 @@ line, and SIGHUP (SPEC 9.5, 9.6).
 
 from __future__ import annotations
 
+import resource
 import signal
 import sys
 from typing import Any, Callable, NoReturn, TextIO
@@ -48,6 +49,25 @@ def exit_with(line: str, stderr: TextIO | None = None) -> NoReturn:
     stream.write(one_line(line) + "\n")
     stream.flush()
     raise SystemExit(1)
+
+
+def raise_descriptor_limit() -> None:
+    """Raise the soft limit on open descriptors to the hard one.
+
+    A session holds two sockets, and a spliced one six more descriptors (two pipes, two
+    duplicates); a soft limit of 1024 (the usual default) would make accept() fail after
+    a few hundred sessions while the hard limit allows far more.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:  # a container may forbid it: carry on
+        log.info("could not raise the open-descriptor limit from {soft} to {target}: {e}", soft=soft, target=target, e=e)
+    else:
+        log.info("open-descriptor limit raised from {soft} to {target}", soft=soft, target=target)
 
 
 class GatewayProcess(MultiService):
@@ -89,6 +109,7 @@ class GatewayProcess(MultiService):
         # Before anything listens: a SIGHUP from someone who saw a port open must not
         # find the default action (terminate) still in place.
         self._install_hangup_handler()
+        raise_descriptor_limit()
         # twistd binds ports here, before it drops privileges and before the reactor
         # runs: a port in use is found while nothing else has started.
         self._guarded(super().privilegedStartService)
