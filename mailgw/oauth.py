@@ -186,7 +186,9 @@ def _redact(text: str, forms: tuple[str, ...]) -> str:
     return text
 
 
-def _safe_description(value: Any, forms: tuple[str, ...]) -> str:
+def safe_description(value: Any, forms: tuple[str, ...]) -> str:
+    """A text a service sent, fit for an error message: secrets in ``forms`` redacted,
+    printable, at most 200 characters."""
     if not isinstance(value, str):
         return ""
     text = _UNPRINTABLE_RE.sub("?", _redact(value, forms)).strip()
@@ -260,25 +262,26 @@ def _parse_response(response: requests.Response, grant: _Grant) -> _Response:
     """Validate a token endpoint response or raise :class:`TokenError`."""
     host = grant.host
     status = response.status_code
-    content_type = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    forms = grant.redacted_forms
+    # Said in error texts, so like any text the service sends: redacted and bounded.
+    content_type = safe_description((response.headers.get("Content-Type") or "").split(";")[0].strip().lower(), forms)[:80]
     obj: Any = None
     try:
         obj = json.loads(response.content)
     except (ValueError, RecursionError):
         obj = None
     where = f"token service {host}"
-    forms = grant.redacted_forms
     if isinstance(obj, dict) and isinstance(obj.get("error"), str) and obj["error"]:
         code = obj["error"]
         if not _ERROR_CODE_RE.fullmatch(code) or _redact(code, forms) != code:
             code = "unknown_error"  # not an OAuth2 error code, or one that echoes a secret
-        description = _safe_description(obj.get("error_description"), forms)
+        description = safe_description(obj.get("error_description"), forms)
         message = f"{where} refused the {grant.describe()}: {code}"
         if description:
             message += f" ({description})"
         raise TokenError(code, f"{message} [HTTP {status}]", host=host, status=status)
     if not 200 <= status < 300:
-        reason = _safe_description(response.reason, forms)
+        reason = safe_description(response.reason, forms)
         raise TokenError(
             HTTP_ERROR, f"{where} answered HTTP {status} {reason}".rstrip() + f" to the {grant.describe()}", host=host, status=status
         )

@@ -22,7 +22,6 @@ from ..config import ConfigError, HttpConfig, load_config, parse_config
 from ..destination import OAUTH2_REFRESH_TOKEN
 from ..errors import GatewayError
 from ..oauth import TokenError
-from ..protocol.common import printable
 from ..service import GatewayService, make_service
 from ..session import GatewayFactory
 from ..sources.base import DestinationLookupError
@@ -73,20 +72,12 @@ class RouteSource:
         else:
             d = route_destination.exchange(code=secret)
 
-        def token_of(result):
-            for token in result.auth_tokens:
-                if token.value and not token.error:
-                    return token.value
-            # The service's own error text: made printable and short before it is shown.
-            errors = "; ".join(printable(t.error.encode("utf-8", "replace"), 120) for t in result.auth_tokens if t.error)
-            errors = errors or "no token returned"
-            raise TokenError("destination_service", f"destination service: {errors}")
-
         def explain(failure):
             failure.trap(DestinationLookupError)
             raise TokenError("destination_service", f"destination service: {failure.value}")
 
-        return d.addCallbacks(token_of, explain)
+        # (the source checked the token: see BtpSource._check_tokens)
+        return d.addCallbacks(lambda result: result.auth_tokens[0].value, explain)
 
 
 def listen_tcp(reactor, port: int, factory, interface: str = ""):

@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from mailgw.destination import Destination
-from mailgw.oauth import TokenCache, TokenClient, TokenError, client_credentials_key
+from mailgw.oauth import TokenCache, TokenClient, TokenError, client_credentials_key, safe_description, secret_forms
 from mailgw.sources.base import (
     AuthToken,
     DestinationNotFound,
@@ -137,19 +137,19 @@ class BtpSource:
             headers["X-code"] = code
         d = Deferred.fromCoroutine(self._find(name, tenant, headers, self.run))
         d.addErrback(as_lookup_error, f"looking up destination {name!r}")
-        d.addCallback(self._check_tokens, name)
+        d.addCallback(self._check_tokens, name, secret_forms(tuple(headers.values())))
         return d
 
     @staticmethod
-    def _check_tokens(result: FindResult, name: str) -> FindResult:
+    def _check_tokens(result: FindResult, name: str, forms: tuple[str, ...]) -> FindResult:
+        """The first token must be usable; its error, when it has one, is the service's
+        text: redacted (a service may echo the refresh token or code), printable, short."""
         if not result.auth_tokens:
             raise TokenExchangeFailed(f"destination service returned no token for destination {name!r}")
         first = result.auth_tokens[0]
         if first.error or not first.value:
-            raise TokenExchangeFailed(
-                f"destination service could not get a token for destination {name!r}: "
-                f"{(first.error or 'empty token')[:200]}"
-            )
+            why = safe_description(first.error, forms) if first.error else "empty token"
+            raise TokenExchangeFailed(f"destination service could not get a token for destination {name!r}: {why}")
         return result
 
     # --- reactor side --------------------------------------------------------------------

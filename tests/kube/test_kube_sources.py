@@ -333,3 +333,14 @@ def test_sources_fail_fast_when_the_pool_is_not_running(fake, reactor, in_reacto
     assert isinstance(e, SourceUnavailable) and "PoolStopped" in e.message
     btp = BtpSource(lambda: CREDS, pool, TokenClient(reactor), TokenCache(reactor))
     assert isinstance(outcome(btp.lookup("apps", "x")), SourceUnavailable)
+
+
+def test_btp_token_error_that_echoes_the_presented_secret_is_redacted():
+    from mailgw.oauth import secret_forms
+    from mailgw.sources.base import AuthToken, FindResult, TokenExchangeFailed
+
+    refresh = "rt-Very-Secret-Value"
+    result = FindResult(None, (AuthToken(type="Bearer", value="", expires_in=None, error=f"invalid refresh token {refresh}\n"),))
+    with pytest.raises(TokenExchangeFailed) as info:
+        BtpSource._check_tokens(result, "mail", secret_forms((refresh,)))
+    assert refresh not in str(info.value) and "\n" not in str(info.value) and "invalid refresh token" in str(info.value)

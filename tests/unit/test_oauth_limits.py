@@ -136,6 +136,21 @@ def test_error_code_that_echoes_a_secret_is_not_used():
     assert info.value.error_code == "unknown_error" and "cs-Secret" not in str(info.value)
 
 
+def test_a_content_type_that_echoes_a_secret_is_redacted():
+    from mailgw.oauth import _Grant, _parse_response
+
+    class Response:
+        status_code = 200
+        reason = "OK"
+        headers = {"Content-Type": "text/x-cs-Secret-and-more; charset=utf-8"}
+        content = b"not json"
+
+    grant = _Grant("client_credentials", "http://t.example/token", CLIENT_ID, "cs-Secret")
+    with pytest.raises(TokenError) as info:
+        _parse_response(Response(), grant)
+    assert info.value.error_code == "malformed_response" and "cs-Secret" not in str(info.value)
+
+
 def test_secret_forms():
     forms = secret_forms(("a b/c",), "id", "a b/c")
     for expected in ("a b/c", "a%20b%2Fc", "a+b%2Fc", base64.b64encode(b"a b/c").decode(),
