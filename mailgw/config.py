@@ -9,13 +9,14 @@ names the file, the destination and the key.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
-import attrs
 from attrs import field, frozen
 
 from .destination import Destination, DestinationError, parse_destination
@@ -125,12 +126,30 @@ class GatewayConfig:
 
 def _setting_attribute(section: str, key: str) -> str | None:
     """The Settings attribute of ``timeouts.<key>`` / ``limits.<key>`` in gateway.yaml:
-    the key in snake case, with ``_timeout`` for the timeouts (``relayIdle`` is
-    ``relay_idle_timeout``, ``maxSessionsPerClient`` is ``max_sessions_per_client``)."""
-    name = re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower() + ("_timeout" if section == "timeouts" else "")
-    known = {f.name: f.type for f in attrs.fields(Settings)}
-    wanted = "float" if section == "timeouts" else "int"
-    return name if known.get(name) == wanted else None
+    the camel-case key in snake case, with ``_timeout`` for the timeouts (``relayIdle``
+    is ``relay_idle_timeout``, ``maxSessionsPerClient`` is ``max_sessions_per_client``);
+    None for a key that names no number of that section."""
+    if not re.fullmatch(r"[a-z][A-Za-z]*", key):
+        return None
+    name = re.sub(r"(?=[A-Z])", "_", key).lower() + ("_timeout" if section == "timeouts" else "")
+    wanted = float if section == "timeouts" else int
+    return name if _SETTING_TYPES.get(name) is wanted else None
+
+
+#: Settings' numbers by attribute name, from its annotations.
+_SETTING_TYPES = typing.get_type_hints(Settings)
+
+
+def positive(value: Any, where: str, *, whole: bool = False) -> float | int:
+    """``value`` when it is a finite positive number (a whole one for counts), else a
+    ConfigError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{where}: must be a positive number")
+    if whole:
+        if value != int(value):
+            raise ConfigError(f"{where}: must be a whole number")
+        return int(value)
+    return float(value)
 
 
 def resolve_secret(value: Any, where: str, base: Path) -> Any:
@@ -270,9 +289,7 @@ def _settings(doc: Mapping[str, Any], origin: str) -> Settings:
             attribute = _setting_attribute(section, key) if isinstance(key, str) else None
             if attribute is None:
                 raise ConfigError(f"{origin}: {section}: unknown key {key!r}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"{origin}: {section}, key {key!r}: must be a positive number")
-            changes[attribute] = int(value) if section == "limits" else float(value)
+            changes[attribute] = positive(value, f"{origin}: {section}, key {key!r}", whole=section == "limits")
     hostname = doc.get("hostname")
     if hostname is not None:
         if not isinstance(hostname, str) or not hostname.isascii() or not hostname:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from mailgw.config import positive
 from mailgw.kube.controller import KubeSettings
 from mailgw.kube.model import is_dns_label
 
@@ -75,10 +76,7 @@ def parse_kube_section(
     values: dict[str, Any] = {}
     for key, attribute in _NUMBERS.items():
         if key in raw:
-            value = raw[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{where}, key {key!r}: must be a positive number")
-            values[attribute] = int(value) if key == "watchTimeout" else float(value)
+            values[attribute] = positive(raw[key], f"{where}, key {key!r}", whole=key == "watchTimeout")
     if "namespace" in raw:
         if not is_dns_label(raw["namespace"]):
             raise ValueError(f"{where}, key 'namespace': must be a namespace name")

@@ -180,3 +180,14 @@ def test_second_wave_sections(tmp_path):
 def test_second_wave_section_errors(doc, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
         parse_config({"destinations": [], **doc}, "gw.yaml")
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("limits", "maxLine", float("inf"), "must be a positive number"),
+    ("timeouts", "connect", float("nan"), "must be a positive number"),
+    ("limits", "maxSessionsPerClient", 0.5, "must be a whole number"),
+    ("timeouts", "Connect", 3, "unknown key 'Connect'"),
+])
+def test_numbers_must_be_finite_and_counts_whole(section, key, value, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        parse_config({"destinations": [], section: {key: value}}, "gw.yaml")
