@@ -367,15 +367,13 @@ class ListenerGroup(Service):
         endpoint string) can only bind once the old one is closed: then the removed
         listeners close first, and are opened again if a new one fails.
         """
-        current = {item.listen: item for item in self._listeners}
-        wanted_listens = {item.listen for item in wanted}
-        removed = [item for item in self._listeners if item.listen not in wanted_listens]
-        added = [item for item in wanted if item.listen not in current]
+        pairs, removed = self._match(wanted)
+        added = [new for new, old in pairs if old is None]
         if not any(shares_socket(new.listen, old.listen) for new in added for old in removed):
             # The usual case: the new ports bind while everything runs as it was, so a
             # failure (a port another process holds) changes nothing at all.
             self._open(added)
-            self._commit(wanted, current, commit)
+            self._commit(pairs, commit)
             yield self._close(removed)
             return
         yield self._close(removed)
@@ -388,14 +386,23 @@ class ListenerGroup(Service):
                 except StartupError as e:
                     log.error("{listener} could not be reopened: {error}", listener=item.name, error=str(e))
             raise
-        self._commit(wanted, current, commit)
+        self._commit(pairs, commit)
 
-    def _commit(self, wanted: list[Listener], current: dict[str, Listener], commit: Callable[[], None] | None) -> None:
+    def _match(self, wanted: list[Listener]) -> tuple[list[tuple[Listener, Listener | None]], list[Listener]]:
+        """Each wanted listener with the running one it keeps (None: a new one), and the
+        running ones no wanted listener keeps.  Listeners are matched by endpoint
+        string, in order: two with the same string (``tcp:0``) are two listeners."""
+        running: dict[str, list[Listener]] = {}
+        for item in self._listeners:
+            running.setdefault(item.listen, []).append(item)
+        pairs = [(item, running[item.listen].pop(0) if running.get(item.listen) else None) for item in wanted]
+        return pairs, [item for left in running.values() for item in left]
+
+    def _commit(self, pairs: list[tuple[Listener, Listener | None]], commit: Callable[[], None] | None) -> None:
         # Runs in the same reactor turn as the binding: the new ports cannot have
         # accepted a connection before the configuration they serve is in place.
         result = []
-        for item in wanted:
-            old = current.get(item.listen)
+        for item, old in pairs:
             if old is None:
                 result.append(item)
                 continue

@@ -346,3 +346,19 @@ def test_replace_on_the_same_port_that_fails_reopens_the_old_one():
     assert set(reactor.open) == {2526, 2527}  # the old listener is back, the new one gone
     assert [item.listen for item in listeners.listeners] == ["tcp:2526:interface=127.0.0.1", "tcp:2527"]
     assert all(item.port is not None for item in listeners.listeners)
+
+
+def test_replace_matches_listeners_with_the_same_string_one_for_one():
+    """Two listeners on ``tcp:0`` are two listeners: a reload keeps both (and closes
+    the one it drops), none is left listening outside the group."""
+    reactor = MemoryReactor()
+    listeners = group(reactor, ("a", "tcp:0:interface=127.0.0.1"), ("b", "tcp:0:interface=127.0.0.1"))
+    listeners.startService()
+    first, second = listeners.listeners
+    stopped = []
+    second.port.stopListening = lambda: stopped.append(second)
+    listeners.replace([spec("a2", "tcp:0:interface=127.0.0.1"), spec("b2", "tcp:0:interface=127.0.0.1")])
+    assert listeners.listeners == (first, second) and [item.name for item in listeners.listeners] == ["a2", "b2"]
+    assert len(reactor.tcpServers) == 2 and not stopped  # kept, nothing new bound
+    listeners.replace([spec("a3", "tcp:0:interface=127.0.0.1")])
+    assert listeners.listeners == (first,) and stopped == [second]
