@@ -591,7 +591,9 @@ class TokenClient(MultiService):
         self.deadline = float(deadline) if deadline is not None else self.timeout
         self.max_concurrent = max_concurrent or pool_size
         self._semaphore = DeferredSemaphore(self.max_concurrent)
-        self.pool = BlockingPool(reactor, "mailgw-oauth", pool_size)
+        # A thread for every request admitted at once: a request that waits for a thread
+        # inside the pool would spend its deadline there.
+        self.pool = BlockingPool(reactor, "mailgw-oauth", max(pool_size, self.max_concurrent))
         self.pool.setServiceParent(self)
         self._call_objs: dict[int, _Call] = {}
         _quiet_requests_oauthlib()

@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.logger import formatEvent
 
 from tokenservice import TokenService
-from mailgw.oauth import MAX_RESPONSE_BYTES, REFRESH_TOKEN, TokenError, secret_forms
+from mailgw.oauth import MAX_RESPONSE_BYTES, REFRESH_TOKEN, TokenClient, TokenError, secret_forms
 from support.reactor import in_reactor
 from support.secretscan import Secret, assert_no_secrets
 
@@ -200,3 +200,8 @@ def test_stop_interrupts_a_trickling_request(reactor, svc, make_client):
     in_reactor(client.stop)
     assert outcome and outcome[0].error_code == "stopped"
     assert svc.client_gone.wait(20)
+
+
+def test_every_admitted_request_has_a_thread(reactor):
+    client = TokenClient(reactor, max_concurrent=8)
+    assert client.pool.max_threads == 8 and client.max_concurrent == 8
