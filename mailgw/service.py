@@ -4,6 +4,8 @@ stop, and applying a re-read configuration file (SIGHUP, standalone mode)."""
 from __future__ import annotations
 
 from collections import Counter
+
+import attrs
 from typing import Any, Mapping
 
 from twisted.application import service
@@ -14,7 +16,7 @@ from zope.interface import Interface
 from . import audit as audit_log
 from . import logs, metrics
 from .blocking import BlockingPool
-from .config import ConfigError, GatewayConfig, LoggingConfig, ProxyConfig
+from .config import ConfigError, GatewayConfig, HttpConfig, LoggingConfig, ProxyConfig
 from .destination import OAUTH2_CLIENT_CREDENTIALS, Destination
 from .endpoints.chain import socks_proxy, upstream_endpoint
 from .errors import GatewayError
@@ -311,6 +313,10 @@ class GatewayService(service.MultiService):
         self.gateway = gateway
         #: the configuration running now (replaced by :meth:`reconfigure`)
         self.config = config
+        #: what the process started with: sections a reload does not apply keep it
+        self.started_config = config
+        #: the send API's resource (its tokens follow a reload), None without a send API
+        self.send_resource = None
         self.token_client = token_client
         #: False when the caller supplied the proxy endpoint (tests): a reload keeps it
         self.owns_proxy = owns_proxy
@@ -377,7 +383,6 @@ class GatewayService(service.MultiService):
             check_listening(config, self.gateway.reactor)
         except ConfigError as e:
             return defer.fail(e)
-        old = self.config
         gateway = self.gateway
         wanted = _application_listeners(config, gateway)
         before = {item.listen for item in self.listeners.listeners}
@@ -391,6 +396,9 @@ class GatewayService(service.MultiService):
                 gateway.proxy_endpoint = _proxy_endpoint(gateway.reactor, config, gateway.tokens)
             if self.token_client is not None:
                 self.token_client.timeout = self.token_client.deadline = config.settings.token_timeout
+            if self.send_resource is not None and config.http is not None and config.http.send is not None:
+                # Rotating the tokens (after a leak, say) needs no restart.
+                self.send_resource.tokens = BearerTokens(config.http.send.tokens)
             self.config = config
 
         def report(_: Any) -> None:
@@ -402,7 +410,7 @@ class GatewayService(service.MultiService):
                 origin=config.origin, listeners=len(after), added=len(after - before), removed=len(before - after),
                 destinations=len(config.destinations),
             )
-            pending = _restart_only_changes(old, config)
+            pending = _restart_only_changes(self.started_config, config)
             if pending:
                 log.warn("{sections} changed in {origin}: this takes effect at the next restart", sections=", ".join(pending), origin=config.origin)
 
@@ -427,20 +435,27 @@ class GatewayService(service.MultiService):
         return d
 
 
-def _restart_only_changes(old: GatewayConfig | None, new: GatewayConfig) -> list[str]:
-    """The sections of ``new`` that differ from ``old`` but are not applied by a reload."""
-    if old is None:
+def _restart_only_changes(running: GatewayConfig | None, new: GatewayConfig) -> list[str]:
+    """The sections of ``new`` that differ from what runs since the start (``running``)
+    and that a reload does not apply (the send API's tokens it does)."""
+    if running is None:
         return []
     changed = []
-    if old.http != new.http:
+    if _without_send_tokens(running.http) != _without_send_tokens(new.http):
         changed.append("http")
-    if old.audit != new.audit:
+    if running.audit != new.audit:
         changed.append("audit")
-    if old.logging != new.logging:
+    if running.logging != new.logging:
         changed.append("logging")
-    if old.settings.max_token_requests != new.settings.max_token_requests:
+    if running.settings.max_token_requests != new.settings.max_token_requests:
         changed.append("limits.maxTokenRequests")
     return changed
+
+
+def _without_send_tokens(http: HttpConfig | None) -> HttpConfig | None:
+    if http is None or http.send is None:
+        return http
+    return attrs.evolve(http, send=attrs.evolve(http.send, tokens=()))
 
 
 def _connectable(address) -> tuple[str, int] | None:
@@ -526,6 +541,7 @@ def _add_web(top: GatewayService, config: GatewayConfig, reactor) -> None:
         pool = BlockingPool(reactor, "mailgw-send", SEND_POOL_SIZE)
         pool.setServiceParent(top)
         send_resource = SendResource(top.send_address, pool=pool, tokens=BearerTokens(send.tokens), audit=gateway.audit)
+        top.send_resource = send_resource
     top.web.setServiceParent(top)
     status = StatusResource(gateway, top.listener_status, top.status_providers)
     if send is not None and send.listen:

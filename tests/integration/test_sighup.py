@@ -13,6 +13,7 @@ import signal
 import smtplib
 import socket
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -145,3 +146,36 @@ def test_sighup_never_stops_the_kubernetes_gateway(tmp_path):
             assert gateway.alive()
             assert urllib.request.urlopen(base + "/healthz", timeout=10).status == 200
             assert gateway.stop() in (0, -signal.SIGTERM)
+
+
+def test_sighup_rotates_the_send_api_tokens(tmp_path, smtp_sink):
+    """A leaked send API token is replaced with a SIGHUP, no restart."""
+    port, http = realservers.free_port(), realservers.free_port()
+    path = tmp_path / "gateway.yaml"
+
+    def config(token: str) -> dict:
+        return {
+            "destinations": [plain("office", smtp_sink)], "listeners": [listener(port)],
+            "http": {"listen": f"tcp:{http}:interface=127.0.0.1", "send": {"tokens": [token]}},
+        }
+
+    def status(token: str) -> int:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http}/v1/send/office/you@example.org", data=b"rotation\r\n", method="POST",
+            headers={"Authorization": f"Bearer {token}", "Subject": "rotation", "From": "app@example.org"},
+        )
+        try:
+            return urllib.request.urlopen(request, timeout=30).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    write_config(path, config("old-token-1"))
+    with Twistd(["mailgw", "--config", "gateway.yaml"], tmp_path) as gateway:
+        wait_until(lambda: greets(port), "the gateway to greet")
+        assert status("old-token-1") == 200
+        write_config(path, config("new-token-2"))
+        gateway.signal(signal.SIGHUP)
+        gateway.wait_for_log("configuration reloaded from gateway.yaml")
+        assert (status("old-token-1"), status("new-token-2")) == (403, 200)
+        assert "takes effect at the next restart" not in gateway.log()
+        assert gateway.stop() in (0, -signal.SIGTERM)
