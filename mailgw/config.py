@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import stat
 import typing
 from pathlib import Path
 from typing import Any, Mapping
@@ -38,6 +39,8 @@ def read_capped(path: Path, limit: int, what: str) -> bytes:
     """The bytes of ``path``, reading at most ``limit + 1`` of them (``/dev/zero`` and
     runaway files are refused, not read until memory runs out)."""
     try:
+        if stat.S_ISFIFO(os.stat(path).st_mode):  # opening one would wait for a writer
+            raise ConfigError(f"{path}: cannot read {what}: it is a FIFO, not a file")
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except OSError as e:

@@ -21,7 +21,7 @@ import sys
 from typing import Any, Callable, NoReturn, TextIO
 
 from twisted.application.service import MultiService
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from . import logs
@@ -178,7 +178,10 @@ class ConfigReloader:
         return d
 
     def _reload(self) -> defer.Deferred:
-        return self.gateway_service.reconfigure(load_config(self.path))
+        # Reading the files (destinations, secrets, PEMs) and checking them is blocking
+        # work: a thread does it, the reactor only applies the result.
+        d = threads.deferToThread(load_config, self.path)
+        return d.addCallback(self.gateway_service.reconfigure)
 
     def _not_reloaded(self, failure) -> None:
         if failure.check(*OPERATOR_ERRORS):

@@ -362,3 +362,11 @@ def test_replace_matches_listeners_with_the_same_string_one_for_one():
     assert len(reactor.tcpServers) == 2 and not stopped  # kept, nothing new bound
     listeners.replace([spec("a3", "tcp:0:interface=127.0.0.1")])
     assert listeners.listeners == (first,) and stopped == [second]
+
+
+def test_secret_file_that_is_a_fifo_is_refused_without_waiting(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ConfigError, match="it is a FIFO, not a file"):
+        load_config(secret_config(tmp_path, tmp_path / "pipe"))
