@@ -55,14 +55,14 @@ def make_site(gateway, send: SendResource | None = None, status: StatusResource 
     root.putChild(b"status", status or StatusResource(gateway))
     if send is not None:
         _mount_send(root, send)
-    return _site(root, with_send=send is not None)
+    return _site(root, send)
 
 
 def make_send_site(send: SendResource) -> server.Site:
     """The send API alone, for its own listener (``http.send.listen``)."""
     root = resource.Resource()
     _mount_send(root, send)
-    return _site(root, with_send=True)
+    return _site(root, send)
 
 
 def _mount_send(root: resource.Resource, send: SendResource) -> None:
@@ -71,13 +71,10 @@ def _mount_send(root: resource.Resource, send: SendResource) -> None:
     root.putChild(b"v1", v1)
 
 
-def _site(root: resource.Resource, *, with_send: bool) -> server.Site:
+def _site(root: resource.Resource, send: SendResource | None) -> server.Site:
     site = server.Site(root)
     site.displayTracebacks = False
-    # Bodies over the limit are refused before they are read: the send API's limit
-    # where it is mounted, a small one where nothing takes a body.
-    if with_send:
-        site.requestFactory = limited_request_factory()
-    else:
-        site.requestFactory = limited_request_factory(NO_SEND_BODY_LIMIT, count_refusals=False)
+    # Bodies that would be refused are answered before they are read: the send API's
+    # limit and tokens where it is mounted, a small limit where nothing takes a body.
+    site.requestFactory = limited_request_factory(send, max_body_size=None if send else NO_SEND_BODY_LIMIT)
     return site

@@ -20,9 +20,10 @@ constant time, and never appear in a log line or a reply.
 Mounting, for whoever builds the http listener's resource tree::
 
     v1 = Resource(); root.putChild(b"v1", v1)
-    v1.putChild(b"send", SendResource(resolve, tokens=BearerTokens(["..."])))
+    send = SendResource(resolve, tokens=BearerTokens(["..."]))
+    v1.putChild(b"send", send)
     site = Site(root)
-    site.requestFactory = limited_request_factory()   # refuse big bodies early
+    site.requestFactory = limited_request_factory(send)  # answer early what would be refused
 
 ``resolve(name)`` returns the :class:`~mailgw.send.SendConfig` for a destination (or
 ``(host, port)`` of the gateway's SMTP listener for it, or ``None`` when unknown), or a
@@ -36,11 +37,12 @@ import hashlib
 import hmac
 import io
 from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -225,15 +227,14 @@ def body_size(request: Any) -> int:
         content.seek(position)
 
 
-def send_audit_for(request: Any, answered: bool, when: float, size: int) -> SendAudit:
-    """The :class:`SendAudit` of a finished send API request (a twisted.web request
-    whose ``postpath`` is ``[destination, recipient?]``) whose body had ``size`` bytes;
-    ``answered`` is False when the client went away before the answer (status 499)."""
+def send_audit_for(path: list, headers: Any, status: int, when: float, size: int) -> SendAudit:
+    """The :class:`SendAudit` of a finished send API request: ``path`` is its
+    ``[destination, recipient?]`` (bytes), ``headers`` its request headers, ``status``
+    its answer (499 when the client went away first), ``size`` the body bytes read."""
     def texts(values) -> list[str]:
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values or ()]
 
-    path = texts(request.postpath)
-    headers = request.requestHeaders
+    path = texts(path)
     named = path[1:2] + [v for h in (b"to", b"cc", b"bcc") for v in texts(headers.getRawHeaders(h))]
     sender = None
     given = texts(headers.getRawHeaders(b"from"))
@@ -244,7 +245,7 @@ def send_audit_for(request: Any, answered: bool, when: float, size: int) -> Send
             pass  # not an address: nothing of it is written
     return SendAudit(
         time=when, destination=path[0] if path else "", from_=sender, recipients=recipient_count(named),
-        bytes=size, status=request.code if answered else 499,
+        bytes=size, status=status,
     )
 
 
@@ -278,15 +279,31 @@ class SendResource(Resource):
             request.notifyFinish().addBoth(self._audited, request, body_size(request))
         # Access next: a caller without the token learns nothing else about the API.
         refusal = self.tokens.check(request.getHeader(b"authorization"))
-        if refusal == 401:
-            request.setHeader(b"www-authenticate", b'Bearer realm="mailgw send API"')
-            return _respond(request, 401, "unauthorized: send the header Authorization: Bearer <token>")
-        if refusal == 403:
-            return _respond(request, 403, "forbidden: the bearer token is not valid")
+        if refusal is not None:
+            text, headers = self.refusal(refusal)
+            for name, value in headers.items():
+                request.setHeader(name, value)
+            return _respond(request, refusal, text)
         if request.method != b"POST":
             request.setHeader(b"allow", b"POST")
             return _respond(request, 405, "use POST /v1/send/<destination>[/<recipient>]")
         return self.render_POST(request)
+
+    def refusal(self, code: int) -> tuple[str, dict[bytes, bytes]]:
+        """The text and extra headers of a 401, 403 or 413 answer (the same whether
+        :class:`LimitedRequest` answers before the body or this resource after it)."""
+        if code == 401:
+            return ("unauthorized: send the header Authorization: Bearer <token>",
+                    {b"WWW-Authenticate": b'Bearer realm="mailgw send API"'})
+        if code == 403:
+            return "forbidden: the bearer token is not valid", {}
+        return _too_large(self.max_body_size), {}
+
+    def refused_early(self, path: list, headers: Any, code: int) -> None:
+        """Count and audit a request :class:`LimitedRequest` answered before its body."""
+        metrics.SEND_REQUESTS.labels(str(code)).inc()
+        if self._audit is not None:
+            self._audit.write(send_audit_for(path, headers, code, self._audit.reactor.seconds(), 0))
 
     def render_POST(self, request):
         if len(request.postpath) == 2 and request.postpath[1] == b"":
@@ -302,11 +319,11 @@ class SendResource(Resource):
 
         length = request.getHeader(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_size:
-            return _respond(request, 413, self._too_large())
+            return _respond(request, 413, self.refusal(413)[0])
         request.content.seek(0)
         body = request.content.read(self.max_body_size + 1)
         if len(body) > self.max_body_size:
-            return _respond(request, 413, self._too_large())
+            return _respond(request, 413, self.refusal(413)[0])
 
         try:
             mail = parse_send_request(
@@ -332,10 +349,9 @@ class SendResource(Resource):
 
     def _audited(self, result, request, size: int) -> None:
         answered = not isinstance(result, failure.Failure)
-        self._audit.write(send_audit_for(request, answered, self._audit.reactor.seconds(), size))
-
-    def _too_large(self) -> str:
-        return f"request body over the limit of {self.max_body_size} bytes"
+        status = request.code if answered else 499
+        self._audit.write(send_audit_for(request.postpath, request.requestHeaders, status,
+                                         self._audit.reactor.seconds(), size))
 
     @staticmethod
     def _config(resolved, destination: str) -> SendConfig:
@@ -361,6 +377,10 @@ class SendResource(Resource):
         return 500, "internal error"
 
 
+def _too_large(limit: int) -> str:
+    return f"request body over the limit of {limit} bytes"
+
+
 class _UnknownDestination(LookupError):
     pass
 
@@ -383,27 +403,31 @@ def _finish(request, code: int, text: str) -> None:
 
 
 class LimitedRequest(server.Request):
-    """A request that refuses a body over ``max_body_size`` before storing it.
+    """A request answered before its body when the body would be refused anyway.
 
-    Twisted reads the whole body before a resource sees the request; this class
-    answers 413 as soon as Content-Length announces too much (before ``100 Continue``)
-    or the received bytes pass the limit (chunked bodies), then discards the rest and
-    closes the connection after a short linger, so the client can read the answer.
+    Twisted reads the whole body before a resource sees the request.  This class
+    answers as soon as the headers are in (before ``100 Continue``): 401 or 403 for a
+    send API request with a body but without a valid bearer token (so a caller without
+    a token cannot make the gateway store megabytes), 413 when Content-Length announces
+    more than ``max_body_size``; and 413 as soon as received bytes pass the limit
+    (chunked bodies).  It then discards the rest and closes the connection after a
+    short linger, so the client can read the answer.  ``send`` (the site's
+    :class:`SendResource`, if any) gives the texts and counts and audits the answers.
     """
 
     max_body_size = DEFAULT_MAX_BODY_SIZE
-    #: Seconds to keep discarding the client's upload after answering 413.
+    send: SendResource | None = None
+    #: Seconds to keep discarding the client's upload after answering.
     linger = 2.0
-    #: Whether a 413 counts as a send API request (``mailgw_send_requests_total``).
-    count_refusals = True
 
     _received = 0
     _refused = False
 
     def gotLength(self, length):
-        if length is not None and length > self.max_body_size:
+        code = self._refusal_before_body(length)
+        if code is not None:
             self.content = io.BytesIO()
-            self._refuse()
+            self._refuse(code)
             return
         super().gotLength(length)
 
@@ -413,7 +437,7 @@ class LimitedRequest(server.Request):
         self._received += len(data)
         if self._received > self.max_body_size:
             self.content = io.BytesIO()
-            self._refuse()
+            self._refuse(413)
             return
         super().handleContentChunk(data)
 
@@ -423,29 +447,55 @@ class LimitedRequest(server.Request):
             return
         super().requestReceived(command, path, version)
 
-    def _refuse(self):
+    def _send_path(self) -> list | None:
+        """``[destination, recipient?]`` of a send API request; None for another path.
+        The request line is all Twisted has parsed when the headers are in."""
+        if self.send is None:
+            return None
+        target = urlsplit(self.channel._path).path
+        if not target.startswith(SEND_PREFIX):
+            return None
+        return [segment for segment in target[len(SEND_PREFIX):].split(b"/")[:2] if segment]
+
+    def _refusal_before_body(self, length) -> int | None:
+        if length != 0 and self._send_path() is not None:  # None: chunked, a body follows
+            code = self.send.tokens.check(self.getHeader(b"authorization"))
+            if code is not None:
+                return code
+        if length is not None and length > self.max_body_size:
+            return 413
+        return None
+
+    def _refuse(self, code: int) -> None:
         self._refused = True
-        if self.count_refusals:
-            metrics.SEND_REQUESTS.labels("413").inc()
+        path = self._send_path()
+        if path is not None:
+            text, headers = self.send.refusal(code)
+            self.send.refused_early(path, self.requestHeaders, code)
+        else:
+            text, headers = _too_large(self.max_body_size), {}
         # No "100 Continue" after the answer: the client must not send the body.
         self.requestHeaders.removeHeader(b"expect")
-        text = f"request body over the limit of {self.max_body_size} bytes\n".encode()
-        transport = self.channel.transport
-        transport.write(
-            b"HTTP/1.1 413 Content Too Large\r\n"
-            b"Content-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: " + str(len(text)).encode() + b"\r\n"
-            b"Connection: close\r\n\r\n" + text
-        )
+        body = (text + "\n").encode("utf-8")
+        head = [b"HTTP/1.1 %d %s" % (code, http.RESPONSES[code]),
+                b"Content-Type: text/plain; charset=utf-8",
+                b"Content-Length: %d" % len(body),
+                b"Connection: close"]
+        head += [name + b": " + value for name, value in headers.items()]
+        self.channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         self.channel.persistent = False
         from twisted.internet import reactor
 
         reactor.callLater(self.linger, self.channel.loseConnection)
 
 
-def limited_request_factory(max_body_size: int = DEFAULT_MAX_BODY_SIZE, *, count_refusals: bool = True):
-    """A ``Site.requestFactory`` refusing bodies over ``max_body_size`` early.
+#: Where the send API is mounted (:func:`mailgw.web.make_site`).
+SEND_PREFIX = b"/v1/send/"
 
-    ``count_refusals=False`` for a site without the send API (its 413s are not send API
-    requests)."""
-    return type("LimitedRequest", (LimitedRequest,), {"max_body_size": max_body_size, "count_refusals": count_refusals})
+
+def limited_request_factory(send: SendResource | None = None, *, max_body_size: int | None = None):
+    """A ``Site.requestFactory`` answering early the requests whose body would be
+    refused (see :class:`LimitedRequest`): with the site's ``send`` resource, its body
+    limit and bearer tokens; without (a site taking no bodies), ``max_body_size``."""
+    limit = max_body_size if max_body_size is not None else (send.max_body_size if send else DEFAULT_MAX_BODY_SIZE)
+    return type("LimitedRequest", (LimitedRequest,), {"max_body_size": limit, "send": send})

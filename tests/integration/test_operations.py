@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from support.clients import http
+from support.clients import http, http_head_only
 from support.gatewayprocess import Twistd, write_config
 from support.reactor import in_reactor, wait_for
 from support.secretscan import Secret, assert_no_secrets
@@ -246,6 +246,10 @@ def test_send_api_requests_are_audited_without_recipients_or_content(smtp_sink, 
     smtp_sink.wait_for(lambda m: mark.encode() in m.data, timeout=30)
     assert http(f"{base}/nowhere/{rcpt}", b"x")[0] == 404
     assert http(f"{base}/plain/{rcpt}", b"x", {"To": f"Name <to-{mark}@example.org>"})[0] == 400
+    # Answered before the body (LimitedRequest): audited all the same, with 0 bytes read.
+    too_large = http_head_only(http_port, f"POST /v1/send/plain/{rcpt} HTTP/1.1\r\nHost: x\r\n"
+                                          "Content-Length: 50000000\r\n\r\n".encode())
+    assert too_large.startswith(b"HTTP/1.1 413 "), too_large
     running.stop()  # the audit log writes what is queued before it stops
 
     text = (tmp_path / "audit.jsonl").read_text()
@@ -253,12 +257,13 @@ def test_send_api_requests_are_audited_without_recipients_or_content(smtp_sink, 
     sessions = [line for line in lines if "sid" in line]  # the send API's own SMTP session
     assert [line["outcome"] for line in sessions] == ["relayed"]
     lines = [line for line in lines if "sid" not in line]
-    assert [list(line) for line in lines] == [["time", "destination", "from", "recipients", "bytes", "status"]] * 3
+    assert [list(line) for line in lines] == [["time", "destination", "from", "recipients", "bytes", "status"]] * 4
     by_status = {line["status"]: line for line in lines}
     assert by_status[200] == {**by_status[200], "destination": "plain", "from": "app@example.org", "recipients": 2,
                               "bytes": len(f"content {mark}\n")}
     assert by_status[404]["destination"] == "nowhere" and by_status[404]["from"] is None
     assert by_status[400]["recipients"] == 2
+    assert by_status[413] == {**by_status[413], "destination": "plain", "recipients": 1, "bytes": 0}
     assert mark not in text  # no recipient address, subject or content, in any of them
 
 

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 import realservers
-from support.clients import curl_post
+from support.clients import curl_post, http_head_only
 from gatewayharness import LogCapture, in_reactor
 
 from mailgw.send import EmailConnection, MessageError, SendConfig, SendError, SendTimeout
@@ -354,7 +354,7 @@ def refusing_server():
 class Site:
     """A twisted.web Site with the send resource on a free loopback port."""
 
-    def __init__(self, resolve, max_body_size=None, limited=True):
+    def __init__(self, resolve, max_body_size=None, limited=True, tokens=None):
         from twisted.internet import reactor
         from twisted.web.resource import Resource
         from twisted.web.server import Site as WebSite
@@ -362,12 +362,15 @@ class Site:
         from mailgw.send.http import SendResource, limited_request_factory
 
         kwargs = {} if max_body_size is None else {"max_body_size": max_body_size}
+        if tokens is not None:
+            kwargs["tokens"] = tokens
         root, v1 = Resource(), Resource()
         root.putChild(b"v1", v1)
-        v1.putChild(b"send", SendResource(resolve, **kwargs))
+        send = SendResource(resolve, **kwargs)
+        v1.putChild(b"send", send)
         site = WebSite(root)
         if limited:
-            site.requestFactory = limited_request_factory(max_body_size or 10 * 1024 * 1024)
+            site.requestFactory = limited_request_factory(send)
         self.port = in_reactor(lambda: reactor.listenTCP(0, site, interface="127.0.0.1"))
         self.base = f"http://127.0.0.1:{self.port.getHost().port}/v1/send"
 
@@ -462,5 +465,31 @@ def test_http_request_size_limit(reactor, limited):
         status, text = curl_post(f"{s.base}/office/rcpt@example.org", b"z" * (2 * 1024 * 1024))
         assert status == 413
         assert calls == []  # refused before anything was resolved or sent
+    finally:
+        s.close()
+
+
+def test_http_without_a_token_is_answered_before_the_body(reactor):
+    """A caller without a valid token cannot make the gateway read (and store) a body:
+    401/403 come as soon as the headers are in, even for a body over the limit."""
+    from mailgw.send.http import BearerTokens
+
+    calls = []
+    s = Site(lambda name: calls.append(name), max_body_size=1000, tokens=BearerTokens(["sesame"]))
+    port = s.port.getHost().port
+    try:
+        head = (b"POST /v1/send/office/rcpt@example.org HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Length: 50000000\r\n")
+        answer = http_head_only(port, head + b"\r\n")
+        assert answer.startswith(b"HTTP/1.1 401 "), answer
+        assert b"\r\nWWW-Authenticate: Bearer" in answer, answer
+        answer = http_head_only(port, head + b"Authorization: Bearer wrong\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 403 "), answer
+        chunked = (b"POST /v1/send/office HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        assert http_head_only(port, chunked).startswith(b"HTTP/1.1 401 ")
+        # With the token, the size limit still answers before the body.
+        answer = http_head_only(port, head + b"Authorization: Bearer sesame\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"over the limit of 1000 bytes" in answer, answer
+        assert calls == []
     finally:
         s.close()

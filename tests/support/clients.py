@@ -129,6 +129,14 @@ def http_with_headers(url: str, data: bytes | None = None, headers: dict | None 
         return 0, {}, b""
 
 
+def http_head_only(port: int, head: bytes, timeout: float = 10) -> bytes:
+    """Send ``head`` (an HTTP request line and headers, no body) to 127.0.0.1:``port``
+    and read the answer's head: what the server answers before any body arrives."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(head)
+        return read_until(conn, b"\r\n\r\n")
+
+
 def http(url: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 30) -> tuple[int, bytes]:
     """:func:`http_with_headers` without the headers: ``(status, body)``."""
     status, _, body = http_with_headers(url, data, headers, timeout)

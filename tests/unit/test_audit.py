@@ -145,7 +145,7 @@ def test_send_audit_for_a_request_counts_recipients_and_keeps_only_a_bare_from()
          (b"Bcc", b"dave@example.org")],
         b"hello",
     )
-    record = send_audit_for(req, True, 1_700_000_000.0, body_size(req))
+    record = send_audit_for(req.postpath, req.requestHeaders, 200, 1_700_000_000.0, body_size(req))
     assert record.to_json() == {
         "time": "2023-11-14T22:13:20.000Z", "destination": "office", "from": "app@example.org",
         "recipients": 3, "bytes": 5, "status": 200,
@@ -157,7 +157,7 @@ def test_send_audit_for_a_request_counts_recipients_and_keeps_only_a_bare_from()
 
 def test_send_audit_for_a_request_without_a_usable_from_or_an_answer():
     req = request([b"office"], [(b"From", b"Alice <alice@example.org>"), (b"To", b"bob@example.org")], code=200)
-    record = send_audit_for(req, False, 0.0, body_size(req))
+    record = send_audit_for(req.postpath, req.requestHeaders, 499, 0.0, body_size(req))
     assert record.from_ is None and record.status == 499 and record.recipients == 1
     assert "alice" not in json.dumps(record.to_json())
 

@@ -60,10 +60,8 @@ def test_destination_service_token_is_used_when_the_source_exchanges():
 
 
 def test_destination_service_errors_become_token_errors():
-    rd = RouteDestination(True, succeed(FindResult(DEST, (AuthToken("Bearer", "", error="invalid_grant"),))))
-    gateway, _, route = gateway_with(rd)
-    failure = result_of(gateway.exchange(route, DEST, "rt-1"))
-    assert failure.check(TokenError) and "invalid_grant" in str(failure.value) and "rt-1" not in str(failure.value)
+    # (a token the service marks with an error is refused by the source itself, redacted:
+    # tests/kube/test_kube_sources.py test_btp_token_error_that_echoes_the_presented_secret_is_redacted)
     rd = RouteDestination(True, fail(TokenExchangeFailed("destination service answered 400")))
     gateway, _, route = gateway_with(rd)
     assert result_of(gateway.exchange(route, DEST, "rt-1")).check(TokenError)
