@@ -22,6 +22,7 @@ from attrs import field, frozen
 
 from .destination import Destination, DestinationError, parse_destination
 from .endpoints.tls import TLSConfigError, check_tls_files
+from .protocol.socks5 import SOCKSConfigurationError, userpass_request
 from .settings import Settings
 
 #: Configuration files (gateway.yaml, a destinations directory's *.json) larger than
@@ -274,6 +275,14 @@ def _proxy(raw: Any, origin: str, base: Path) -> ProxyConfig | None:
     for key in needed:
         if not values.get(key):
             raise ConfigError(f"{where}, key {key!r}: is required for authentication {auth}")
+    # What the first OnPremise session would otherwise find out.
+    if auth == "userpass":
+        try:
+            userpass_request(str(values["username"]), str(values["password"]))
+        except SOCKSConfigurationError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    if auth == "sap" and not str(values["tokenServiceURL"]).startswith(("https://", "http://")):
+        raise ConfigError(f"{where}, key 'tokenServiceURL': must be an http(s) URL")
     return ProxyConfig(
         host=host, port=port, authentication=auth,
         username=values.get("username"), password=values.get("password"),

@@ -255,6 +255,20 @@ def _encode_host(host: str) -> bytes:
     return raw
 
 
+def userpass_request(username: str | None, password: str | None) -> bytes:
+    """The RFC 1929 username/password request; :class:`SOCKSConfigurationError` when the
+    pair cannot be sent (the configuration checks it with this at start-up)."""
+    if username is None or password is None:
+        raise SOCKSConfigurationError("SOCKS5 username/password method needs a username and a password")
+    user = username.encode("utf-8")
+    pw = password.encode("utf-8")
+    if not 0 < len(user) < 256:
+        raise SOCKSConfigurationError("SOCKS5 username must be 1 to 255 bytes")
+    if not 0 < len(pw) < 256:
+        raise SOCKSConfigurationError("SOCKS5 password must be 1 to 255 bytes")
+    return bytes([0x01, len(user)]) + user + bytes([len(pw)]) + pw
+
+
 class SOCKS5Client:
     """Client side of one SOCKS5 CONNECT handshake.
 
@@ -320,17 +334,7 @@ class SOCKS5Client:
         location_id: str | None,
     ) -> bytes:
         if method == "userpass":
-            if username is None or password is None:
-                raise SOCKSConfigurationError(
-                    "SOCKS5 username/password method needs a username and a password"
-                )
-            user = username.encode("utf-8")
-            pw = password.encode("utf-8")
-            if not 0 < len(user) < 256:
-                raise SOCKSConfigurationError("SOCKS5 username must be 1 to 255 bytes")
-            if not 0 < len(pw) < 256:
-                raise SOCKSConfigurationError("SOCKS5 password must be 1 to 255 bytes")
-            return bytes([0x01, len(user)]) + user + bytes([len(pw)]) + pw
+            return userpass_request(username, password)
         if method == "sap":
             if not jwt:
                 raise SOCKSConfigurationError(
