@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import attrs
 from attrs import field, frozen
 
 #: Canonical protocol name -> (protocol family, implicit TLS, default port).
@@ -306,7 +305,3 @@ class _Keys:
             raise DestinationError(self.name, "mailgw.pool.maxIdle", "must be more than 0 seconds")
         return {"pool_size": size, "pool_max_idle": max_idle}
 
-
-def evolve(destination: Destination, **changes: Any) -> Destination:
-    """A copy of ``destination`` with ``changes`` (used by sources for tenant-specific data)."""
-    return attrs.evolve(destination, **changes)

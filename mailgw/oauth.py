@@ -562,7 +562,7 @@ class _Call:
 class TokenClient(MultiService):
     """Obtains tokens from token services, off the reactor thread.
 
-    ``deadline`` (default: ``timeout``, gateway.yaml ``timeouts.token``) bounds a whole
+    ``deadline`` (gateway.yaml ``timeouts.token``) bounds a whole
     call, waiting for a slot included, however slowly the service trickles bytes: the
     Deferred then fails with ``timeout``, the slot is free for the next call, and the
     request's socket is shut down so its pool thread stops too.  At most
@@ -581,14 +581,12 @@ class TokenClient(MultiService):
         self,
         reactor: Any,
         pool_size: int = 4,
-        timeout: float = 10.0,
+        deadline: float = 10.0,
         max_concurrent: int | None = None,
-        deadline: float | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
-        self.timeout = float(timeout)
-        self.deadline = float(deadline) if deadline is not None else self.timeout
+        self.deadline = float(deadline)
         self.max_concurrent = max_concurrent or pool_size
         self._semaphore = DeferredSemaphore(self.max_concurrent)
         # A thread for every request admitted at once: a request that waits for a thread

@@ -14,9 +14,9 @@ from twisted.logger import Logger
 from zope.interface import Interface
 
 from . import audit as audit_log
-from . import logs, metrics
+from . import metrics
 from .blocking import BlockingPool
-from .config import ConfigError, GatewayConfig, HttpConfig, LoggingConfig, ProxyConfig
+from .config import ConfigError, GatewayConfig, HttpConfig, LoggingConfig
 from .destination import OAUTH2_CLIENT_CREDENTIALS, Destination
 from .endpoints.chain import socks_proxy, upstream_endpoint
 from .errors import GatewayError
@@ -62,14 +62,13 @@ class Gateway:
     the bookkeeping of open sessions (limits, metrics, drain)."""
 
     def __init__(
-        self, reactor, settings: Settings, source, *, tokens=None, proxy: ProxyConfig | None = None, proxy_endpoint=None,
+        self, reactor, settings: Settings, source, *, tokens=None, proxy_endpoint=None,
         audit=None, status: StatusBoard | None = None,
     ):
         self.reactor = reactor
         self.settings = settings
         self.source = source
         self.tokens = tokens
-        self.proxy = proxy
         self.proxy_endpoint = proxy_endpoint  # (destination, tenant) -> IStreamClientEndpoint
         self.sessions: set[GatewaySession] = set()
         self._per_destination: Counter[str] = Counter()
@@ -296,10 +295,8 @@ class GatewayService(service.MultiService):
     listeners are its own) are told when the drain starts.
     """
 
-    #: gateway.yaml's ``logging`` section (set by make_service)
+    #: gateway.yaml's ``logging`` section (set by make_service; the twistd plugin reads it)
     logging = LoggingConfig()
-    #: set by the twistd plugin when gateway.yaml asks for JSON logs (mailgw.logs)
-    log_observer = None
 
     def __init__(
         self,
@@ -331,12 +328,6 @@ class GatewayService(service.MultiService):
         self.status_providers: dict = {
             "pools": lambda: [pool.status() for pool in gateway.pools.values()],
         }
-
-    def setServiceParent(self, parent):
-        super().setServiceParent(parent)
-        if self.log_observer is not None:
-            # twistd's application: its AppLogger logs to this component (mailgw.logs)
-            logs.offer_observer(parent, self.log_observer)
 
     def listener_status(self) -> defer.Deferred:
         """Fires with a mailgw.status.ListenerInfo for every listening socket."""
@@ -392,10 +383,9 @@ class GatewayService(service.MultiService):
             gateway.source = StaticSource(config.destinations)
             gateway.settings = config.settings
             if self.owns_proxy:
-                gateway.proxy = config.connectivity_proxy
                 gateway.proxy_endpoint = _proxy_endpoint(gateway.reactor, config, gateway.tokens)
             if self.token_client is not None:
-                self.token_client.timeout = self.token_client.deadline = config.settings.token_timeout
+                self.token_client.deadline = config.settings.token_timeout
             if self.send_resource is not None and config.http is not None and config.http.send is not None:
                 # Rotating the tokens (after a leak, say) needs no restart.
                 self.send_resource.tokens = BearerTokens(config.http.send.tokens)
@@ -566,7 +556,7 @@ def make_service(
     check_listening(config, reactor, send_api=send_api)
     token_client = None
     if tokens is None:
-        token_client = TokenClient(reactor, timeout=config.settings.token_timeout, max_concurrent=config.settings.max_token_requests)
+        token_client = TokenClient(reactor, deadline=config.settings.token_timeout, max_concurrent=config.settings.max_token_requests)
         tokens = TokenProvider(token_client, TokenCache(reactor, observe=_count_token_cache))
     owns_proxy = proxy_endpoint is None
     if owns_proxy:
@@ -577,7 +567,7 @@ def make_service(
         raise ConfigError(f"{config.origin}: {e}") from None
     gateway = Gateway(
         reactor, config.settings, source or StaticSource(config.destinations),
-        tokens=tokens, proxy=config.connectivity_proxy, proxy_endpoint=proxy_endpoint,
+        tokens=tokens, proxy_endpoint=proxy_endpoint,
         audit=audit, status=StatusBoard(reactor),
     )
     gateway.debug = config.logging.level == "debug"

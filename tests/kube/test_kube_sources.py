@@ -189,7 +189,7 @@ CREDS = BtpCredentials("dest-client", "dest-secret", "http://provider.auth.test"
 def pools(reactor, in_reactor):
     """A worker pool and the token client, started; stopped at the end."""
     pool = BlockingPool(reactor, "test-btp", 2)
-    tokens = TokenClient(reactor, timeout=5)
+    tokens = TokenClient(reactor, deadline=5)
     in_reactor(pool.startService)
     in_reactor(tokens.start)
     yield pool, tokens
@@ -307,7 +307,7 @@ def test_btp_through_the_controller(fake, destsvc, reactor, in_reactor):
                             leader_election=False, retry_delay=0.05,
                             btp_instances={"dest-svc": "dest-svc-binding"})
     listeners = FakeListeners()
-    token_client = TokenClient(reactor, timeout=5)
+    token_client = TokenClient(reactor, deadline=5)
     in_reactor(token_client.start)
     controller = in_reactor(KubeController.create, api, listeners, settings, reactor, None,
                             TokenProvider(token_client, TokenCache(reactor)))

@@ -14,6 +14,7 @@ from twisted.python.logfile import LogFile
 
 from mailgw.config import parse_config
 from mailgw.logs import JsonLogObserver, event_record, isoformat, offer_observer, twistd_observer
+from mailgw.process import GatewayProcess
 from mailgw.service import make_service
 
 
@@ -98,15 +99,16 @@ def test_twistd_observer_follows_twistds_own_choice_of_file(tmp_path):
     assert json.loads((tmp_path / "gw.log").read_text())["message"] == "hello"
 
 
-def test_the_gateway_service_offers_its_observer_to_twistds_application(tmp_path):
+def test_the_gateway_process_offers_its_observer_to_twistds_application(tmp_path):
     observer = JsonLogObserver(io.StringIO())
     top = make_service(parse_config({"logging": {"format": "json"}}, "gw.yaml", tmp_path), Clock())
-    assert top.logging.format == "json"
-    top.log_observer = observer
+    assert top.logging.format == "json"  # what the twistd plugin reads to make the observer
+    process = GatewayProcess(top, Clock(), on_hangup=lambda: None)
+    process.log_observer = observer
     application = service.Application("mailgw")  # what twistd makes after makeService
-    top.setServiceParent(application)
+    process.setServiceParent(application)
     assert application.getComponent(ILogObserver) is observer  # what twistd's AppLogger reads
-    assert list(service.IServiceCollection(application)) == [top]
+    assert list(service.IServiceCollection(application)) == [process]
 
 
 def test_text_format_leaves_twistds_observer_alone(tmp_path):

@@ -43,7 +43,7 @@ def svc():
 
 @pytest.fixture
 def client(make_client):
-    return make_client(timeout=2.0)
+    return make_client(deadline=2.0)
 
 
 def destination(svc, authentication=OAUTH2_CLIENT_CREDENTIALS, **changes):
@@ -168,7 +168,7 @@ def test_service_down(reactor, client):
 
 
 def test_slow_service_times_out(reactor, svc, make_client):
-    client = make_client(timeout=0.3)
+    client = make_client(deadline=0.3)
     svc.delay = 2
     started = time.monotonic()
     error = expect_error(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
@@ -178,7 +178,7 @@ def test_slow_service_times_out(reactor, svc, make_client):
 
 
 def test_overall_deadline(reactor, svc, make_client):
-    client = make_client(timeout=5, deadline=0.3)
+    client = make_client(deadline=0.3)
     svc.delay = 5
     started = time.monotonic()
     error = expect_error(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
@@ -247,13 +247,13 @@ def test_https_required_without_the_test_switch(reactor, svc, client, monkeypatc
 
 
 def test_stopped_client(reactor, svc, make_client):
-    client = make_client(timeout=2.0)
+    client = make_client(deadline=2.0)
     in_reactor(client.stop)
     assert expect_error(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET).error_code == "stopped"
 
 
 def test_stop_fails_calls_in_flight(reactor, svc, make_client):
-    client = make_client(timeout=5)
+    client = make_client(deadline=5)
     svc.delay = 5
     outcome = []
 
@@ -270,7 +270,7 @@ def test_stop_fails_calls_in_flight(reactor, svc, make_client):
 
 
 def test_max_concurrent(reactor, svc, make_client):
-    client = make_client(timeout=2.0, max_concurrent=1, pool_size=4)
+    client = make_client(deadline=2.0, max_concurrent=1, pool_size=4)
     svc.delay = 0.1
 
     def three():
@@ -385,7 +385,7 @@ def test_exchange_refuses_other_authentication(svc, provider):
 
 def test_secrets_never_leak(reactor, svc, make_client, events, caplog):
     caplog.set_level(logging.DEBUG)
-    client = make_client(timeout=0.3)
+    client = make_client(deadline=0.3)
     provider = TokenProvider(client, TokenCache(Clock()))
     tokens = [
         in_reactor(provider.for_client_credentials, destination(svc)),

@@ -46,7 +46,7 @@ def failure_of(f, *args, **kwargs) -> TokenError:
 
 
 def test_response_over_one_mib_is_refused_without_reading_it_all(reactor, svc, make_client):
-    client = make_client(timeout=20)
+    client = make_client(deadline=20)
     svc.huge_body = 64 * 1024 * 1024
     before = counted("client_credentials", "error")
     error = failure_of(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
@@ -59,7 +59,7 @@ def test_response_over_one_mib_is_refused_without_reading_it_all(reactor, svc, m
 
 
 def test_response_just_under_the_cap_is_fine(reactor, svc, make_client):
-    client = make_client(timeout=20)
+    client = make_client(deadline=20)
     head, tail = b'{"access_token": "at-big", "expires_in": 60, "padding": "', b'"}'
     svc.garbage = head + b"p" * (MAX_RESPONSE_BYTES - len(head) - len(tail)) + tail
     token = in_reactor(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
@@ -72,7 +72,7 @@ def test_response_just_under_the_cap_is_fine(reactor, svc, make_client):
 def test_trickling_service_meets_the_deadline_and_the_slot_is_free_again(reactor, svc, make_client):
     # One slot and one thread: the second request can only succeed if the first one's
     # slot was released and its thread stopped at the deadline.
-    client = make_client(timeout=1.0, max_concurrent=1, pool_size=1)
+    client = make_client(deadline=1.0, max_concurrent=1, pool_size=1)
     svc.trickle = 0.05  # a byte every 50 ms: every read succeeds long before its timeout
     before = counted("client_credentials", "timeout")
     error = failure_of(client.client_credentials, svc.token_url, CLIENT_ID, CLIENT_SECRET)
@@ -87,7 +87,7 @@ def test_trickling_service_meets_the_deadline_and_the_slot_is_free_again(reactor
 
 
 def test_trickle_while_others_wait_for_the_slot(reactor, svc, make_client):
-    client = make_client(timeout=1.0, max_concurrent=1, pool_size=2)
+    client = make_client(deadline=1.0, max_concurrent=1, pool_size=2)
     svc.trickle = 0.05
 
     def two():
@@ -106,7 +106,7 @@ def test_trickle_while_others_wait_for_the_slot(reactor, svc, make_client):
 
 @pytest.mark.parametrize("client_auth", ["basic", "body"])
 def test_echoed_credentials_are_redacted(reactor, svc, make_client, events, client_auth):
-    client = make_client(timeout=10)
+    client = make_client(deadline=10)
     svc.echo_credentials = True
     before = counted("refresh_token", "refused")
     error = failure_of(client.exchange, REFRESH_TOKEN, svc.token_url, CLIENT_ID, CLIENT_SECRET, REFRESH, client_auth=client_auth)
@@ -185,7 +185,7 @@ def test_token_cache_lookups_are_counted():
 
 
 def test_stop_interrupts_a_trickling_request(reactor, svc, make_client):
-    client = make_client(timeout=30)
+    client = make_client(deadline=30)
     svc.trickle = 0.05
     outcome = []
     started = threading.Event()
