@@ -71,8 +71,17 @@ def _mount_send(root: resource.Resource, send: SendResource) -> None:
     root.putChild(b"v1", v1)
 
 
+class _Site(server.Site):
+    """A Site without Twisted's access log: its lines would carry the send API's
+    recipients (they are in the path) into the gateway's log, and a line for every probe
+    and scrape.  The audit log records send API requests (SPEC 9.3)."""
+
+    def log(self, request):
+        pass
+
+
 def _site(root: resource.Resource, send: SendResource | None) -> server.Site:
-    site = server.Site(root)
+    site = _Site(root)
     site.displayTracebacks = False
     # Bodies that would be refused are answered before they are read: the send API's
     # limit and tokens where it is mounted, a small limit where nothing takes a body.
