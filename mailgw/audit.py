@@ -212,6 +212,7 @@ class AuditLog(Service):
         self._queue: deque[str] = deque()
         self._lock = threading.Condition()
         self._stopping = False
+        self._reopen = False  # the writer opens the file again before its next batch
         self._thread: threading.Thread | None = None
         self._stopped: defer.Deferred | None = None
         #: records written, dropped (queue full or the write failed), since start
@@ -238,6 +239,15 @@ class AuditLog(Service):
         if not accepted:
             self._dropped(1, "the writer is behind (queue full)")
         return accepted
+
+    def reopen(self) -> None:
+        """Open the file again (SIGHUP: logrotate has moved it away); lines queued
+        meanwhile go to the new file.  Standard output and given streams stay."""
+        if not self._owns_stream:
+            return
+        with self._lock:
+            self._reopen = True
+            self._lock.notify()
 
     @property
     def queued(self) -> int:
@@ -299,11 +309,13 @@ class AuditLog(Service):
         done = self._stopped
         while True:
             with self._lock:
-                while not self._queue and not self._stopping:
+                while not self._queue and not self._stopping and not self._reopen:
                     self._lock.wait()
                 batch = list(self._queue)
                 self._queue.clear()
-                stopping = self._stopping
+                stopping, reopen, self._reopen = self._stopping, self._reopen, False
+            if reopen:
+                self._reopen_stream()
             if batch:
                 self._write_batch(batch)
             if stopping and not batch:
@@ -315,6 +327,18 @@ class AuditLog(Service):
                 pass
         if done is not None:
             self.reactor.callFromThread(done.callback, None)
+
+    def _reopen_stream(self) -> None:
+        try:
+            fresh = _open(self.path)
+        except AuditOpenError as e:
+            self.reactor.callFromThread(log.error, "{error}; writing on to the file already open", error=str(e))
+            return
+        old, self._stream = self._stream, fresh
+        try:
+            old.close()
+        except OSError:
+            pass
 
     def _write_batch(self, batch: list[str]) -> None:
         try:

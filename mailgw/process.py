@@ -153,7 +153,8 @@ class GatewayProcess(MultiService):
 
 
 class ConfigReloader:
-    """Re-reads ``path`` and applies it to ``gateway_service`` (standalone SIGHUP).
+    """Re-reads ``path`` and applies it to ``gateway_service`` (standalone SIGHUP),
+    after reopening the audit file (logrotate moves it, then sends SIGHUP).
 
     A file that cannot be used -- unreadable, invalid, or naming a listener that cannot
     listen -- keeps the running configuration and logs exactly one line,
@@ -168,6 +169,7 @@ class ConfigReloader:
         self._again = False
 
     def __call__(self) -> defer.Deferred:
+        self.gateway_service.reopen_files()  # whether or not the file is good (logrotate)
         if self._busy:
             self._again = True
             return defer.succeed(None)

@@ -355,6 +355,11 @@ class GatewayService(service.MultiService):
         (``getHost()`` tells where port 0 landed)."""
         return defer.succeed([item.port for item in self.listeners.listeners])
 
+    def reopen_files(self) -> None:
+        """Open the audit file again (SIGHUP after logrotate moved it)."""
+        if self.gateway.audit is not None:
+            self.gateway.audit.reopen()
+
     def reconfigure(self, config: GatewayConfig) -> defer.Deferred:
         """Apply a re-read configuration file (SIGHUP, SPEC 9.5).
 

@@ -179,3 +179,24 @@ def test_sighup_rotates_the_send_api_tokens(tmp_path, smtp_sink):
         assert (status("old-token-1"), status("new-token-2")) == (403, 200)
         assert "takes effect at the next restart" not in gateway.log()
         assert gateway.stop() in (0, -signal.SIGTERM)
+
+
+def test_sighup_reopens_the_audit_file_after_logrotate(tmp_path, smtp_sink):
+    port = realservers.free_port()
+    write_config(tmp_path / "gateway.yaml", {
+        "destinations": [plain("office", smtp_sink)], "listeners": [listener(port)],
+        "audit": {"path": "audit.jsonl"},
+    })
+    audit, rotated = tmp_path / "audit.jsonl", tmp_path / "audit.jsonl.1"
+    with Twistd(["mailgw", "--config", "gateway.yaml"], tmp_path) as gateway:
+        wait_until(lambda: greets(port), "the gateway to greet")
+        send(port, uuid.uuid4().hex)
+        wait_until(lambda: audit.read_text().count('"outcome":"relayed"') == 1, "the first audit line")
+        audit.rename(rotated)  # what logrotate does before it sends SIGHUP
+        gateway.signal(signal.SIGHUP)
+        gateway.wait_for_log("configuration reloaded from gateway.yaml")
+        send(port, uuid.uuid4().hex)
+        wait_until(lambda: audit.exists() and '"outcome":"relayed"' in audit.read_text(), "an audit line in the new file")
+        assert gateway.stop() in (0, -signal.SIGTERM)
+    relayed = '"outcome":"relayed"'  # (greets() made a session of its own before the first)
+    assert rotated.read_text().count(relayed) == 1 and audit.read_text().count(relayed) == 1

@@ -194,6 +194,21 @@ def test_writes_one_json_line_per_record_to_a_file(tmp_path):
     assert audit.written == 3 and audit.dropped == 0 and audit.queued == 0
 
 
+def test_reopen_after_logrotate_moved_the_file(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    clock = ThreadClock()
+    audit = AuditLog(str(path), reactor=clock)
+    audit.startService()
+    audit.write(session(sid="before"))
+    clock.pump(lambda: audit.written == 1)
+    path.rename(tmp_path / "audit.jsonl.1")  # what logrotate does, then it sends SIGHUP
+    audit.reopen()
+    audit.write(session(sid="after"))
+    stop(audit, clock)
+    assert [r["sid"] for r in lines_of((tmp_path / "audit.jsonl.1").read_text())] == ["before"]
+    assert [r["sid"] for r in lines_of(path.read_text())] == ["after"]
+
+
 def test_standard_output_mode_writes_to_the_stdout_of_its_making(capsys):
     clock = ThreadClock()
     audit = AuditLog("-", reactor=clock)
