@@ -284,8 +284,10 @@ class GatewaySession(Protocol):
         d.addCallbacks(lambda result: self._run(then(result)), lambda f: self._failed(f, failed))
 
     def _failed(self, failure: Failure, failed: Callable | None) -> None:
-        if failure.check(defer.CancelledError) and self.machine.phase is Phase.CLOSED:
-            return  # we cancelled it: the session is gone
+        if self.machine.phase in (Phase.CLOSING, Phase.CLOSED):
+            # The session is ending and cancelled what it waited for; whatever that
+            # failed with (CancelledError, a connector's UserError...) is no news.
+            return
         refusal = self._describe(failure)
         self._run((failed or self.machine.failed)(refusal))
 

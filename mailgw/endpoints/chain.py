@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from twisted.internet import error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
@@ -71,7 +72,14 @@ class AddressEndpoint:
 
     def connect(self, protocol_factory) -> Deferred:
         connector = None
-        done = Deferred(lambda _: connector.stopConnecting())
+
+        def cancel(done: Deferred) -> None:
+            # As Twisted's own endpoints do: fail first, so that stopConnecting's
+            # UserError (which reaches clientConnectionFailed) finds it settled.
+            done.errback(error.ConnectingCancelledError(connector.getDestination()))
+            connector.stopConnecting()
+
+        done = Deferred(cancel)
         # (connectTCP takes IPv4 and IPv6 address literals alike)
         connector = self.reactor.connectTCP(self.host, self.port, _Direct(protocol_factory, done), timeout=self.timeout)
         return done

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from twisted.internet import error
+from twisted.internet.defer import Deferred
 
 from mailgw.destination import parse_destination
 from mailgw.protocol.session import Phase
@@ -101,3 +103,29 @@ def test_drain_timeout_closes_open_sessions_with_goodbye(released):
     assert app.value().startswith(b"421 4.3.2 mailgw: the gateway is shutting down") and app.disconnecting
     session.connectionLost(None)
     assert done.called and gateway.draining
+
+
+class StoppedConnecting:
+    """An upstream endpoint whose connect never completes and, cancelled, fails as a
+    real connector does when told to stop connecting (UserError)."""
+
+    def connect(self, factory):
+        return Deferred(lambda d: d.errback(error.UserError()))
+
+
+def internal_errors(events):
+    return [e for e in events if "internal error" in e.get("log_format", "")]
+
+
+@pytest.mark.parametrize("ending", ["application hangs up", "refused while connecting"])
+def test_ending_a_session_while_it_connects_is_no_internal_error(events, ending):
+    clock, gateway, _ = in_memory_gateway(PLAIN_SMTP, settings=Settings(max_line=100))
+    gateway.upstream_endpoint = lambda destination, tenant: StoppedConnecting()
+    session, app = open_session(gateway, Route("plain"))
+    assert session._pending  # the connect is in flight
+    if ending == "application hangs up":
+        session.connectionLost(None)
+    else:
+        session.dataReceived(b"x" * 200)  # too much before the greeting: refused
+        assert app.value().startswith(b"554 ")
+    assert not session._pending and internal_errors(events) == []
