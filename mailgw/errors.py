@@ -61,7 +61,7 @@ def describe(failure: Failure | BaseException, address: str) -> Refusal:
         return Refusal(f"token service: {exc}", Reason.TOKEN, permanent=not transient)
     if isinstance(exc, error.ConnectionRefusedError):
         return Refusal(f"connection refused by {address}", Reason.CONNECT, permanent=False)
-    if isinstance(exc, (error.TimeoutError, defer.TimeoutError, defer.CancelledError)):
+    if isinstance(exc, (error.TimeoutError, error.TCPTimedOutError, defer.TimeoutError, defer.CancelledError)):
         return Refusal(f"timed out connecting to {address}", Reason.TIMEOUT, permanent=False)
     if isinstance(exc, error.DNSLookupError):
         return Refusal(f"cannot resolve the host name of {address}", Reason.DNS, permanent=False)
@@ -77,9 +77,10 @@ def describe(failure: Failure | BaseException, address: str) -> Refusal:
         return Refusal(f"{address} closed the connection", Reason.CONNECT, permanent=False)
     if isinstance(exc, GatewayError):
         return Refusal(exc.safe_message, exc.reason, exc.permanent)
-    explain = getattr(exc, "safe_message", None)  # typed errors of other layers of ours
-    if isinstance(explain, str):
-        return Refusal(explain, getattr(exc, "reason", Reason.CONNECT), getattr(exc, "permanent", True))
+    if isinstance(exc, error.ConnectError):
+        # The rest of Twisted's connect failures (bind, EMFILE, an unknown host...):
+        # their text is the operating system's reason, never anything of ours.
+        return Refusal(f"cannot connect to {address}: {exc}", Reason.CONNECT, permanent=False)
     # A bug of ours or an exception nobody classified: the caller logs the traceback;
     # the application reads no internal name.
     return Refusal("internal error in the gateway", Reason.INTERNAL, permanent=False)

@@ -305,11 +305,17 @@ class GatewaySession(Protocol):
             self._close()
 
     def _connect(self, destination) -> None:
-        if destination.implicit_tls or destination.starttls_enable:
-            self._tls_options = client_tls_options(destination)
-        endpoint = self.gateway.upstream_endpoint(destination, self.route.tenant)
-        self._marks["connect"] = self.reactor.seconds()
-        d = endpoint.connect(_UpstreamFactory(self))
+        try:
+            # Unusable PEM files, an OnPremise destination without a proxy: refusals
+            # with their own messages (errors.describe), like a failed connect.
+            if destination.implicit_tls or destination.starttls_enable:
+                self._tls_options = client_tls_options(destination)
+            endpoint = self.gateway.upstream_endpoint(destination, self.route.tenant)
+            self._marks["connect"] = self.reactor.seconds()
+            d = endpoint.connect(_UpstreamFactory(self))
+        except Exception:
+            self._failed(Failure(), None)
+            return
         self._pending.add(d)
 
         def settled(result):

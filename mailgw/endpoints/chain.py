@@ -17,12 +17,18 @@ from twisted.internet.protocol import ClientFactory
 from zope.interface import implementer
 
 from ..destination import Destination
+from ..errors import GatewayError
+from ..protocol.refusal import Reason
 
 ProxyEndpointFactory = Callable[[Destination, "str | None"], IStreamClientEndpoint]
 
 
-class ConfigurationError(ValueError):
-    """The gateway's configuration cannot serve a destination (e.g. no proxy for OnPremise)."""
+class ConfigurationError(GatewayError, ValueError):
+    """The gateway's configuration cannot serve a destination (e.g. no proxy for
+    OnPremise): a session that needs it is refused under ``connect``, with this message."""
+
+    def __init__(self, message: str):
+        super().__init__(message, permanent=True, reason=Reason.CONNECT)
 
 
 def upstream_endpoint(

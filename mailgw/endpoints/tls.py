@@ -18,6 +18,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..destination import Destination
+from ..errors import GatewayError
+from ..protocol.refusal import Reason
 
 log = Logger()
 
@@ -28,8 +30,12 @@ MAX_PEM_BYTES = 4 * 1024 * 1024
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
-class TLSConfigError(ValueError):
-    """A destination's TrustStoreLocation or KeyStoreLocation cannot be used."""
+class TLSConfigError(GatewayError, ValueError):
+    """A destination's TrustStoreLocation or KeyStoreLocation cannot be used (a
+    session that needs it is refused under ``tls``, with this message)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, permanent=True, reason=Reason.TLS)
 
 
 def _read(destination: Destination, key: str, path: str) -> bytes:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 from twisted.internet import error
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
+from mailgw import errors
 from mailgw.destination import parse_destination
+from mailgw.endpoints.chain import ConfigurationError
 from mailgw.protocol.session import Phase
 from mailgw.settings import Route, Settings
-from support.destinations import plain
+from support.destinations import mail, plain
 from support.inmemory import in_memory_gateway, open_session
 
 PLAIN_SMTP = parse_destination(plain("plain"))
@@ -129,3 +132,31 @@ def test_ending_a_session_while_it_connects_is_no_internal_error(events, ending)
         session.dataReceived(b"x" * 200)  # too much before the greeting: refused
         assert app.value().startswith(b"554 ")
     assert not session._pending and internal_errors(events) == []
+
+
+@pytest.mark.parametrize("exc, reason", [
+    (error.TCPTimedOutError(), "timeout"),
+    (error.ConnectBindError(), "connect"),
+    (error.UnknownHostError(), "connect"),
+    (error.ConnectError(osError=24, string="Too many open files"), "connect"),
+])
+def test_network_failures_are_refusals_of_their_class_not_internal_errors(exc, reason):
+    refusal = errors.describe(Failure(exc), "mail.example.org:587")
+    assert refusal.reason.value == reason and not refusal.permanent
+    assert refusal.text.startswith(("cannot connect to mail.example.org:587", "timed out connecting to"))
+
+
+def test_a_destination_the_gateway_cannot_reach_is_refused_with_its_reason(events, tmp_path):
+    smtps = parse_destination(mail("tls", "smtps", 465, ca=tmp_path / "missing.pem"))
+    clock, gateway, _ = in_memory_gateway(PLAIN_SMTP, smtps)
+
+    def no_proxy(destination, tenant):
+        raise ConfigurationError(f"destination {destination.name!r} is OnPremise but no connectivityProxy is configured")
+
+    gateway.upstream_endpoint = no_proxy
+    session, app = open_session(gateway, Route("plain"))
+    assert app.value().startswith(b"554 5.3.0 mailgw: destination plain: destination 'plain' is OnPremise")
+    session, app = open_session(gateway, Route("tls"))
+    assert b"cannot read" in app.value() and b"missing.pem" in app.value()
+    kinds = {name: entry["last_failure"]["kind"] for name, entry in gateway.status.destinations().items()}
+    assert kinds == {"plain": "connect", "tls": "tls"} and internal_errors(events) == []
