@@ -142,16 +142,24 @@ class Gateway:
 
     def session_started(self, session: GatewaySession) -> Refusal | None:
         """Count a new session; the refusal when it is over a limit (SPEC 6, 9.6)."""
-        name, client = session.route.destination, _client_host(session.client)
+        name, client = session.route.destination, session.client_host
         self.sessions.add(session)
         self._per_destination[name] += 1
         self._per_client[client] += 1
         counted = self._metrics_of(name)
         counted.accepted.inc()
         counted.active.inc()
-        if self._per_destination[name] > self.settings.max_sessions_per_destination:
+        return self._over_limits(name, client)
+
+    def admits(self, route: Route, client_host: str) -> bool:
+        """Whether one more session of ``route`` from ``client_host`` is within the limits."""
+        return self._over_limits(route.destination, client_host, joining=1) is None
+
+    def _over_limits(self, name: str, client: str, joining: int = 0) -> Refusal | None:
+        """The refusal when the sessions counted (plus ``joining``) exceed a limit."""
+        if self._per_destination[name] + joining > self.settings.max_sessions_per_destination:
             return Refusal("too many sessions for this destination, try again later", Reason.LIMIT, permanent=False)
-        if self._per_client[client] > self.settings.max_sessions_per_client:
+        if self._per_client[client] + joining > self.settings.max_sessions_per_client:
             return Refusal(f"too many sessions from {client}, try again later", Reason.LIMIT, permanent=False)
         return None
 
@@ -187,7 +195,7 @@ class Gateway:
         name = session.route.destination
         self.sessions.discard(session)
         self._per_destination[name] -= 1
-        client = _client_host(session.client)
+        client = session.client_host
         self._per_client[client] -= 1
         if not self._per_client[client]:
             del self._per_client[client]
@@ -268,11 +276,6 @@ class Gateway:
         timer = self.reactor.callLater(timeout, give_up)
         waiting.addBoth(lambda _: timer.cancel() if timer.active() else None)
         return waiting
-
-
-def _client_host(client: str) -> str:
-    """The address part of ``host:port`` (IPv6 addresses have colons of their own)."""
-    return client.rsplit(":", 1)[0]
 
 
 class IDrainParticipant(Interface):

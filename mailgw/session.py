@@ -60,9 +60,13 @@ class GatewayFactory(Factory):
         self.gateway = gateway
 
     def buildProtocol(self, addr):
-        # A warm pool's session, logged in already, when one is ready (SPEC 9.7).
+        # A warm pool's session, logged in already, when one is ready (SPEC 9.7) and the
+        # limits admit one more session: a session they refuse must not use up (and
+        # close) a logged-in upstream connection.
         pool = self.gateway.pools.get(self.route)
-        warm = pool.take() if pool is not None else None
+        warm = None
+        if pool is not None and self.gateway.admits(self.route, client_host(addr)):
+            warm = pool.take()
         return warm or GatewaySession(self.route, self.gateway)
 
 
@@ -115,7 +119,8 @@ class GatewaySession(Protocol):
         self.sid = f"s{next(_session_ids)}"
         self.pool = pool  # a warm pool's session until an application takes it
         self.machine = SessionMachine(route, gateway.settings, gateway.family_of(route), warm=pool is not None)
-        self.client = "?"
+        self.client = "?"  # host:port, for the audit log
+        self.client_host = "?"  # what the per-client limit counts
         self.started_at = self.reactor.seconds()
         self.upstream_tls: str | None = None  # the negotiated TLS version, for the audit
         self._upstream: _UpstreamProtocol | None = None
@@ -139,6 +144,7 @@ class GatewaySession(Protocol):
     def connectionMade(self):
         peer = self.transport.getPeer()
         self.client = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.client_host = client_host(peer)
         self.transport.registerProducer(self, True)
         refusal = self.gateway.session_started(self)
         if self.pool is not None:  # a warm session taken from its pool
@@ -408,6 +414,11 @@ class GatewaySession(Protocol):
             self.relay.close()
         else:
             self._run(self.machine.shutdown(reason))
+
+
+def client_host(address) -> str:
+    """What the per-client session limit counts for a peer ``address``: its host."""
+    return getattr(address, "host", "?")
 
 
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn}

@@ -9,18 +9,18 @@ from mailgw.destination import parse_destination
 from mailgw.pool import UpstreamPool
 from mailgw.protocol.session import Phase
 from mailgw.session import GatewayFactory
-from mailgw.settings import Route
+from mailgw.settings import Route, Settings
 from support.destinations import plain
-from support.inmemory import Transport, in_memory_gateway
+from support.inmemory import Transport, in_memory_gateway, open_session
 
 
 def destination(**extra):
     return parse_destination(plain("warm", **{"mailgw.pool.size": "2", "mailgw.pool.maxIdle": "60", **extra}))
 
 
-def make(dest=None):
+def make(dest=None, settings=Settings()):
     dest = dest or destination()
-    clock, gateway, upstreams = in_memory_gateway(dest)
+    clock, gateway, upstreams = in_memory_gateway(dest, settings=settings)
     route = Route("warm")
     pool = UpstreamPool(gateway, route, dest, rng=random.Random(1))
     gateway.pools[route] = pool
@@ -127,3 +127,18 @@ def test_draining_stops_the_pools():
     upstreams.smtp_ready(0)
     gateway.drain(10)
     assert not gateway.pools and all(transport.disconnected for _, transport in upstreams.connections)
+
+
+def test_a_session_over_the_limits_is_refused_without_taking_a_warm_connection():
+    clock, gateway, pool, upstreams, factory = make(
+        destination(**{"mailgw.pool.size": "1"}), Settings(max_sessions_per_destination=1)
+    )
+    warm = upstreams.smtp_ready(0)
+    open_session(gateway, Route("warm"))  # the one session the destination may have
+    session = factory.buildProtocol(None)
+    assert session.pool is None and session.machine.phase is Phase.STARTING
+    app = Transport()
+    session.makeConnection(app)
+    assert app.value().startswith(b"421 ") and b"too many sessions" in app.value()
+    # The logged-in connection waits for the next application; nothing was replaced.
+    assert len(pool.ready) == 1 and not warm.disconnected and pool.served == 0
