@@ -145,21 +145,23 @@ class Gateway:
         name, client = session.route.destination, session.client_host
         self.sessions.add(session)
         self._per_destination[name] += 1
-        self._per_client[client] += 1
+        if client is not None:
+            self._per_client[client] += 1
         counted = self._metrics_of(name)
         counted.accepted.inc()
         counted.active.inc()
         return self._over_limits(name, client)
 
-    def admits(self, route: Route, client_host: str) -> bool:
+    def admits(self, route: Route, client_host: str | None) -> bool:
         """Whether one more session of ``route`` from ``client_host`` is within the limits."""
         return self._over_limits(route.destination, client_host, joining=1) is None
 
-    def _over_limits(self, name: str, client: str, joining: int = 0) -> Refusal | None:
-        """The refusal when the sessions counted (plus ``joining``) exceed a limit."""
+    def _over_limits(self, name: str, client: str | None, joining: int = 0) -> Refusal | None:
+        """The refusal when the sessions counted (plus ``joining``) exceed a limit.  A
+        client without an IP address (``None``: a UNIX socket) has no per-client limit."""
         if self._per_destination[name] + joining > self.settings.max_sessions_per_destination:
             return Refusal("too many sessions for this destination, try again later", Reason.LIMIT, permanent=False)
-        if self._per_client[client] + joining > self.settings.max_sessions_per_client:
+        if client is not None and self._per_client[client] + joining > self.settings.max_sessions_per_client:
             return Refusal(f"too many sessions from {client}, try again later", Reason.LIMIT, permanent=False)
         return None
 
@@ -196,9 +198,10 @@ class Gateway:
         self.sessions.discard(session)
         self._per_destination[name] -= 1
         client = session.client_host
-        self._per_client[client] -= 1
-        if not self._per_client[client]:
-            del self._per_client[client]
+        if client is not None:
+            self._per_client[client] -= 1
+            if not self._per_client[client]:
+                del self._per_client[client]
         counted = self._metrics_of(name)
         counted.active.dec()
         outcome = session.machine.outcome.value

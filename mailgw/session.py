@@ -14,6 +14,7 @@ import itertools
 from typing import Callable
 
 from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger, LogLevel
@@ -120,7 +121,7 @@ class GatewaySession(Protocol):
         self.pool = pool  # a warm pool's session until an application takes it
         self.machine = SessionMachine(route, gateway.settings, gateway.family_of(route), warm=pool is not None)
         self.client = "?"  # host:port, for the audit log
-        self.client_host = "?"  # what the per-client limit counts
+        self.client_host: str | None = None  # what the per-client limit counts
         self.started_at = self.reactor.seconds()
         self.upstream_tls: str | None = None  # the negotiated TLS version, for the audit
         self._upstream: _UpstreamProtocol | None = None
@@ -416,9 +417,13 @@ class GatewaySession(Protocol):
             self._run(self.machine.shutdown(reason))
 
 
-def client_host(address) -> str:
-    """What the per-client session limit counts for a peer ``address``: its host."""
-    return getattr(address, "host", "?")
+def client_host(address) -> str | None:
+    """What the per-client session limit counts for a peer ``address``: its IP address;
+    ``None`` for a peer without one (a UNIX socket's), which that limit leaves alone
+    rather than lumping every such client together."""
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return address.host
+    return None
 
 
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet import error
+from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
@@ -160,3 +161,12 @@ def test_a_destination_the_gateway_cannot_reach_is_refused_with_its_reason(event
     assert b"cannot read" in app.value() and b"missing.pem" in app.value()
     kinds = {name: entry["last_failure"]["kind"] for name, entry in gateway.status.destinations().items()}
     assert kinds == {"plain": "connect", "tls": "tls"} and internal_errors(events) == []
+
+
+def test_the_per_client_limit_counts_ip_clients_and_leaves_unix_socket_clients_alone():
+    clock, gateway, _ = in_memory_gateway(PLAIN_SMTP, settings=Settings(max_sessions_per_client=1))
+    first = [open_session(gateway, Route("plain"), UNIXAddress(None))[1] for _ in range(3)]
+    assert not any(app.value() for app in first)  # no refusal: UNIX peers have no address to count
+    open_session(gateway, Route("plain"), IPv4Address("TCP", "192.0.2.7", 1000))
+    _, app = open_session(gateway, Route("plain"), IPv4Address("TCP", "192.0.2.7", 1001))
+    assert app.value().startswith(b"421 ") and b"too many sessions from 192.0.2.7" in app.value()
