@@ -86,7 +86,7 @@ class _UpstreamProtocol(Protocol):
         self.session._upstream_data(data)
 
     def handshakeCompleted(self):
-        self.session._run(self.session.machine.upstream_tls_done())
+        self.session._feed(self.session.machine.upstream_tls_done)
 
     def connectionLost(self, reason=None):
         self.session._upstream_lost(reason)
@@ -150,20 +150,23 @@ class GatewaySession(Protocol):
         refusal = self.gateway.session_started(self)
         if self.pool is not None:  # a warm session taken from its pool
             self.pool, self.started_at = None, self.reactor.seconds()
-            self._run(self.machine.app_attached(refusal))
+            self._feed(self.machine.app_attached, refusal)
             return
-        self._run(self.machine.failed(refusal) if refusal is not None else self.machine.accepted())
+        if refusal is not None:
+            self._feed(self.machine.failed, refusal)
+        else:
+            self._feed(self.machine.accepted)
 
     def start_warming(self) -> None:
         """A warm pool's session: connect and log in before any application comes."""
-        self._run(self.machine.accepted())
+        self._feed(self.machine.accepted)
 
     def dataReceived(self, data: bytes):
         # (at release the relay's from_app takes this method's place: see _release)
-        self._run(self.machine.app_data(data))
+        self._feed(self.machine.app_data, data)
 
     def connectionLost(self, reason=None):
-        self._run(self.machine.closed())
+        self._feed(self.machine.closed)
         for pending in list(self._pending):
             pending.cancel()
         if self.relay is not None:
@@ -191,10 +194,10 @@ class GatewaySession(Protocol):
             upstream.transport.abortConnection()
             return
         self._upstream = upstream
-        self._run(self.machine.upstream_connected())
+        self._feed(self.machine.upstream_connected)
 
     def _upstream_data(self, data: bytes):
-        self._run(self.machine.upstream_data(data))
+        self._feed(self.machine.upstream_data, data)
 
     def _upstream_lost(self, reason: Failure | None):
         self._upstream = None
@@ -206,17 +209,20 @@ class GatewaySession(Protocol):
         refusal = None
         if reason is not None and not reason.check(error.ConnectionDone):
             refusal = self._describe(reason)
-        self._run(self.machine.upstream_lost(refusal))
+        self._feed(self.machine.upstream_lost, refusal)
 
     # -- carrying out actions ------------------------------------------------------------
 
-    def _run(self, actions: list) -> None:
+    def _feed(self, event: Callable[..., list], *args) -> None:
+        """Give the machine an event (``event(*args)``, a machine method) and carry out
+        the actions it returns."""
         try:
-            for action in actions:
+            for action in event(*args):
                 self._do(action)
         except Exception:
-            # A bug of ours (a machine misused, an action we cannot carry out): log it
-            # with its traceback and end this session only.
+            # A bug of ours (a machine misused, an action we cannot carry out), whether
+            # the machine raised it or an action did: log it with its traceback and end
+            # this session only.
             log.failure("session {sid}: internal error", sid=self.sid)
             self._internal_error()
 
@@ -276,10 +282,10 @@ class GatewaySession(Protocol):
             self._failed(Failure(), failed)
             return
         if not isinstance(d, defer.Deferred):  # an answer at once (a static source)
-            self._run(then(d))
+            self._feed(then, d)
             return
         if d.called:  # a cache hit: no need to track it
-            d.addCallbacks(lambda result: self._run(then(result)), lambda f: self._failed(f, failed))
+            d.addCallbacks(lambda result: self._feed(then, result), lambda f: self._failed(f, failed))
             return
         self._pending.add(d)
 
@@ -288,7 +294,7 @@ class GatewaySession(Protocol):
             return result
 
         d.addBoth(settled)
-        d.addCallbacks(lambda result: self._run(then(result)), lambda f: self._failed(f, failed))
+        d.addCallbacks(lambda result: self._feed(then, result), lambda f: self._failed(f, failed))
 
     def _failed(self, failure: Failure, failed: Callable | None) -> None:
         if self.machine.phase in (Phase.CLOSING, Phase.CLOSED):
@@ -296,7 +302,7 @@ class GatewaySession(Protocol):
             # failed with (CancelledError, a connector's UserError...) is no news.
             return
         refusal = self._describe(failure)
-        self._run((failed or self.machine.failed)(refusal))
+        self._feed(failed or self.machine.failed, refusal)
 
     def _describe(self, failure: Failure) -> Refusal:
         address = self.destination.address if self.destination else self.route.destination
@@ -307,9 +313,13 @@ class GatewaySession(Protocol):
 
     def _internal_error(self) -> None:
         if self.machine.phase in (Phase.STARTING, Phase.DIALOGUE):
-            self._run(self.machine.failed(Refusal("internal error in the gateway", Reason.INTERNAL, permanent=False)))
-        else:
-            self._close()
+            try:
+                for action in self.machine.failed(Refusal("internal error in the gateway", Reason.INTERNAL, permanent=False)):
+                    self._do(action)
+                return
+            except Exception:  # not even the refusal works: close without it
+                log.failure("session {sid}: internal error while refusing", sid=self.sid)
+        self._close()
 
     def _connect(self, destination) -> None:
         try:
@@ -377,7 +387,7 @@ class GatewaySession(Protocol):
     def _discard(self, refusal: Refusal) -> None:
         """A warm session that cannot serve: close it; its pool replaces it."""
         pool, self.pool = self.pool, None
-        self._run(self.machine.closed())
+        self._feed(self.machine.closed)
         self._close()
         if pool is not None:
             pool.discarded(self, refusal)
@@ -385,7 +395,7 @@ class GatewaySession(Protocol):
     def retire(self, reason: str) -> None:
         """Close a warm session that waits in its pool (flush, stop)."""
         self.pool = None
-        self._run(self.machine.closed())
+        self._feed(self.machine.closed)
         self._close()
 
     # -- timers --------------------------------------------------------------------------
@@ -404,7 +414,7 @@ class GatewaySession(Protocol):
 
     def _timer_fired(self, name: str) -> None:
         self._timers.pop(name, None)
-        self._run(self.machine.timer(name))
+        self._feed(self.machine.timer, name)
 
     # -- shutdown ------------------------------------------------------------------------
 
@@ -414,7 +424,7 @@ class GatewaySession(Protocol):
             self.transport.write(self.machine.goodbye_bytes(reason))
             self.relay.close()
         else:
-            self._run(self.machine.shutdown(reason))
+            self._feed(self.machine.shutdown, reason)
 
 
 def client_host(address) -> str | None:

@@ -11,6 +11,7 @@ from twisted.python.failure import Failure
 from mailgw import errors
 from mailgw.destination import parse_destination
 from mailgw.endpoints.chain import ConfigurationError
+from mailgw.protocol.actions import MisuseError
 from mailgw.protocol.session import Phase
 from mailgw.settings import Route, Settings
 from support.destinations import mail, plain
@@ -170,3 +171,24 @@ def test_the_per_client_limit_counts_ip_clients_and_leaves_unix_socket_clients_a
     open_session(gateway, Route("plain"), IPv4Address("TCP", "192.0.2.7", 1000))
     _, app = open_session(gateway, Route("plain"), IPv4Address("TCP", "192.0.2.7", 1001))
     assert app.value().startswith(b"421 ") and b"too many sessions from 192.0.2.7" in app.value()
+
+
+def misused(*args):
+    raise MisuseError("a machine called in a state that does not allow it")
+
+
+@pytest.mark.parametrize("greeted", [False, True])
+def test_a_machine_misused_ends_only_its_session_as_an_internal_error(events, greeted):
+    clock, gateway, session, app, endpoint = make()
+    if greeted:
+        endpoint.smtp_ready()
+        app.clear()
+        session.machine.app_data = misused
+        session.dataReceived(b"NOOP\r\n")  # raises nothing into Twisted
+        assert app.value() == b"421 4.3.2 mailgw: internal error in the gateway\r\n"
+    else:
+        session.machine.upstream_data = misused
+        endpoint.protocol.dataReceived(b"220 upstream ESMTP\r\n")
+        assert app.value() == b"421 4.3.0 mailgw: destination plain: internal error in the gateway\r\n"
+        assert gateway.status.destinations()["plain"]["last_failure"]["kind"] == "internal"
+    assert app.disconnecting and len(internal_errors(events)) == 1
