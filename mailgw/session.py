@@ -312,9 +312,12 @@ class GatewaySession(Protocol):
         return refusal
 
     def _internal_error(self) -> None:
-        if self.machine.phase in (Phase.STARTING, Phase.DIALOGUE):
+        # Refused before the greeting, a goodbye after it; a warm connection is
+        # discarded, so that its pool forgets it and starts another.
+        if self.machine.phase in (Phase.STARTING, Phase.WARM, Phase.DIALOGUE):
+            refusal = Refusal("internal error in the gateway", Reason.INTERNAL, permanent=False)
             try:
-                for action in self.machine.failed(Refusal("internal error in the gateway", Reason.INTERNAL, permanent=False)):
+                for action in self.machine.failed(refusal):
                     self._do(action)
                 return
             except Exception:  # not even the refusal works: close without it

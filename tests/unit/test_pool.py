@@ -7,6 +7,7 @@ import random
 
 from mailgw.destination import parse_destination
 from mailgw.pool import UpstreamPool
+from mailgw.protocol.actions import MisuseError
 from mailgw.protocol.session import Phase
 from mailgw.session import GatewayFactory
 from mailgw.settings import Route, Settings
@@ -142,3 +143,17 @@ def test_a_session_over_the_limits_is_refused_without_taking_a_warm_connection()
     assert app.value().startswith(b"421 ") and b"too many sessions" in app.value()
     # The logged-in connection waits for the next application; nothing was replaced.
     assert len(pool.ready) == 1 and not warm.disconnected and pool.served == 0
+
+
+def test_an_internal_error_in_a_warm_connection_discards_it_and_the_pool_replaces_it(events):
+    clock, gateway, pool, upstreams, factory = make(destination(**{"mailgw.pool.size": "1"}))
+    warm = upstreams.smtp_ready(0)
+    (session,) = pool.ready
+
+    def misused(*args):
+        raise MisuseError("a machine called in a state that does not allow it")
+
+    session.machine.upstream_data = misused
+    upstreams.connections[0][0].dataReceived(b"250 OK\r\n")
+    assert warm.disconnected and not pool.ready
+    assert len(upstreams.connections) == 2 and len(pool.warming) == 1  # replaced
