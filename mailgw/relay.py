@@ -6,10 +6,10 @@ Twisted :class:`Relay` otherwise (TLS on a leg, no ``os.splice``, other transpor
 or ``MAILGW_SPLICE=0`` in the environment).
 
 The Twisted relay's hot path costs one Python call per received chunk (the transport's
-read size, 64 KiB, or one TLS record): ``write`` on the other leg, a byte count and a
-timer bump.  Backpressure is Twisted's producer/consumer: each transport is registered as the
-streaming producer of the other, so a full write buffer on one side pauses reading on
-the other.
+read size, 64 KiB, or one TLS record): ``write`` on the other leg, a byte count and the
+time of the traffic for the idle timer.  Backpressure is Twisted's producer/consumer:
+each transport is registered as the streaming producer of the other, so a full write
+buffer on one side pauses reading on the other.
 """
 
 from __future__ import annotations
@@ -80,12 +80,12 @@ class Relay(RelayCore):
     def from_app(self, data: bytes) -> None:
         self._write_up(data)
         self.bytes_to_upstream += len(data)
-        self._bump(self.idle_timeout)
+        self.last_traffic = self._clock()
 
     def from_upstream(self, data: bytes) -> None:
         self._write_app(data)
         self.bytes_to_app += len(data)
-        self._bump(self.idle_timeout)
+        self.last_traffic = self._clock()
 
     def close(self) -> None:
         """Close both legs once (after what was already written is flushed)."""

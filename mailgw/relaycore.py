@@ -38,10 +38,17 @@ def _abort_if_open(transport) -> None:
 
 class RelayCore:
     """The part of a relay that is not about moving bytes: the two legs' transports,
-    the idle timer (reset by :meth:`_bump` on traffic) and the closing state.
-    Subclasses implement ``from_app``, ``from_upstream`` and ``close``."""
+    the idle timer and the closing state.  Subclasses implement ``from_app``,
+    ``from_upstream`` and ``close``, and note every chunk they move in
+    ``last_traffic`` (``self.last_traffic = self._clock()``).
 
-    __slots__ = ("reactor", "app", "upstream", "sid", "idle_timeout", "on_idle", "closing", "_idle", "_bump")
+    Traffic only notes the time: the idle timer reads it when it fires and waits on
+    for the rest of the timeout.  Resetting a DelayedCall on every chunk cost more,
+    and raised for chunks that arrive after ``close()`` cancelled it (a TLS transport
+    goes on delivering what it decrypted after ``loseConnection``).
+    """
+
+    __slots__ = ("reactor", "app", "upstream", "sid", "idle_timeout", "on_idle", "closing", "last_traffic", "_clock", "_idle")
 
     def __init__(self, reactor: IReactorTime, app_transport, upstream_transport, *, idle_timeout: float, sid: str, on_idle=None):
         self.reactor = reactor
@@ -51,14 +58,18 @@ class RelayCore:
         self.idle_timeout = idle_timeout
         self.on_idle = on_idle
         self.closing = False
-        self._idle = reactor.callLater(idle_timeout, self._idle_expired)
-        # Bound once: it runs for every chunk.
-        self._bump = self._idle.reset
+        self._clock = reactor.seconds  # bound once: it runs for every chunk
+        self.last_traffic = self._clock()
+        self._idle = reactor.callLater(idle_timeout, self._idle_check)
 
     def close(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _idle_expired(self) -> None:
+    def _idle_check(self) -> None:
+        quiet = self._clock() - self.last_traffic
+        if quiet < self.idle_timeout:
+            self._idle = self.reactor.callLater(self.idle_timeout - quiet, self._idle_check)
+            return
         log.info("session {sid}: no traffic for {seconds:.0f}s, closing", sid=self.sid, seconds=self.idle_timeout)
         if self.on_idle is not None:
             self.on_idle()

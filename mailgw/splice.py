@@ -199,7 +199,7 @@ class _Leg:
                 relay._ended(self, None)
                 return None
             pipe.buffered += n
-            relay._bump(relay.idle_timeout)
+            relay.last_traffic = relay._clock()
             dst.doWrite()
             if pipe.buffered:
                 # The other side is slower: keep reading only while the pipe has room.

@@ -125,3 +125,14 @@ def test_splice_is_refused_for_tls_wrapped_and_non_socket_legs(monkeypatch):
     assert splice.splice_unusable(reactor, plain) == "os.splice is not available"
     monkeypatch.setattr(splice, "ENABLED", False)
     assert splice.splice_unusable(reactor, plain) == "MAILGW_SPLICE=0"
+
+
+def test_bytes_arriving_after_close_or_the_idle_timeout_raise_nothing():
+    # TLSMemoryBIOProtocol goes on delivering what it decrypted after loseConnection.
+    clock, app, up, relay = make(idle=100)
+    relay.close()
+    relay.from_upstream(b"* BYE\r\n")
+    clock, app, up, relay = make(idle=100)
+    clock.advance(100)
+    assert relay.closing
+    relay.from_app(b"A1 LOGOUT\r\n")
