@@ -242,6 +242,10 @@ class IMAPUpstream(UpstreamMachine):
         return self._command(Step.LOGIN, command)
 
 
+    def _forget_secrets(self) -> None:
+        super()._forget_secrets()
+        self._login_chunks = []
+
     def _login(self) -> list:
         if self._preauth:
             return self._ready(self.capabilities)

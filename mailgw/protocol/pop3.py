@@ -87,6 +87,10 @@ class POP3Upstream(UpstreamMachine):
         return self._command(Step.LOGIN, command)
 
 
+    def _forget_secrets(self) -> None:
+        super()._forget_secrets()
+        self._password = b""
+
     def _login_without_sasl(self, offered: set[str]) -> list:
         creds = self.credentials
         if not isinstance(creds, Password):

@@ -283,8 +283,16 @@ class UpstreamMachine:
 
     def _fail(self, reason: str, permanent: bool = True, kind: Reason = Reason.PROTOCOL) -> list:
         self.step = Step.FAILED
-        self.credentials = None
+        self._forget_secrets()
         return [UpstreamFailed(reason, permanent=permanent, kind=kind)]
+
+    def _forget_secrets(self) -> None:
+        """A login attempt is over (ready, failed or refused): drop the credentials and
+        everything made of them, so that no secret lives on for the whole relay.
+        Protocols that keep more (a LOGIN command's literals, PASS) extend this."""
+        self.credentials = None
+        self._sasl = None
+        self._steps = []
 
     def _malformed(self, what: str, line: bytes) -> list:
         return self._fail(f"upstream sent a malformed {what}: {printable(line, 80)}")
@@ -362,13 +370,14 @@ class UpstreamMachine:
             reason += f" (token status {self._token_status})"
         if not self.lazy:
             return self._fail(reason, kind=Reason.AUTH)
-        self.step, self.credentials = Step.AWAITING_LOGIN, None
+        self.step = Step.AWAITING_LOGIN
+        self._forget_secrets()
         return [LoginRefused(reason)]
 
     def _ready(self, capabilities: tuple[str, ...]) -> list:
         self.capabilities = capabilities
         self.step = Step.READY
-        self.credentials = None  # not needed any more: keep secrets short-lived
+        self._forget_secrets()
         self.ready_capabilities = capabilities
         return [UpstreamReady(capabilities)]
 
