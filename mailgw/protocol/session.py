@@ -276,7 +276,22 @@ class SessionMachine:
     def upstream_data(self, data: bytes) -> list:
         if self.phase not in (Phase.STARTING, Phase.WARM, Phase.DIALOGUE) or self.upstream is None:
             return []
+        if self.phase is Phase.WARM:
+            return self._warm_upstream_data(data)
         return self._from_upstream(self.upstream.receive(data))
+
+    def _warm_upstream_data(self, data: bytes) -> list:
+        """A warm connection expects nothing but the answer to its health check.  Any
+        other byte (``* BYE Autologout``, ``421``) means the server is ending or
+        confused, and the application that took the connection would read it: discard
+        the connection at once."""
+        out: list = []
+        if self.upstream.step is Step.PING:
+            out = self._from_upstream(self.upstream.receive(data))
+            if self.phase is not Phase.WARM or not (self.upstream.step is Step.READY and self.upstream.buffered):
+                return out
+        unasked = "the upstream server sent data unasked while the connection waited in the pool"
+        return out + self._refuse(Refusal(unasked, Reason.CONNECT, permanent=False))
 
     def upstream_tls_done(self) -> list:
         if self.phase not in (Phase.STARTING, Phase.DIALOGUE) or self.upstream is None:

@@ -157,3 +157,17 @@ def test_an_internal_error_in_a_warm_connection_discards_it_and_the_pool_replace
     upstreams.connections[0][0].dataReceived(b"250 OK\r\n")
     assert warm.disconnected and not pool.ready
     assert len(upstreams.connections) == 2 and len(pool.warming) == 1  # replaced
+
+
+def test_a_warm_connection_that_speaks_unasked_is_discarded_not_handed_over():
+    clock, gateway, pool, upstreams, factory = make(destination(**{"mailgw.pool.size": "1"}))
+    warm = upstreams.smtp_ready(0)
+    upstreams.connections[0][0].dataReceived(b"421 4.4.2 autologout\r\n")  # no health check ran
+    assert warm.disconnected and not pool.ready
+    assert factory.buildProtocol(None).pool is None  # a session of its own, not that one
+    # Bytes that come with the health check's answer are as unwelcome.
+    upstreams.smtp_ready(1)
+    clock.advance(20)
+    upstreams.connections[1][0].dataReceived(b"250 2.0.0 OK\r\n* BYE\r\n")
+    assert upstreams.connections[1][1].disconnected and not pool.ready
+
