@@ -171,8 +171,9 @@ class Outcome(str, enum.Enum):
 #: Timers.  ``login``: accept (or a lazy login attempt) until the upstream is ready;
 #: ``tls``: one handshake; ``idle``: the application silent before release;
 #: ``dialogue``: greeting to release, however the application trickles bytes;
-#: ``pooled``: how long a warm connection may wait; ``ping``: its next health check.
-LOGIN, TLS, IDLE, DIALOGUE, POOLED, PING = "login", "tls", "idle", "dialogue", "pooled", "ping"
+#: ``pooled``: how long a warm connection may wait; ``ping``: its next health check;
+#: ``pong``: the answer to that check (as long as a login may take).
+LOGIN, TLS, IDLE, DIALOGUE, POOLED, PING, PONG = "login", "tls", "idle", "dialogue", "pooled", "ping", "pong"
 
 #: A warm connection logged in with a token is retired this long before the token
 #: expires (servers may end sessions whose token expired).
@@ -328,7 +329,7 @@ class SessionMachine:
             return []
         self.phase = Phase.CLOSED
         self._presented = None
-        return [StopTimer(name) for name in (LOGIN, TLS, IDLE, DIALOGUE, POOLED, PING)]
+        return [StopTimer(name) for name in (LOGIN, TLS, IDLE, DIALOGUE, POOLED, PING, PONG)]
 
     # -- events: a warm pool's session -----------------------------------------------------
 
@@ -379,7 +380,12 @@ class SessionMachine:
         if name == POOLED and self.phase is Phase.WARM:
             return self._refuse(Refusal("retired after its time in the pool", Reason.CONNECT, False))
         if name == PING and self.ready_for_application:
-            return self._from_upstream(self.upstream.ping())
+            # A server that never answers would keep the connection counted ready
+            # but never taken, never replaced until its time in the pool is over.
+            return [StartTimer(PONG, self.settings.login_timeout)] + self._from_upstream(self.upstream.ping())
+        if name == PONG and self.phase is Phase.WARM:
+            text = f"the upstream did not answer the health check within {self.settings.login_timeout:.0f}s"
+            return self._refuse(Refusal(text, Reason.TIMEOUT, permanent=False))
         if name == IDLE and self.phase is Phase.DIALOGUE:
             return [Log("info", "application idle before release, closing")] + self._goodbye("idle timeout")
         if name == DIALOGUE and self.phase is Phase.DIALOGUE:
@@ -445,7 +451,7 @@ class SessionMachine:
 
     def _upstream_ready(self, capabilities: tuple[str, ...]) -> list:
         if self.phase is Phase.WARM:  # a health check passed
-            return [StartTimer(PING, self._ping_interval())]
+            return [StopTimer(PONG), StartTimer(PING, self._ping_interval())]
         out = [StopTimer(LOGIN), Milestone("login")]
         if self.phase is Phase.STARTING and self.warm:
             self.phase = Phase.WARM

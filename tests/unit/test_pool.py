@@ -171,3 +171,12 @@ def test_a_warm_connection_that_speaks_unasked_is_discarded_not_handed_over():
     upstreams.connections[1][0].dataReceived(b"250 2.0.0 OK\r\n* BYE\r\n")
     assert upstreams.connections[1][1].disconnected and not pool.ready
 
+
+def test_a_health_check_without_an_answer_discards_the_connection():
+    clock, gateway, pool, upstreams, factory = make(destination(**{"mailgw.pool.size": "1"}))
+    warm = upstreams.smtp_ready(0)
+    warm.clear()
+    clock.advance(20)
+    assert warm.value() == b"NOOP\r\n"
+    clock.advance(gateway.settings.login_timeout)  # a silent server
+    assert warm.disconnected and not pool.ready and len(upstreams.connections) == 2
