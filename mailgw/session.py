@@ -353,8 +353,10 @@ class GatewaySession(Protocol):
             started = self._marks.pop(phase, None)
             if started is not None:
                 self.gateway.upstream_phase(self, phase, now - started)
-            if name in ("connected", "tls"):
-                self._marks["login"] = now  # the login starts once the transport is usable
+        if name in ("connected", "tls", "authenticating"):
+            # The login starts once the transport is usable, or for the lazy types
+            # once the application's token is exchanged (not at the greeting).
+            self._marks["login"] = now
         if name == "tls" and self._upstream is not None:
             self.upstream_tls = _tls_version(self._upstream.transport)
         self.gateway.session_milestone(self, name)

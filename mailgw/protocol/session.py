@@ -115,8 +115,9 @@ class CloseApp:
 
 @frozen
 class Milestone:
-    """A step worth measuring or reporting: ``connected``, ``tls``, ``login``,
-    ``greeted``, ``released``."""
+    """A step worth measuring or reporting: ``connected``, ``tls``, ``login`` (the
+    upstream accepted the login), ``authenticating`` (lazy types: the upstream login
+    starts now, with the application's exchanged token), ``greeted``, ``released``."""
 
     name: str
 
@@ -355,7 +356,7 @@ class SessionMachine:
         """The application's secret became ``access_token``: log in upstream with it."""
         if self.phase is not Phase.DIALOGUE or self.upstream is None or self._presented is None:
             return []  # the application or the upstream went away meanwhile
-        return [StartTimer(LOGIN, self.settings.login_timeout)] + self._from_upstream(
+        return [StartTimer(LOGIN, self.settings.login_timeout), Milestone("authenticating")] + self._from_upstream(
             self.upstream.authenticate(BearerToken(self._user, access_token))
         )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, UNIXAddress
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from mailgw import errors
@@ -16,6 +16,7 @@ from mailgw.protocol.session import Phase
 from mailgw.settings import Route, Settings
 from support.destinations import mail, plain
 from support.inmemory import in_memory_gateway, open_session
+from support.wire import xoauth2
 
 PLAIN_SMTP = parse_destination(plain("plain"))
 
@@ -192,3 +193,24 @@ def test_a_machine_misused_ends_only_its_session_as_an_internal_error(events, gr
         assert app.value() == b"421 4.3.0 mailgw: destination plain: internal error in the gateway\r\n"
         assert gateway.status.destinations()["plain"]["last_failure"]["kind"] == "internal"
     assert app.disconnecting and len(internal_errors(events)) == 1
+
+
+def test_the_login_phase_of_a_lazy_destination_times_the_login_not_the_dialogue():
+    lazy = parse_destination(mail(
+        "lazy", "smtp", 587, host="127.0.0.1", authentication="OAuth2RefreshToken", password=None,
+        tokenServiceURL="http://127.0.0.1:1/oauth/token", clientId="gw", clientSecret="cs-0123456789",
+        **{"mail.smtp.starttls.enable": "false"},
+    ))
+    clock, gateway, endpoint = in_memory_gateway(lazy)
+    gateway.exchange = lambda route, destination, secret: succeed("at-0123456789")
+    phases = []
+    gateway.upstream_phase = lambda session, phase, seconds: phases.append((phase, seconds))
+    session, app = open_session(gateway, Route("lazy"))
+    endpoint.protocol.dataReceived(b"220 upstream ESMTP\r\n250-upstream\r\n250 AUTH XOAUTH2\r\n")
+    assert app.value().startswith(b"220 ")
+    clock.advance(50)  # the application takes its time before it authenticates
+    session.dataReceived(b"AUTH XOAUTH2 " + xoauth2("alice", "rt-0123456789") + b"\r\n")
+    clock.advance(2)
+    endpoint.protocol.dataReceived(b"235 2.7.0 ok\r\n")
+    assert app.value().endswith(b"235 2.7.0 Authentication successful\r\n")
+    assert ("login", 2) in phases
