@@ -18,16 +18,17 @@ log = Logger(namespace="mailgw.relay")
 CLOSE_GRACE = 5.0
 
 
-def close_with_grace(reactor: IReactorTime, transport, grace: float = CLOSE_GRACE) -> None:
+def close_with_grace(reactor: IReactorTime, transport, grace: float = CLOSE_GRACE):
     """``loseConnection`` and, if the transport is still open after ``grace``, abort it.
+    Returns the abort's DelayedCall (``None`` for a transport that cannot abort).
 
     TLS ``loseConnection`` can wait forever for the peer's close_notify.
     """
     transport.loseConnection()
     abort = getattr(transport, "abortConnection", None)
     if abort is None:
-        return
-    reactor.callLater(grace, _abort_if_open, transport)
+        return None
+    return reactor.callLater(grace, _abort_if_open, transport)
 
 
 def _abort_if_open(transport) -> None:
@@ -36,9 +37,37 @@ def _abort_if_open(transport) -> None:
         transport.abortConnection()
 
 
+class Closer:
+    """Closes one session's legs with :func:`close_with_grace` and cancels each abort
+    timer when that leg's ``connectionLost`` arrives (:meth:`lost`): a pending timer
+    would keep the transport, and through it the whole session, alive for
+    ``CLOSE_GRACE`` seconds after the leg closed."""
+
+    __slots__ = ("reactor", "_aborts")
+
+    def __init__(self, reactor: IReactorTime):
+        self.reactor = reactor
+        self._aborts: dict = {}  # transport -> its abort DelayedCall
+
+    def close(self, transport) -> None:
+        """Close ``transport`` (once: a second call changes nothing)."""
+        if transport in self._aborts:
+            return
+        abort = close_with_grace(self.reactor, transport)
+        if abort is not None:
+            self._aborts[transport] = abort
+
+    def lost(self, transport) -> None:
+        """``transport``'s connection is gone: its abort is moot."""
+        abort = self._aborts.pop(transport, None)
+        if abort is not None and abort.active():
+            abort.cancel()
+
+
 class RelayCore:
     """The part of a relay that is not about moving bytes: the two legs' transports,
-    the idle timer and the closing state.  Subclasses implement ``from_app``,
+    the idle timer, the closing state and the :class:`Closer` that closes the legs.
+    Subclasses implement ``from_app``,
     ``from_upstream`` and ``close``, and note every chunk they move in
     ``last_traffic`` (``self.last_traffic = self._clock()``).
 
@@ -48,10 +77,14 @@ class RelayCore:
     goes on delivering what it decrypted after ``loseConnection``).
     """
 
-    __slots__ = ("reactor", "app", "upstream", "sid", "idle_timeout", "on_idle", "closing", "last_traffic", "_clock", "_idle")
+    __slots__ = (
+        "reactor", "app", "upstream", "sid", "idle_timeout", "on_idle", "closing", "closer", "last_traffic", "_clock", "_idle",
+    )
 
-    def __init__(self, reactor: IReactorTime, app_transport, upstream_transport, *, idle_timeout: float, sid: str, on_idle=None):
+    def __init__(self, reactor: IReactorTime, app_transport, upstream_transport, *, idle_timeout: float, sid: str,
+                 on_idle=None, closer: Closer | None = None):
         self.reactor = reactor
+        self.closer = closer or Closer(reactor)  # the session's: it sees the legs' connectionLost
         self.app = app_transport
         self.upstream = upstream_transport
         self.sid = sid

@@ -43,7 +43,7 @@ from .protocol.session import (
     StopTimer,
     Warmed,
 )
-from .relaycore import close_with_grace
+from .relaycore import Closer
 from .relay import Relay, make_relay
 from .settings import Route, Settings
 
@@ -129,6 +129,7 @@ class GatewaySession(Protocol):
         self._pending: set[defer.Deferred] = set()  # look-ups, tokens, connects in flight
         self._timers: dict[str, object] = {}
         self._marks: dict[str, float] = {}  # when each upstream phase started
+        self._closer = Closer(self.reactor)  # both legs', before and after release
         self.relay: Relay | None = None
         self.closed = defer.Deferred()
 
@@ -172,7 +173,8 @@ class GatewaySession(Protocol):
         if self.relay is not None:
             self.relay.close()
         elif self._upstream is not None and self._upstream.transport is not None:
-            close_with_grace(self.reactor, self._upstream.transport)
+            self._closer.close(self._upstream.transport)
+        self._closer.lost(self.transport)
         if not self.closed.called:
             self.gateway.session_ended(self)
             self.closed.callback(None)
@@ -200,6 +202,8 @@ class GatewaySession(Protocol):
         self._feed(self.machine.upstream_data, data)
 
     def _upstream_lost(self, reason: Failure | None):
+        if self._upstream is not None:
+            self._closer.lost(self._upstream.transport)
         self._upstream = None
         if self.relay is not None:
             if self.gateway.debug:
@@ -370,7 +374,7 @@ class GatewaySession(Protocol):
         self.relay = make_relay(
             self.reactor, self.transport, self._upstream.transport,
             idle_timeout=self.settings.relay_idle_timeout, sid=self.sid,
-            leftover=action.to_upstream, pending=action.to_app,
+            leftover=action.to_upstream, pending=action.to_app, closer=self._closer,
         )
         # The hot path: each leg's bytes go straight to the relay, one Python call per
         # chunk fewer than through the session (the splice relay reads the sockets itself).
@@ -384,10 +388,10 @@ class GatewaySession(Protocol):
             self.relay.close()
             return
         if self._upstream is not None and self._upstream.transport is not None:
-            close_with_grace(self.reactor, self._upstream.transport)
+            self._closer.close(self._upstream.transport)
         if self.transport is not None:
             self.transport.unregisterProducer()
-            close_with_grace(self.reactor, self.transport)
+            self._closer.close(self.transport)
 
     def _discard(self, refusal: Refusal) -> None:
         """A warm session that cannot serve: close it; its pool replaces it."""

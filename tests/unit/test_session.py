@@ -214,3 +214,16 @@ def test_the_login_phase_of_a_lazy_destination_times_the_login_not_the_dialogue(
     endpoint.protocol.dataReceived(b"235 2.7.0 ok\r\n")
     assert app.value().endswith(b"235 2.7.0 Authentication successful\r\n")
     assert ("login", 2) in phases
+
+
+@pytest.mark.parametrize("released", [False, True])
+def test_a_closed_session_leaves_no_abort_timer_behind(released):
+    # Each would keep the session's whole object graph alive for CLOSE_GRACE seconds.
+    clock, gateway, session, app, endpoint = make()
+    endpoint.smtp_ready()
+    if released:
+        session.dataReceived(b"MAIL FROM:<a@example.org>\r\n")
+    session.connectionLost(None)
+    assert endpoint.transport.disconnecting and clock.getDelayedCalls()  # the upstream's deadline
+    endpoint.protocol.connectionLost(None)
+    assert clock.getDelayedCalls() == []
