@@ -24,7 +24,8 @@ log = Logger()
 
 
 def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: float, sid: str,
-               leftover: bytes = b"", pending: bytes = b"", on_idle=None, closer: Closer | None = None):
+               leftover: bytes = b"", pending: bytes = b"", on_idle=None, closer: Closer | None = None,
+               debug: bool = False):
     """The relay for a session released now: the splice relay where it can work, else ``Relay``.
 
     Call it once, at release, before anything else is written to either transport.
@@ -35,7 +36,8 @@ def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: floa
     ``from_upstream`` and both ``connectionLost`` to ``close()``.  Both relays count
     ``bytes_to_upstream`` and ``bytes_to_app`` (``leftover`` and ``pending`` included).
     ``on_idle`` is called before the idle timer closes the relay.  ``closer`` closes
-    the legs (the session's, which cancels each abort timer as its leg is lost).  To end a session
+    the legs (the session's, which cancels each abort timer as its leg is lost).
+    ``debug`` (the gateway logs at debug level) logs which relay was chosen and why.  To end a session
     with a goodbye, write it to the application transport and call ``close()`` in the
     same reactor turn: both relays send it after the bytes already relayed.
     """
@@ -49,7 +51,8 @@ def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: floa
         except OSError as e:  # out of descriptors: the Twisted relay needs none more
             why = f"no pipes: {e}"
     if relay is None:
-        log.debug("session {sid}: Twisted relay ({why})", sid=sid, why=why)
+        if debug:  # not an event built and filtered out on every release
+            log.debug("session {sid}: Twisted relay ({why})", sid=sid, why=why)
         relay = Relay(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, on_idle=on_idle,
                       closer=closer)
     if pending:

@@ -374,7 +374,7 @@ class GatewaySession(Protocol):
         self.relay = make_relay(
             self.reactor, self.transport, self._upstream.transport,
             idle_timeout=self.settings.relay_idle_timeout, sid=self.sid,
-            leftover=action.to_upstream, pending=action.to_app, closer=self._closer,
+            leftover=action.to_upstream, pending=action.to_app, closer=self._closer, debug=self.gateway.debug,
         )
         # The hot path: each leg's bytes go straight to the relay, one Python call per
         # chunk fewer than through the session (the splice relay reads the sockets itself).

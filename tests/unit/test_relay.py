@@ -136,3 +136,10 @@ def test_bytes_arriving_after_close_or_the_idle_timeout_raise_nothing():
     clock.advance(100)
     assert relay.closing
     relay.from_app(b"A1 LOGOUT\r\n")
+
+
+def test_make_relay_says_which_relay_only_when_the_gateway_logs_debug(events):
+    make_relay(Clock(), Transport(), Transport(), idle_timeout=60, sid="t")
+    assert events == []  # no event built at all on every release
+    make_relay(Clock(), Transport(), Transport(), idle_timeout=60, sid="t", debug=True)
+    assert [e["why"] for e in events] == ["the reactor does not watch file descriptors"]
