@@ -13,7 +13,10 @@ from __future__ import annotations
 from typing import Any, Callable, Hashable
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+log = Logger()
 
 #: What :meth:`SingleFlightCache.get` reports to ``observe``: a cached result, a new
 #: fetch, or a fetch already in flight joined.
@@ -102,7 +105,12 @@ class SingleFlightCache:
 
     def _settle(self, result: Any, key: Hashable) -> None:
         waiters = self._inflight.pop(key, [])
-        self._store(key, result)
+        try:
+            self._store(key, result)
+        except Exception:
+            # A bug in the caller's lifetime rule: the result is not kept, but every
+            # waiter still gets it.  (The key may be made of a secret: not logged.)
+            log.failure("cache: the lifetime rule failed; the result is not kept")
         for waiter in waiters:
             waiter.callback(result)  # a Failure errbacks; each waiter has its own chain
         return None  # the fetch's own failure is delivered to the waiters

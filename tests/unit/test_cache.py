@@ -81,3 +81,14 @@ def test_blocking_pool_runs_off_the_reactor_thread_and_refuses_when_stopped(reac
     finally:
         in_reactor(pool.stopService)
     assert not pool.started
+
+
+def test_a_lifetime_rule_that_raises_still_settles_every_waiter(events):
+    cache = SingleFlightCache(Clock(), lambda result: 1 / 0)
+    pending = defer.Deferred()
+    first, second = cache.get("k", lambda: pending), cache.get("k", lambda: pending)
+    pending.callback("v")
+    assert first.result == second.result == "v"
+    assert cache.peek("k") is None and cache.in_flight == 0
+    assert any(e.get("log_failure") for e in events)  # our bug, logged with its traceback
+
