@@ -10,6 +10,8 @@ a transient one is not.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from typing import Any, Callable, Hashable
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -29,7 +31,9 @@ class SingleFlightCache:
     ``lifetime(result)`` is called with a fetched value or a :class:`Failure` and returns
     the seconds to keep it (``None`` or ``<= 0``: not kept).  ``observe(kind)``, when
     given, is told ``"hit"``, ``"miss"`` or ``"shared"`` for every :meth:`get` (metrics).
-    At most ``max_entries`` results are kept; expired ones go first, then the oldest.
+    At most ``max_entries`` results are kept; expired ones go first (at the next store,
+    full or not), then the oldest.  Expiries are kept in a heap, so a store costs
+    O(log n) however full the cache is.
     """
 
     def __init__(
@@ -44,7 +48,9 @@ class SingleFlightCache:
         self._lifetime = lifetime
         self.max_entries = max_entries
         self._observe = observe
-        self._entries: dict[Hashable, tuple[float, Any]] = {}  # key -> (valid until, result)
+        self._entries: dict[Hashable, tuple[float, Any]] = {}  # key -> (valid until, result), oldest first
+        self._expiries: list[tuple[float, int, Hashable]] = []  # heap of (valid until, serial, key)
+        self._serial = itertools.count()  # orders equal expiries without comparing keys
         self._inflight: dict[Hashable, list[Deferred]] = {}
 
     def __len__(self) -> int:
@@ -75,6 +81,7 @@ class SingleFlightCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._expiries.clear()
 
     def get(self, key: Hashable, fetch: Callable[[], Any]) -> Deferred:
         """The result for ``key``: cached, joined to a fetch in flight, or fetched now."""
@@ -125,8 +132,19 @@ class SingleFlightCache:
             result.cleanFailure()  # no frames kept alive by the cache
         self._entries.pop(key, None)
         self._entries[key] = (now + seconds, result)
-        if len(self._entries) > self.max_entries:
-            for stale in [k for k, (until, _) in self._entries.items() if until <= now]:
-                del self._entries[stale]
-            while len(self._entries) > self.max_entries:
-                del self._entries[next(iter(self._entries))]  # the oldest
+        heapq.heappush(self._expiries, (now + seconds, next(self._serial), key))
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            until, _, key = heapq.heappop(expiries)
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] == until:  # not stored again since
+                del self._entries[key]
+        while len(self._entries) > self.max_entries:
+            del self._entries[next(iter(self._entries))]  # the oldest
+        if len(expiries) > 2 * len(self._entries) + 64:
+            # Mostly expiries of entries invalidated, replaced or evicted: start afresh.
+            self._expiries = [(until, next(self._serial), key) for key, (until, _) in self._entries.items()]
+            heapq.heapify(self._expiries)

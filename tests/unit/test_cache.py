@@ -92,3 +92,19 @@ def test_a_lifetime_rule_that_raises_still_settles_every_waiter(events):
     assert cache.peek("k") is None and cache.in_flight == 0
     assert any(e.get("log_failure") for e in events)  # our bug, logged with its traceback
 
+
+def test_expired_entries_go_at_the_next_store_and_before_the_oldest_valid_one():
+    clock = Clock()
+    lifetimes = {"a": 100, "b": 10, "c": 100, "d": 100, "e": 100}
+    cache = SingleFlightCache(clock, lambda result: lifetimes[result], max_entries=3)
+    for key in "abc":
+        cache.get(key, lambda key=key: key)
+    clock.advance(20)
+    cache.get("d", lambda: "d")
+    assert (cache.peek("a"), cache.peek("b"), len(cache)) == ("a", None, 3)  # b expired, a stays
+    cache.get("e", lambda: "e")
+    assert cache.peek("a") is None and len(cache) == 3  # full of valid ones: the oldest goes
+    cache.invalidate("e")
+    clock.advance(100)
+    cache.get("a", lambda: "a")
+    assert len(cache) == 1  # the expired ones did not wait for the cache to fill up
