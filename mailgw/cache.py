@@ -71,17 +71,24 @@ class SingleFlightCache:
         return None
 
     def invalidate(self, key: Hashable) -> None:
-        """Forget ``key`` (a token the upstream refused, a destination that changed)."""
+        """Forget ``key`` (a token the upstream refused, a destination that changed).
+
+        A fetch of ``key`` in flight is forgotten too: its waiters still get its
+        result, but it is not kept, and the next :meth:`get` fetches afresh (what was
+        asked before the invalidation may be what it invalidated)."""
         self._entries.pop(key, None)
+        self._inflight.pop(key, None)
 
     def invalidate_where(self, predicate: Callable[[Hashable], bool]) -> None:
-        """Forget every key for which ``predicate(key)`` is true."""
-        for key in [k for k in self._entries if predicate(k)]:
-            del self._entries[key]
+        """Forget every key for which ``predicate(key)`` is true (as :meth:`invalidate`)."""
+        for key in [k for k in (*self._entries, *self._inflight) if predicate(k)]:
+            self.invalidate(key)
 
     def clear(self) -> None:
+        """Forget everything (as :meth:`invalidate` for every key)."""
         self._entries.clear()
         self._expiries.clear()
+        self._inflight.clear()
 
     def get(self, key: Hashable, fetch: Callable[[], Any]) -> Deferred:
         """The result for ``key``: cached, joined to a fetch in flight, or fetched now."""
@@ -90,30 +97,33 @@ class SingleFlightCache:
             self._tell(HIT)
             return fail(cached) if isinstance(cached, Failure) else succeed(cached)
 
+        waiters = self._inflight.get(key)
+        joining = waiters is not None
+        if not joining:
+            # This list is the fetch's identity: an invalidation that replaces or drops
+            # it in _inflight tells _settle not to keep the result.
+            waiters = self._inflight[key] = []
+
         def forget_waiter(waiter: Deferred) -> None:
-            waiters = self._inflight.get(key)
-            if waiters is not None and waiter in waiters:
+            if waiter in waiters:
                 waiters.remove(waiter)
 
         waiter: Deferred = Deferred(forget_waiter)
-        waiters = self._inflight.get(key)
-        if waiters is not None:
-            self._tell(SHARED)
-            waiters.append(waiter)
-            return waiter
-        self._tell(MISS)
-        self._inflight[key] = [waiter]
-        maybeDeferred(fetch).addBoth(self._settle, key)
+        waiters.append(waiter)
+        self._tell(SHARED if joining else MISS)
+        if not joining:
+            maybeDeferred(fetch).addBoth(self._settle, key, waiters)
         return waiter
 
     def _tell(self, kind: str) -> None:
         if self._observe is not None:
             self._observe(kind)
 
-    def _settle(self, result: Any, key: Hashable) -> None:
-        waiters = self._inflight.pop(key, [])
+    def _settle(self, result: Any, key: Hashable, waiters: list[Deferred]) -> None:
         try:
-            self._store(key, result)
+            if self._inflight.get(key) is waiters:  # not invalidated while in flight
+                del self._inflight[key]
+                self._store(key, result)
         except Exception:
             # A bug in the caller's lifetime rule: the result is not kept, but every
             # waiter still gets it.  (The key may be made of a secret: not logged.)

@@ -108,3 +108,19 @@ def test_expired_entries_go_at_the_next_store_and_before_the_oldest_valid_one():
     clock.advance(100)
     cache.get("a", lambda: "a")
     assert len(cache) == 1  # the expired ones did not wait for the cache to fill up
+
+
+@pytest.mark.parametrize("forget", ["invalidate", "invalidate_where", "clear"])
+def test_a_fetch_in_flight_when_its_key_is_invalidated_is_delivered_but_not_kept(forget):
+    cache = SingleFlightCache(Clock(), keep(10))
+    stale = defer.Deferred()
+    waiter = cache.get("k", lambda: stale)
+    {"invalidate": lambda: cache.invalidate("k"), "invalidate_where": lambda: cache.invalidate_where(lambda k: k == "k"),
+     "clear": cache.clear}[forget]()
+    fresh = defer.Deferred()
+    newer = cache.get("k", lambda: fresh)  # a fetch of its own: the one in flight is stale
+    stale.errback(Definitive("the revoked token's refusal"))
+    assert waiter.result.check(Definitive) and cache.peek("k") is None
+    waiter.addErrback(lambda f: None)
+    fresh.callback("new")
+    assert newer.result == "new" and cache.peek("k") == "new"
