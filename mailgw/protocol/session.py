@@ -348,7 +348,7 @@ class SessionMachine:
         out = [StopTimer(POOLED), StopTimer(PING)]
         if refusal is not None:
             return out + self._refuse(refusal)
-        return out + self._greet(self.upstream.ready_capabilities, lazy=False)
+        return out + self._greet(self.upstream.capabilities, lazy=False)
 
     # -- events: the lazy login -------------------------------------------------------------
 

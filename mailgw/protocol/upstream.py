@@ -136,14 +136,13 @@ class UpstreamMachine:
         self.credentials = credentials
         self.tls_active = False
         #: what the server offers: SMTP EHLO extension lines, IMAP capability atoms,
-        #: POP3 CAPA lines (as ``str``)
+        #: POP3 CAPA lines (as ``str``); once READY, the post-login ones
         self.capabilities: tuple[str, ...] = ()
         self.step = Step.NEW
         self._pending = UpstreamBuffer(self.PENDING_LIMIT)
         self._sasl: SASLStart | None = None
         self._steps: list[bytes] = []  # answers still to give to continuations
         self._token_status: str | None = None  # from a bearer error challenge
-        self.ready_capabilities: tuple[str, ...] = ()
 
     # -- the glue's calls --------------------------------------------------------------
 
@@ -259,7 +258,7 @@ class UpstreamMachine:
         if not ok:
             return self._fail(f"upstream failed the health check: {reply}", permanent=False, kind=Reason.CONNECT)
         self.step = Step.READY
-        return [UpstreamReady(self.ready_capabilities)]
+        return [UpstreamReady(self.capabilities)]
 
     @property
     def buffered(self) -> int:
@@ -378,7 +377,6 @@ class UpstreamMachine:
         self.capabilities = capabilities
         self.step = Step.READY
         self._forget_secrets()
-        self.ready_capabilities = capabilities
         return [UpstreamReady(capabilities)]
 
     def _keep_after_ready(self, leftover: bytes) -> list:
