@@ -287,10 +287,7 @@ class IMAPUpstream(UpstreamMachine):
                 return [SendUpstream(self._login_chunks.pop(0))]
             return self._on_challenge(response.text)
         if self.step is Step.AWAITING_LOGIN:
-            return self._fail(
-                "upstream sent an unexpected response while waiting for the application to authenticate: "
-                + printable(response.line, 80)
-            )
+            return self._unexpected_while_waiting(printable(response.line, 80))
         if response.tag != self._tag:
             return self._fail(f"upstream answered an unknown tag: {printable(response.line, 80)}")
         if response.status not in (b"OK", b"NO", b"BAD"):

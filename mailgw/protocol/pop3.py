@@ -169,10 +169,7 @@ class POP3Upstream(UpstreamMachine):
         return self._malformed("POP3 response", line)
 
     def _on_unexpected_while_waiting(self, line: bytes) -> list:
-        return self._fail(
-            f"upstream sent an unexpected response while waiting for the application to authenticate: {printable(line)}",
-            permanent=False,
-        )
+        return self._unexpected_while_waiting(printable(line))
 
 
 

@@ -148,7 +148,7 @@ class SMTPUpstream(UpstreamMachine):
     def _on_unexpected_while_waiting(self, reply: Reply) -> list:
         if reply.code == 421:
             return self._fail(f"upstream closed the session: {reply}", permanent=False, kind=Reason.CONNECT)
-        return self._fail(f"unexpected upstream reply while waiting for the application to authenticate: {reply}")
+        return self._unexpected_while_waiting(str(reply))
 
 
 #: Extensions never advertised to the application: the gateway owns TLS and AUTH.

@@ -293,6 +293,15 @@ class UpstreamMachine:
         self._sasl = None
         self._steps = []
 
+    def _unexpected_while_waiting(self, response: str) -> list:
+        """A response nobody asked for while the lazy login waits for the application's
+        token (``response`` as the protocol prints it).  Transient: a new session may
+        find the server in a better mood."""
+        return self._fail(
+            f"upstream sent an unexpected response while waiting for the application to authenticate: {response}",
+            permanent=False,
+        )
+
     def _malformed(self, what: str, line: bytes) -> list:
         return self._fail(f"upstream sent a malformed {what}: {printable(line, 80)}")
 

@@ -18,6 +18,7 @@ from mailgw.protocol.imap import IMAPUpstream
 from mailgw.protocol.pop3 import POP3Upstream
 from mailgw.protocol.refusal import Reason
 from mailgw.protocol.smtp import SMTPUpstream
+from mailgw.protocol.upstream import Step
 from support.secretscan import Secret, assert_no_secrets
 from support.wire import failure, feed_bytewise, sent, started
 
@@ -232,3 +233,23 @@ def test_no_secret_outlives_the_login_attempt(login):
         m, last = lazy_smtp_refused()
     assert isinstance(last[-1], (UpstreamReady, UpstreamFailed, LoginRefused)), last
     assert_no_secrets(held_text(m), SECRETS, f"the machine after {login}")
+
+
+AWAITING_LOGIN = {  # (server lines to the lazy wait, a response nobody asked for)
+    "smtp": (SMTPUpstream, [b"220 hi\r\n", b"250-x\r\n250 AUTH XOAUTH2\r\n"], b"250 hm\r\n"),
+    "imap": (IMAPUpstream, [b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] hi\r\n"], b"g7 OK hm\r\n"),
+    "pop3": (POP3Upstream, [b"+OK hi\r\n", b"+OK\r\nSASL XOAUTH2\r\n.\r\n"], b"+OK hm\r\n"),
+}
+
+
+@pytest.mark.parametrize("name", AWAITING_LOGIN)
+def test_a_response_while_waiting_for_the_applications_token_fails_alike_in_every_protocol(name):
+    machine_class, server, unasked = AWAITING_LOGIN[name]
+    m = started(machine_class, starttls_enable=False, lazy=True)
+    for line in server:
+        m.receive(line)
+    assert m.step is Step.AWAITING_LOGIN
+    got = failure(m.receive(unasked))
+    assert got.reason.startswith("upstream sent an unexpected response while waiting for the application to authenticate: ")
+    assert got.reason.endswith("hm")
+    assert (got.permanent, got.kind) == (False, Reason.PROTOCOL)
