@@ -19,7 +19,7 @@ from .common import first_word, printable
 from .credentials import Password
 from .lines import LineReader
 from .refusal import Reason
-from .upstream import SASLStart, Step, UpstreamMachine
+from .upstream import Step, UpstreamMachine
 
 CRLF = b"\r\n"
 
@@ -232,14 +232,10 @@ class IMAPUpstream(UpstreamMachine):
 
 
 
-    def _send_sasl(self, start: SASLStart) -> list:
-        command = b"AUTHENTICATE " + start.mechanism.encode("ascii")
-        if start.initial is not None:
-            if self._has("SASL-IR"):
-                command += b" " + start.initial
-            else:
-                self._steps.insert(0, start.initial)  # answers the first "+"
-        return self._command(Step.LOGIN, command)
+    SASL_COMMAND = b"AUTHENTICATE"
+
+    def _takes_initial_response(self) -> bool:
+        return self._has("SASL-IR")  # else it answers the first "+"
 
 
     def _forget_secrets(self) -> None:

@@ -79,12 +79,9 @@ class POP3Upstream(UpstreamMachine):
 
 
     def _send_sasl(self, start: SASLStart) -> list:
-        command = b"AUTH " + start.mechanism.encode("ascii")
-        if start.initial is not None:
-            command += b" " + start.initial  # RFC 5034 initial response
-            if start.mechanism == "PLAIN":
-                self._steps.insert(0, start.initial)  # a server that still asks gets it again
-        return self._command(Step.LOGIN, command)
+        if start.initial is not None and start.mechanism == "PLAIN":
+            self._steps.insert(0, start.initial)  # a server that still asks gets it again
+        return super()._send_sasl(start)
 
 
     def _forget_secrets(self) -> None:

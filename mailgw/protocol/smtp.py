@@ -12,7 +12,7 @@ from .appside import BEARER_MECHANISMS, SMTP_DIALECT, AppSide
 from .common import first_word, has_keyword, keyword_arguments, printable
 from .lines import LineReader
 from .refusal import Reason
-from .upstream import SASLStart, Step, UpstreamMachine
+from .upstream import Step, UpstreamMachine
 
 CRLF = b"\r\n"
 MAX_REPLY_LINES = 256
@@ -109,11 +109,6 @@ class SMTPUpstream(UpstreamMachine):
 
 
 
-    def _send_sasl(self, start: SASLStart) -> list:
-        command = b"AUTH " + start.mechanism.encode("ascii")
-        if start.initial is not None:
-            command += b" " + start.initial
-        return self._command(Step.LOGIN, command)
 
 
     # -- replies ---------------------------------------------------------------------

@@ -7,8 +7,9 @@ how failures and refusals are reported.  Each protocol supplies how a response i
 and what a command looks like: ``self._reader`` (a :class:`~mailgw.protocol.lines.LineReader`
 whose ``next()`` gives the next complete response, or None, and raises ProtocolError
 when it is malformed), ``_on_response()``, ``_after_starttls()`` (ask for capabilities again), ``_offered()`` (the SASL mechanisms
-on offer), ``_send_sasl()`` and ``_send_step()`` (the protocol's AUTH command and its
-continuation lines) and ``_login_without_sasl()`` (IMAP LOGIN, POP3 USER/PASS).
+on offer), ``SASL_COMMAND``, ``_takes_initial_response()`` and ``_send_step()`` (the
+protocol's AUTH command and its continuation lines) and ``_login_without_sasl()`` (IMAP
+LOGIN, POP3 USER/PASS).
 """
 
 from __future__ import annotations
@@ -399,6 +400,8 @@ class UpstreamMachine:
     STARTTLS_VERB = "STARTTLS"
     #: the command that asks for the capabilities (SMTP: EHLO with its name)
     CAPABILITY_COMMAND = b"CAPABILITY"
+    #: the command that starts a SASL login
+    SASL_COMMAND = b"AUTH"
 
 
 
@@ -412,8 +415,21 @@ class UpstreamMachine:
 
 
 
-    def _send_sasl(self, start: SASLStart) -> list:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _send_sasl(self, start: SASLStart) -> list:
+        """The SASL command: ``SASL_COMMAND mechanism [initial-response]``, the initial
+        response inline where the server takes it, else as the answer to the first
+        continuation."""
+        command = self.SASL_COMMAND + b" " + start.mechanism.encode("ascii")
+        if start.initial is not None:
+            if self._takes_initial_response():
+                command += b" " + start.initial
+            else:
+                self._steps.insert(0, start.initial)
+        return self._command(Step.LOGIN, command)
+
+    def _takes_initial_response(self) -> bool:
+        """SMTP (RFC 4954) and POP3 (RFC 5034) always do; IMAP only with SASL-IR."""
+        return True
 
 
     def _login_without_sasl(self, offered: set[str]) -> list:
