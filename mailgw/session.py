@@ -288,17 +288,18 @@ class GatewaySession(Protocol):
         if not isinstance(d, defer.Deferred):  # an answer at once (a static source)
             self._feed(then, d)
             return
-        if d.called:  # a cache hit: no need to track it
-            d.addCallbacks(lambda result: self._feed(then, result), lambda f: self._failed(f, failed))
-            return
+        self._track(d).addCallbacks(lambda result: self._feed(then, result), lambda f: self._failed(f, failed))
+
+    def _track(self, d: defer.Deferred) -> defer.Deferred:
+        """Keep ``d`` (a look-up, token, exchange or connect in flight) until it fires,
+        so that the session cancels it when it ends; ``d``, for more callbacks."""
         self._pending.add(d)
 
         def settled(result):
             self._pending.discard(d)
             return result
 
-        d.addBoth(settled)
-        d.addCallbacks(lambda result: self._feed(then, result), lambda f: self._failed(f, failed))
+        return d.addBoth(settled)  # (one that fired already, a cache hit, is let go at once)
 
     def _failed(self, failure: Failure, failed: Callable | None) -> None:
         if self.machine.phase in (Phase.CLOSING, Phase.CLOSED):
@@ -340,15 +341,8 @@ class GatewaySession(Protocol):
         except Exception:
             self._failed(Failure(), None)
             return
-        self._pending.add(d)
-
-        def settled(result):
-            self._pending.discard(d)
-            return result
-
-        d.addBoth(settled)
         # Success arrives through the protocol's connectionMade.
-        d.addErrback(self._failed, None)
+        self._track(d).addErrback(self._failed, None)
 
     def _milestone(self, name: str) -> None:
         now = self.reactor.seconds()
