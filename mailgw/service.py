@@ -30,6 +30,7 @@ from .listening import (
 )
 from .oauth import AccessToken, TokenCache, TokenClient, TokenProvider
 from .pool import UpstreamPool
+from .protocol import families
 from .protocol.refusal import Reason, Refusal
 from .send.connection import POOL_SIZE as SEND_POOL_SIZE
 from .send.http import BearerTokens, SendResource
@@ -244,7 +245,7 @@ class Gateway:
 
         def update(destination, route):
             pool = self.pools.get(route)
-            if self.draining or not destination.pool_size or destination.lazy:
+            if self.draining or not destination.pool_size or families.is_lazy(destination):
                 if pool is not None:
                     self.pools.pop(route).stop()
             elif pool is None:

@@ -11,7 +11,7 @@ from mailgw.protocol.actions import MisuseError
 from mailgw.protocol.session import Phase
 from mailgw.session import GatewayFactory
 from mailgw.settings import Route, Settings
-from support.destinations import plain
+from support.destinations import mail, plain
 from support.inmemory import Transport, in_memory_gateway, open_session
 
 
@@ -180,3 +180,15 @@ def test_a_health_check_without_an_answer_discards_the_connection():
     assert warm.value() == b"NOOP\r\n"
     clock.advance(gateway.settings.login_timeout)  # a silent server
     assert warm.disconnected and not pool.ready and len(upstreams.connections) == 2
+
+
+def test_a_refresh_token_destination_that_needs_no_login_gets_its_pool():
+    # mail.smtp.auth "false": nothing for the application to present, an eager session.
+    unauthenticated = parse_destination(mail(
+        "warm", "smtp", 25, host="127.0.0.1", authentication="OAuth2RefreshToken", password=None,
+        tokenServiceURL="https://token.example.org/t", clientId="gw", clientSecret="cs-0123456789",
+        **{"mail.smtp.auth": "false", "mail.smtp.starttls.enable": "false", "mailgw.pool.size": "1"},
+    ))
+    clock, gateway, upstreams = in_memory_gateway(unauthenticated)
+    gateway.update_pools([Route("warm")])
+    assert Route("warm") in gateway.pools and len(upstreams.connections) == 1
