@@ -16,8 +16,10 @@ try:  # service_identity is a hard dependency, but keep this module importable a
 except ImportError:  # pragma: no cover
     VerificationError = ()  # type: ignore[assignment]
 
-#: OpenSSL reasons that mean the certificate, not the handshake, is the problem.
-_CERTIFICATE_REASONS = ("certificate verify failed", "certificate", "self-signed", "unable to get local issuer")
+#: OpenSSL reasons that name a certificate ("certificate verify failed", "self-signed
+#: certificate", "unable to get local issuer certificate", "bad certificate" alerts) mean
+#: the certificate, not the handshake, is the problem.
+_CERTIFICATE = "certificate"
 
 
 def _ssl_reason(exc: SSL.Error) -> str:
@@ -71,7 +73,7 @@ def describe(failure: Failure | BaseException, address: str) -> Refusal:
         return Refusal(f"the certificate of {address} does not match its host name", Reason.CERTIFICATE)
     if isinstance(exc, SSL.Error):
         why = _ssl_reason(exc)
-        reason = Reason.CERTIFICATE if any(r in why for r in _CERTIFICATE_REASONS) else Reason.TLS
+        reason = Reason.CERTIFICATE if _CERTIFICATE in why else Reason.TLS
         return Refusal(f"TLS handshake with {address} failed: {why}", reason)
     if isinstance(exc, (error.ConnectionDone, error.ConnectionLost)):
         return Refusal(f"{address} closed the connection", Reason.CONNECT, permanent=False)

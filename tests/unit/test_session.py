@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from OpenSSL import SSL
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
@@ -227,3 +228,13 @@ def test_a_closed_session_leaves_no_abort_timer_behind(released):
     assert endpoint.transport.disconnecting and clock.getDelayedCalls()  # the upstream's deadline
     endpoint.protocol.connectionLost(None)
     assert clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("why, reason", [
+    ("certificate verify failed", "certificate"),
+    ("tlsv1 alert unknown ca, self-signed certificate", "certificate"),
+    ("wrong version number", "tls"),
+])
+def test_openssl_reasons_that_name_a_certificate_count_as_certificate(why, reason):
+    failure = Failure(SSL.Error([("SSL routines", "", part) for part in why.split(", ")]))
+    assert errors.describe(failure, "mail.example.org:465").reason.value == reason
