@@ -24,8 +24,7 @@ log = Logger()
 
 
 def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: float, sid: str,
-               leftover: bytes = b"", pending: bytes = b"", on_idle=None, closer: Closer | None = None,
-               debug: bool = False):
+               leftover: bytes = b"", pending: bytes = b"", closer: Closer | None = None, debug: bool = False):
     """The relay for a session released now: the splice relay where it can work, else ``Relay``.
 
     Call it once, at release, before anything else is written to either transport.
@@ -35,11 +34,11 @@ def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: floa
     The session then routes ``dataReceived`` of each leg to ``from_app`` /
     ``from_upstream`` and both ``connectionLost`` to ``close()``.  Both relays count
     ``bytes_to_upstream`` and ``bytes_to_app`` (``leftover`` and ``pending`` included).
-    ``on_idle`` is called before the idle timer closes the relay.  ``closer`` closes
-    the legs (the session's, which cancels each abort timer as its leg is lost).
-    ``debug`` (the gateway logs at debug level) logs which relay was chosen and why.  To end a session
-    with a goodbye, write it to the application transport and call ``close()`` in the
-    same reactor turn: both relays send it after the bytes already relayed.
+    ``closer`` closes the legs (the session's, which cancels each abort timer as its
+    leg is lost); ``debug`` (the gateway logs at debug level) logs which relay was
+    chosen and why.  To end a session with a goodbye, write it to the application
+    transport and call ``close()`` in the same reactor turn: both relays send it after
+    the bytes already relayed.
     """
 
     why = splice_unusable(reactor, app_transport) or splice_unusable(reactor, upstream_transport)
@@ -47,14 +46,13 @@ def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: floa
     if why is None:
         try:
             relay = SpliceRelay(reactor, app_transport, upstream_transport,
-                                idle_timeout=idle_timeout, sid=sid, on_idle=on_idle, closer=closer)
+                                idle_timeout=idle_timeout, sid=sid, closer=closer)
         except OSError as e:  # out of descriptors: the Twisted relay needs none more
             why = f"no pipes: {e}"
     if relay is None:
         if debug:  # not an event built and filtered out on every release
             log.debug("session {sid}: Twisted relay ({why})", sid=sid, why=why)
-        relay = Relay(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, on_idle=on_idle,
-                      closer=closer)
+        relay = Relay(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, closer=closer)
     if pending:
         relay.from_upstream(pending)
     if leftover:
@@ -73,9 +71,8 @@ class Relay(RelayCore):
     __slots__ = ("bytes_to_upstream", "bytes_to_app", "_write_up", "_write_app")
 
     def __init__(self, reactor: IReactorTime, app_transport, upstream_transport, *, idle_timeout: float, sid: str,
-                 on_idle=None, closer: Closer | None = None):
-        super().__init__(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, on_idle=on_idle,
-                         closer=closer)
+                 closer: Closer | None = None):
+        super().__init__(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, closer=closer)
         self.bytes_to_upstream = 0  # for mailgw_relay_bytes_total and the audit log
         self.bytes_to_app = 0
         self.app.registerProducer(self.upstream, True)

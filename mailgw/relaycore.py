@@ -78,18 +78,17 @@ class RelayCore:
     """
 
     __slots__ = (
-        "reactor", "app", "upstream", "sid", "idle_timeout", "on_idle", "closing", "closer", "last_traffic", "_clock", "_idle",
+        "reactor", "app", "upstream", "sid", "idle_timeout", "closing", "closer", "last_traffic", "_clock", "_idle",
     )
 
     def __init__(self, reactor: IReactorTime, app_transport, upstream_transport, *, idle_timeout: float, sid: str,
-                 on_idle=None, closer: Closer | None = None):
+                 closer: Closer | None = None):
         self.reactor = reactor
         self.closer = closer or Closer(reactor)  # the session's: it sees the legs' connectionLost
         self.app = app_transport
         self.upstream = upstream_transport
         self.sid = sid
         self.idle_timeout = idle_timeout
-        self.on_idle = on_idle
         self.closing = False
         self._clock = reactor.seconds  # bound once: it runs for every chunk
         self.last_traffic = self._clock()
@@ -104,8 +103,6 @@ class RelayCore:
             self._idle = self.reactor.callLater(self.idle_timeout - quiet, self._idle_check)
             return
         log.info("session {sid}: no traffic for {seconds:.0f}s, closing", sid=self.sid, seconds=self.idle_timeout)
-        if self.on_idle is not None:
-            self.on_idle()
         self.close()
 
     def _stop_idle_timer(self) -> None:

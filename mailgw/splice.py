@@ -300,9 +300,8 @@ class SpliceRelay(RelayCore):
     __slots__ = ("state", "_grace", "_legs", "_pipes", "_to_up", "_to_app", "_ended_first", "_flushing")
 
     def __init__(self, reactor, app_transport, upstream_transport, *, idle_timeout: float, sid: str,
-                 on_idle=None, closer: Closer | None = None, pipe_size: int = PIPE_SIZE):
-        super().__init__(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, on_idle=on_idle,
-                         closer=closer)
+                 closer: Closer | None = None, pipe_size: int = PIPE_SIZE):
+        super().__init__(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, closer=closer)
         self.state = SPLICING
         self._grace = None
         self._legs: tuple[_Leg, ...] = ()
