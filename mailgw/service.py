@@ -171,7 +171,8 @@ class Gateway:
         self.status.destination_failed(session.route.destination, refusal.text, kind=refusal.reason.value)
 
     def session_milestone(self, session: GatewaySession, name: str) -> None:
-        """``connected``, ``tls``, ``login``, ``greeted``, ``released``."""
+        """A :class:`~mailgw.protocol.session.Milestone`: ``connected``, ``tls``,
+        ``authenticating``, ``login``."""
         if name == "login":  # reached the upstream and logged in: /status's last success
             self.status.destination_succeeded(session.route.destination)
             self._note_token_expiry(session)

@@ -117,7 +117,7 @@ class CloseApp:
 class Milestone:
     """A step worth measuring or reporting: ``connected``, ``tls``, ``login`` (the
     upstream accepted the login), ``authenticating`` (lazy types: the upstream login
-    starts now, with the application's exchanged token), ``greeted``, ``released``."""
+    starts now, with the application's exchanged token)."""
 
     name: str
 
@@ -479,7 +479,6 @@ class SessionMachine:
         waiting = ", the login waits for the application's token" if lazy else ""
         out = [
             Log("debug", f"upstream {self.destination.address} ready{waiting}, greeting the application"),
-            Milestone("greeted"),
             SendToApp(self.app.greeting()),
             StartTimer(IDLE, self.settings.idle_timeout),
             StartTimer(DIALOGUE, self.settings.dialogue_timeout),
@@ -524,7 +523,6 @@ class SessionMachine:
         self.released = True
         return [
             StopTimer(LOGIN), StopTimer(TLS), StopTimer(IDLE), StopTimer(DIALOGUE),
-            Milestone("released"),
             StartRelay(to_app=self.upstream.take_pending(), to_upstream=leftover),
         ]
 
