@@ -209,11 +209,6 @@ class IMAPUpstream(UpstreamMachine):
             Step.PING: lambda ok, response: self._pong(ok, str(response)),
         }
 
-
-
-
-
-
     def _offered(self) -> set[str]:
         return {c[5:].upper() for c in self.capabilities if c.upper().startswith("AUTH=")}
 
@@ -229,14 +224,10 @@ class IMAPUpstream(UpstreamMachine):
     def _tagged(self, text: bytes) -> bytes:
         return self._next_tag() + b" " + text
 
-
-
-
     SASL_COMMAND = b"AUTHENTICATE"
 
     def _takes_initial_response(self) -> bool:
         return self._has("SASL-IR")  # else it answers the first "+"
-
 
     def _forget_secrets(self) -> None:
         super()._forget_secrets()
@@ -345,7 +336,6 @@ class IMAPUpstream(UpstreamMachine):
     def _on_capability_after_login(self, ok: bool, response: Response) -> list:
         caps = self._caps_from(response) if ok else None
         return self._ready(caps if caps is not None else self.capabilities)
-
 
 
 # ---------------------------------------------------------------------------------------

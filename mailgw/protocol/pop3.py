@@ -61,28 +61,18 @@ class POP3Upstream(UpstreamMachine):
             Step.PING: lambda line: self._pong(_is_ok(line), printable(line)),
         }
 
-
-
     def _on_response(self, line: bytes) -> list:
         if self._capa_lines is not None:
             return self._on_capa_line(line)
         return super()._on_response(line)
 
-
-
-
     def _offered(self) -> set[str]:
         return keyword_arguments(self.capabilities, "SASL")  # RFC 5034
-
-
-
-
 
     def _send_sasl(self, start: SASLStart) -> list:
         if start.initial is not None and start.mechanism == "PLAIN":
             self._steps.insert(0, start.initial)  # a server that still asks gets it again
         return super()._send_sasl(start)
-
 
     def _forget_secrets(self) -> None:
         super()._forget_secrets()
@@ -167,7 +157,6 @@ class POP3Upstream(UpstreamMachine):
 
     def _on_unexpected_while_waiting(self, line: bytes) -> list:
         return self._unexpected_while_waiting(printable(line))
-
 
 
 # ---------------------------------------------------------------------------------------

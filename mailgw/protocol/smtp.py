@@ -92,24 +92,12 @@ class SMTPUpstream(UpstreamMachine):
             Step.PING: lambda reply: self._pong(reply.code == 250, str(reply)),
         }
 
-
-
-
-
-
-
     @property
     def CAPABILITY_COMMAND(self) -> bytes:  # noqa: N802 - the base's class attribute
         return b"EHLO " + self.ehlo_name
 
     def _offered(self) -> set[str]:
         return auth_mechanisms(self.capabilities)
-
-
-
-
-
-
 
     # -- replies ---------------------------------------------------------------------
 

@@ -403,17 +403,8 @@ class UpstreamMachine:
     #: the command that starts a SASL login
     SASL_COMMAND = b"AUTH"
 
-
-
-
-
-
-
     def _offered(self) -> set[str]:  # pragma: no cover - abstract
         raise NotImplementedError
-
-
-
 
     def _send_sasl(self, start: SASLStart) -> list:
         """The SASL command: ``SASL_COMMAND mechanism [initial-response]``, the initial
@@ -430,7 +421,6 @@ class UpstreamMachine:
     def _takes_initial_response(self) -> bool:
         """SMTP (RFC 4954) and POP3 (RFC 5034) always do; IMAP only with SASL-IR."""
         return True
-
 
     def _login_without_sasl(self, offered: set[str]) -> list:
         return self._fail(no_mechanism(self.credentials, offered), kind=Reason.AUTH)
