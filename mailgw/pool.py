@@ -149,7 +149,9 @@ class UpstreamPool:
         self._publish()
 
     def _publish(self) -> None:
-        name = self.route.destination
+        # One pool per route: labelled by the destination alone, a tenant's listener
+        # would overwrite another's count of the same destination.
+        name = str(self.route)
         metrics.POOL_CONNECTIONS.labels(name, "ready").set(len(self.ready))
         metrics.POOL_CONNECTIONS.labels(name, "connecting").set(len(self.warming))
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+from prometheus_client import REGISTRY
+
 from mailgw.destination import parse_destination
 from mailgw.pool import UpstreamPool
 from mailgw.protocol.actions import MisuseError
@@ -192,3 +194,20 @@ def test_a_refresh_token_destination_that_needs_no_login_gets_its_pool():
     clock, gateway, upstreams = in_memory_gateway(unauthenticated)
     gateway.update_pools([Route("warm")])
     assert Route("warm") in gateway.pools and len(upstreams.connections) == 1
+
+
+def test_the_pool_gauge_counts_each_tenant_listener_on_its_own():
+    dest = destination(**{"mailgw.pool.size": "1"})
+    clock, gateway, upstreams = in_memory_gateway(dest)
+    pools = [UpstreamPool(gateway, Route("warm", tenant), dest) for tenant in ("acme", "globex")]
+    for pool in pools:
+        pool.start()
+    upstreams.smtp_ready(0)  # acme's logs in, globex's is still connecting
+
+    def gauge(route, state):
+        return REGISTRY.get_sample_value("mailgw_pool_connections", {"destination": route, "state": state})
+
+    assert (gauge("warm/acme", "ready"), gauge("warm/acme", "connecting")) == (1, 0)
+    assert (gauge("warm/globex", "ready"), gauge("warm/globex", "connecting")) == (0, 1)
+    for pool in pools:
+        pool.stop()
