@@ -180,6 +180,11 @@ LOGIN, TLS, IDLE, DIALOGUE, POOLED, PING, PONG = "login", "tls", "idle", "dialog
 #: expires (servers may end sessions whose token expired).
 TOKEN_MARGIN = 30.0
 
+#: Lazy types: how many secrets one session may present.  Each costs a token-service
+#: request (and an upstream login): an application retrying in a loop is told to stop
+#: instead of running on until the dialogue deadline.
+MAX_TOKEN_LOGINS = 3
+
 
 class SessionMachine:
     """The decisions of one session; see the module docstring.
@@ -207,6 +212,7 @@ class SessionMachine:
         self._early = bytearray()  # application bytes that arrived before the greeting
         self._user = ""  # lazy: who the application logs in as
         self._presented: str | None = None  # lazy: the secret whose token is being tried
+        self._token_logins = 0  # lazy: secrets presented so far
 
     @property
     def outcome(self) -> Outcome:
@@ -503,6 +509,11 @@ class SessionMachine:
             return self._from_app(self.app.auth_refused(
                 f"no user: the {request.mechanism} response names none and destination {destination.name} has no mail.user"
             ))
+        if self._token_logins >= MAX_TOKEN_LOGINS:
+            return [Log("info", f"login attempt {self._token_logins + 1} in one session, closing")] + self._goodbye(
+                f"too many login attempts in one session ({MAX_TOKEN_LOGINS}); connect again to retry"
+            )
+        self._token_logins += 1
         what = "authorization code" if destination.authentication == OAUTH2_AUTHORIZATION_CODE else "refresh token"
         self._user, self._presented = user, request.secret
         return [
