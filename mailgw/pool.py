@@ -101,11 +101,11 @@ class UpstreamPool:
         self._publish()
         if not self._running:
             return
-        if was_warming:  # it never got ready: the upstream or its login fails
+        if was_warming:  # it never got ready: the upstream, its login or its token fails
             self.failures += 1
             self.last_failure = refusal.text
             log.info(
-                "warm pool {route}: could not log in ({failures} in a row): {reason}",
+                "warm pool {route}: no connection made ({failures} in a row): {reason}",
                 route=str(self.route), failures=self.failures, reason=refusal.text,
             )
             self._retry_later()

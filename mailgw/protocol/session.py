@@ -180,6 +180,11 @@ LOGIN, TLS, IDLE, DIALOGUE, POOLED, PING, PONG = "login", "tls", "idle", "dialog
 #: expires (servers may end sessions whose token expired).
 TOKEN_MARGIN = 30.0
 
+#: A warm connection must be able to wait at least this long (or ``mailgw.pool.maxIdle``
+#: when shorter): one whose token expires sooner would be retired almost at once and
+#: replaced at once, a login a few seconds for nothing.  It is not made; its pool backs off.
+MIN_WARM_SECONDS = 60.0
+
 #: Lazy types: how many secrets one session may present.  Each costs a token-service
 #: request (and an upstream login): an application retrying in a loop is told to stop
 #: instead of running on until the dialogue deadline.
@@ -256,6 +261,9 @@ class SessionMachine:
             return []
         if expires_in is not None:
             self._warm_for = max(0.0, expires_in - TOKEN_MARGIN)
+            if self.warm and self._warm_for < min(MIN_WARM_SECONDS, self.destination.pool_max_idle):
+                text = f"the access token expires in {expires_in:.0f}s, too soon to keep a connection warm"
+                return self._refuse(Refusal(text, Reason.TOKEN, permanent=False))
         return self._connect(BearerToken(self.destination.user or "", access_token))
 
     def _connect(self, credentials: Credentials | None) -> list:

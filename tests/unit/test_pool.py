@@ -6,8 +6,10 @@ from __future__ import annotations
 import random
 
 from prometheus_client import REGISTRY
+from twisted.internet.defer import succeed
 
 from mailgw.destination import parse_destination
+from mailgw.oauth import AccessToken
 from mailgw.pool import UpstreamPool
 from mailgw.protocol.actions import MisuseError
 from mailgw.protocol.session import Phase
@@ -211,3 +213,32 @@ def test_the_pool_gauge_counts_each_tenant_listener_on_its_own():
     assert (gauge("warm/globex", "ready"), gauge("warm/globex", "connecting")) == (0, 1)
     for pool in pools:
         pool.stop()
+
+
+class ShortLivedTokens:
+    """Client-credentials tokens that expire ``lifetime`` seconds after they are asked for."""
+
+    def __init__(self, clock, lifetime):
+        self.clock, self.lifetime = clock, lifetime
+
+    def for_client_credentials(self, destination, tenant=None):
+        return succeed(AccessToken("at-0123456789", expires_at=self.clock.seconds() + self.lifetime))
+
+
+def test_a_token_too_short_lived_to_wait_in_the_pool_is_not_pooled_and_refills_back_off():
+    dest = parse_destination(mail(
+        "warm", "smtp", 25, host="127.0.0.1", authentication="OAuth2ClientCredentials", password=None,
+        tokenServiceURL="https://token.example.org/t", clientId="gw", clientSecret="cs-0123456789",
+        **{"mail.smtp.starttls.enable": "false", "mailgw.pool.size": "1"},
+    ))
+    clock, gateway, upstreams = in_memory_gateway(dest)
+    gateway.tokens = ShortLivedTokens(clock, 45)  # 15 s in the pool once the margin is taken
+    pool = UpstreamPool(gateway, Route("warm"), dest, rng=random.Random(1))
+    pool.start()
+    assert upstreams.connections == [] and pool.failures == 1  # no login for a connection retired at once
+    assert "too soon" in pool.last_failure and pool._retry.getTime() - clock.seconds() >= 0.5
+    gateway.tokens = ShortLivedTokens(clock, 3600)
+    clock.advance(pool._retry.getTime() - clock.seconds())
+    for line in (b"220 hi\r\n", b"250-x\r\n250 AUTH XOAUTH2\r\n", b"235 2.7.0 ok\r\n"):
+        upstreams.protocol.dataReceived(line)
+    assert len(pool.ready) == 1 and pool.failures == 0
