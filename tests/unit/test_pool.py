@@ -160,6 +160,7 @@ def test_an_internal_error_in_a_warm_connection_discards_it_and_the_pool_replace
     session.machine.upstream_data = misused
     upstreams.connections[0][0].dataReceived(b"250 OK\r\n")
     assert warm.disconnected and not pool.ready
+    clock.advance(pool._retry.getTime() - clock.seconds())  # (it failed right after its login)
     assert len(upstreams.connections) == 2 and len(pool.warming) == 1  # replaced
 
 
@@ -170,6 +171,7 @@ def test_a_warm_connection_that_speaks_unasked_is_discarded_not_handed_over():
     assert warm.disconnected and not pool.ready
     assert factory.buildProtocol(None).pool is None  # a session of its own, not that one
     # Bytes that come with the health check's answer are as unwelcome.
+    clock.advance(pool._retry.getTime() - clock.seconds())
     upstreams.smtp_ready(1)
     clock.advance(20)
     upstreams.connections[1][0].dataReceived(b"250 2.0.0 OK\r\n* BYE\r\n")
@@ -242,3 +244,19 @@ def test_a_token_too_short_lived_to_wait_in_the_pool_is_not_pooled_and_refills_b
     for line in (b"220 hi\r\n", b"250-x\r\n250 AUTH XOAUTH2\r\n", b"235 2.7.0 ok\r\n"):
         upstreams.protocol.dataReceived(line)
     assert len(pool.ready) == 1 and pool.failures == 0
+
+
+def test_a_server_that_ends_every_session_right_after_the_login_is_refilled_with_back_off():
+    clock, gateway, pool, upstreams, factory = make(destination(**{"mailgw.pool.size": "1"}))
+    delays = []
+    for attempt in range(5):
+        upstreams.smtp_ready(-1)
+        upstreams.protocol.dataReceived(b"421 4.3.2 bye\r\n")
+        assert len(upstreams.connections) == attempt + 1  # no new login at once
+        delays.append(pool._retry.getTime() - clock.seconds())
+        clock.advance(delays[-1])
+    assert delays[0] >= 0.5 and delays[-1] >= 8 and pool.short_lived == 5
+    # One that serves an application ends the streak.
+    upstreams.smtp_ready(-1)
+    factory.buildProtocol(None).makeConnection(Transport())
+    assert pool.short_lived == 0
