@@ -40,16 +40,13 @@ class TLSConfigError(GatewayError, ValueError):
 
 
 def _read(destination: Destination, key: str, path: str) -> bytes:
+    # (imported here: the configuration module imports this one for its start-up checks)
+    from ..config import ConfigError, read_capped
+
     try:
-        with open(path, "rb") as f:
-            pem = f.read(MAX_PEM_BYTES + 1)
-    except OSError as e:
-        raise TLSConfigError(
-            f"destination {destination.name!r}, key {key!r}: cannot read {path}: {e.strerror}"
-        ) from None
-    if len(pem) > MAX_PEM_BYTES:
-        raise TLSConfigError(f"destination {destination.name!r}, key {key!r}: {path} is larger than 4 MiB")
-    return pem
+        return read_capped(path, MAX_PEM_BYTES, "PEM file")
+    except ConfigError as e:  # "<path>: cannot read PEM file: ...", "... is larger than 4 MiB"
+        raise TLSConfigError(f"destination {destination.name!r}, key {key!r}: {e}") from None
 
 
 def _certificates(destination: Destination, key: str, pem: bytes) -> list[ssl.Certificate]:
