@@ -36,7 +36,7 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message says where and why."""
 
 
-def read_capped(path: Path, limit: int, what: str) -> bytes:
+def read_capped(path: Path | str, limit: int, what: str) -> bytes:
     """The bytes of ``path``, reading at most ``limit + 1`` of them (``/dev/zero`` and
     runaway files are refused, not read until memory runs out)."""
     try:

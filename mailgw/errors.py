@@ -16,8 +16,10 @@ try:  # service_identity is a hard dependency, but keep this module importable a
 except ImportError:  # pragma: no cover
     VerificationError = ()  # type: ignore[assignment]
 
-#: OpenSSL reasons that mean the certificate, not the handshake, is the problem.
-_CERTIFICATE_REASONS = ("certificate verify failed", "certificate", "self-signed", "unable to get local issuer")
+#: OpenSSL reasons that name a certificate ("certificate verify failed", "self-signed
+#: certificate", "unable to get local issuer certificate", "bad certificate" alerts) mean
+#: the certificate, not the handshake, is the problem.
+_CERTIFICATE = "certificate"
 
 
 def _ssl_reason(exc: SSL.Error) -> str:
@@ -61,7 +63,7 @@ def describe(failure: Failure | BaseException, address: str) -> Refusal:
         return Refusal(f"token service: {exc}", Reason.TOKEN, permanent=not transient)
     if isinstance(exc, error.ConnectionRefusedError):
         return Refusal(f"connection refused by {address}", Reason.CONNECT, permanent=False)
-    if isinstance(exc, (error.TimeoutError, defer.TimeoutError, defer.CancelledError)):
+    if isinstance(exc, (error.TimeoutError, error.TCPTimedOutError, defer.TimeoutError, defer.CancelledError)):
         return Refusal(f"timed out connecting to {address}", Reason.TIMEOUT, permanent=False)
     if isinstance(exc, error.DNSLookupError):
         return Refusal(f"cannot resolve the host name of {address}", Reason.DNS, permanent=False)
@@ -71,15 +73,16 @@ def describe(failure: Failure | BaseException, address: str) -> Refusal:
         return Refusal(f"the certificate of {address} does not match its host name", Reason.CERTIFICATE)
     if isinstance(exc, SSL.Error):
         why = _ssl_reason(exc)
-        reason = Reason.CERTIFICATE if any(r in why for r in _CERTIFICATE_REASONS) else Reason.TLS
+        reason = Reason.CERTIFICATE if _CERTIFICATE in why else Reason.TLS
         return Refusal(f"TLS handshake with {address} failed: {why}", reason)
     if isinstance(exc, (error.ConnectionDone, error.ConnectionLost)):
         return Refusal(f"{address} closed the connection", Reason.CONNECT, permanent=False)
     if isinstance(exc, GatewayError):
         return Refusal(exc.safe_message, exc.reason, exc.permanent)
-    explain = getattr(exc, "safe_message", None)  # typed errors of other layers of ours
-    if isinstance(explain, str):
-        return Refusal(explain, getattr(exc, "reason", Reason.CONNECT), getattr(exc, "permanent", True))
+    if isinstance(exc, error.ConnectError):
+        # The rest of Twisted's connect failures (bind, EMFILE, an unknown host...):
+        # their text is the operating system's reason, never anything of ours.
+        return Refusal(f"cannot connect to {address}: {exc}", Reason.CONNECT, permanent=False)
     # A bug of ours or an exception nobody classified: the caller logs the traceback;
     # the application reads no internal name.
     return Refusal("internal error in the gateway", Reason.INTERNAL, permanent=False)

@@ -8,15 +8,14 @@ dashboard or an alert can be checked against this module.
 from prometheus_client import Counter, Gauge, Histogram
 
 from . import __version__
+from .protocol.refusal import Reason
+from .protocol.session import Outcome
 
 #: ``mailgw_sessions_refused_total{reason}``: the one reason a refusal counts under
 #: (SPEC 9.2).  The audit log's ``reason`` field takes the same values.
-REFUSAL_REASONS = (
-    "connect", "dns", "tls", "certificate", "auth", "timeout", "limit", "token", "proxy", "protocol", "shutdown",
-    "internal",
-)
+REFUSAL_REASONS = tuple(reason.value for reason in Reason)
 #: ``mailgw_session_duration_seconds{outcome}`` and the audit log's ``outcome``.
-OUTCOMES = ("relayed", "refused", "closed")
+OUTCOMES = tuple(outcome.value for outcome in Outcome)
 
 #: Upstream phases and token requests: milliseconds to tens of seconds.
 _FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

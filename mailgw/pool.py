@@ -26,6 +26,11 @@ log = Logger()
 #: Refill back-off after consecutive failures: 1 s, 2 s, 4 s ... at most a minute.
 FIRST_RETRY, MAX_RETRY = 1.0, 60.0
 
+#: A connection that fails this soon after its login (a server that ends every session
+#: at once: ``* BYE``, ``421``, a close) counts as a failing upstream: its replacement
+#: backs off too, instead of logging in again at once, in a loop.
+SHORT_LIVED = 10.0
+
 
 class UpstreamPool:
     """Up to ``size`` warm sessions for one route (destination and tenant)."""
@@ -39,7 +44,9 @@ class UpstreamPool:
         self.ready: list = []  # warm sessions, oldest first
         self.warming: set = set()
         self.failures = 0  # consecutive
+        self.short_lived = 0  # consecutive connections that failed soon after their login
         self.last_failure: str | None = None
+        self._warmed_at: dict = {}  # ready session -> when it logged in
         self.served = 0
         self._retry = None  # the delayed refill after a failure
         self._running = False
@@ -77,6 +84,8 @@ class UpstreamPool:
         for session in reversed(self.ready):
             if session.machine.ready_for_application:
                 self.ready.remove(session)
+                self._warmed_at.pop(session, None)
+                self.short_lived = 0  # the upstream served one
                 self.served += 1
                 self._publish()
                 self._fill()
@@ -90,26 +99,38 @@ class UpstreamPool:
             return
         self.failures, self.last_failure = 0, None
         self.ready.append(session)
+        self._warmed_at[session] = self.reactor.seconds()
         self._publish()
 
     def discarded(self, session, refusal: Refusal) -> None:
         """A pooled connection failed or was retired by its own timers."""
         was_warming = session in self.warming
+        warmed_at = self._warmed_at.pop(session, None)
         self.warming.discard(session)
         if session in self.ready:
             self.ready.remove(session)
         self._publish()
         if not self._running:
             return
-        if was_warming:  # it never got ready: the upstream or its login fails
+        if was_warming:  # it never got ready: the upstream, its login or its token fails
             self.failures += 1
             self.last_failure = refusal.text
             log.info(
-                "warm pool {route}: could not log in ({failures} in a row): {reason}",
+                "warm pool {route}: no connection made ({failures} in a row): {reason}",
                 route=str(self.route), failures=self.failures, reason=refusal.text,
             )
-            self._retry_later()
-        else:
+            self._retry_later(self.failures)
+        elif warmed_at is not None and self.reactor.seconds() - warmed_at < SHORT_LIVED:
+            self.failures += 1
+            self.short_lived += 1
+            self.last_failure = refusal.text
+            log.info(
+                "warm pool {route}: a connection failed right after its login ({count} in a row): {reason}",
+                route=str(self.route), count=self.short_lived, reason=refusal.text,
+            )
+            self._retry_later(self.short_lived)
+        else:  # worn out (its time in the pool, a failed health check): replace it now
+            self.short_lived = 0
             self._fill()
 
     # -- filling -------------------------------------------------------------------------------
@@ -126,10 +147,11 @@ class UpstreamPool:
             self._publish()
             session.start_warming()
 
-    def _retry_later(self) -> None:
+    def _retry_later(self, attempt: int) -> None:
+        """Fill again after the back-off for the ``attempt``-th failure in a row."""
         if self._retry is not None:
             return
-        delay = min(FIRST_RETRY * 2 ** (self.failures - 1), MAX_RETRY) * self._rng.uniform(0.5, 1.5)
+        delay = min(FIRST_RETRY * 2 ** (attempt - 1), MAX_RETRY) * self._rng.uniform(0.5, 1.5)
         self._retry = self.reactor.callLater(delay, self._retry_now)
 
     def _retry_now(self) -> None:
@@ -144,12 +166,15 @@ class UpstreamPool:
     def _retire_all(self, reason: str) -> None:
         sessions = self.ready + list(self.warming)
         self.ready, self.warming = [], set()
+        self._warmed_at.clear()
         for session in sessions:
             session.retire(reason)
         self._publish()
 
     def _publish(self) -> None:
-        name = self.route.destination
+        # One pool per route: labelled by the destination alone, a tenant's listener
+        # would overwrite another's count of the same destination.
+        name = str(self.route)
         metrics.POOL_CONNECTIONS.labels(name, "ready").set(len(self.ready))
         metrics.POOL_CONNECTIONS.labels(name, "connecting").set(len(self.warming))
 

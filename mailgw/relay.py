@@ -6,10 +6,10 @@ Twisted :class:`Relay` otherwise (TLS on a leg, no ``os.splice``, other transpor
 or ``MAILGW_SPLICE=0`` in the environment).
 
 The Twisted relay's hot path costs one Python call per received chunk (the transport's
-read size, 64 KiB, or one TLS record): ``write`` on the other leg, a byte count and a
-timer bump.  Backpressure is Twisted's producer/consumer: each transport is registered as the
-streaming producer of the other, so a full write buffer on one side pauses reading on
-the other.
+read size, 64 KiB, or one TLS record): ``write`` on the other leg, a byte count and the
+time of the traffic for the idle timer.  Backpressure is Twisted's producer/consumer:
+each transport is registered as the streaming producer of the other, so a full write
+buffer on one side pauses reading on the other.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .relaycore import RelayCore, close_with_grace
+from .relaycore import Closer, RelayCore
 from .splice import SpliceRelay, splice_unusable
 
 log = Logger()
 
 
 def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: float, sid: str,
-               leftover: bytes = b"", pending: bytes = b"", on_idle=None):
+               leftover: bytes = b"", pending: bytes = b"", closer: Closer | None = None, debug: bool = False):
     """The relay for a session released now: the splice relay where it can work, else ``Relay``.
 
     Call it once, at release, before anything else is written to either transport.
@@ -34,9 +34,11 @@ def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: floa
     The session then routes ``dataReceived`` of each leg to ``from_app`` /
     ``from_upstream`` and both ``connectionLost`` to ``close()``.  Both relays count
     ``bytes_to_upstream`` and ``bytes_to_app`` (``leftover`` and ``pending`` included).
-    ``on_idle`` is called before the idle timer closes the relay.  To end a session
-    with a goodbye, write it to the application transport and call ``close()`` in the
-    same reactor turn: both relays send it after the bytes already relayed.
+    ``closer`` closes the legs (the session's, which cancels each abort timer as its
+    leg is lost); ``debug`` (the gateway logs at debug level) logs which relay was
+    chosen and why.  To end a session with a goodbye, write it to the application
+    transport and call ``close()`` in the same reactor turn: both relays send it after
+    the bytes already relayed.
     """
 
     why = splice_unusable(reactor, app_transport) or splice_unusable(reactor, upstream_transport)
@@ -44,12 +46,13 @@ def make_relay(reactor, app_transport, upstream_transport, *, idle_timeout: floa
     if why is None:
         try:
             relay = SpliceRelay(reactor, app_transport, upstream_transport,
-                                idle_timeout=idle_timeout, sid=sid, on_idle=on_idle)
+                                idle_timeout=idle_timeout, sid=sid, closer=closer)
         except OSError as e:  # out of descriptors: the Twisted relay needs none more
             why = f"no pipes: {e}"
     if relay is None:
-        log.debug("session {sid}: Twisted relay ({why})", sid=sid, why=why)
-        relay = Relay(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, on_idle=on_idle)
+        if debug:  # not an event built and filtered out on every release
+            log.debug("session {sid}: Twisted relay ({why})", sid=sid, why=why)
+        relay = Relay(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, closer=closer)
     if pending:
         relay.from_upstream(pending)
     if leftover:
@@ -67,8 +70,9 @@ class Relay(RelayCore):
 
     __slots__ = ("bytes_to_upstream", "bytes_to_app", "_write_up", "_write_app")
 
-    def __init__(self, reactor: IReactorTime, app_transport, upstream_transport, *, idle_timeout: float, sid: str, on_idle=None):
-        super().__init__(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, on_idle=on_idle)
+    def __init__(self, reactor: IReactorTime, app_transport, upstream_transport, *, idle_timeout: float, sid: str,
+                 closer: Closer | None = None):
+        super().__init__(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, closer=closer)
         self.bytes_to_upstream = 0  # for mailgw_relay_bytes_total and the audit log
         self.bytes_to_app = 0
         self.app.registerProducer(self.upstream, True)
@@ -80,12 +84,12 @@ class Relay(RelayCore):
     def from_app(self, data: bytes) -> None:
         self._write_up(data)
         self.bytes_to_upstream += len(data)
-        self._bump(self.idle_timeout)
+        self.last_traffic = self._clock()
 
     def from_upstream(self, data: bytes) -> None:
         self._write_app(data)
         self.bytes_to_app += len(data)
-        self._bump(self.idle_timeout)
+        self.last_traffic = self._clock()
 
     def close(self) -> None:
         """Close both legs once (after what was already written is flushed)."""
@@ -105,4 +109,4 @@ class Relay(RelayCore):
                 transport.resumeProducing()
             except Exception:  # pragma: no cover
                 pass
-            close_with_grace(self.reactor, transport)
+            self.closer.close(transport)

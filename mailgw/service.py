@@ -30,6 +30,7 @@ from .listening import (
 )
 from .oauth import AccessToken, TokenCache, TokenClient, TokenProvider
 from .pool import UpstreamPool
+from .protocol import families
 from .protocol.refusal import Reason, Refusal
 from .send.connection import POOL_SIZE as SEND_POOL_SIZE
 from .send.http import BearerTokens, SendResource
@@ -141,16 +142,26 @@ class Gateway:
 
     def session_started(self, session: GatewaySession) -> Refusal | None:
         """Count a new session; the refusal when it is over a limit (SPEC 6, 9.6)."""
-        name, client = session.route.destination, _client_host(session.client)
+        name, client = session.route.destination, session.client_host
         self.sessions.add(session)
         self._per_destination[name] += 1
-        self._per_client[client] += 1
+        if client is not None:
+            self._per_client[client] += 1
         counted = self._metrics_of(name)
         counted.accepted.inc()
         counted.active.inc()
-        if self._per_destination[name] > self.settings.max_sessions_per_destination:
+        return self._over_limits(name, client)
+
+    def admits(self, route: Route, client_host: str | None) -> bool:
+        """Whether one more session of ``route`` from ``client_host`` is within the limits."""
+        return self._over_limits(route.destination, client_host, joining=1) is None
+
+    def _over_limits(self, name: str, client: str | None, joining: int = 0) -> Refusal | None:
+        """The refusal when the sessions counted (plus ``joining``) exceed a limit.  A
+        client without an IP address (``None``: a UNIX socket) has no per-client limit."""
+        if self._per_destination[name] + joining > self.settings.max_sessions_per_destination:
             return Refusal("too many sessions for this destination, try again later", Reason.LIMIT, permanent=False)
-        if self._per_client[client] > self.settings.max_sessions_per_client:
+        if client is not None and self._per_client[client] + joining > self.settings.max_sessions_per_client:
             return Refusal(f"too many sessions from {client}, try again later", Reason.LIMIT, permanent=False)
         return None
 
@@ -159,7 +170,8 @@ class Gateway:
         self.status.destination_failed(session.route.destination, refusal.text, kind=refusal.reason.value)
 
     def session_milestone(self, session: GatewaySession, name: str) -> None:
-        """``connected``, ``tls``, ``login``, ``greeted``, ``released``."""
+        """A :class:`~mailgw.protocol.session.Milestone`: ``connected``, ``tls``,
+        ``authenticating``, ``login``."""
         if name == "login":  # reached the upstream and logged in: /status's last success
             self.status.destination_succeeded(session.route.destination)
             self._note_token_expiry(session)
@@ -186,10 +198,11 @@ class Gateway:
         name = session.route.destination
         self.sessions.discard(session)
         self._per_destination[name] -= 1
-        client = _client_host(session.client)
-        self._per_client[client] -= 1
-        if not self._per_client[client]:
-            del self._per_client[client]
+        client = session.client_host
+        if client is not None:
+            self._per_client[client] -= 1
+            if not self._per_client[client]:
+                del self._per_client[client]
         counted = self._metrics_of(name)
         counted.active.dec()
         outcome = session.machine.outcome.value
@@ -232,7 +245,7 @@ class Gateway:
 
         def update(destination, route):
             pool = self.pools.get(route)
-            if self.draining or not destination.pool_size or destination.lazy:
+            if self.draining or not destination.pool_size or families.is_lazy(destination):
                 if pool is not None:
                     self.pools.pop(route).stop()
             elif pool is None:
@@ -267,11 +280,6 @@ class Gateway:
         timer = self.reactor.callLater(timeout, give_up)
         waiting.addBoth(lambda _: timer.cancel() if timer.active() else None)
         return waiting
-
-
-def _client_host(client: str) -> str:
-    """The address part of ``host:port`` (IPv6 addresses have colons of their own)."""
-    return client.rsplit(":", 1)[0]
 
 
 class IDrainParticipant(Interface):

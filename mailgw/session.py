@@ -14,6 +14,7 @@ import itertools
 from typing import Callable
 
 from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger, LogLevel
@@ -42,7 +43,7 @@ from .protocol.session import (
     StopTimer,
     Warmed,
 )
-from .relaycore import close_with_grace
+from .relaycore import Closer
 from .relay import Relay, make_relay
 from .settings import Route, Settings
 
@@ -60,9 +61,13 @@ class GatewayFactory(Factory):
         self.gateway = gateway
 
     def buildProtocol(self, addr):
-        # A warm pool's session, logged in already, when one is ready (SPEC 9.7).
+        # A warm pool's session, logged in already, when one is ready (SPEC 9.7) and the
+        # limits admit one more session: a session they refuse must not use up (and
+        # close) a logged-in upstream connection.
         pool = self.gateway.pools.get(self.route)
-        warm = pool.take() if pool is not None else None
+        warm = None
+        if pool is not None and self.gateway.admits(self.route, client_host(addr)):
+            warm = pool.take()
         return warm or GatewaySession(self.route, self.gateway)
 
 
@@ -81,7 +86,7 @@ class _UpstreamProtocol(Protocol):
         self.session._upstream_data(data)
 
     def handshakeCompleted(self):
-        self.session._run(self.session.machine.upstream_tls_done())
+        self.session._feed(self.session.machine.upstream_tls_done)
 
     def connectionLost(self, reason=None):
         self.session._upstream_lost(reason)
@@ -115,7 +120,8 @@ class GatewaySession(Protocol):
         self.sid = f"s{next(_session_ids)}"
         self.pool = pool  # a warm pool's session until an application takes it
         self.machine = SessionMachine(route, gateway.settings, gateway.family_of(route), warm=pool is not None)
-        self.client = "?"
+        self.client = "?"  # host:port, for the audit log
+        self.client_host: str | None = None  # what the per-client limit counts
         self.started_at = self.reactor.seconds()
         self.upstream_tls: str | None = None  # the negotiated TLS version, for the audit
         self._upstream: _UpstreamProtocol | None = None
@@ -123,6 +129,7 @@ class GatewaySession(Protocol):
         self._pending: set[defer.Deferred] = set()  # look-ups, tokens, connects in flight
         self._timers: dict[str, object] = {}
         self._marks: dict[str, float] = {}  # when each upstream phase started
+        self._closer = Closer(self.reactor)  # both legs', before and after release
         self.relay: Relay | None = None
         self.closed = defer.Deferred()
 
@@ -139,30 +146,35 @@ class GatewaySession(Protocol):
     def connectionMade(self):
         peer = self.transport.getPeer()
         self.client = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.client_host = client_host(peer)
         self.transport.registerProducer(self, True)
         refusal = self.gateway.session_started(self)
         if self.pool is not None:  # a warm session taken from its pool
             self.pool, self.started_at = None, self.reactor.seconds()
-            self._run(self.machine.app_attached(refusal))
+            self._feed(self.machine.app_attached, refusal)
             return
-        self._run(self.machine.failed(refusal) if refusal is not None else self.machine.accepted())
+        if refusal is not None:
+            self._feed(self.machine.failed, refusal)
+        else:
+            self._feed(self.machine.accepted)
 
     def start_warming(self) -> None:
         """A warm pool's session: connect and log in before any application comes."""
-        self._run(self.machine.accepted())
+        self._feed(self.machine.accepted)
 
     def dataReceived(self, data: bytes):
         # (at release the relay's from_app takes this method's place: see _release)
-        self._run(self.machine.app_data(data))
+        self._feed(self.machine.app_data, data)
 
     def connectionLost(self, reason=None):
-        self._run(self.machine.closed())
+        self._feed(self.machine.closed)
         for pending in list(self._pending):
             pending.cancel()
         if self.relay is not None:
             self.relay.close()
         elif self._upstream is not None and self._upstream.transport is not None:
-            close_with_grace(self.reactor, self._upstream.transport)
+            self._closer.close(self._upstream.transport)
+        self._closer.lost(self.transport)
         if not self.closed.called:
             self.gateway.session_ended(self)
             self.closed.callback(None)
@@ -184,12 +196,14 @@ class GatewaySession(Protocol):
             upstream.transport.abortConnection()
             return
         self._upstream = upstream
-        self._run(self.machine.upstream_connected())
+        self._feed(self.machine.upstream_connected)
 
     def _upstream_data(self, data: bytes):
-        self._run(self.machine.upstream_data(data))
+        self._feed(self.machine.upstream_data, data)
 
     def _upstream_lost(self, reason: Failure | None):
+        if self._upstream is not None:
+            self._closer.lost(self._upstream.transport)
         self._upstream = None
         if self.relay is not None:
             if self.gateway.debug:
@@ -199,17 +213,20 @@ class GatewaySession(Protocol):
         refusal = None
         if reason is not None and not reason.check(error.ConnectionDone):
             refusal = self._describe(reason)
-        self._run(self.machine.upstream_lost(refusal))
+        self._feed(self.machine.upstream_lost, refusal)
 
     # -- carrying out actions ------------------------------------------------------------
 
-    def _run(self, actions: list) -> None:
+    def _feed(self, event: Callable[..., list], *args) -> None:
+        """Give the machine an event (``event(*args)``, a machine method) and carry out
+        the actions it returns."""
         try:
-            for action in actions:
+            for action in event(*args):
                 self._do(action)
         except Exception:
-            # A bug of ours (a machine misused, an action we cannot carry out): log it
-            # with its traceback and end this session only.
+            # A bug of ours (a machine misused, an action we cannot carry out), whether
+            # the machine raised it or an action did: log it with its traceback and end
+            # this session only.
             log.failure("session {sid}: internal error", sid=self.sid)
             self._internal_error()
 
@@ -269,25 +286,28 @@ class GatewaySession(Protocol):
             self._failed(Failure(), failed)
             return
         if not isinstance(d, defer.Deferred):  # an answer at once (a static source)
-            self._run(then(d))
+            self._feed(then, d)
             return
-        if d.called:  # a cache hit: no need to track it
-            d.addCallbacks(lambda result: self._run(then(result)), lambda f: self._failed(f, failed))
-            return
+        self._track(d).addCallbacks(lambda result: self._feed(then, result), lambda f: self._failed(f, failed))
+
+    def _track(self, d: defer.Deferred) -> defer.Deferred:
+        """Keep ``d`` (a look-up, token, exchange or connect in flight) until it fires,
+        so that the session cancels it when it ends; ``d``, for more callbacks."""
         self._pending.add(d)
 
         def settled(result):
             self._pending.discard(d)
             return result
 
-        d.addBoth(settled)
-        d.addCallbacks(lambda result: self._run(then(result)), lambda f: self._failed(f, failed))
+        return d.addBoth(settled)  # (one that fired already, a cache hit, is let go at once)
 
     def _failed(self, failure: Failure, failed: Callable | None) -> None:
-        if failure.check(defer.CancelledError) and self.machine.phase is Phase.CLOSED:
-            return  # we cancelled it: the session is gone
+        if self.machine.phase in (Phase.CLOSING, Phase.CLOSED):
+            # The session is ending and cancelled what it waited for; whatever that
+            # failed with (CancelledError, a connector's UserError...) is no news.
+            return
         refusal = self._describe(failure)
-        self._run((failed or self.machine.failed)(refusal))
+        self._feed(failed or self.machine.failed, refusal)
 
     def _describe(self, failure: Failure) -> Refusal:
         address = self.destination.address if self.destination else self.route.destination
@@ -297,26 +317,32 @@ class GatewaySession(Protocol):
         return refusal
 
     def _internal_error(self) -> None:
-        if self.machine.phase in (Phase.STARTING, Phase.DIALOGUE):
-            self._run(self.machine.failed(Refusal("internal error in the gateway", Reason.INTERNAL, permanent=False)))
-        else:
-            self._close()
+        # Refused before the greeting, a goodbye after it; a warm connection is
+        # discarded, so that its pool forgets it and starts another.
+        if self.machine.phase in (Phase.STARTING, Phase.WARM, Phase.DIALOGUE):
+            refusal = Refusal("internal error in the gateway", Reason.INTERNAL, permanent=False)
+            try:
+                for action in self.machine.failed(refusal):
+                    self._do(action)
+                return
+            except Exception:  # not even the refusal works: close without it
+                log.failure("session {sid}: internal error while refusing", sid=self.sid)
+        self._close()
 
     def _connect(self, destination) -> None:
-        if destination.implicit_tls or destination.starttls_enable:
-            self._tls_options = client_tls_options(destination)
-        endpoint = self.gateway.upstream_endpoint(destination, self.route.tenant)
-        self._marks["connect"] = self.reactor.seconds()
-        d = endpoint.connect(_UpstreamFactory(self))
-        self._pending.add(d)
-
-        def settled(result):
-            self._pending.discard(d)
-            return result
-
-        d.addBoth(settled)
+        try:
+            # Unusable PEM files, an OnPremise destination without a proxy: refusals
+            # with their own messages (errors.describe), like a failed connect.
+            if destination.implicit_tls or destination.starttls_enable:
+                self._tls_options = client_tls_options(destination)
+            endpoint = self.gateway.upstream_endpoint(destination, self.route.tenant)
+            self._marks["connect"] = self.reactor.seconds()
+            d = endpoint.connect(_UpstreamFactory(self))
+        except Exception:
+            self._failed(Failure(), None)
+            return
         # Success arrives through the protocol's connectionMade.
-        d.addErrback(self._failed, None)
+        self._track(d).addErrback(self._failed, None)
 
     def _milestone(self, name: str) -> None:
         now = self.reactor.seconds()
@@ -325,8 +351,10 @@ class GatewaySession(Protocol):
             started = self._marks.pop(phase, None)
             if started is not None:
                 self.gateway.upstream_phase(self, phase, now - started)
-            if name in ("connected", "tls"):
-                self._marks["login"] = now  # the login starts once the transport is usable
+        if name in ("connected", "tls", "authenticating"):
+            # The login starts once the transport is usable, or for the lazy types
+            # once the application's token is exchanged (not at the greeting).
+            self._marks["login"] = now
         if name == "tls" and self._upstream is not None:
             self.upstream_tls = _tls_version(self._upstream.transport)
         self.gateway.session_milestone(self, name)
@@ -340,7 +368,7 @@ class GatewaySession(Protocol):
         self.relay = make_relay(
             self.reactor, self.transport, self._upstream.transport,
             idle_timeout=self.settings.relay_idle_timeout, sid=self.sid,
-            leftover=action.to_upstream, pending=action.to_app,
+            leftover=action.to_upstream, pending=action.to_app, closer=self._closer, debug=self.gateway.debug,
         )
         # The hot path: each leg's bytes go straight to the relay, one Python call per
         # chunk fewer than through the session (the splice relay reads the sockets itself).
@@ -354,15 +382,15 @@ class GatewaySession(Protocol):
             self.relay.close()
             return
         if self._upstream is not None and self._upstream.transport is not None:
-            close_with_grace(self.reactor, self._upstream.transport)
+            self._closer.close(self._upstream.transport)
         if self.transport is not None:
             self.transport.unregisterProducer()
-            close_with_grace(self.reactor, self.transport)
+            self._closer.close(self.transport)
 
     def _discard(self, refusal: Refusal) -> None:
         """A warm session that cannot serve: close it; its pool replaces it."""
         pool, self.pool = self.pool, None
-        self._run(self.machine.closed())
+        self._feed(self.machine.closed)
         self._close()
         if pool is not None:
             pool.discarded(self, refusal)
@@ -370,7 +398,7 @@ class GatewaySession(Protocol):
     def retire(self, reason: str) -> None:
         """Close a warm session that waits in its pool (flush, stop)."""
         self.pool = None
-        self._run(self.machine.closed())
+        self._feed(self.machine.closed)
         self._close()
 
     # -- timers --------------------------------------------------------------------------
@@ -389,7 +417,7 @@ class GatewaySession(Protocol):
 
     def _timer_fired(self, name: str) -> None:
         self._timers.pop(name, None)
-        self._run(self.machine.timer(name))
+        self._feed(self.machine.timer, name)
 
     # -- shutdown ------------------------------------------------------------------------
 
@@ -399,7 +427,16 @@ class GatewaySession(Protocol):
             self.transport.write(self.machine.goodbye_bytes(reason))
             self.relay.close()
         else:
-            self._run(self.machine.shutdown(reason))
+            self._feed(self.machine.shutdown, reason)
+
+
+def client_host(address) -> str | None:
+    """What the per-client session limit counts for a peer ``address``: its IP address;
+    ``None`` for a peer without one (a UNIX socket's), which that limit leaves alone
+    rather than lumping every such client together."""
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return address.host
+    return None
 
 
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn}

@@ -40,6 +40,6 @@ class Settings:
     drain_timeout: float = 30.0  # SIGTERM: how long open sessions may go on
     max_line: int = 16384  # application command line before release
     max_sessions_per_destination: int = 1000
-    max_sessions_per_client: int = 100  # open sessions per client IP address
+    max_sessions_per_client: int = 100  # open sessions per client IP address (UNIX sockets: none)
     max_token_requests: int = 8  # concurrent token requests, all destinations together
     hostname: str = "mailgw"

@@ -62,7 +62,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
 
-from .relaycore import CLOSE_GRACE, RelayCore, close_with_grace
+from .relaycore import CLOSE_GRACE, Closer, RelayCore
 
 log = Logger()
 
@@ -199,7 +199,7 @@ class _Leg:
                 relay._ended(self, None)
                 return None
             pipe.buffered += n
-            relay._bump(relay.idle_timeout)
+            relay.last_traffic = relay._clock()
             dst.doWrite()
             if pipe.buffered:
                 # The other side is slower: keep reading only while the pipe has room.
@@ -300,8 +300,8 @@ class SpliceRelay(RelayCore):
     __slots__ = ("state", "_grace", "_legs", "_pipes", "_to_up", "_to_app", "_ended_first", "_flushing")
 
     def __init__(self, reactor, app_transport, upstream_transport, *, idle_timeout: float, sid: str,
-                 on_idle=None, pipe_size: int = PIPE_SIZE):
-        super().__init__(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, on_idle=on_idle)
+                 closer: Closer | None = None, pipe_size: int = PIPE_SIZE):
+        super().__init__(reactor, app_transport, upstream_transport, idle_timeout=idle_timeout, sid=sid, closer=closer)
         self.state = SPLICING
         self._grace = None
         self._legs: tuple[_Leg, ...] = ()
@@ -465,4 +465,4 @@ class SpliceRelay(RelayCore):
         if self._ended_first is legs[1]:
             legs.reverse()
         for leg in legs:
-            close_with_grace(self.reactor, leg.transport)
+            self.closer.close(leg.transport)

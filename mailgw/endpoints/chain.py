@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from twisted.internet import error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
@@ -16,12 +17,18 @@ from twisted.internet.protocol import ClientFactory
 from zope.interface import implementer
 
 from ..destination import Destination
+from ..errors import GatewayError
+from ..protocol.refusal import Reason
 
 ProxyEndpointFactory = Callable[[Destination, "str | None"], IStreamClientEndpoint]
 
 
-class ConfigurationError(ValueError):
-    """The gateway's configuration cannot serve a destination (e.g. no proxy for OnPremise)."""
+class ConfigurationError(GatewayError, ValueError):
+    """The gateway's configuration cannot serve a destination (e.g. no proxy for
+    OnPremise): a session that needs it is refused under ``connect``, with this message."""
+
+    def __init__(self, message: str):
+        super().__init__(message, permanent=True, reason=Reason.CONNECT)
 
 
 def upstream_endpoint(
@@ -71,7 +78,14 @@ class AddressEndpoint:
 
     def connect(self, protocol_factory) -> Deferred:
         connector = None
-        done = Deferred(lambda _: connector.stopConnecting())
+
+        def cancel(done: Deferred) -> None:
+            # As Twisted's own endpoints do: fail first, so that stopConnecting's
+            # UserError (which reaches clientConnectionFailed) finds it settled.
+            done.errback(error.ConnectingCancelledError(connector.getDestination()))
+            connector.stopConnecting()
+
+        done = Deferred(cancel)
         # (connectTCP takes IPv4 and IPv6 address literals alike)
         connector = self.reactor.connectTCP(self.host, self.port, _Direct(protocol_factory, done), timeout=self.timeout)
         return done

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 from OpenSSL import SSL
 from twisted.internet import ssl
@@ -18,6 +19,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..destination import Destination
+from ..errors import GatewayError
+from ..protocol.refusal import Reason
 
 log = Logger()
 
@@ -28,21 +31,22 @@ MAX_PEM_BYTES = 4 * 1024 * 1024
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
-class TLSConfigError(ValueError):
-    """A destination's TrustStoreLocation or KeyStoreLocation cannot be used."""
+class TLSConfigError(GatewayError, ValueError):
+    """A destination's TrustStoreLocation or KeyStoreLocation cannot be used (a
+    session that needs it is refused under ``tls``, with this message)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, permanent=True, reason=Reason.TLS)
 
 
 def _read(destination: Destination, key: str, path: str) -> bytes:
+    # (imported here: the configuration module imports this one for its start-up checks)
+    from ..config import ConfigError, read_capped
+
     try:
-        with open(path, "rb") as f:
-            pem = f.read(MAX_PEM_BYTES + 1)
-    except OSError as e:
-        raise TLSConfigError(
-            f"destination {destination.name!r}, key {key!r}: cannot read {path}: {e.strerror}"
-        ) from None
-    if len(pem) > MAX_PEM_BYTES:
-        raise TLSConfigError(f"destination {destination.name!r}, key {key!r}: {path} is larger than 4 MiB")
-    return pem
+        return read_capped(path, MAX_PEM_BYTES, "PEM file")
+    except ConfigError as e:  # "<path>: cannot read PEM file: ...", "... is larger than 4 MiB"
+        raise TLSConfigError(f"destination {destination.name!r}, key {key!r}: {e}") from None
 
 
 def _certificates(destination: Destination, key: str, pem: bytes) -> list[ssl.Certificate]:
@@ -87,41 +91,66 @@ class _UnverifiedClientTLS:
         return connection
 
 
+#: How often the PEM files of a set of TLS settings are looked at again: a rotated CA
+#: bundle or client certificate is used within this time, and sessions cost no stat.
+RECHECK_SECONDS = 60.0
+
+
+class _Built:
+    """The connection creator for one set of TLS settings, and the identity of its PEM
+    files when it was made."""
+
+    __slots__ = ("options", "files", "checked_at")
+
+    def __init__(self, options: IOpenSSLClientConnectionCreator, files: tuple, checked_at: float):
+        self.options, self.files, self.checked_at = options, files, checked_at
+
+
 #: Connection creators by TLS settings; bounded, cleared when full.
-_OPTIONS: dict[tuple, IOpenSSLClientConnectionCreator] = {}
+_OPTIONS: dict[tuple, _Built] = {}
 _OPTIONS_MAX = 512
 
 
-def _mtime(path: str | None) -> float | None:
+def _identity(path: str | None) -> tuple | None:
+    """What tells a changed file: replaced (a new inode, as a Kubernetes Secret's
+    symlink swap gives), rewritten (size, modification time)."""
+    if not path:
+        return None
     try:
-        return os.stat(path).st_mtime if path else None
+        st = os.stat(path)
     except OSError:
         return None  # building the options reports the problem
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def client_tls_options(destination: Destination) -> IOpenSSLClientConnectionCreator:
+def client_tls_options(destination: Destination, now: float | None = None) -> IOpenSSLClientConnectionCreator:
     """The connection creator for ``destination``'s upstream TLS (verification on by default).
 
     Built once per set of TLS settings and shared by the sessions: an OpenSSL context is
     costly to make and the PEM files would otherwise be read on the reactor thread for
-    every session.  A PEM file with a new modification time builds a new one.
+    every session.  The files are looked at again (``os.stat``) at most every
+    :data:`RECHECK_SECONDS` (``now``: the caller's clock, default ``time.monotonic()``);
+    a changed one builds a new creator.  TrustAll is logged as a warning each time one
+    is built, not for every session.
     """
+    now = time.monotonic() if now is None else now
+    key = (destination.host, destination.trust_all, destination.trust_store, destination.key_store)
+    built = _OPTIONS.get(key)
+    if built is not None and now - built.checked_at < RECHECK_SECONDS:
+        return built.options
+    files = (_identity(destination.trust_store), _identity(destination.key_store))
+    if built is not None and built.files == files:
+        built.checked_at = now
+        return built.options
     if destination.trust_all:
         log.warn(
             "destination {destination}: TrustAll is set, the upstream certificate is NOT verified",
             destination=destination.name,
         )
-    key = (
-        destination.host, destination.trust_all,
-        destination.trust_store, _mtime(destination.trust_store),
-        destination.key_store, _mtime(destination.key_store),
-    )
-    options = _OPTIONS.get(key)
-    if options is None:
-        if len(_OPTIONS) >= _OPTIONS_MAX:
-            _OPTIONS.clear()
-        options = _OPTIONS[key] = _build_options(destination)
-    return options
+    if len(_OPTIONS) >= _OPTIONS_MAX:
+        _OPTIONS.clear()
+    built = _OPTIONS[key] = _Built(_build_options(destination), files, now)
+    return built.options
 
 
 def _build_options(destination: Destination) -> IOpenSSLClientConnectionCreator:

@@ -19,7 +19,7 @@ from .common import first_word, printable
 from .credentials import Password
 from .lines import LineReader
 from .refusal import Reason
-from .upstream import SASLStart, Step, UpstreamMachine
+from .upstream import Step, UpstreamMachine
 
 CRLF = b"\r\n"
 
@@ -209,11 +209,6 @@ class IMAPUpstream(UpstreamMachine):
             Step.PING: lambda ok, response: self._pong(ok, str(response)),
         }
 
-
-
-
-
-
     def _offered(self) -> set[str]:
         return {c[5:].upper() for c in self.capabilities if c.upper().startswith("AUTH=")}
 
@@ -229,18 +224,14 @@ class IMAPUpstream(UpstreamMachine):
     def _tagged(self, text: bytes) -> bytes:
         return self._next_tag() + b" " + text
 
+    SASL_COMMAND = b"AUTHENTICATE"
 
+    def _takes_initial_response(self) -> bool:
+        return self._has("SASL-IR")  # else it answers the first "+"
 
-
-    def _send_sasl(self, start: SASLStart) -> list:
-        command = b"AUTHENTICATE " + start.mechanism.encode("ascii")
-        if start.initial is not None:
-            if self._has("SASL-IR"):
-                command += b" " + start.initial
-            else:
-                self._steps.insert(0, start.initial)  # answers the first "+"
-        return self._command(Step.LOGIN, command)
-
+    def _forget_secrets(self) -> None:
+        super()._forget_secrets()
+        self._login_chunks = []
 
     def _login(self) -> list:
         if self._preauth:
@@ -283,10 +274,7 @@ class IMAPUpstream(UpstreamMachine):
                 return [SendUpstream(self._login_chunks.pop(0))]
             return self._on_challenge(response.text)
         if self.step is Step.AWAITING_LOGIN:
-            return self._fail(
-                "upstream sent an unexpected response while waiting for the application to authenticate: "
-                + printable(response.line, 80)
-            )
+            return self._unexpected_while_waiting(printable(response.line, 80))
         if response.tag != self._tag:
             return self._fail(f"upstream answered an unknown tag: {printable(response.line, 80)}")
         if response.status not in (b"OK", b"NO", b"BAD"):
@@ -348,7 +336,6 @@ class IMAPUpstream(UpstreamMachine):
     def _on_capability_after_login(self, ok: bool, response: Response) -> list:
         caps = self._caps_from(response) if ok else None
         return self._ready(caps if caps is not None else self.capabilities)
-
 
 
 # ---------------------------------------------------------------------------------------

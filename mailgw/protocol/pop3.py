@@ -61,31 +61,22 @@ class POP3Upstream(UpstreamMachine):
             Step.PING: lambda line: self._pong(_is_ok(line), printable(line)),
         }
 
-
-
     def _on_response(self, line: bytes) -> list:
         if self._capa_lines is not None:
             return self._on_capa_line(line)
         return super()._on_response(line)
 
-
-
-
     def _offered(self) -> set[str]:
         return keyword_arguments(self.capabilities, "SASL")  # RFC 5034
 
-
-
-
-
     def _send_sasl(self, start: SASLStart) -> list:
-        command = b"AUTH " + start.mechanism.encode("ascii")
-        if start.initial is not None:
-            command += b" " + start.initial  # RFC 5034 initial response
-            if start.mechanism == "PLAIN":
-                self._steps.insert(0, start.initial)  # a server that still asks gets it again
-        return self._command(Step.LOGIN, command)
+        if start.initial is not None and start.mechanism == "PLAIN":
+            self._steps.insert(0, start.initial)  # a server that still asks gets it again
+        return super()._send_sasl(start)
 
+    def _forget_secrets(self) -> None:
+        super()._forget_secrets()
+        self._password = b""
 
     def _login_without_sasl(self, offered: set[str]) -> list:
         creds = self.credentials
@@ -165,11 +156,7 @@ class POP3Upstream(UpstreamMachine):
         return self._malformed("POP3 response", line)
 
     def _on_unexpected_while_waiting(self, line: bytes) -> list:
-        return self._fail(
-            f"upstream sent an unexpected response while waiting for the application to authenticate: {printable(line)}",
-            permanent=False,
-        )
-
+        return self._unexpected_while_waiting(printable(line))
 
 
 # ---------------------------------------------------------------------------------------

@@ -115,8 +115,9 @@ class CloseApp:
 
 @frozen
 class Milestone:
-    """A step worth measuring or reporting: ``connected``, ``tls``, ``login``,
-    ``greeted``, ``released``."""
+    """A step worth measuring or reporting: ``connected``, ``tls``, ``login`` (the
+    upstream accepted the login), ``authenticating`` (lazy types: the upstream login
+    starts now, with the application's exchanged token)."""
 
     name: str
 
@@ -171,12 +172,23 @@ class Outcome(str, enum.Enum):
 #: Timers.  ``login``: accept (or a lazy login attempt) until the upstream is ready;
 #: ``tls``: one handshake; ``idle``: the application silent before release;
 #: ``dialogue``: greeting to release, however the application trickles bytes;
-#: ``pooled``: how long a warm connection may wait; ``ping``: its next health check.
-LOGIN, TLS, IDLE, DIALOGUE, POOLED, PING = "login", "tls", "idle", "dialogue", "pooled", "ping"
+#: ``pooled``: how long a warm connection may wait; ``ping``: its next health check;
+#: ``pong``: the answer to that check (as long as a login may take).
+LOGIN, TLS, IDLE, DIALOGUE, POOLED, PING, PONG = "login", "tls", "idle", "dialogue", "pooled", "ping", "pong"
 
 #: A warm connection logged in with a token is retired this long before the token
 #: expires (servers may end sessions whose token expired).
 TOKEN_MARGIN = 30.0
+
+#: A warm connection must be able to wait at least this long (or ``mailgw.pool.maxIdle``
+#: when shorter): one whose token expires sooner would be retired almost at once and
+#: replaced at once, a login a few seconds for nothing.  It is not made; its pool backs off.
+MIN_WARM_SECONDS = 60.0
+
+#: Lazy types: how many secrets one session may present.  Each costs a token-service
+#: request (and an upstream login): an application retrying in a loop is told to stop
+#: instead of running on until the dialogue deadline.
+MAX_TOKEN_LOGINS = 3
 
 
 class SessionMachine:
@@ -205,6 +217,7 @@ class SessionMachine:
         self._early = bytearray()  # application bytes that arrived before the greeting
         self._user = ""  # lazy: who the application logs in as
         self._presented: str | None = None  # lazy: the secret whose token is being tried
+        self._token_logins = 0  # lazy: secrets presented so far
 
     @property
     def outcome(self) -> Outcome:
@@ -248,6 +261,9 @@ class SessionMachine:
             return []
         if expires_in is not None:
             self._warm_for = max(0.0, expires_in - TOKEN_MARGIN)
+            if self.warm and self._warm_for < min(MIN_WARM_SECONDS, self.destination.pool_max_idle):
+                text = f"the access token expires in {expires_in:.0f}s, too soon to keep a connection warm"
+                return self._refuse(Refusal(text, Reason.TOKEN, permanent=False))
         return self._connect(BearerToken(self.destination.user or "", access_token))
 
     def _connect(self, credentials: Credentials | None) -> list:
@@ -276,7 +292,22 @@ class SessionMachine:
     def upstream_data(self, data: bytes) -> list:
         if self.phase not in (Phase.STARTING, Phase.WARM, Phase.DIALOGUE) or self.upstream is None:
             return []
+        if self.phase is Phase.WARM:
+            return self._warm_upstream_data(data)
         return self._from_upstream(self.upstream.receive(data))
+
+    def _warm_upstream_data(self, data: bytes) -> list:
+        """A warm connection expects nothing but the answer to its health check.  Any
+        other byte (``* BYE Autologout``, ``421``) means the server is ending or
+        confused, and the application that took the connection would read it: discard
+        the connection at once."""
+        out: list = []
+        if self.upstream.step is Step.PING:
+            out = self._from_upstream(self.upstream.receive(data))
+            if self.phase is not Phase.WARM or not (self.upstream.step is Step.READY and self.upstream.buffered):
+                return out
+        unasked = "the upstream server sent data unasked while the connection waited in the pool"
+        return out + self._refuse(Refusal(unasked, Reason.CONNECT, permanent=False))
 
     def upstream_tls_done(self) -> list:
         if self.phase not in (Phase.STARTING, Phase.DIALOGUE) or self.upstream is None:
@@ -313,7 +344,7 @@ class SessionMachine:
             return []
         self.phase = Phase.CLOSED
         self._presented = None
-        return [StopTimer(name) for name in (LOGIN, TLS, IDLE, DIALOGUE, POOLED, PING)]
+        return [StopTimer(name) for name in (LOGIN, TLS, IDLE, DIALOGUE, POOLED, PING, PONG)]
 
     # -- events: a warm pool's session -----------------------------------------------------
 
@@ -331,7 +362,7 @@ class SessionMachine:
         out = [StopTimer(POOLED), StopTimer(PING)]
         if refusal is not None:
             return out + self._refuse(refusal)
-        return out + self._greet(self.upstream.ready_capabilities, lazy=False)
+        return out + self._greet(self.upstream.capabilities, lazy=False)
 
     # -- events: the lazy login -------------------------------------------------------------
 
@@ -339,7 +370,7 @@ class SessionMachine:
         """The application's secret became ``access_token``: log in upstream with it."""
         if self.phase is not Phase.DIALOGUE or self.upstream is None or self._presented is None:
             return []  # the application or the upstream went away meanwhile
-        return [StartTimer(LOGIN, self.settings.login_timeout)] + self._from_upstream(
+        return [StartTimer(LOGIN, self.settings.login_timeout), Milestone("authenticating")] + self._from_upstream(
             self.upstream.authenticate(BearerToken(self._user, access_token))
         )
 
@@ -364,7 +395,12 @@ class SessionMachine:
         if name == POOLED and self.phase is Phase.WARM:
             return self._refuse(Refusal("retired after its time in the pool", Reason.CONNECT, False))
         if name == PING and self.ready_for_application:
-            return self._from_upstream(self.upstream.ping())
+            # A server that never answers would keep the connection counted ready
+            # but never taken, never replaced until its time in the pool is over.
+            return [StartTimer(PONG, self.settings.login_timeout)] + self._from_upstream(self.upstream.ping())
+        if name == PONG and self.phase is Phase.WARM:
+            text = f"the upstream did not answer the health check within {self.settings.login_timeout:.0f}s"
+            return self._refuse(Refusal(text, Reason.TIMEOUT, permanent=False))
         if name == IDLE and self.phase is Phase.DIALOGUE:
             return [Log("info", "application idle before release, closing")] + self._goodbye("idle timeout")
         if name == DIALOGUE and self.phase is Phase.DIALOGUE:
@@ -430,7 +466,7 @@ class SessionMachine:
 
     def _upstream_ready(self, capabilities: tuple[str, ...]) -> list:
         if self.phase is Phase.WARM:  # a health check passed
-            return [StartTimer(PING, self._ping_interval())]
+            return [StopTimer(PONG), StartTimer(PING, self._ping_interval())]
         out = [StopTimer(LOGIN), Milestone("login")]
         if self.phase is Phase.STARTING and self.warm:
             self.phase = Phase.WARM
@@ -457,7 +493,6 @@ class SessionMachine:
         waiting = ", the login waits for the application's token" if lazy else ""
         out = [
             Log("debug", f"upstream {self.destination.address} ready{waiting}, greeting the application"),
-            Milestone("greeted"),
             SendToApp(self.app.greeting()),
             StartTimer(IDLE, self.settings.idle_timeout),
             StartTimer(DIALOGUE, self.settings.dialogue_timeout),
@@ -482,6 +517,11 @@ class SessionMachine:
             return self._from_app(self.app.auth_refused(
                 f"no user: the {request.mechanism} response names none and destination {destination.name} has no mail.user"
             ))
+        if self._token_logins >= MAX_TOKEN_LOGINS:
+            return [Log("info", f"login attempt {self._token_logins + 1} in one session, closing")] + self._goodbye(
+                f"too many login attempts in one session ({MAX_TOKEN_LOGINS}); connect again to retry"
+            )
+        self._token_logins += 1
         what = "authorization code" if destination.authentication == OAUTH2_AUTHORIZATION_CODE else "refresh token"
         self._user, self._presented = user, request.secret
         return [
@@ -502,7 +542,6 @@ class SessionMachine:
         self.released = True
         return [
             StopTimer(LOGIN), StopTimer(TLS), StopTimer(IDLE), StopTimer(DIALOGUE),
-            Milestone("released"),
             StartRelay(to_app=self.upstream.take_pending(), to_upstream=leftover),
         ]
 

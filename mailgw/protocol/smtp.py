@@ -12,7 +12,7 @@ from .appside import BEARER_MECHANISMS, SMTP_DIALECT, AppSide
 from .common import first_word, has_keyword, keyword_arguments, printable
 from .lines import LineReader
 from .refusal import Reason
-from .upstream import SASLStart, Step, UpstreamMachine
+from .upstream import Step, UpstreamMachine
 
 CRLF = b"\r\n"
 MAX_REPLY_LINES = 256
@@ -92,29 +92,12 @@ class SMTPUpstream(UpstreamMachine):
             Step.PING: lambda reply: self._pong(reply.code == 250, str(reply)),
         }
 
-
-
-
-
-
-
     @property
     def CAPABILITY_COMMAND(self) -> bytes:  # noqa: N802 - the base's class attribute
         return b"EHLO " + self.ehlo_name
 
     def _offered(self) -> set[str]:
         return auth_mechanisms(self.capabilities)
-
-
-
-
-
-    def _send_sasl(self, start: SASLStart) -> list:
-        command = b"AUTH " + start.mechanism.encode("ascii")
-        if start.initial is not None:
-            command += b" " + start.initial
-        return self._command(Step.LOGIN, command)
-
 
     # -- replies ---------------------------------------------------------------------
 
@@ -148,7 +131,7 @@ class SMTPUpstream(UpstreamMachine):
     def _on_unexpected_while_waiting(self, reply: Reply) -> list:
         if reply.code == 421:
             return self._fail(f"upstream closed the session: {reply}", permanent=False, kind=Reason.CONNECT)
-        return self._fail(f"unexpected upstream reply while waiting for the application to authenticate: {reply}")
+        return self._unexpected_while_waiting(str(reply))
 
 
 #: Extensions never advertised to the application: the gateway owns TLS and AUTH.

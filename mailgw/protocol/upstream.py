@@ -7,8 +7,9 @@ how failures and refusals are reported.  Each protocol supplies how a response i
 and what a command looks like: ``self._reader`` (a :class:`~mailgw.protocol.lines.LineReader`
 whose ``next()`` gives the next complete response, or None, and raises ProtocolError
 when it is malformed), ``_on_response()``, ``_after_starttls()`` (ask for capabilities again), ``_offered()`` (the SASL mechanisms
-on offer), ``_send_sasl()`` and ``_send_step()`` (the protocol's AUTH command and its
-continuation lines) and ``_login_without_sasl()`` (IMAP LOGIN, POP3 USER/PASS).
+on offer), ``SASL_COMMAND``, ``_takes_initial_response()`` and ``_send_step()`` (the
+protocol's AUTH command and its continuation lines) and ``_login_without_sasl()`` (IMAP
+LOGIN, POP3 USER/PASS).
 """
 
 from __future__ import annotations
@@ -136,14 +137,13 @@ class UpstreamMachine:
         self.credentials = credentials
         self.tls_active = False
         #: what the server offers: SMTP EHLO extension lines, IMAP capability atoms,
-        #: POP3 CAPA lines (as ``str``)
+        #: POP3 CAPA lines (as ``str``); once READY, the post-login ones
         self.capabilities: tuple[str, ...] = ()
         self.step = Step.NEW
         self._pending = UpstreamBuffer(self.PENDING_LIMIT)
         self._sasl: SASLStart | None = None
         self._steps: list[bytes] = []  # answers still to give to continuations
         self._token_status: str | None = None  # from a bearer error challenge
-        self.ready_capabilities: tuple[str, ...] = ()
 
     # -- the glue's calls --------------------------------------------------------------
 
@@ -259,7 +259,7 @@ class UpstreamMachine:
         if not ok:
             return self._fail(f"upstream failed the health check: {reply}", permanent=False, kind=Reason.CONNECT)
         self.step = Step.READY
-        return [UpstreamReady(self.ready_capabilities)]
+        return [UpstreamReady(self.capabilities)]
 
     @property
     def buffered(self) -> int:
@@ -283,8 +283,25 @@ class UpstreamMachine:
 
     def _fail(self, reason: str, permanent: bool = True, kind: Reason = Reason.PROTOCOL) -> list:
         self.step = Step.FAILED
-        self.credentials = None
+        self._forget_secrets()
         return [UpstreamFailed(reason, permanent=permanent, kind=kind)]
+
+    def _forget_secrets(self) -> None:
+        """A login attempt is over (ready, failed or refused): drop the credentials and
+        everything made of them, so that no secret lives on for the whole relay.
+        Protocols that keep more (a LOGIN command's literals, PASS) extend this."""
+        self.credentials = None
+        self._sasl = None
+        self._steps = []
+
+    def _unexpected_while_waiting(self, response: str) -> list:
+        """A response nobody asked for while the lazy login waits for the application's
+        token (``response`` as the protocol prints it).  Transient: a new session may
+        find the server in a better mood."""
+        return self._fail(
+            f"upstream sent an unexpected response while waiting for the application to authenticate: {response}",
+            permanent=False,
+        )
 
     def _malformed(self, what: str, line: bytes) -> list:
         return self._fail(f"upstream sent a malformed {what}: {printable(line, 80)}")
@@ -362,14 +379,14 @@ class UpstreamMachine:
             reason += f" (token status {self._token_status})"
         if not self.lazy:
             return self._fail(reason, kind=Reason.AUTH)
-        self.step, self.credentials = Step.AWAITING_LOGIN, None
+        self.step = Step.AWAITING_LOGIN
+        self._forget_secrets()
         return [LoginRefused(reason)]
 
     def _ready(self, capabilities: tuple[str, ...]) -> list:
         self.capabilities = capabilities
         self.step = Step.READY
-        self.credentials = None  # not needed any more: keep secrets short-lived
-        self.ready_capabilities = capabilities
+        self._forget_secrets()
         return [UpstreamReady(capabilities)]
 
     def _keep_after_ready(self, leftover: bytes) -> list:
@@ -383,22 +400,27 @@ class UpstreamMachine:
     STARTTLS_VERB = "STARTTLS"
     #: the command that asks for the capabilities (SMTP: EHLO with its name)
     CAPABILITY_COMMAND = b"CAPABILITY"
-
-
-
-
-
-
+    #: the command that starts a SASL login
+    SASL_COMMAND = b"AUTH"
 
     def _offered(self) -> set[str]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _send_sasl(self, start: SASLStart) -> list:
+        """The SASL command: ``SASL_COMMAND mechanism [initial-response]``, the initial
+        response inline where the server takes it, else as the answer to the first
+        continuation."""
+        command = self.SASL_COMMAND + b" " + start.mechanism.encode("ascii")
+        if start.initial is not None:
+            if self._takes_initial_response():
+                command += b" " + start.initial
+            else:
+                self._steps.insert(0, start.initial)
+        return self._command(Step.LOGIN, command)
 
-
-
-    def _send_sasl(self, start: SASLStart) -> list:  # pragma: no cover - abstract
-        raise NotImplementedError
-
+    def _takes_initial_response(self) -> bool:
+        """SMTP (RFC 4954) and POP3 (RFC 5034) always do; IMAP only with SASL-IR."""
+        return True
 
     def _login_without_sasl(self, offered: set[str]) -> list:
         return self._fail(no_mechanism(self.credentials, offered), kind=Reason.AUTH)

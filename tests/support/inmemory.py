@@ -78,9 +78,10 @@ def in_memory_gateway(*destinations: Destination, settings: Settings = Settings(
     return clock, gateway, upstreams
 
 
-def open_session(gateway: Gateway, route: Route) -> tuple[GatewaySession, Transport]:
-    """An application connected to ``route``: the session and the application's transport."""
+def open_session(gateway: Gateway, route: Route, peer: Any = None) -> tuple[GatewaySession, Transport]:
+    """An application connected to ``route`` (from ``peer``, an address; default
+    StringTransport's IPv4 one): the session and the application's transport."""
     session = GatewaySession(route, gateway)
-    app = Transport()
+    app = Transport() if peer is None else Transport(peerAddress=peer)
     session.makeConnection(app)
     return session, app

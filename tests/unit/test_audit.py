@@ -107,6 +107,15 @@ def test_session_record_refuses_what_the_spec_does_not_allow(changes):
         session(**changes)
 
 
+def test_reasons_and_outcomes_are_the_spec_labels():
+    # Derived from the Reason and Outcome enums: the SPEC 9.2 contract pins them.
+    assert metrics.REFUSAL_REASONS == (
+        "connect", "dns", "tls", "certificate", "auth", "timeout", "limit", "token", "proxy", "protocol", "shutdown",
+        "internal",
+    )
+    assert metrics.OUTCOMES == ("relayed", "refused", "closed")
+
+
 @pytest.mark.parametrize("reason", metrics.REFUSAL_REASONS)
 def test_every_refusal_reason_is_accepted(reason):
     assert session(outcome="refused", reason=reason, released=False).to_json()["reason"] == reason

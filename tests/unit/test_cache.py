@@ -81,3 +81,46 @@ def test_blocking_pool_runs_off_the_reactor_thread_and_refuses_when_stopped(reac
     finally:
         in_reactor(pool.stopService)
     assert not pool.started
+
+
+def test_a_lifetime_rule_that_raises_still_settles_every_waiter(events):
+    cache = SingleFlightCache(Clock(), lambda result: 1 / 0)
+    pending = defer.Deferred()
+    first, second = cache.get("k", lambda: pending), cache.get("k", lambda: pending)
+    pending.callback("v")
+    assert first.result == second.result == "v"
+    assert cache.peek("k") is None and cache.in_flight == 0
+    assert any(e.get("log_failure") for e in events)  # our bug, logged with its traceback
+
+
+def test_expired_entries_go_at_the_next_store_and_before_the_oldest_valid_one():
+    clock = Clock()
+    lifetimes = {"a": 100, "b": 10, "c": 100, "d": 100, "e": 100}
+    cache = SingleFlightCache(clock, lambda result: lifetimes[result], max_entries=3)
+    for key in "abc":
+        cache.get(key, lambda key=key: key)
+    clock.advance(20)
+    cache.get("d", lambda: "d")
+    assert (cache.peek("a"), cache.peek("b"), len(cache)) == ("a", None, 3)  # b expired, a stays
+    cache.get("e", lambda: "e")
+    assert cache.peek("a") is None and len(cache) == 3  # full of valid ones: the oldest goes
+    cache.invalidate("e")
+    clock.advance(100)
+    cache.get("a", lambda: "a")
+    assert len(cache) == 1  # the expired ones did not wait for the cache to fill up
+
+
+@pytest.mark.parametrize("forget", ["invalidate", "invalidate_where", "clear"])
+def test_a_fetch_in_flight_when_its_key_is_invalidated_is_delivered_but_not_kept(forget):
+    cache = SingleFlightCache(Clock(), keep(10))
+    stale = defer.Deferred()
+    waiter = cache.get("k", lambda: stale)
+    {"invalidate": lambda: cache.invalidate("k"), "invalidate_where": lambda: cache.invalidate_where(lambda k: k == "k"),
+     "clear": cache.clear}[forget]()
+    fresh = defer.Deferred()
+    newer = cache.get("k", lambda: fresh)  # a fetch of its own: the one in flight is stale
+    stale.errback(Definitive("the revoked token's refusal"))
+    assert waiter.result.check(Definitive) and cache.peek("k") is None
+    waiter.addErrback(lambda f: None)
+    fresh.callback("new")
+    assert newer.result == "new" and cache.peek("k") == "new"

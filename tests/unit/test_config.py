@@ -1,7 +1,10 @@
 """Destination validation and gateway.yaml parsing."""
 
 import json
+import os
 import re
+import threading
+import time
 
 import pytest
 
@@ -127,7 +130,8 @@ def test_json_config_and_directory_of_destinations(tmp_path):
         ({"destinations": [BASIC], "listeners": [{"destination": "office"}]}, "key 'listen'"),
         ({"destinations": [{**BASIC, "mail.password": {"env": "MAILGW_UNSET_VAR"}}]}, "MAILGW_UNSET_VAR is not set"),
         ({"destinations": [{**BASIC, "ProxyType": "OnPremise"}]}, "no connectivityProxy"),
-        ({"destinations": [{**BASIC, "TrustStoreLocation": "/nonexistent.pem"}]}, "key 'TrustStoreLocation': cannot read"),
+        ({"destinations": [{**BASIC, "TrustStoreLocation": "/nonexistent.pem"}]},
+         "key 'TrustStoreLocation': /nonexistent.pem: cannot read PEM file"),
         ({"destinations": [], "connectivityProxy": {"host": "p", "port": 1, "authentication": "sap"}}, "key 'tokenServiceURL'"),
         ({"destinations": [], "connectivityProxy": {"host": "p", "port": 1, "authentication": "sap", "tokenServiceURL": "ftp://x",
                                                      "clientId": "c", "clientSecret": "pa55word"}}, "key 'tokenServiceURL': must be an http(s) URL"),
@@ -145,6 +149,25 @@ def test_config_errors_are_one_clear_line(doc, expected, tmp_path):
     message = str(info.value)
     assert expected in message and message.startswith("gw.yaml") and "\n" not in message
     assert "pa55word" not in message
+
+
+def test_a_fifo_as_a_pem_file_is_refused_instead_of_blocking(tmp_path):
+    # The PEM files are read like every file of the configuration (config.read_capped).
+    fifo = tmp_path / "ca.pem"
+    os.mkfifo(fifo)
+
+    def writer():  # so that a reader blocked on the FIFO would not hang the test
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                return
+            except OSError:  # nobody reads it (yet)
+                time.sleep(0.05)
+
+    threading.Thread(target=writer, daemon=True).start()
+    with pytest.raises(ConfigError, match="key 'TrustStoreLocation': .*ca.pem: cannot read PEM file: it is a FIFO"):
+        parse_config({"destinations": [{**BASIC, "TrustStoreLocation": str(fifo)}]}, "gw.yaml", tmp_path)
 
 
 def test_unreadable_and_malformed_files(tmp_path):

@@ -125,3 +125,21 @@ def test_splice_is_refused_for_tls_wrapped_and_non_socket_legs(monkeypatch):
     assert splice.splice_unusable(reactor, plain) == "os.splice is not available"
     monkeypatch.setattr(splice, "ENABLED", False)
     assert splice.splice_unusable(reactor, plain) == "MAILGW_SPLICE=0"
+
+
+def test_bytes_arriving_after_close_or_the_idle_timeout_raise_nothing():
+    # TLSMemoryBIOProtocol goes on delivering what it decrypted after loseConnection.
+    clock, app, up, relay = make(idle=100)
+    relay.close()
+    relay.from_upstream(b"* BYE\r\n")
+    clock, app, up, relay = make(idle=100)
+    clock.advance(100)
+    assert relay.closing
+    relay.from_app(b"A1 LOGOUT\r\n")
+
+
+def test_make_relay_says_which_relay_only_when_the_gateway_logs_debug(events):
+    make_relay(Clock(), Transport(), Transport(), idle_timeout=60, sid="t")
+    assert events == []  # no event built at all on every release
+    make_relay(Clock(), Transport(), Transport(), idle_timeout=60, sid="t", debug=True)
+    assert [e["why"] for e in events] == ["the reactor does not watch file descriptors"]

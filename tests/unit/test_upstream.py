@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import attrs
 import pytest
 
-from mailgw.protocol.actions import MisuseError, SendUpstream, StartTLS, UpstreamFailed, UpstreamReady
-from mailgw.protocol.credentials import Password
+from mailgw.protocol.actions import LoginRefused, MisuseError, SendUpstream, StartTLS, UpstreamFailed, UpstreamReady
+from mailgw.protocol.credentials import BearerToken, Password
 from mailgw.protocol.imap import IMAPUpstream
 from mailgw.protocol.pop3 import POP3Upstream
 from mailgw.protocol.refusal import Reason
 from mailgw.protocol.smtp import SMTPUpstream
+from mailgw.protocol.upstream import Step
+from support.secretscan import Secret, assert_no_secrets
 from support.wire import failure, feed_bytewise, sent, started
 
 INJECTION = UpstreamFailed(
@@ -169,3 +172,84 @@ def test_lazy_login_the_upstream_cannot_take_fails_at_once(p):
     m = started(p.machine, starttls_enable=False, lazy=True)
     reason = "upstream offers no XOAUTH2 or OAUTHBEARER authentication (offers PLAIN)"
     assert failure(m.receive(p.without_starttls)) == UpstreamFailed(reason, permanent=True, kind=Reason.AUTH)
+
+
+# -- secrets do not outlive the login ------------------------------------------------------
+
+PASSWORD = "pw-7f3a9c2e41\u00e9"  # not ASCII: IMAP sends it as a literal
+TOKEN = "at-5be01d9c77a4"
+SECRETS = [Secret("password", PASSWORD, user="alice"), Secret("access token", TOKEN, user="alice")]
+
+
+def held_text(obj, seen=None) -> str:
+    """Every str and bytes a machine holds, however deep (its SASL plan, buffers...)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return ""
+    seen.add(id(obj))
+    if isinstance(obj, str):
+        return obj
+    if isinstance(obj, (bytes, bytearray)):
+        return bytes(obj).decode("utf-8", "replace")
+    if isinstance(obj, dict):
+        obj = [*obj.keys(), *obj.values()]
+    if isinstance(obj, (list, tuple, set)):
+        return " ".join(held_text(item, seen) for item in obj)
+    if attrs.has(type(obj)):
+        return " ".join(held_text(getattr(obj, f.name), seen) for f in attrs.fields(type(obj)))
+    if type(obj).__module__.startswith("mailgw.") and hasattr(obj, "__dict__"):
+        return held_text(vars(obj), seen)
+    return ""
+
+
+def lazy_smtp_refused():
+    m = started(SMTPUpstream, lazy=True)
+    m.receive(b"220 hi\r\n")
+    m.receive(b"250-x\r\n250 AUTH XOAUTH2\r\n")
+    m.authenticate(BearerToken("alice", TOKEN))
+    return m, m.receive(b"535 5.7.8 no\r\n")
+
+
+LOGINS = {
+    "smtp LOGIN ready": (SMTPUpstream, [b"220 hi\r\n", b"250-x\r\n250 AUTH LOGIN\r\n", b"334 VXNlcm5hbWU6\r\n",
+                                        b"334 UGFzc3dvcmQ6\r\n", b"235 ok\r\n"]),
+    "smtp PLAIN refused": (SMTPUpstream, [b"220 hi\r\n", b"250-x\r\n250 AUTH PLAIN\r\n", b"535 5.7.8 no\r\n"]),
+    "pop3 PLAIN ready": (POP3Upstream, [b"+OK hi\r\n", b"+OK\r\nSASL PLAIN\r\n.\r\n", b"+OK\r\n", b"+OK\r\nTOP\r\n.\r\n"]),
+    "pop3 USER refused": (POP3Upstream, [b"+OK hi\r\n", b"+OK\r\nUSER\r\n.\r\n", b"-ERR who?\r\n"]),
+    "imap LOGIN literal refused": (IMAPUpstream, [b"* OK [CAPABILITY IMAP4rev1] hi\r\n", b"g1 NO no\r\n"]),
+    "imap SASL-IR ready": (IMAPUpstream, [b"* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] hi\r\n",
+                                          b"g1 OK [CAPABILITY IMAP4rev1] in\r\n"]),
+}
+
+
+@pytest.mark.parametrize("login", [*LOGINS, "lazy smtp XOAUTH2 refused"])
+def test_no_secret_outlives_the_login_attempt(login):
+    if login in LOGINS:
+        machine_class, server = LOGINS[login]
+        m = started(machine_class, starttls_enable=False, credentials=Password("alice", PASSWORD))
+        for line in server:
+            last = m.receive(line)
+    else:
+        m, last = lazy_smtp_refused()
+    assert isinstance(last[-1], (UpstreamReady, UpstreamFailed, LoginRefused)), last
+    assert_no_secrets(held_text(m), SECRETS, f"the machine after {login}")
+
+
+AWAITING_LOGIN = {  # (server lines to the lazy wait, a response nobody asked for)
+    "smtp": (SMTPUpstream, [b"220 hi\r\n", b"250-x\r\n250 AUTH XOAUTH2\r\n"], b"250 hm\r\n"),
+    "imap": (IMAPUpstream, [b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] hi\r\n"], b"g7 OK hm\r\n"),
+    "pop3": (POP3Upstream, [b"+OK hi\r\n", b"+OK\r\nSASL XOAUTH2\r\n.\r\n"], b"+OK hm\r\n"),
+}
+
+
+@pytest.mark.parametrize("name", AWAITING_LOGIN)
+def test_a_response_while_waiting_for_the_applications_token_fails_alike_in_every_protocol(name):
+    machine_class, server, unasked = AWAITING_LOGIN[name]
+    m = started(machine_class, starttls_enable=False, lazy=True)
+    for line in server:
+        m.receive(line)
+    assert m.step is Step.AWAITING_LOGIN
+    got = failure(m.receive(unasked))
+    assert got.reason.startswith("upstream sent an unexpected response while waiting for the application to authenticate: ")
+    assert got.reason.endswith("hm")
+    assert (got.permanent, got.kind) == (False, Reason.PROTOCOL)
