@@ -12,6 +12,12 @@ from typing import Any, Mapping
 
 from attrs import field, frozen
 
+def host_port(host: str, port: object) -> str:
+    """``host:port``, an IPv6 address in brackets (``[2001:db8::1]:993``) so that the
+    port stays apart from the address: in logs, the audit log and ``/status``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 #: Canonical protocol name -> (protocol family, implicit TLS, default port).
 PROTOCOLS: dict[str, tuple[str, bool, int]] = {
     "smtp": ("smtp", False, 587),
@@ -110,7 +116,7 @@ class Destination:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     def with_tenant_token_url(self, tenant: str | None) -> str | None:
         """The token service URL for ``tenant`` (SPEC: ``tokenServiceURLType``)."""

@@ -27,6 +27,8 @@ from twisted.internet import defer, endpoints, error
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .destination import host_port
+
 log = Logger()
 
 #: Listen queue for endpoint strings that do not give ``backlog=``.  Twisted's default
@@ -264,7 +266,7 @@ class Listener:
 def _where(address: Any) -> str:
     host, port = getattr(address, "host", None), getattr(address, "port", None)
     if host is not None and port is not None:
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return host_port(host, port)
     return str(getattr(address, "name", None) or address)
 
 

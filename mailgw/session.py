@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import errors
+from .destination import host_port
 from .endpoints.tls import client_tls_options
 from .protocol.actions import SendToApp, SendUpstream, StartTLS
 from .protocol.refusal import Reason, Refusal
@@ -145,7 +146,7 @@ class GatewaySession(Protocol):
 
     def connectionMade(self):
         peer = self.transport.getPeer()
-        self.client = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.client = host_port(getattr(peer, "host", "?"), getattr(peer, "port", "?"))
         self.client_host = client_host(peer)
         self.transport.registerProducer(self, True)
         refusal = self.gateway.session_started(self)

@@ -37,6 +37,7 @@ from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET
 
 from . import __version__
+from .destination import host_port
 from .logs import isoformat
 
 __all__ = ["ListenerInfo", "StatusBoard", "StatusResource"]
@@ -143,14 +144,10 @@ class ListenerInfo:
         return self.destination + (f"/{self.tenant}" if self.tenant else "")
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def listener_info(destination: str, tenant: str | None, port: Any, name: str | None = None) -> ListenerInfo:
     """A :class:`ListenerInfo` from a listening port (``port.getHost()``)."""
     host = port.getHost()
-    return ListenerInfo(destination, tenant, _address(getattr(host, "host", "?"), getattr(host, "port", 0)), name)
+    return ListenerInfo(destination, tenant, host_port(getattr(host, "host", "?"), getattr(host, "port", 0)), name)
 
 
 class StatusResource(resource.Resource):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from twisted.internet.address import IPv6Address
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
@@ -46,12 +47,12 @@ class TokenClient:
         return succeed(AccessToken(ACCESS_TOKEN, expires_at=self.clock.seconds() + 3600, expires_in=3600))
 
 
-def make(destination=PLAIN_SMTP, settings=Settings()):
+def make(destination=PLAIN_SMTP, settings=Settings(), peer=None):
     clock = Clock()
     clock.advance(T0)
     tokens = TokenProvider(TokenClient(clock), TokenCache(clock))
     _, gateway, endpoint = in_memory_gateway(destination, settings=settings, clock=clock, tokens=tokens, audit=Recorder())
-    session, app = open_session(gateway, Route(destination.name))
+    session, app = open_session(gateway, Route(destination.name), peer)
     return clock, gateway, session, app, endpoint
 
 
@@ -80,6 +81,14 @@ def test_a_relayed_session_is_audited_and_its_destination_succeeded():
     }
     assert gateway.status.destinations()["plain"]["last_success"] == {"time": "2023-11-14T22:13:20.000Z"}
     assert "a@example.org" not in json.dumps(record.to_json())
+
+
+def test_ipv6_addresses_are_audited_in_brackets():
+    """``[2001:db8::7]:50412``: without the brackets the port reads as part of the address."""
+    v6 = parse_destination(plain("v6", host="2001:db8::1"))
+    clock, gateway, session, app, endpoint = make(v6, peer=IPv6Address("TCP", "2001:db8::7", 50412))
+    (record,) = end(session)
+    assert (record.client, record.upstream) == ("[2001:db8::7]:50412", "[2001:db8::1]:25")
 
 
 def test_a_session_over_the_limit_is_audited_as_refused_with_reason_limit():
