@@ -17,7 +17,7 @@ from . import audit as audit_log
 from . import metrics
 from .blocking import BlockingPool
 from .config import ConfigError, GatewayConfig, HttpConfig, LoggingConfig
-from .destination import OAUTH2_CLIENT_CREDENTIALS, Destination
+from .destination import Destination
 from .endpoints.chain import socks_proxy, upstream_endpoint
 from .errors import GatewayError
 from .listening import (
@@ -28,7 +28,7 @@ from .listening import (
     find_conflict,
     reachable_off_loopback,
 )
-from .oauth import AccessToken, TokenCache, TokenClient, TokenProvider
+from .oauth import TokenCache, TokenClient, TokenProvider
 from .pool import UpstreamPool
 from .protocol import families
 from .protocol.refusal import Reason, Refusal
@@ -177,17 +177,10 @@ class Gateway:
             self._note_token_expiry(session)
 
     def _note_token_expiry(self, session: GatewaySession) -> None:
-        """/status: when the client-credentials token the session used expires (read
-        from the token cache; the token itself never leaves it)."""
-        destination = session.destination
-        if destination is None or destination.authentication != OAUTH2_CLIENT_CREDENTIALS:
-            return
-        cache, key_of = getattr(self.tokens, "cache", None), getattr(self.tokens, "client_credentials_key", None)
-        if cache is None or key_of is None:
-            return
-        token = cache.peek(key_of(destination, session.route.tenant))
-        if isinstance(token, AccessToken):
-            self.status.token_expires(session.route.destination, token.expires_at)
+        """/status: when the client-credentials token the session logged in with expires
+        (the time only; the token itself stays with the session)."""
+        if session.token_expires_at is not None:
+            self.status.token_expires(session.route.destination, session.token_expires_at)
 
     def upstream_phase(self, session: GatewaySession, phase: str, seconds: float) -> None:
         self._metrics_of(session.route.destination).upstream(phase).observe(seconds)

@@ -125,6 +125,7 @@ class GatewaySession(Protocol):
         self.client_host: str | None = None  # what the per-client limit counts
         self.started_at = self.reactor.seconds()
         self.upstream_tls: str | None = None  # the negotiated TLS version, for the audit
+        self.token_expires_at: float | None = None  # the client-credentials token's, for /status
         self._upstream: _UpstreamProtocol | None = None
         self._tls_options = None
         self._pending: set[defer.Deferred] = set()  # look-ups, tokens, connects in flight
@@ -248,7 +249,7 @@ class GatewaySession(Protocol):
         elif isinstance(action, FetchToken):
             self._call(
                 self.gateway.tokens.for_client_credentials, self.destination, self.route.tenant,
-                then=lambda token: self.machine.token_found(token.access_token, token.expires_at - self.reactor.seconds()),
+                then=self._token_found,
             )
         elif isinstance(action, Connect):
             self._connect(action.destination)
@@ -329,6 +330,10 @@ class GatewaySession(Protocol):
             except Exception:  # not even the refusal works: close without it
                 log.failure("session {sid}: internal error while refusing", sid=self.sid)
         self._close()
+
+    def _token_found(self, token):
+        self.token_expires_at = token.expires_at
+        return self.machine.token_found(token.access_token, token.expires_at - self.reactor.seconds())
 
     def _connect(self, destination) -> None:
         try:
