@@ -113,25 +113,25 @@ class UpstreamPool:
         if not self._running:
             return
         if was_warming:  # it never got ready: the upstream, its login or its token fails
-            self.failures += 1
-            self.last_failure = refusal.text
-            log.info(
-                "warm pool {route}: no connection made ({failures} in a row): {reason}",
-                route=str(self.route), failures=self.failures, reason=refusal.text,
-            )
-            self._retry_later(self.failures)
+            self._back_off(refusal, "no connection made")
         elif warmed_at is not None and self.reactor.seconds() - warmed_at < SHORT_LIVED:
-            self.failures += 1
             self.short_lived += 1
-            self.last_failure = refusal.text
-            log.info(
-                "warm pool {route}: a connection failed right after its login ({count} in a row): {reason}",
-                route=str(self.route), count=self.short_lived, reason=refusal.text,
-            )
-            self._retry_later(self.short_lived)
+            self._back_off(refusal, "a connection failed right after its login", streak=self.short_lived)
         else:  # worn out (its time in the pool, a failed health check): replace it now
             self.short_lived = 0
             self._fill()
+
+    def _back_off(self, refusal: Refusal, what: str, streak: int | None = None) -> None:
+        """A failure: refill after a back-off that grows with ``streak``, the failures
+        of this kind in a row (default: failures of any kind in a row)."""
+        self.failures += 1
+        streak = self.failures if streak is None else streak
+        self.last_failure = refusal.text
+        log.info(
+            "warm pool {route}: {what} ({streak} in a row): {reason}",
+            route=str(self.route), what=what, streak=streak, reason=refusal.text,
+        )
+        self._retry_later(streak)
 
     # -- filling -------------------------------------------------------------------------------
 
