@@ -391,9 +391,8 @@ class DemoService(service.MultiService):
                  out=None, imap_listen: str = DEMO_IMAP_LISTEN, pop3_listen: str = DEMO_POP3_LISTEN):
         super().__init__()
         self.reactor = reactor
-        self.smtp_listen = smtp_listen
-        self.imap_listen = imap_listen
-        self.pop3_listen = pop3_listen
+        #: where the gateway listens for each demo destination
+        self.listen = {"demo-smtp": smtp_listen, "demo-imap": imap_listen, "demo-pop3": pop3_listen}
         self.http = http
         self.out = out or sys.stdout
         self.mailbox = Mailbox()
@@ -418,24 +417,14 @@ class DemoService(service.MultiService):
         if self.gateway_service is not None:
             return
         accounts = demo_portal(self.mailbox, DEMO_USER, self.password)
-        upstream = {}
-        for name, factory in [("smtp", DemoSMTPFactory(accounts)), ("imap4", DemoIMAPFactory(accounts)),
-                              ("pop3", DemoPOP3Factory(accounts))]:
-            port = listen_now(self.reactor, Listener(f"demo {name} server", "tcp:0:interface=127.0.0.1", factory))
+        servers = [("demo-smtp", "smtp", DemoSMTPFactory(accounts)), ("demo-imap", "imap4", DemoIMAPFactory(accounts)),
+                   ("demo-pop3", "pop3", DemoPOP3Factory(accounts))]
+        config: dict = {"destinations": [], "listeners": []}
+        for destination, protocol, factory in servers:
+            port = listen_now(self.reactor, Listener(f"demo {protocol} server", "tcp:0:interface=127.0.0.1", factory))
             self.upstream_ports.append(port)
-            upstream[name] = port.getHost().port
-        config = {
-            "destinations": [
-                _destination("demo-smtp", "smtp", upstream["smtp"], self.password),
-                _destination("demo-imap", "imap4", upstream["imap4"], self.password),
-                _destination("demo-pop3", "pop3", upstream["pop3"], self.password),
-            ],
-            "listeners": [
-                {"destination": "demo-smtp", "listen": self.smtp_listen},
-                {"destination": "demo-imap", "listen": self.imap_listen},
-                {"destination": "demo-pop3", "listen": self.pop3_listen},
-            ],
-        }
+            config["destinations"].append(_destination(destination, protocol, port.getHost().port, self.password))
+            config["listeners"].append({"destination": destination, "listen": self.listen[destination]})
         if self.http:
             config["http"] = {"listen": f"tcp:{self.http[1]}:interface={self.http[0]}"}
         self.gateway_service = make_service(parse_config(config, "demo"), self.reactor)
