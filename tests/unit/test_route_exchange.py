@@ -60,7 +60,10 @@ def test_destination_service_token_is_used_when_the_source_exchanges():
 
 
 def test_destination_service_errors_become_token_errors():
-    rd = RouteDestination(True, succeed(FindResult(DEST, (AuthToken("Bearer", "", error="invalid_grant"),))))
+    # the source checks the returned token itself (BtpSource._check_tokens): an unusable
+    # one arrives here as TokenExchangeFailed carrying the service's (redacted) error
+    refused = TokenExchangeFailed("destination service could not get a token for destination 'd': invalid_grant")
+    rd = RouteDestination(True, fail(refused))
     gateway, _, route = gateway_with(rd)
     failure = result_of(gateway.exchange(route, DEST, "rt-1"))
     assert failure.check(TokenError) and "invalid_grant" in str(failure.value) and "rt-1" not in str(failure.value)
