@@ -67,6 +67,7 @@ from mailgw.kube.reconcile import (
     GatewayPod,
     Plan,
     cr_key_of,
+    policy_cr_key_of,
     deletion_changes,
     failed_plan,
     policy_name,
@@ -246,7 +247,7 @@ class KubeController(MultiService):
         self.crs = Store()
         self.service_store = Store(index=cr_key_of)
         self.slice_store = Store(index=cr_key_of)
-        self.policy_store = Store(index=cr_key_of)
+        self.policy_store = Store(index=policy_cr_key_of)
         self.pods: dict[str, GatewayPod] = {}
 
         #: every route's gateway port as this replica knows it, and each port's route
@@ -440,7 +441,7 @@ class KubeController(MultiService):
         self.decided.clear()
         metrics.KUBE_LEADER.set(1 if leading else 0)
         # back to what the NetworkPolicies record (a leader's undecided ports go)
-        for key in set(self.allocations) | {cr_key_of(p) for p in self.policy_store.values()} - {None}:
+        for key in set(self.allocations) | {self.policy_store.index_of(p) for p in self.policy_store.values()} - {None}:
             self._refresh_trusted(key)  # type: ignore[arg-type]
         self.enqueue_all()
 
@@ -463,11 +464,11 @@ class KubeController(MultiService):
                     self._secret_changed(ns, secret)
         else:
             assert store is not None
-            before = {k: cr_key_of(o) for k in store if (o := store.get(k)) is not None}
+            before = {k: store.index_of(o) for k in store if (o := store.get(k)) is not None}
             changed = store.replace(items, namespace if name != "networkpolicies" else None)
             for key in changed:
                 obj = store.get(key)
-                self._changed(name, key, before.get(key) if obj is None else cr_key_of(obj) or before.get(key))
+                self._changed(name, key, before.get(key) if obj is None else store.index_of(obj) or before.get(key))
         self._synced[(name, namespace)] = True
         if self.ready and not self._initial_done:
             self._initial_done = True
@@ -492,7 +493,7 @@ class KubeController(MultiService):
         assert store is not None
         old = store.get(key)
         if store.event(kind, obj):
-            self._changed(name, key, cr_key_of(obj) or (cr_key_of(old) if old else None))
+            self._changed(name, key, store.index_of(obj) or (store.index_of(old) if old else None))
 
     def _changed(self, name: str, key: tuple[str, str], cr: CRKey | None) -> None:
         if name == PLURAL_DST:
@@ -832,7 +833,7 @@ class KubeController(MultiService):
         orphans = []
         for kind, store in ((SERVICE, self.service_store), (ENDPOINT_SLICE, self.slice_store), (NETWORK_POLICY, self.policy_store)):
             for obj in store.values():
-                cr = cr_key_of(obj)
+                cr = store.index_of(obj)
                 if cr is None or cr in self.crs or (watched and cr[0] not in watched):
                     continue
                 if kind == NETWORK_POLICY and obj["metadata"].get("namespace") != self.placement.namespace:
@@ -842,7 +843,7 @@ class KubeController(MultiService):
         live = {(o.get("metadata") or {}).get("uid") for o in self.crs.values()}
         for kind, store in ((SERVICE, self.service_store), (ENDPOINT_SLICE, self.slice_store), (NETWORK_POLICY, self.policy_store)):
             for obj in store.values():
-                if cr_key_of(obj) is None and (obj["metadata"].get("labels") or {}).get("mailgw.io/destination-uid") not in live:
+                if store.index_of(obj) is None and (obj["metadata"].get("labels") or {}).get("mailgw.io/destination-uid") not in live:
                     orphans.append(Change("delete", kind, obj["metadata"].get("namespace", ""), obj["metadata"]["name"]))
         if orphans:
             log.info("removing {n} objects whose Destination is gone", n=len(orphans))

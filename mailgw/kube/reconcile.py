@@ -213,6 +213,16 @@ def owned_by(obj: Mapping[str, Any], cr: DestinationCR) -> bool:
     return _labels(obj).get(UID_LABEL) == cr.uid or _annotations(obj).get(CR_ANNOTATION) == cr_ref(cr)
 
 
+def _namespace_of(obj: Mapping[str, Any], cr: DestinationCR) -> str:
+    """Where a delete of ``obj`` goes: its own namespace, never one derived from a name."""
+    return str(_meta(obj).get("namespace") or cr.namespace)
+
+
+def _here(obj: Mapping[str, Any], cr: DestinationCR) -> bool:
+    """Is ``obj`` in ``cr``'s namespace (an object without one is taken to be)?"""
+    return _meta(obj).get("namespace", cr.namespace) == cr.namespace
+
+
 def read_port(obj: Mapping[str, Any]) -> int | None:
     """The gateway port recorded on an owned Service, or None."""
     text = _annotations(obj).get(PORT_ANNOTATION)
@@ -223,8 +233,8 @@ def read_port(obj: Mapping[str, Any]) -> int | None:
     return port if 0 < port < 65536 else None
 
 
-def cr_key_of(obj: Mapping[str, Any]) -> tuple[str, str] | None:
-    """``(namespace, name)`` of the CR a managed object belongs to (its annotation)."""
+def _annotated_cr(obj: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(namespace, name)`` from a managed object's ``mailgw.io/destination`` annotation."""
     if not is_managed(obj):
         return None
     ref = _annotations(obj).get(CR_ANNOTATION)
@@ -232,6 +242,23 @@ def cr_key_of(obj: Mapping[str, Any]) -> tuple[str, str] | None:
         return None
     namespace, _, name = ref.partition("/")
     return (namespace, name)
+
+
+def cr_key_of(obj: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(namespace, name)`` of the CR a managed Service or EndpointSlice belongs to: its
+    annotation, believed only when it names the object's own namespace.  Anyone who may
+    edit one namespace may label and annotate objects there; were an object in ``a``
+    annotated ``b/x`` taken for CR ``b/x``'s, the leader would delete ``b``'s objects of
+    its name."""
+    key = _annotated_cr(obj)
+    return key if key is not None and _meta(obj).get("namespace") == key[0] else None
+
+
+def policy_cr_key_of(policy: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(namespace, name)`` of the CR a managed NetworkPolicy belongs to.  Policies live
+    in the gateway's namespace (only they are watched), which only the gateway and
+    cluster administrators write, so their annotation is believed as it is."""
+    return _annotated_cr(policy)
 
 
 def route_of_service(obj: Mapping[str, Any]) -> Route | None:
@@ -276,12 +303,10 @@ def routes_from_policy(
     Only ports within ``port_range`` that the policy itself admits count: the record is
     checked against the rule it sits next to.  ``(None, {})`` for anything else.
     """
-    if not is_managed(policy):
+    key = policy_cr_key_of(policy)
+    if key is None:
         return None, {}
-    ref = _annotations(policy).get(CR_ANNOTATION)
-    if not isinstance(ref, str) or "/" not in ref:
-        return None, {}
-    namespace, _, name = ref.partition("/")
+    namespace, name = key
     try:
         record = json.loads(_annotations(policy).get(PORTS_ANNOTATION) or "{}")
     except ValueError:
@@ -715,8 +740,9 @@ def reconcile(
     routes = cr.routes()
     own_key = cr.key
 
-    owned_services = {n: s for n, s in existing.services.items() if owned_by(s, cr)}
-    owned_slices = {n: s for n, s in existing.slices.items() if owned_by(s, cr)}
+    # (a Service or slice of another namespace is never this CR's, whatever it says)
+    owned_services = {n: s for n, s in existing.services.items() if owned_by(s, cr) and _here(s, cr)}
+    owned_slices = {n: s for n, s in existing.slices.items() if owned_by(s, cr) and _here(s, cr)}
     current = {r: p for r, p in allocations.items() if (r.namespace, r.cr_name) == own_key}
     if taken is None:
         taken = {p for r, p in allocations.items() if (r.namespace, r.cr_name) != own_key}
@@ -846,10 +872,10 @@ def reconcile(
         tenant = _labels(svc_slice).get(TENANT_LABEL) or None
         kept_slice = Route(cr.namespace, cr.name, tenant).service_name in kept_names
         if name not in desired_slices and not kept_slice:
-            changes.append(Change("delete", ENDPOINT_SLICE, cr.namespace, name))
-    for name in sorted(owned_services):
+            changes.append(Change("delete", ENDPOINT_SLICE, _namespace_of(svc_slice, cr), name))
+    for name, svc in sorted(owned_services.items()):
         if name not in desired_services and name not in kept_names:
-            changes.append(Change("delete", SERVICE, cr.namespace, name))
+            changes.append(Change("delete", SERVICE, _namespace_of(svc, cr), name))
 
     status, status_patch, event = build_status(cr, problems, served, service_ports, now)
     return Plan(

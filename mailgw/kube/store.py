@@ -65,6 +65,10 @@ class Store:
     def values(self) -> list[dict[str, Any]]:
         return list(self._objects.values())
 
+    def index_of(self, obj: Mapping[str, Any]) -> Hashable | None:
+        """``obj``'s index value (None without an index, or when ``obj`` has none)."""
+        return self._index_fn(obj) if self._index_fn is not None else None
+
     def by_index(self, value: Hashable) -> list[dict[str, Any]]:
         return [self._objects[k] for k in sorted(self._index.get(value, ()))]
 

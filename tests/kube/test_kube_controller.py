@@ -147,6 +147,26 @@ def test_name_clash_with_a_service_we_do_not_own(cluster, make_controller):
     assert listeners.ports() == {}
 
 
+def test_a_namespace_editor_cannot_make_the_leader_delete_in_another_namespace(cluster, make_controller, in_reactor):
+    """Objects in namespace ``a`` labelled as mailgw's and annotated as CR ``b/x``'s are
+    not ``b/x``'s: the leader never deletes ``b``'s Service and slice of the same name
+    (those of CR ``b/victim``)."""
+    cluster.create("secrets", "b", secret("example-dest-smtps", SMTPS, "b"))
+    cluster.create("destinations", "b", destination_cr(name="victim"))
+    cluster.create("destinations", "b", destination_cr(name="x"))
+    bait = {"labels": {model.MANAGED_BY_LABEL: "mailgw"}, "annotations": {model.CR_ANNOTATION: "b/x"}}
+    cluster.create("services", "a", {"metadata": {"name": "victim", **bait}})
+    cluster.create("endpointslices", "a", {"metadata": {"name": "victim-mailgw", **bait}, "addressType": "IPv4"})
+    controller, _ = make_controller()
+    wait_condition(cluster, "True", model.REASON_OK, name="x", ns="b")
+    wait_condition(cluster, "True", model.REASON_OK, name="victim", ns="b")
+    settle(in_reactor, controller)
+    in_reactor(controller.resync)
+    settle(in_reactor, controller)
+    assert cluster.count("DELETE", r"/namespaces/b/") == 0
+    assert cluster.get("services", "b", "victim") is not None
+
+
 def test_cr_update_port_change(cluster, make_controller, in_reactor):
     cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
     cluster.create("destinations", "apps", destination_cr())

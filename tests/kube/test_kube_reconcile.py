@@ -282,6 +282,21 @@ def test_name_clash_with_a_service_of_another_destination():
     assert plan.changes == ()
 
 
+def test_objects_of_another_namespace_are_never_ours():
+    """An editor of namespace ``a`` labels a Service of theirs as mailgw's and points its
+    annotation at CR ``b/x``: neither the index nor the reconciler takes it for ``b/x``'s,
+    so no plan deletes ``b``'s object of the same name."""
+    from mailgw.kube.reconcile import cr_key_of
+
+    bait = {"metadata": {"name": "victim", "namespace": "a", "labels": {model.MANAGED_BY_LABEL: "mailgw"},
+                         "annotations": {model.CR_ANNOTATION: "b/x"}}}
+    assert cr_key_of(bait) is None
+    _, plan = run(cr_obj(name="x", ns="b"), existing=Existing(
+        services={"victim": bait}, slices={"victim-mailgw": dict(bait, metadata=dict(bait["metadata"], name="victim-mailgw"))}))
+    assert [c for c in plan.changes if c.action == "delete"] == []
+    assert condition(plan)["status"] == "True"
+
+
 def test_leftovers_of_a_recreated_cr_are_adopted():
     _, old = run(cr_obj(uid="old-uid"))
     existing = apply(old, Existing())
