@@ -1,7 +1,8 @@
 """Apply a reconcile plan through :class:`~mailgw.kube.client.KubeApi` (blocking).
 
 Idempotent by construction: the plan only holds the writes needed; a delete of something
-already gone counts as done.  Failures are collected, never raised, so one failing write
+already gone counts as done.  The CR's status and its Events are written the same way
+(:func:`~mailgw.kube.reconcile.report_changes`), so one fence guards every write.  Failures are collected, never raised, so one failing write
 does not stop the others -- except that the EndpointSlices of a route whose Service could
 not be written are left out (a slice names its Service: it must never add endpoints to a
 Service that is not ours).  Every write is *fenced*: ``fence()`` is asked just before it,
@@ -18,7 +19,10 @@ from attrs import frozen
 
 from mailgw.kube.client import KubeApi, KubeApiError
 from mailgw.kube.model import MANAGED_BY, MANAGED_BY_LABEL, UID_LABEL
-from mailgw.kube.reconcile import ENDPOINT_SLICE, SERVICE, Change
+from mailgw.kube.reconcile import ENDPOINT_SLICE, NETWORK_POLICY, SERVICE, Change
+
+#: kinds whose create may meet an object of ours made earlier (and is then a patch)
+_ADOPTABLE = (SERVICE, ENDPOINT_SLICE, NETWORK_POLICY)
 
 
 @frozen
@@ -62,9 +66,12 @@ def apply_changes(api: KubeApi, changes: Iterable[Change], fence: Callable[[], b
             elif change.action == "patch":
                 assert change.body is not None
                 written.append((change.kind, api.patch(change.kind, change.namespace, change.name, change.body)))
+            elif change.action == "status":
+                assert change.body is not None
+                written.append((change.kind, api.patch_destination_status(change.namespace, change.name, change.body)))
             elif change.action == "delete":
                 api.delete(change.kind, change.namespace, change.name)
-            else:  # pragma: no cover - the reconciler only makes the three above
+            else:  # pragma: no cover - the reconciler only makes the four above
                 raise ValueError(change.action)
         except KubeApiError as e:
             failures.append(ApplyFailure(change, str(e), isinstance(e, ForeignObject)))
@@ -83,7 +90,7 @@ def _create(api: KubeApi, change: Change) -> dict[str, Any]:
     try:
         return api.create(change.kind, change.namespace, change.body)
     except KubeApiError as e:
-        if not e.conflict:
+        if not e.conflict or change.kind not in _ADOPTABLE:
             raise
         found = api.get(change.kind, change.namespace, change.name)
         labels = ((found or {}).get("metadata") or {}).get("labels") or {}

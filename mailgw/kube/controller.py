@@ -13,8 +13,9 @@ On the leader a reconcile looks the destination(s) up, computes a plan
 (:func:`mailgw.kube.reconcile.reconcile`) and *records the ports it chose before it waits
 for anything*, so reconciles running at the same time never pick the same port; then it
 opens the listeners, applies the plan, writes the status and Events.  Each write is fenced
-by the leadership epoch the reconcile started under: once this replica has stepped down
-(or the drain has begun) nothing more is written.  Other replicas serve the routes whose
+by the leadership epoch the reconcile started under, checked in the worker right before
+its request: once this replica has stepped down (or the drain has begun) nothing more is
+written, however long the write waited for a worker.  Other replicas serve the routes whose
 ports the leader recorded on the NetworkPolicies in the gateway's namespace, which only
 the gateway can write (Service annotations are informative: anyone who may edit the
 CR's namespace may edit them).
@@ -43,7 +44,7 @@ from mailgw import metrics
 from mailgw.blocking import BlockingPool
 from mailgw.destination import Destination
 from mailgw.kube.apply import apply_changes
-from mailgw.kube.client import KubeApi, KubeApiError
+from mailgw.kube.client import KubeApi
 from mailgw.kube.leader import LeaderElector
 from mailgw.kube.listeners import IListenerManager, RouteDestination
 from mailgw.kube.model import (
@@ -57,11 +58,12 @@ from mailgw.kube.model import (
 )
 from mailgw.kube.queue import WorkQueue
 from mailgw.kube.reconcile import (
+    DESTINATION,
     ENDPOINT_SLICE,
+    EVENT,
     NETWORK_POLICY,
     SERVICE,
     Change,
-    Event,
     Existing,
     GatewayPlacement,
     GatewayPod,
@@ -73,6 +75,7 @@ from mailgw.kube.reconcile import (
     policy_name,
     read_port,
     reconcile,
+    report_changes,
     route_of_service,
     routes_from_policy,
     slice_name,
@@ -740,19 +743,16 @@ class KubeController(MultiService):
             await self._sync_listeners(key, plan.routes)
             if not ok:
                 self.last_error = f"Destination {'/'.join(key)}: {result.failures[0].message}"
-        if plan.status_patch is not None and fence():
-            try:
-                updated = await self.planes.control(
-                    self.planes.control_api.patch_destination_status, cr.namespace, cr.name, plan.status_patch
-                )
-                if isinstance(updated, dict):
-                    self.crs.put(updated)
-            except KubeApiError as e:
-                ok = self._error(f"cannot write the status of Destination {'/'.join(key)}: {e}")
-                log.warn("{message}", message=self.last_error)
-        for event in ((plan.event,) if plan.event else ()) + plan.warnings:
-            if fence():
-                await self._record_event(cr, event)
+        reports = report_changes(cr, plan, self.now(), self.settings.identity)
+        if reports:
+            result = await self.planes.control(apply_changes, self.planes.control_api, reports, fence)
+            self._written(result.written)
+            for failure in result.failures:
+                if failure.change.kind == EVENT:  # a lost Event is logged, nothing more
+                    log.warn("cannot record an event on Destination {key}: {e}", key="/".join(key), e=failure.message)
+                else:
+                    ok = self._error(f"cannot write the status of Destination {'/'.join(key)}: {failure.message}")
+                    log.warn("{message}", message=self.last_error)
         transient = [e for e in lookups.values() if isinstance(e, BaseException)
                      and not (isinstance(e, DestinationLookupError) and e.definitive)]
         if transient:
@@ -768,7 +768,8 @@ class KubeController(MultiService):
     def _written(self, written: Any) -> None:
         """The API server's answers to our writes go into the caches at once (their
         watch events, arriving later with the same version, then change nothing)."""
-        stores = {SERVICE: self.service_store, ENDPOINT_SLICE: self.slice_store, NETWORK_POLICY: self.policy_store}
+        stores = {SERVICE: self.service_store, ENDPOINT_SLICE: self.slice_store, NETWORK_POLICY: self.policy_store,
+                  DESTINATION: self.crs}
         for kind, obj in written:
             store = stores.get(kind)
             if store is not None and isinstance(obj, dict):
@@ -848,35 +849,6 @@ class KubeController(MultiService):
         if orphans:
             log.info("removing {n} objects whose Destination is gone", n=len(orphans))
             await self.planes.control(apply_changes, self.planes.control_api, orphans, self._fence(epoch))
-
-    async def _record_event(self, cr: DestinationCR, event: Event) -> None:
-        stamp = self.now()
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{cr.name}.", "namespace": cr.namespace},
-            "involvedObject": {
-                "apiVersion": "destination.connectivity.api.sap/v1",
-                "kind": "Destination",
-                "name": cr.name,
-                "namespace": cr.namespace,
-                "uid": cr.uid,
-                "resourceVersion": cr.resource_version,
-            },
-            "reason": event.reason,
-            "message": event.message[:1024],
-            "type": event.type,
-            "source": {"component": "mailgw"},
-            "reportingComponent": "mailgw",
-            "reportingInstance": self.settings.identity,
-            "firstTimestamp": stamp,
-            "lastTimestamp": stamp,
-            "count": 1,
-        }
-        try:
-            await self.planes.control(self.planes.control_api.create_event, cr.namespace, body)
-        except KubeApiError as e:
-            log.warn("cannot record an event on Destination {key}: {e}", key="/".join(cr.key), e=str(e))
 
     # --- what listeners ask (the data plane) ----------------------------------------------
 

@@ -66,6 +66,9 @@ from mailgw.sources.base import DestinationLookupError, SourceUnavailable
 SERVICE = "Service"
 ENDPOINT_SLICE = "EndpointSlice"
 NETWORK_POLICY = "NetworkPolicy"
+#: the CR itself: its status subresource (Change action ``status``)
+DESTINATION = "Destination"
+EVENT = "Event"
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SLICE_MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
@@ -136,7 +139,8 @@ class Existing:
 
 @frozen
 class Change:
-    """One write: ``create`` / ``patch`` (JSON merge patch) / ``delete`` of an object."""
+    """One write: ``create`` / ``patch`` (JSON merge patch) / ``delete`` of an object, or
+    ``status``: a merge patch of a Destination's status subresource."""
 
     action: str
     kind: str
@@ -898,6 +902,43 @@ class _Either:
 
     def __contains__(self, port: object) -> bool:
         return any(port in part for part in self.parts)
+
+
+def event_body(cr: DestinationCR, event: Event, now: str, reporter: str) -> dict[str, Any]:
+    """The Kubernetes Event recording ``event`` on ``cr`` (``reporter``: this replica)."""
+    return {
+        "apiVersion": "v1",
+        "kind": EVENT,
+        "metadata": {"generateName": f"{cr.name}.", "namespace": cr.namespace},
+        "involvedObject": {
+            "apiVersion": "destination.connectivity.api.sap/v1",
+            "kind": "Destination",
+            "name": cr.name,
+            "namespace": cr.namespace,
+            "uid": cr.uid,
+            "resourceVersion": cr.resource_version,
+        },
+        "reason": event.reason,
+        "message": event.message[:1024],
+        "type": event.type,
+        "source": {"component": "mailgw"},
+        "reportingComponent": "mailgw",
+        "reportingInstance": reporter,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+
+
+def report_changes(cr: DestinationCR, plan: Plan, now: str, reporter: str) -> tuple[Change, ...]:
+    """The writes that report ``plan`` on the CR: its status (when it changed), then its
+    Events.  They go through the same fenced write path as the objects."""
+    changes = []
+    if plan.status_patch is not None:
+        changes.append(Change("status", DESTINATION, cr.namespace, cr.name, plan.status_patch))
+    for event in ((plan.event,) if plan.event else ()) + plan.warnings:
+        changes.append(Change("create", EVENT, cr.namespace, "", event_body(cr, event, now, reporter)))
+    return tuple(changes)
 
 
 def failed_plan(plan: Plan, cr: DestinationCR, failures: Iterable[Any], now: str) -> Plan:
