@@ -47,6 +47,10 @@ class ForeignObject(KubeApiError):
     """An object of the wanted name exists and is not ours."""
 
 
+class _Fenced(Exception):
+    """The fence fell between two requests of one change: write nothing more."""
+
+
 def apply_changes(api: KubeApi, changes: Iterable[Change], fence: Callable[[], bool] = lambda: True) -> ApplyResult:
     """Perform ``changes`` in order.  Blocking: call from a worker thread."""
     done: list[Change] = []
@@ -62,7 +66,7 @@ def apply_changes(api: KubeApi, changes: Iterable[Change], fence: Callable[[], b
         try:
             if change.action == "create":
                 assert change.body is not None
-                written.append((change.kind, _create(api, change)))
+                written.append((change.kind, _create(api, change, fence)))
             elif change.action == "patch":
                 assert change.body is not None
                 written.append((change.kind, api.patch(change.kind, change.namespace, change.name, change.body)))
@@ -73,6 +77,8 @@ def apply_changes(api: KubeApi, changes: Iterable[Change], fence: Callable[[], b
                 api.delete(change.kind, change.namespace, change.name)
             else:  # pragma: no cover - the reconciler only makes the four above
                 raise ValueError(change.action)
+        except _Fenced:
+            return ApplyResult(tuple(done), tuple(failures), tuple(written), fenced=True)
         except KubeApiError as e:
             failures.append(ApplyFailure(change, str(e), isinstance(e, ForeignObject)))
             if change.kind == SERVICE and change.route is not None:
@@ -82,10 +88,11 @@ def apply_changes(api: KubeApi, changes: Iterable[Change], fence: Callable[[], b
     return ApplyResult(tuple(done), tuple(failures), tuple(written))
 
 
-def _create(api: KubeApi, change: Change) -> dict[str, Any]:
+def _create(api: KubeApi, change: Change, fence: Callable[[], bool]) -> dict[str, Any]:
     """Create; when the object exists already and is ours (an earlier create whose answer
     was lost to a timeout, or a cache that has not seen it yet), patch it to the desired
-    state instead.  One that is not ours is a :class:`ForeignObject`."""
+    state instead.  One that is not ours is a :class:`ForeignObject`.  The patch is a
+    request of its own: the fence is asked again before it."""
     assert change.body is not None
     try:
         return api.create(change.kind, change.namespace, change.body)
@@ -100,5 +107,7 @@ def _create(api: KubeApi, change: Change) -> dict[str, Any]:
                 f"create {change.kind} {change.namespace}/{change.name}: it already exists "
                 "and is not managed by mailgw for this Destination", 409, "AlreadyExists"
             ) from None
+    if not fence():
+        raise _Fenced()
     body = {k: v for k, v in change.body.items() if k not in ("apiVersion", "kind")}
     return api.patch(change.kind, change.namespace, change.name, body)

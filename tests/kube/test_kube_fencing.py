@@ -16,8 +16,11 @@ from twisted.internet.task import Clock
 
 from kubetest import GW_LABELS, GW_NS, SMTPS, FakeListeners, destination_cr
 from mailgw.destination import parse_destination
+from mailgw.kube.apply import apply_changes
+from mailgw.kube.client import KubeApiError
 from mailgw.kube.controller import KubeController, KubeSettings, Planes
 from mailgw.kube.model import parse_cr
+from mailgw.kube.reconcile import SERVICE, Change
 from mailgw.sources.base import MappingSource
 from mailgw.sources.cache import CachingSource, SourceRegistry
 
@@ -114,3 +117,22 @@ def test_status_and_events_queued_under_a_leadership_that_then_ends_are_not_sent
         control.run_next()
     assert [c[1] for c in api.writes()] == ["NetworkPolicy", "Service", "EndpointSlice"]
     assert done.called
+
+
+def test_a_create_that_meets_our_own_object_patches_it_only_while_the_fence_holds():
+    api = RecordingApi()
+    leading = [True]
+    body = {"metadata": {"name": "mymail", "labels": {"app.kubernetes.io/managed-by": "mailgw",
+                                                       "mailgw.io/destination-uid": "uid-1"}}}
+
+    def conflict(kind, namespace, b):
+        api.calls.append(("create", kind, namespace, "mymail"))
+        raise KubeApiError("create Service apps/mymail: 409 AlreadyExists", 409, "AlreadyExists")
+
+    def found(kind, namespace, name):
+        leading[0] = False  # leadership ends while the create's fallback reads the object
+        return body
+
+    api.create, api.on_get = conflict, found
+    result = apply_changes(api, [Change("create", SERVICE, "apps", "mymail", body)], lambda: leading[0])
+    assert result.fenced and ("patch", SERVICE, "apps", "mymail") not in api.calls
