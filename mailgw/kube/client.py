@@ -5,13 +5,15 @@ them, camelCase keys) and raise only :class:`KubeApiError`; they block, so calle
 them in a :class:`~mailgw.blocking.BlockingPool` (never on the reactor thread).  Every
 call carries a timeout and is counted in ``mailgw_kube_api_requests_total``.
 
-Each *plane* of Kubernetes mode (session lookups, the leader election, the reconciles,
-the watches) gets a :meth:`KubeApi.clone` of its own: its own connection pool and its own
-timeout, so a slow call of one plane never holds a connection another one waits for.
+Each *plane* of Kubernetes mode (session lookups, the leader election, the reconciles)
+gets a :meth:`KubeApi.clone` of its own: its own connection pool, and a budget each of
+its calls keeps to in all, so a slow call of one plane never holds a connection another
+one waits for, and a write ends when the leadership it began under may.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -94,13 +96,24 @@ class KubeApi:
         self.networking = k8s.NetworkingV1Api(api_client)
         self.coordination = k8s.CoordinationV1Api(api_client)
         self.custom = k8s.CustomObjectsApi(api_client)
-        self.timeout = (connect_timeout, timeout)
+        #: seconds an answer may take
+        self.timeout_seconds = timeout
+        #: each call's ``_request_timeout``: (connect, read) seconds, or a clone's total
+        self.timeout: float | tuple[float, float] = (connect_timeout, timeout)
 
-    def clone(self, timeout: float | None = None) -> "KubeApi":
-        """The same server and identity over a connection pool of its own."""
-        fresh = k8s.ApiClient(self.api_client.configuration)
+    def clone(self, budget: float) -> "KubeApi":
+        """The same server and identity over a connection pool of its own, whose calls
+        take at most ``budget`` seconds each, connect and answer together, and are never
+        retried behind the caller's back: urllib3's default (the client leaves
+        ``retries`` unset) retries a failed connect for every verb and a failed read for
+        DELETE and PUT, each attempt with the whole timeout again."""
+        configuration = copy.copy(self.api_client.configuration)
+        configuration.retries = False
+        fresh = k8s.ApiClient(configuration)
         fresh.user_agent = self.api_client.user_agent
-        return KubeApi(fresh, timeout=self.timeout[1] if timeout is None else timeout, connect_timeout=min(self.timeout[0], timeout or self.timeout[0]))
+        plane = KubeApi(fresh, timeout=budget)
+        plane.timeout = float(budget)
+        return plane
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -272,6 +285,8 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None, i
         config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
     # the watches hold connections for minutes; the planes must not wait for a free one
     configuration.connection_pool_maxsize = 16
+    # every caller decides itself whether to try again (the watch loop, the work queue)
+    configuration.retries = False
     api_client = k8s.ApiClient(configuration)
     if identity:
         api_client.user_agent = user_agent(identity)

@@ -310,8 +310,9 @@ class KubeController(MultiService):
             reactor = default_reactor
         s = settings
         # Lease calls must give up before the renew deadline; writes should end before
-        # a successor may take over (lease duration after our last renewal).
-        base = api.timeout[1]
+        # a successor may take over (lease duration after our last renewal).  Each is a
+        # whole-call budget, never retried underneath (KubeApi.clone).
+        base = api.timeout_seconds
         lease_timeout = max(0.5, min(base, s.renew_deadline / 2))
         write_timeout = base
         if s.leader_election:
@@ -320,7 +321,7 @@ class KubeController(MultiService):
             data=BlockingPool(reactor, "mailgw-kube-data", s.threads),
             control=BlockingPool(reactor, "mailgw-kube-control", s.threads),
             lease=BlockingPool(reactor, "mailgw-kube-lease", 2),
-            data_api=api.clone(),
+            data_api=api.clone(base),
             control_api=api.clone(write_timeout),
             lease_api=api.clone(lease_timeout),
             watch_api=api,
