@@ -78,3 +78,16 @@ def test_a_send_api_in_kubernetes_mode_stops_start_up_with_one_line(tmp_path):
     message = str(info.value)
     assert message.startswith("mailgw: configuration error:") and "send API" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("section", [
+    {"renewDeadline": 15},  # the default leaseDuration: a follower could take over while we write
+    {"leaseDuration": 8},  # below the default renewDeadline
+    {"renewDeadline": 2},  # the default retryPeriod: no round would ever renew in time
+    {"leaseDuration": 30, "renewDeadline": 20, "retryPeriod": 25},
+])
+def test_lease_timings_must_nest(section):
+    with pytest.raises(ValueError, match=r"leaseDuration > renewDeadline > retryPeriod"):
+        parse_kube_section(section, "gateway.yaml", environ={})
+    settings, _ = parse_kube_section({"leaseDuration": 30, "renewDeadline": 20, "retryPeriod": 5}, environ={})
+    assert (settings.lease_duration, settings.renew_deadline, settings.retry_period) == (30, 20, 5)
