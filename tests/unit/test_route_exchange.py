@@ -76,3 +76,28 @@ def test_token_service_when_the_source_does_not_exchange():
     gateway, tokens, route = gateway_with(RouteDestination(False, None))
     assert result_of(gateway.exchange(route, DEST, "rt-2")) == "from-token-service"
     assert tokens.asked == [("d", None, "rt-2")]
+
+
+class LabelledSource:
+    def __init__(self, label):
+        self.label = label
+
+    def lookup(self, name, tenant=None):
+        return succeed(f"{self.label}:{name}")
+
+    def family(self, name):
+        return self.label
+
+    def exchange(self, name, destination, secret):
+        return succeed(f"{self.label}-token")
+
+
+def test_a_route_that_carries_its_own_source_is_answered_by_it():
+    gateway = Gateway(Clock(), Settings(), LabelledSource("gateway"), tokens=Tokens())
+    route = SessionRoute("apps/mymail", None, source=LabelledSource("listener"))
+    assert result_of(gateway.lookup(route)) == "listener:apps/mymail"
+    assert result_of(gateway.exchange(route, DEST, "rt-1")) == "listener-token"
+    assert gateway.family_of(route) == "listener"
+    assert result_of(gateway.lookup(SessionRoute("apps/mymail"))) == "gateway:apps/mymail"
+    # the source is no part of the route's identity (warm pools are keyed by route)
+    assert route == SessionRoute("apps/mymail") and hash(route) == hash(SessionRoute("apps/mymail"))
