@@ -1,9 +1,9 @@
 """``twistd -n mailgw --kubernetes``: the controller opens gateway listeners per route.
 
 The controller (``mailgw.kube.controller``) decides which routes exist and on which
-port; :class:`ListenerManager` opens real gateway listeners for them, and
-:class:`RouteSource` answers each session's destination lookup through the controller's
-view of the CR (so a changed destination applies to the next session).
+port; :class:`ListenerManager` opens real gateway listeners for them, each with a
+:class:`RouteSource` of its own that answers its sessions' destination lookups through
+the controller's view of the CR (so a changed destination applies to the next session).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from ..config import ConfigError, HttpConfig, load_config, parse_config
 from ..destination import OAUTH2_REFRESH_TOKEN
 from ..errors import GatewayError
 from ..oauth import TokenError
-from ..service import GatewayService, make_service
+from ..service import GatewayService, StaticSource, make_service
 from ..session import GatewayFactory
+from ..settings import Route as ListenerRoute
 from ..sources.base import DestinationLookupError
 from ..status import listener_info
 from .listeners import IListenerManager, IRouteDestination
@@ -34,43 +35,39 @@ BACKLOG = 1024
 
 
 class RouteSource:
-    """Destinations for sessions on controller-opened listeners.  Keyed by the lookup
-    name of each listener's :class:`mailgw.settings.Route` (``Route.listener_route()``
-    of the controller's route: ``namespace/cr[@tenant]``)."""
+    """The destination source of one controller-opened listener, carried by its route
+    (:attr:`mailgw.settings.Route.source`): its sessions ask it directly, never a table
+    by name, so a session keeps it after the listener has closed (the drain, the CR
+    deleted, a port moved) and still exchanges its secret where the route says."""
 
-    def __init__(self):
-        self.routes: dict[str, IRouteDestination] = {}
-        self._families: dict[str, str] = {}
+    def __init__(self, destination: IRouteDestination):
+        self.destination = destination
+        self._family: str | None = None
 
     def lookup(self, name: str, tenant: str | None = None):
-        route_destination = self.routes.get(name)
-        if route_destination is None:
-            raise GatewayError(f"route {name} is no longer served")
-
         def remember(destination):
-            self._families[name] = destination.family
+            self._family = destination.family
             return destination
 
         def explain(failure):
             failure.trap(DestinationLookupError)
             raise GatewayError(getattr(failure.value, "message", None) or str(failure.value))
 
-        return route_destination.lookup().addCallbacks(remember, explain)
+        return self.destination.lookup().addCallbacks(remember, explain)
 
     def family(self, name: str) -> str | None:
-        return self._families.get(name)
+        return self._family
 
     def exchange(self, name: str, destination, secret: str):
         """The destination service's token for the application's secret (sent as
         ``X-refresh-token`` or ``X-code``), or ``None`` when the route's source does not
         exchange secrets (the gateway then uses the destination's token service)."""
-        route_destination = self.routes.get(name)
-        if route_destination is None or not route_destination.can_exchange():
+        if not self.destination.can_exchange():
             return None
         if destination.authentication == OAUTH2_REFRESH_TOKEN:
-            d = route_destination.exchange(refresh_token=secret)
+            d = self.destination.exchange(refresh_token=secret)
         else:
-            d = route_destination.exchange(code=secret)
+            d = self.destination.exchange(code=secret)
 
         def explain(failure):
             failure.trap(DestinationLookupError)
@@ -111,29 +108,30 @@ def listen_tcp(reactor, port: int, factory, interface: str = ""):
 class ListenerManager:
     """Real listeners: one TCP port per route, IPv4 and IPv6 (``interface``: one only)."""
 
-    def __init__(self, reactor, gateway, source: RouteSource, interface: str = ""):
+    def __init__(self, reactor, gateway, interface: str = ""):
         self.reactor = reactor
         self.gateway = gateway
-        self.source = source
         self.interface = interface
         self.ports: dict[Route, object] = {}
+        #: the session layer's route of each open listener (it carries the source)
+        self.routes: dict[Route, ListenerRoute] = {}
 
     def open(self, route: Route, port: int, destination: IRouteDestination):
-        listener_route = route.listener_route()
-        self.source.routes[listener_route.destination] = destination
+        listener_route = route.listener_route(source=RouteSource(destination))
         factory = GatewayFactory(listener_route, self.gateway)
         factory.noisy = False
 
         def listening(listening_port):
             self.ports[route] = listening_port
+            self.routes[route] = listener_route
             self._update_pools()
 
         return listen_tcp(self.reactor, port, factory, self.interface).addCallback(listening)
 
     def close(self, route: Route):
-        # Sessions already running keep their connections and their destination.
-        self.source.routes.pop(route.listener_route().destination, None)
+        # Sessions already running keep their connections and their route's source.
         listening_port = self.ports.pop(route, None)
+        self.routes.pop(route, None)
         if listening_port is None:
             return defer.succeed(None)
         self._update_pools()
@@ -141,7 +139,7 @@ class ListenerManager:
 
     def _update_pools(self) -> None:
         """Warm pools (SPEC 9.7) for the routes served now."""
-        self.gateway.update_pools([route.listener_route() for route in self.ports])
+        self.gateway.update_pools(list(self.routes.values()))
 
 
 def make_kubernetes_service(reactor, config_path: str | None, *, api=None, settings=None) -> GatewayService:
@@ -167,9 +165,9 @@ def make_kubernetes_service(reactor, config_path: str | None, *, api=None, setti
     if api is None:
         api_client = load_api_client(kubeconfig or os.environ.get("KUBECONFIG"), identity=settings.identity)
         api = KubeApi(api_client, timeout=settings.api_timeout)
-    source = RouteSource()
-    service = make_service(config, reactor, source=source, send_api=False)
-    listeners = ListenerManager(reactor, service.gateway, source, settings.listen_interface)
+    # every listener the controller opens brings its route's own source (RouteSource)
+    service = make_service(config, reactor, source=StaticSource({}), send_api=False)
+    listeners = ListenerManager(reactor, service.gateway, settings.listen_interface)
     controller = KubeController.create(api, listeners, settings, reactor, tokens=service.gateway.tokens)
     controller.setServiceParent(service)
     service.gateway.add_readiness_check("controller not synced", lambda: controller.ready)  # initial lists in
