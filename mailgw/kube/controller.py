@@ -784,12 +784,11 @@ class KubeController(MultiService):
         for route, port in list(current.items()):
             if routes.get(route) != port:
                 del current[route]
-                try:
-                    await maybeDeferred(self.listeners.close, route)
-                except Exception as e:  # noqa: BLE001 - a listener bug must not stop us
-                    log.warn("closing the listener of {route} failed: {e}", route=route.key, e=e)
+                await self._close_listener(route)
         failed: set[tuple[Route, int]] = set()
         for route, port in sorted(routes.items()):
+            if self.draining:
+                break  # the drain began while an open was under way: open nothing more
             if current.get(route) == port:
                 continue
             try:
@@ -799,9 +798,20 @@ class KubeController(MultiService):
                 failed.add((route, port))
             else:
                 current[route] = port
-        if not current:
+        if self.draining:
+            # opens that finished after the drain began (which closed what was open then)
+            for route in list(current):
+                del current[route]
+                await self._close_listener(route)
+        if not current and self.served.get(key) is current:
             self.served.pop(key, None)
         return failed
+
+    async def _close_listener(self, route: Route) -> None:
+        try:
+            await maybeDeferred(self.listeners.close, route)
+        except Exception as e:  # noqa: BLE001 - a listener bug must not stop us
+            log.warn("closing the listener of {route} failed: {e}", route=route.key, e=e)
 
     async def _forget(self, key: CRKey) -> bool:
         """The CR is gone: close its listeners; the leader deletes what it made."""

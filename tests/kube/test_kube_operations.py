@@ -12,8 +12,12 @@ import pytest
 from mailgw import metrics
 from mailgw.kube import model
 from mailgw.kube.controller import KubeSettings
-from mailgw.kube.model import Route
-from kubetest import GW_LABELS, GW_NS, SMTPS, condition, destination_cr, pod, secret, wait_condition, wait_for
+from mailgw.kube.model import Route, parse_cr
+from kubetest import (
+    GW_LABELS, GW_NS, SMTPS, FakeListeners, condition, destination_cr, offline_controller, pod, secret, wait_condition,
+    wait_for,
+)
+from twisted.internet.defer import Deferred
 from support.reactor import holds
 
 RANGE = (20000, 24999)
@@ -248,3 +252,27 @@ def test_a_follower_forgets_a_deleted_cr(cluster, start, in_reactor):
     wait_for(lambda: not cluster.list("networkpolicies", GW_NS), what="the policy to go")
     idle(in_reactor, leader, follower)
     assert in_reactor(lambda: (follower.allocations, follower.owners, follower.served)) == ({}, {}, {})
+
+
+def test_no_listener_opens_once_the_drain_has_begun():
+    """The drain was checked only when a listener sync began: a listener still opening
+    when SIGTERM came stayed open, and the CR's next route was opened after it."""
+
+    class SlowListeners(FakeListeners):
+        def __init__(self):
+            super().__init__()
+            self.opening: list[Deferred] = []
+
+        def open(self, route, port, destination):
+            super().open(route, port, destination)
+            self.opening.append(Deferred())
+            return self.opening[-1]
+
+    listeners = SlowListeners()
+    controller, _, _ = offline_controller(destination_cr(tenants='["t1", "t2"]'), listeners)
+    cr = parse_cr(controller.crs.get(("apps", "mymail")))
+    Deferred.fromCoroutine(controller._reconcile_as_leader(cr, controller.epoch))
+    assert [r.tenant for r in listeners.open_routes] == ["t1"]  # still opening
+    controller.startDrain()
+    listeners.opening[0].callback(None)
+    assert listeners.open_routes == {} and controller.served == {}
