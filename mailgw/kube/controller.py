@@ -93,6 +93,10 @@ SECRETS = "secrets"
 #: How long a ``secrets`` destination stays cached while the Secret watch runs: changes
 #: invalidate it at once, so this only bounds the damage of a lost watch event.
 WATCHED_SECRET_TTL = 3600.0
+#: The only Secret type the Secret watch asks for (the others, service account tokens,
+#: TLS certificates, Helm releases, are many and never destinations); destination
+#: Secrets of another type are refused rather than cached unwatched.
+WATCHED_SECRET_TYPE = "Opaque"
 
 
 def _labels_converter(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -326,7 +330,7 @@ class KubeController(MultiService):
             lease_api=api.clone(lease_timeout),
             watch_api=api,
         )
-        raw: dict[str, Any] = {SECRETS: SecretsSource(planes.data_api, planes.data)}
+        raw: dict[str, Any] = {SECRETS: SecretsSource(planes.data_api, planes.data, required_type=WATCHED_SECRET_TYPE)}
         ttls = {SECRETS: max(s.cache_ttl, WATCHED_SECRET_TTL)}
         if s.btp_instances:
             if tokens is None:
@@ -378,7 +382,8 @@ class KubeController(MultiService):
             specs.append(("endpointslices", ENDPOINT_SLICE, ns, {"label_selector": managed}, self.slice_store))
             if SECRETS in self.sources.sources:
                 # metadata only, and only the type destinations are stored as
-                specs.append(("secrets", "Secret", ns, {"field_selector": "type=Opaque", "metadata_only": True}, None))
+                specs.append(("secrets", "Secret", ns, {"field_selector": f"type={WATCHED_SECRET_TYPE}",
+                                                        "metadata_only": True}, None))
         specs.append(("networkpolicies", NETWORK_POLICY, s.gateway_namespace, {"label_selector": managed}, self.policy_store))
         specs.append(("pods", "Pod", s.gateway_namespace, {"label_selector": s.pod_selector}, None))
         self._synced = {(name, ns): False for name, _, ns, _, _ in specs}

@@ -167,6 +167,19 @@ def test_a_namespace_editor_cannot_make_the_leader_delete_in_another_namespace(c
     assert cluster.get("services", "b", "victim") is not None
 
 
+def test_a_destination_secret_the_secret_watch_cannot_see_is_refused(cluster, make_controller):
+    """The Secret watch sees type Opaque only: a destination in a Secret of another type
+    would be cached for an hour with nothing to tell it changed."""
+    obj = secret("example-dest-smtps", SMTPS)
+    obj["type"] = "example.com/mail"
+    cluster.create("secrets", "apps", obj)
+    cluster.create("destinations", "apps", destination_cr())
+    make_controller()
+    cond = wait_condition(cluster, "False", model.REASON_DESTINATION_INVALID)
+    assert "example.com/mail" in cond["message"] and "Opaque" in cond["message"]
+    assert cluster.list("services", "apps") == []
+
+
 def test_cr_update_port_change(cluster, make_controller, in_reactor):
     cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
     cluster.create("destinations", "apps", destination_cr())
