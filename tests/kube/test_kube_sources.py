@@ -154,6 +154,33 @@ def test_cache_keeps_definitive_failures_only():
     assert len(inner.calls) == 4
 
 
+def test_a_session_lookup_never_waits_for_a_flight_of_another_plane():
+    """A reconcile's lookup runs in the control pool: a session looking the same
+    destination up must not queue behind it (its own flight, in its own pool), while a
+    stored answer serves every plane."""
+    clock, control = Clock(), object()
+    runs = []
+
+    class Planed(Scripted):
+        def lookup(self, ns, name, tenant=None, *, run=None):
+            runs.append(run)
+            return super().lookup(ns, name, tenant)
+
+    inner = Planed()
+    cache = CachingSource(inner, clock, 120)
+    reconcile = cache.lookup("a", "x", run=control)
+    session, other_session = cache.lookup("a", "x"), cache.lookup("a", "x")
+    assert runs == [control, None]  # the sessions share one flight of their own
+    inner.pending[1].callback("dest")
+    assert outcome(session) == outcome(other_session) == "dest" and not reconcile.called
+    assert outcome(cache.lookup("a", "x", run=control)) == "dest" and len(runs) == 2  # the stored answer
+    inner.pending[0].callback("dest")
+    assert outcome(reconcile) == "dest"
+    cache.invalidate("a", "x")
+    cache.lookup("a", "x", run=control)
+    assert len(runs) == 3
+
+
 def test_registry_default_and_unknown():
     static = MappingSource({("a", "x"): "dest"})
     reg = SourceRegistry({"secrets": static}, default="secrets")
