@@ -7,8 +7,9 @@ does not stop the others -- except that the EndpointSlices of a route whose Serv
 not be written are left out (a slice names its Service: it must never add endpoints to a
 Service that is not ours).  Every write is *fenced*: ``fence()`` is asked just before it,
 and once it answers False nothing more is written (the leadership the plan was made under
-has ended).  The objects the API server answered with are handed back, so the caller's
-caches know its own writes at once.
+has ended).  Each object the API server answers with is handed to ``on_written`` as
+soon as it arrives, so the caller's caches know a write before its watch event comes
+(which then changes nothing) -- not only once the whole plan is written.
 """
 
 from __future__ import annotations
@@ -35,10 +36,7 @@ class ApplyFailure:
 
 @frozen
 class ApplyResult:
-    done: tuple[Change, ...]
     failures: tuple[ApplyFailure, ...]
-    #: objects as the API server stored them (creates and patches), by kind
-    written: tuple[tuple[str, dict[str, Any]], ...] = ()
     #: True when the fence stopped the writes
     fenced: bool = False
 
@@ -51,41 +49,48 @@ class _Fenced(Exception):
     """The fence fell between two requests of one change: write nothing more."""
 
 
-def apply_changes(api: KubeApi, changes: Iterable[Change], fence: Callable[[], bool] = lambda: True) -> ApplyResult:
-    """Perform ``changes`` in order.  Blocking: call from a worker thread."""
-    done: list[Change] = []
+def apply_changes(
+    api: KubeApi,
+    changes: Iterable[Change],
+    fence: Callable[[], bool] = lambda: True,
+    on_written: Callable[[str, dict[str, Any]], None] = lambda kind, obj: None,
+) -> ApplyResult:
+    """Perform ``changes`` in order; ``on_written(kind, obj)`` is called (in this thread)
+    with every object the API server answers a create, patch or status write with.
+    Blocking: call from a worker thread."""
     failures: list[ApplyFailure] = []
-    written: list[tuple[str, dict[str, Any]]] = []
     failed_routes = set()
     for change in changes:
         if change.kind == ENDPOINT_SLICE and change.route is not None and change.route in failed_routes:
             failures.append(ApplyFailure(change, "not written: the route's Service could not be written"))
             continue
         if not fence():
-            return ApplyResult(tuple(done), tuple(failures), tuple(written), fenced=True)
+            return ApplyResult(tuple(failures), fenced=True)
         try:
+            answer = None
             if change.action == "create":
                 assert change.body is not None
-                written.append((change.kind, _create(api, change, fence)))
+                answer = _create(api, change, fence)
             elif change.action == "patch":
                 assert change.body is not None
-                written.append((change.kind, api.patch(change.kind, change.namespace, change.name, change.body)))
+                answer = api.patch(change.kind, change.namespace, change.name, change.body)
             elif change.action == "status":
                 assert change.body is not None
-                written.append((change.kind, api.patch_destination_status(change.namespace, change.name, change.body)))
+                answer = api.patch_destination_status(change.namespace, change.name, change.body)
             elif change.action == "delete":
                 api.delete(change.kind, change.namespace, change.name)
             else:  # pragma: no cover - the reconciler only makes the four above
                 raise ValueError(change.action)
         except _Fenced:
-            return ApplyResult(tuple(done), tuple(failures), tuple(written), fenced=True)
+            return ApplyResult(tuple(failures), fenced=True)
         except KubeApiError as e:
             failures.append(ApplyFailure(change, str(e), isinstance(e, ForeignObject)))
             if change.kind == SERVICE and change.route is not None:
                 failed_routes.add(change.route)
         else:
-            done.append(change)
-    return ApplyResult(tuple(done), tuple(failures), tuple(written))
+            if isinstance(answer, dict):
+                on_written(change.kind, answer)
+    return ApplyResult(tuple(failures))
 
 
 def _create(api: KubeApi, change: Change, fence: Callable[[], bool]) -> dict[str, Any]:

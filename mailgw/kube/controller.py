@@ -43,7 +43,7 @@ from zope.interface import implementer
 from mailgw import metrics
 from mailgw.blocking import BlockingPool
 from mailgw.destination import Destination
-from mailgw.kube.apply import apply_changes
+from mailgw.kube.apply import ApplyResult, apply_changes
 from mailgw.kube.client import KubeApi
 from mailgw.kube.leader import LeaderElector
 from mailgw.kube.listeners import IListenerManager, RouteDestination
@@ -733,8 +733,7 @@ class KubeController(MultiService):
 
         if not fence():
             return True
-        result = await self.planes.control(apply_changes, self.planes.control_api, plan.changes, fence)
-        self._written(result.written)
+        result = await self._apply(plan.changes, fence)
         if result.fenced:
             return True
         ok = True
@@ -751,8 +750,7 @@ class KubeController(MultiService):
                 self.last_error = f"Destination {'/'.join(key)}: {result.failures[0].message}"
         reports = report_changes(cr, plan, self.now(), self.settings.identity)
         if reports:
-            result = await self.planes.control(apply_changes, self.planes.control_api, reports, fence)
-            self._written(result.written)
+            result = await self._apply(reports, fence)
             for failure in result.failures:
                 if failure.change.kind == EVENT:  # a lost Event is logged, nothing more
                     log.warn("cannot record an event on Destination {key}: {e}", key="/".join(key), e=failure.message)
@@ -771,15 +769,26 @@ class KubeController(MultiService):
             )
         return ok
 
-    def _written(self, written: Any) -> None:
-        """The API server's answers to our writes go into the caches at once (their
-        watch events, arriving later with the same version, then change nothing)."""
+    async def _apply(self, changes: tuple[Change, ...] | list[Change], fence: Callable[[], bool]) -> ApplyResult:
+        """Write ``changes`` in the control pool (nothing to write: no thread hop)."""
+        if not changes:
+            return ApplyResult(())
+        return await self.planes.control(apply_changes, self.planes.control_api, changes, fence, self._hand_back)
+
+    def _hand_back(self, kind: str, obj: dict[str, Any]) -> None:
+        """(worker thread) An answer to one of our writes, for the caches."""
+        self.reactor.callFromThread(self._written, kind, obj)
+
+    def _written(self, kind: str, obj: dict[str, Any]) -> None:
+        """The API server's answer to one of our writes goes into the cache as soon as
+        it arrives, while the rest of the plan is still being written: its watch event,
+        which usually comes later with the same version, then changes nothing and does
+        not queue the CR again."""
         stores = {SERVICE: self.service_store, ENDPOINT_SLICE: self.slice_store, NETWORK_POLICY: self.policy_store,
                   DESTINATION: self.crs}
-        for kind, obj in written:
-            store = stores.get(kind)
-            if store is not None and isinstance(obj, dict):
-                store.put(obj)
+        store = stores.get(kind)
+        if store is not None:
+            store.put(obj)
 
     async def _sync_listeners(self, key: CRKey, routes: Mapping[Route, int]) -> set[tuple[Route, int]]:
         """Make this pod's listeners for ``key`` match ``routes``; those that failed."""
@@ -838,7 +847,7 @@ class KubeController(MultiService):
         changes = deletion_changes(existing, self.placement)
         if not changes:
             return True
-        result = await self.planes.control(apply_changes, self.planes.control_api, changes, fence)
+        result = await self._apply(changes, fence)
         if result.failures:
             return self._error(f"cannot clean up after Destination {'/'.join(key)}: {result.failures[0].message}")
         return True
@@ -864,7 +873,7 @@ class KubeController(MultiService):
                     orphans.append(Change("delete", kind, obj["metadata"].get("namespace", ""), obj["metadata"]["name"]))
         if orphans:
             log.info("removing {n} objects whose Destination is gone", n=len(orphans))
-            await self.planes.control(apply_changes, self.planes.control_api, orphans, self._fence(epoch))
+            await self._apply(orphans, self._fence(epoch))
 
     # --- what listeners ask (the data plane) ----------------------------------------------
 

@@ -7,6 +7,7 @@ API) for tests that must place an event between two steps exactly."""
 from __future__ import annotations
 
 import base64
+import copy
 import json
 
 from typing import Any
@@ -18,6 +19,7 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 import realservers
+from fakeapi import merge_patch
 from mailgw.destination import parse_destination
 from mailgw.kube import model
 from mailgw.kube.controller import KubeController, KubeSettings, Planes
@@ -152,44 +154,57 @@ class ManualPool(Service):
 
 
 class RecordingApi:
-    """The KubeApi calls apply_changes and the controller make, recorded; writes answer
-    with the object at a new resourceVersion."""
+    """The KubeApi calls apply_changes and the controller make, recorded.  It keeps what
+    it was given, as an API server would: a write answers with the whole object at a new
+    resourceVersion (a patch is a merge patch; ``objects`` may be seeded, e.g. with the
+    CR whose status is written)."""
 
     def __init__(self):
         self.calls: list[tuple[str, ...]] = []
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.version = 100
         self.on_get = None
 
-    def _stored(self, body, namespace):
+    def _store(self, kind, namespace, name, obj):
         self.version += 1
-        meta = dict(body.get("metadata") or {}, namespace=namespace, resourceVersion=str(self.version))
-        return dict(body, metadata=meta)
+        meta = dict(obj.get("metadata") or {}, name=name, namespace=namespace, resourceVersion=str(self.version))
+        self.objects[(kind, namespace, name)] = obj = dict(obj, metadata=meta)
+        return copy.deepcopy(obj)
 
     def create(self, kind, namespace, body):
-        self.calls.append(("create", kind, namespace, (body.get("metadata") or {}).get("name", "")))
-        return self._stored(body, namespace)
+        name = (body.get("metadata") or {}).get("name", "")
+        self.calls.append(("create", kind, namespace, name))
+        return self._store(kind, namespace, name, copy.deepcopy(dict(body)))
 
     def patch(self, kind, namespace, name, body):
         self.calls.append(("patch", kind, namespace, name))
-        return self._stored(dict(body, metadata=dict(body.get("metadata") or {}, name=name)), namespace)
+        return self._store(kind, namespace, name, merge_patch(self.objects.get((kind, namespace, name), {}), body))
 
     def delete(self, kind, namespace, name):
         self.calls.append(("delete", kind, namespace, name))
-        return True
+        return self.objects.pop((kind, namespace, name), None) is not None
 
     def get(self, kind, namespace, name):
         self.calls.append(("get", kind, namespace, name))
-        return self.on_get(kind, namespace, name) if self.on_get else None
+        return self.on_get(kind, namespace, name) if self.on_get else self.objects.get((kind, namespace, name))
 
     def patch_destination_status(self, namespace, name, status):
         self.calls.append(("status", "Destination", namespace, name))
-        return self._stored({"metadata": {"name": name}, "status": dict(status)}, namespace)
+        key = ("Destination", namespace, name)
+        return self._store(*key, merge_patch(self.objects.get(key, {}), {"status": dict(status)}))
 
     def create_event(self, namespace, body):
         return self.create("Event", namespace, body)
 
     def writes(self):
         return [c for c in self.calls if c[0] != "get"]
+
+
+class ThreadlessClock(Clock):
+    """A Clock for a controller whose "worker threads" are the test's own."""
+
+    def callFromThread(self, fn, *args, **kwargs):
+        fn(*args, **kwargs)
 
 
 def offline_controller(obj=None, listeners=None):
@@ -201,7 +216,7 @@ def offline_controller(obj=None, listeners=None):
     control, api = ManualPool(), RecordingApi()
     planes = Planes(data=ManualPool(), control=control, lease=ManualPool(), data_api=api, control_api=api,
                     lease_api=api, watch_api=api)
-    clock = Clock()
+    clock = ThreadlessClock()
     destination = parse_destination(SMTPS)
     sources = SourceRegistry({"secrets": CachingSource(MappingSource({("apps", SMTPS["Name"]): destination}), clock, 60)},
                              default="secrets")
@@ -212,5 +227,6 @@ def offline_controller(obj=None, listeners=None):
         obj = destination_cr()
     obj["metadata"].update(namespace="apps", uid="uid-1", resourceVersion="1", generation=1)
     controller.crs.put(obj)
+    api.objects[("Destination", "apps", obj["metadata"]["name"])] = copy.deepcopy(obj)
     controller._set_leading(True)
     return controller, control, api

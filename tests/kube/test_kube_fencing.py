@@ -53,3 +53,32 @@ def test_a_create_that_meets_our_own_object_patches_it_only_while_the_fence_hold
     api.create, api.on_get = conflict, found
     result = apply_changes(api, [Change("create", SERVICE, "apps", "mymail", body)], lambda: leading[0])
     assert result.fenced and ("patch", SERVICE, "apps", "mymail") not in api.calls
+
+
+def test_each_write_answer_reaches_the_cache_before_the_next_write():
+    """The answers used to reach the caches only once the whole plan was written, so the
+    watch echoes of the first writes, arriving meanwhile, queued the CR once more."""
+    controller, control, api = offline_controller()
+    cr = parse_cr(controller.crs.get(("apps", "mymail")))
+    cached_before = {}
+    create = api.create
+
+    def create_noting_the_cache(kind, namespace, body):
+        cached_before[kind] = (len(controller.policy_store), len(controller.service_store))
+        return create(kind, namespace, body)
+
+    api.create = create_noting_the_cache
+    Deferred.fromCoroutine(controller._reconcile_as_leader(cr, controller.epoch))
+    control.run_next()
+    assert cached_before["Service"] == (1, 0) and cached_before["EndpointSlice"] == (1, 1)
+
+
+def test_a_reconcile_with_nothing_to_write_does_not_wait_for_a_worker():
+    controller, control, api = offline_controller()
+    cr = parse_cr(controller.crs.get(("apps", "mymail")))
+    Deferred.fromCoroutine(controller._reconcile_as_leader(cr, controller.epoch))
+    while control.calls:
+        control.run_next()
+    cr = parse_cr(controller.crs.get(("apps", "mymail")))  # as the status write left it
+    again = Deferred.fromCoroutine(controller._reconcile_as_leader(cr, controller.epoch))
+    assert again.called and control.calls == []
