@@ -169,6 +169,12 @@ class KubeSettings:
         return self.watch_namespaces or (None,)
 
 
+def _version_of(obj: Mapping[str, Any] | None) -> str | None:
+    meta = (obj or {}).get("metadata") or {}
+    version = meta.get("resourceVersion") if isinstance(meta, Mapping) else None
+    return str(version) if version is not None else None
+
+
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -270,6 +276,11 @@ class KubeController(MultiService):
         self.served: dict[CRKey, dict[Route, int]] = {}
         self.secret_refs: dict[tuple[str, str], set[CRKey]] = {}
         self._secret_of: dict[CRKey, tuple[str, str]] = {}
+
+        #: the answers to the writes of each reconcile running now: (store, key, version)
+        self._answers: dict[CRKey, set[tuple[Store, tuple[str, str], str | None]]] = {}
+        #: changes that arrived for a CR while its reconcile ran: (store, key, version)
+        self._seen: dict[CRKey, list[tuple[Store, tuple[str, str], str | None]]] = {}
 
         self.epoch = 0
         self.leading = False
@@ -477,7 +488,7 @@ class KubeController(MultiService):
             changed = store.replace(items, namespace if name != "networkpolicies" else None)
             for key in changed:
                 obj = store.get(key)
-                self._changed(name, key, before.get(key) if obj is None else store.index_of(obj) or before.get(key))
+                self._changed(name, store, key, obj, before.get(key) if obj is None else store.index_of(obj) or before.get(key))
         self._synced[(name, namespace)] = True
         if self.ready and not self._initial_done:
             self._initial_done = True
@@ -502,15 +513,24 @@ class KubeController(MultiService):
         assert store is not None
         old = store.get(key)
         if store.event(kind, obj):
-            self._changed(name, key, store.index_of(obj) or (store.index_of(old) if old else None))
+            self._changed(name, store, key, obj, store.index_of(obj) or (store.index_of(old) if old else None))
 
-    def _changed(self, name: str, key: tuple[str, str], cr: CRKey | None) -> None:
+    def _changed(self, name: str, store: Store, key: tuple[str, str], obj: Mapping[str, Any] | None,
+                 cr: CRKey | None) -> None:
+        """Object ``key`` of ``store`` changed (``obj``: as it is now, None: gone); ``cr``
+        is the CR it belongs to."""
         if name == PLURAL_DST:
             self._index_secret(key)
-            self.enqueue(key)
-        elif cr is not None:
-            if name == "networkpolicies":
-                self._refresh_trusted(cr)
+            cr = key
+        elif cr is not None and name == "networkpolicies":
+            self._refresh_trusted(cr)
+        if cr is None:
+            return
+        if cr in self._answers:
+            # cr's reconcile is writing: this may be the watch echo of one of its writes,
+            # arrived before the write's answer; decided when the reconcile ends
+            self._seen.setdefault(cr, []).append((store, key, _version_of(obj)))
+        else:
             self.enqueue(cr)
 
     def _set_pods(self, pods: dict[str, GatewayPod]) -> None:
@@ -618,9 +638,13 @@ class KubeController(MultiService):
     def _work(self, key: Hashable) -> "Deferred[None]":
         started = self.reactor.seconds()
         self.reconciles += 1
+        self._answers[key] = set()  # type: ignore[index]
         d = Deferred.fromCoroutine(self._reconcile(key))  # type: ignore[arg-type]
 
         def done(ok: Any) -> None:
+            answers = self._answers.pop(key, set())  # type: ignore[arg-type]
+            if any(change not in answers for change in self._seen.pop(key, ())):  # type: ignore[arg-type]
+                self.enqueue(key)  # type: ignore[arg-type] # someone else's change came meanwhile: again
             metrics.KUBE_RECONCILE_SECONDS.observe(max(0.0, self.reactor.seconds() - started))
             metrics.KUBE_RECONCILES.labels("ok" if ok else "error").inc()
             if ok:
@@ -733,7 +757,7 @@ class KubeController(MultiService):
 
         if not fence():
             return True
-        result = await self._apply(plan.changes, fence)
+        result = await self._apply(plan.changes, fence, key)
         if result.fenced:
             return True
         ok = True
@@ -750,7 +774,7 @@ class KubeController(MultiService):
                 self.last_error = f"Destination {'/'.join(key)}: {result.failures[0].message}"
         reports = report_changes(cr, plan, self.now(), self.settings.identity)
         if reports:
-            result = await self._apply(reports, fence)
+            result = await self._apply(reports, fence, key)
             for failure in result.failures:
                 if failure.change.kind == EVENT:  # a lost Event is logged, nothing more
                     log.warn("cannot record an event on Destination {key}: {e}", key="/".join(key), e=failure.message)
@@ -769,26 +793,33 @@ class KubeController(MultiService):
             )
         return ok
 
-    async def _apply(self, changes: tuple[Change, ...] | list[Change], fence: Callable[[], bool]) -> ApplyResult:
-        """Write ``changes`` in the control pool (nothing to write: no thread hop)."""
+    async def _apply(
+        self, changes: tuple[Change, ...] | list[Change], fence: Callable[[], bool], cr: CRKey | None = None
+    ) -> ApplyResult:
+        """Write ``changes`` (for ``cr``'s reconcile) in the control pool; nothing to
+        write: no thread hop."""
         if not changes:
             return ApplyResult(())
-        return await self.planes.control(apply_changes, self.planes.control_api, changes, fence, self._hand_back)
 
-    def _hand_back(self, kind: str, obj: dict[str, Any]) -> None:
-        """(worker thread) An answer to one of our writes, for the caches."""
-        self.reactor.callFromThread(self._written, kind, obj)
+        def hand_back(kind: str, obj: dict[str, Any]) -> None:  # (worker thread)
+            self.reactor.callFromThread(self._written, cr, kind, obj)
 
-    def _written(self, kind: str, obj: dict[str, Any]) -> None:
-        """The API server's answer to one of our writes goes into the cache as soon as
-        it arrives, while the rest of the plan is still being written: its watch event,
-        which usually comes later with the same version, then changes nothing and does
-        not queue the CR again."""
+        return await self.planes.control(apply_changes, self.planes.control_api, changes, fence, hand_back)
+
+    def _written(self, cr: CRKey | None, kind: str, obj: dict[str, Any]) -> None:
+        """The API server's answer to one of ``cr``'s writes goes into the cache as soon
+        as it arrives, while the rest of the plan is still being written: its watch
+        event, which usually comes later with the same version, then changes nothing.
+        The answer is also noted for the reconcile, in case the event came first."""
         stores = {SERVICE: self.service_store, ENDPOINT_SLICE: self.slice_store, NETWORK_POLICY: self.policy_store,
                   DESTINATION: self.crs}
         store = stores.get(kind)
-        if store is not None:
-            store.put(obj)
+        if store is None:
+            return
+        store.put(obj)
+        key = key_of(obj)
+        if cr in self._answers and key is not None:
+            self._answers[cr].add((store, key, _version_of(obj)))
 
     async def _sync_listeners(self, key: CRKey, routes: Mapping[Route, int]) -> set[tuple[Route, int]]:
         """Make this pod's listeners for ``key`` match ``routes``; those that failed."""
@@ -847,7 +878,7 @@ class KubeController(MultiService):
         changes = deletion_changes(existing, self.placement)
         if not changes:
             return True
-        result = await self._apply(changes, fence)
+        result = await self._apply(changes, fence, key)
         if result.failures:
             return self._error(f"cannot clean up after Destination {'/'.join(key)}: {result.failures[0].message}")
         return True

@@ -7,6 +7,8 @@ exactly between a write being queued and being sent."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from twisted.internet.defer import Deferred
 
@@ -82,3 +84,37 @@ def test_a_reconcile_with_nothing_to_write_does_not_wait_for_a_worker():
     cr = parse_cr(controller.crs.get(("apps", "mymail")))  # as the status write left it
     again = Deferred.fromCoroutine(controller._reconcile_as_leader(cr, controller.epoch))
     assert again.called and control.calls == []
+
+
+@pytest.mark.parametrize("edited, runs", [(False, 1), (True, 2)])
+def test_the_echo_of_a_reconciles_own_write_does_not_queue_it_again(edited, runs):
+    """The watch event of a write may come before the write's answer: it is the write's
+    echo (one reconcile) when it carries the answer's version; someone else's change
+    made meanwhile (another version) still queues the CR again."""
+    controller, control, api = offline_controller()
+    controller._synced[("everything", None)] = True  # the initial lists are in: the queue runs
+    started = []
+    reconcile = controller._reconcile
+
+    async def counted(key):
+        started.append(key)
+        return await reconcile(key)
+
+    controller._reconcile = counted
+    create = api.create
+
+    def create_and_echo_first(kind, namespace, body):
+        answer = create(kind, namespace, body)
+        if kind == "Service":
+            event = copy.deepcopy(answer)
+            if edited:
+                event["metadata"]["resourceVersion"] = str(api.version + 50)
+                event["metadata"]["labels"]["edited"] = "yes"
+            controller._event("services", controller.service_store, "MODIFIED" if edited else "ADDED", event)
+        return answer
+
+    api.create = create_and_echo_first
+    controller.enqueue(("apps", "mymail"))
+    while control.calls:
+        control.run_next()
+    assert started == [("apps", "mymail")] * runs and not controller.queue.busy
