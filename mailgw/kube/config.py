@@ -17,6 +17,8 @@
       instances:                        # destination service instances (btp source)
         dest-svc: {type: btp, secret: dest-svc-binding}   # binding Secret in `namespace`
       watchNamespaces: [apps, mail]     # default: all namespaces
+      watchSecrets: false               # true: changed `secrets` destinations apply within
+                                        # seconds; needs k8s/rbac-secret-watch.yaml
       listenInterface: ""               # default: every address, IPv4 and IPv6
       kubeconfig: ~/.kube/config        # local runs only; in a pod the in-cluster config
 
@@ -43,7 +45,7 @@ _NUMBERS = {
 }
 _KEYS = set(_NUMBERS) | {
     "namespace", "podLabels", "portRange", "leaderElection", "leaseName", "defaultInstance",
-    "instances", "kubeconfig", "identity", "watchNamespaces", "listenInterface",
+    "instances", "kubeconfig", "identity", "watchNamespaces", "watchSecrets", "listenInterface",
 }
 
 
@@ -133,6 +135,10 @@ def parse_kube_section(
         if not isinstance(raw["leaderElection"], bool):
             raise ValueError(f"{where}, key 'leaderElection': must be true or false")
         values["leader_election"] = raw["leaderElection"]
+    if "watchSecrets" in raw:
+        if not isinstance(raw["watchSecrets"], bool):
+            raise ValueError(f"{where}, key 'watchSecrets': must be true or false")
+        values["watch_secrets"] = raw["watchSecrets"]
     if "leaseName" in raw:
         if not isinstance(raw["leaseName"], str) or not is_dns_label(raw["leaseName"]):
             raise ValueError(f"{where}, key 'leaseName': must be a DNS label")

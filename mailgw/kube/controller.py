@@ -2,12 +2,13 @@
 
 Watches (each in a thread of its own, see :mod:`mailgw.kube.watch`) keep
 :class:`~mailgw.kube.store.Store` caches of the Destination CRs, the Services,
-EndpointSlices and NetworkPolicies mailgw manages, and the gateway's own pods; a
-metadata-only watch of Secrets tells which ``secrets`` destinations changed.  Every change
-queues the CRs concerned in a :class:`~mailgw.kube.queue.WorkQueue`; a timer queues all of
-them every ``resync_interval`` seconds.  Reconciles read only the caches: a resync of an
-idle cluster makes no requests at all, and a reconcile makes only the writes its plan
-needs.
+EndpointSlices and NetworkPolicies mailgw manages, and the gateway's own pods; when asked
+(``watch_secrets``), a metadata-only watch of Secrets tells which ``secrets``
+destinations changed.  Every change queues the CRs concerned in a
+:class:`~mailgw.kube.queue.WorkQueue`; a timer queues all of them every
+``resync_interval`` seconds.  Reconciles read only the caches and the destination cache:
+a resync of an idle cluster whose destinations are cached makes no requests at all, and
+a reconcile makes only the writes its plan needs.
 
 On the leader a reconcile looks the destination(s) up, computes a plan
 (:func:`mailgw.kube.reconcile.reconcile`) and *records the ports it chose before it waits
@@ -133,6 +134,12 @@ class KubeSettings:
     btp_instances: tuple[tuple[str, str], ...] = field(
         default=(), converter=lambda v: tuple(sorted(dict(v).items()))
     )
+    #: watch the Secrets (type Opaque, metadata only) of the watched namespaces, so a
+    #: changed ``secrets`` destination applies within seconds (and stays cached up to an
+    #: hour meanwhile).  Off by default: listing or watching Secrets needs a grant that
+    #: reads every Secret's data (k8s/rbac-secret-watch.yaml); off, ``secrets``
+    #: destinations are cached ``cache_ttl`` seconds like any other.
+    watch_secrets: bool = False
     #: namespaces whose Destinations (and Services, EndpointSlices, Secrets) are watched;
     #: empty: all
     watch_namespaces: tuple[str, ...] = field(default=(), converter=lambda v: tuple(sorted(set(v))))
@@ -341,8 +348,13 @@ class KubeController(MultiService):
             lease_api=api.clone(lease_timeout),
             watch_api=api,
         )
-        raw: dict[str, Any] = {SECRETS: SecretsSource(planes.data_api, planes.data, required_type=WATCHED_SECRET_TYPE)}
-        ttls = {SECRETS: max(s.cache_ttl, WATCHED_SECRET_TTL)}
+        if s.watch_secrets:
+            # the watch invalidates a changed destination; a type it cannot see is refused
+            secrets = SecretsSource(planes.data_api, planes.data, required_type=WATCHED_SECRET_TYPE)
+            ttls = {SECRETS: max(s.cache_ttl, WATCHED_SECRET_TTL)}
+        else:
+            secrets, ttls = SecretsSource(planes.data_api, planes.data), {}
+        raw: dict[str, Any] = {SECRETS: secrets}
         if s.btp_instances:
             if tokens is None:
                 raise ValueError("btp instances need the gateway's token provider")
@@ -391,7 +403,7 @@ class KubeController(MultiService):
             specs.append((PLURAL_DST, "Destination", ns, {}, self.crs))
             specs.append(("services", SERVICE, ns, {"label_selector": managed}, self.service_store))
             specs.append(("endpointslices", ENDPOINT_SLICE, ns, {"label_selector": managed}, self.slice_store))
-            if SECRETS in self.sources.sources:
+            if s.watch_secrets and SECRETS in self.sources.sources:
                 # metadata only, and only the type destinations are stored as
                 specs.append(("secrets", "Secret", ns, {"field_selector": f"type={WATCHED_SECRET_TYPE}",
                                                         "metadata_only": True}, None))

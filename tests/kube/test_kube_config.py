@@ -43,6 +43,7 @@ def test_full_section():
         ({"namespace": "Bad_NS"}, "namespace"),
         ({"podLabels": {}}, "podLabels"),
         ({"leaderElection": "yes"}, "leaderElection"),
+        ({"watchSecrets": "yes"}, "watchSecrets"),
         ({"instances": {"x": {"type": "btp"}}}, "secret"),
         ({"instances": {"x": {"type": "ldap"}}}, "type"),
         ({"defaultInstance": "missing"}, "defaultInstance"),
@@ -55,8 +56,10 @@ def test_errors_name_the_key(section, fragment):
 
 
 def test_watch_namespaces_and_listen_interface():
-    settings, _ = parse_kube_section({"watchNamespaces": ["apps", "mail"], "listenInterface": "::1"}, environ={})
+    settings, _ = parse_kube_section({"watchNamespaces": ["apps", "mail"], "listenInterface": "::1",
+                                      "watchSecrets": True}, environ={})
     assert settings.watch_namespaces == ("apps", "mail") and settings.listen_interface == "::1"
+    assert settings.watch_secrets and not parse_kube_section(None, environ={})[0].watch_secrets
     assert settings.namespaces == ("apps", "mail")
     assert parse_kube_section(None, environ={})[0].namespaces == (None,)
     for bad in ({"watchNamespaces": "apps"}, {"watchNamespaces": ["Bad_NS"]}, {"listenInterface": "eth0"}):
