@@ -362,6 +362,7 @@ class KubeController(MultiService):
                 raw[instance] = BtpSource(
                     binding_credentials(planes.data_api, s.gateway_namespace, secret_name),
                     planes.data, tokens.client, tokens.cache, timeout=s.api_timeout,
+                    clock=reactor, credentials_ttl=s.cache_ttl,
                 )
         raw.update(extra_sources or {})
         sources = SourceRegistry(
@@ -491,7 +492,8 @@ class KubeController(MultiService):
             self._set_pods({p.name: p for p in map(pod_of, items) if p is not None})
         elif name == "secrets":
             # a fresh list: anything may have changed while the watch was away
-            for (ns, secret), keys in list(self.secret_refs.items()):
+            bindings = {(self.settings.gateway_namespace, binding) for _, binding in self.settings.btp_instances}
+            for ns, secret in set(self.secret_refs) | bindings:
                 if namespace is None or ns == namespace:
                     self._secret_changed(ns, secret)
         else:
@@ -571,6 +573,12 @@ class KubeController(MultiService):
             self.secret_refs.setdefault(ref, set()).add(key)
 
     def _secret_changed(self, namespace: str, name: str) -> None:
+        if namespace == self.settings.gateway_namespace:
+            for instance, binding in self.settings.btp_instances:
+                # a destination service binding: its credentials are read again
+                forget = getattr(getattr(self.sources.sources.get(instance), "source", None), "forget_credentials", None)
+                if binding == name and forget is not None:
+                    forget()
         keys = self.secret_refs.get((namespace, name))
         if not keys:
             return
