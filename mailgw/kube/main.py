@@ -21,6 +21,7 @@ from zope.interface import implementer
 from ..config import ConfigError, HttpConfig, load_config, parse_config
 from ..destination import OAUTH2_REFRESH_TOKEN
 from ..errors import GatewayError
+from ..listening import DEFAULT_BACKLOG
 from ..oauth import TokenError
 from ..service import GatewayService, StaticSource, make_service
 from ..session import GatewayFactory
@@ -31,7 +32,6 @@ from .listeners import IListenerManager, IRouteDestination
 from .model import Route
 
 DEFAULT_HTTP = "tcp:9494"  # probes and metrics; the Deployment points at this port
-BACKLOG = 1024
 
 
 class RouteSource:
@@ -80,24 +80,25 @@ class RouteSource:
 def listen_tcp(reactor, port: int, factory, interface: str = ""):
     """Listen on ``port``: on ``interface`` when given, else on every address of both
     families -- one dual-stack socket (``IPV6_V6ONLY`` off, whatever the host's default),
-    or IPv4 alone where the pod has no IPv6.  Fires with the listening port."""
+    or IPv4 alone where the pod has no IPv6.  Every way listens with the gateway's
+    backlog (SPEC 9.6), not Twisted's 50.  Fires with the listening port."""
     if interface:
         endpoint_class = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
-        return endpoint_class(reactor, port, interface=interface).listen(factory)
+        return endpoint_class(reactor, port, backlog=DEFAULT_BACKLOG, interface=interface).listen(factory)
     try:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     except OSError:
-        return TCP4ServerEndpoint(reactor, port).listen(factory)
+        return TCP4ServerEndpoint(reactor, port, backlog=DEFAULT_BACKLOG).listen(factory)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(("::", port))
-        sock.listen(BACKLOG)
+        sock.listen(DEFAULT_BACKLOG)
         sock.setblocking(False)
         listening = reactor.adoptStreamPort(sock.fileno(), socket.AF_INET6, factory)
     except OSError as e:
         if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):  # IPv6 switched off
-            return TCP4ServerEndpoint(reactor, port).listen(factory)
+            return TCP4ServerEndpoint(reactor, port, backlog=DEFAULT_BACKLOG).listen(factory)
         return defer.fail(CannotListenError("::", port, e))
     finally:
         sock.close()  # the reactor has its own duplicate
