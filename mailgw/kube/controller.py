@@ -264,10 +264,13 @@ class KubeController(MultiService):
         self.now = now
         self.placement = settings.placement
 
-        self.crs = Store()
-        self.service_store = Store(index=cr_key_of)
-        self.slice_store = Store(index=cr_key_of)
-        self.policy_store = Store(index=policy_cr_key_of)
+        # a deletion is remembered as long as a write made before it may take to be
+        # answered (no plane's budget exceeds api_timeout), twice over
+        remember = dict(now=reactor.seconds, tombstone_ttl=2 * settings.api_timeout)
+        self.crs = Store(**remember)
+        self.service_store = Store(index=cr_key_of, **remember)
+        self.slice_store = Store(index=cr_key_of, **remember)
+        self.policy_store = Store(index=policy_cr_key_of, **remember)
         self.pods: dict[str, GatewayPod] = {}
 
         #: every route's gateway port as this replica knows it, and each port's route
