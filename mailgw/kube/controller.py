@@ -77,6 +77,7 @@ from mailgw.kube.reconcile import (
     read_port,
     reconcile,
     report_changes,
+    slice_changes,
     route_of_service,
     routes_from_policy,
     slice_name,
@@ -291,6 +292,9 @@ class KubeController(MultiService):
         self._answers: dict[CRKey, set[tuple[Store, tuple[str, str], str | None]]] = {}
         #: changes that arrived for a CR while its reconcile ran: (store, key, version)
         self._seen: dict[CRKey, list[tuple[Store, tuple[str, str], str | None]]] = {}
+        #: CRs queued because the gateway pods changed, and for nothing else: their
+        #: EndpointSlices are patched from the caches, without a full reconcile
+        self._slices_only: set[CRKey] = set()
 
         self.epoch = 0
         self.leading = False
@@ -554,7 +558,8 @@ class KubeController(MultiService):
         if pods != self.pods:
             self.pods = pods
             if self.leading:
-                self.enqueue_all()  # from the caches: only EndpointSlices change
+                for key in sorted(self.allocations):  # the CRs with slices
+                    self._enqueue_slices(key)
 
     def _index_secret(self, key: CRKey) -> None:
         old = self._secret_of.pop(key, None)
@@ -641,7 +646,17 @@ class KubeController(MultiService):
     # --- the queue ----------------------------------------------------------------------
 
     def enqueue(self, key: CRKey) -> None:
+        """Queue a full reconcile of ``key``."""
         if self.ready and not self.draining:
+            self._slices_only.discard(key)
+            self.queue.add(key)
+
+    def _enqueue_slices(self, key: CRKey) -> None:
+        """Queue a pass over ``key``'s EndpointSlices only (the pods changed), unless a
+        full reconcile is due anyway."""
+        if self.ready and not self.draining:
+            if not self.queue.pending(key):
+                self._slices_only.add(key)
             self.queue.add(key)
 
     def enqueue_all(self) -> None:
@@ -662,7 +677,9 @@ class KubeController(MultiService):
         started = self.reactor.seconds()
         self.reconciles += 1
         self._answers[key] = set()  # type: ignore[index]
-        d = Deferred.fromCoroutine(self._reconcile(key))  # type: ignore[arg-type]
+        slices_only = key in self._slices_only
+        self._slices_only.discard(key)  # type: ignore[arg-type]
+        d = Deferred.fromCoroutine(self._reconcile(key, slices_only))  # type: ignore[arg-type]
 
         def done(ok: Any) -> None:
             answers = self._answers.pop(key, set())  # type: ignore[arg-type]
@@ -690,8 +707,9 @@ class KubeController(MultiService):
 
     # --- reconciling (reactor thread; blocking work in the pools) -------------------------
 
-    async def _reconcile(self, key: CRKey) -> bool:
-        """One pass for ``key``; True when everything wanted is in place."""
+    async def _reconcile(self, key: CRKey, slices_only: bool = False) -> bool:
+        """One pass for ``key`` (``slices_only``: the pods changed, and nothing else);
+        True when everything wanted is in place."""
         raw = self.crs.get(key)
         if raw is None:
             return await self._forget(key)
@@ -700,6 +718,8 @@ class KubeController(MultiService):
         except ValueError as e:
             log.warn("ignoring malformed Destination object {key}: {e}", key="/".join(key), e=e)
             return True
+        if self.leading and slices_only and key in self.decided:
+            return await self._reconcile_slices(cr, self.epoch)
         if self.leading:
             return await self._reconcile_as_leader(cr, self.epoch)
         wanted = set(cr.routes())
@@ -760,6 +780,23 @@ class KubeController(MultiService):
         self._set_allocations(cr.key, plan.routes)
         self.decided.add(cr.key)
         return plan
+
+    async def _reconcile_slices(self, cr: DestinationCR, epoch: int) -> bool:
+        """The pods changed: patch ``cr``'s EndpointSlices from the caches, with the ports
+        this leader decided -- no destination lookup, no listener, no status.  Anything
+        more (a slice to create or delete) or a failed patch makes it a full reconcile,
+        which reports as always."""
+        slices = {o["metadata"]["name"]: o for o in self.slice_store.by_index(cr.key)}
+        pods = sorted(self.pods.values(), key=lambda p: p.name)
+        changes = slice_changes(cr, self.allocations.get(cr.key, {}), slices, pods, self.placement)
+        if changes is None:
+            return await self._reconcile_as_leader(cr, epoch)
+        result = await self._apply(changes, self._fence(epoch), cr.key)
+        for failure in result.failures:
+            log.warn("Destination {key}: {message}", key="/".join(cr.key), message=failure.message)
+        if result.failures and not result.fenced:
+            return await self._reconcile_as_leader(cr, epoch)
+        return True
 
     async def _reconcile_as_leader(self, cr: DestinationCR, epoch: int) -> bool:
         key = cr.key

@@ -93,6 +93,10 @@ class WorkQueue:
     def running(self, key: Hashable) -> bool:
         return key in self._running
 
+    def pending(self, key: Hashable) -> bool:
+        """Will ``key`` be worked on (again) without another :meth:`add`?"""
+        return key in self._queued or key in self._again
+
     def failures(self, key: Hashable) -> int:
         return self._failures.get(key, 0)
 

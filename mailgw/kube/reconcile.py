@@ -894,6 +894,36 @@ def reconcile(
     )
 
 
+def slice_changes(
+    cr: DestinationCR,
+    routes: Mapping[Route, int],
+    slices: Mapping[str, Mapping[str, Any]],
+    pods: Iterable[GatewayPod],
+    gateway: GatewayPlacement,
+) -> tuple[Change, ...] | None:
+    """The gateway pods changed: the patches that bring the EndpointSlices of ``cr``'s
+    served ``routes`` (route -> gateway port) up to date with ``pods``, given its
+    ``slices`` (name -> object).  None when that takes more than patching the slices
+    there are (a slice to create or delete: a new or gone address family, a slice
+    missing) -- a full reconcile's job."""
+    pods = tuple(pods)
+    owned = {n: o for n, o in slices.items() if owned_by(o, cr) and _here(o, cr)}
+    desired: dict[str, tuple[Route, dict[str, Any]]] = {}
+    for route, port in routes.items():
+        for name, body in slice_bodies(cr, route, port, pods, gateway).items():
+            desired[name] = (route, body)
+    if set(desired) != set(owned):
+        return None
+    changes = []
+    for name, (route, body) in sorted(desired.items()):
+        if owned[name].get("addressType") not in (None, body["addressType"]):
+            return None
+        patch = slice_patch(owned[name], body)
+        if patch is not None:
+            changes.append(Change("patch", ENDPOINT_SLICE, cr.namespace, name, patch, route))
+    return tuple(changes)
+
+
 class _Either:
     """``port in a or port in b`` without building a set of every port in use."""
 

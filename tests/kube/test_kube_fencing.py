@@ -96,9 +96,9 @@ def test_the_echo_of_a_reconciles_own_write_does_not_queue_it_again(edited, runs
     started = []
     reconcile = controller._reconcile
 
-    async def counted(key):
+    async def counted(key, *args):
         started.append(key)
-        return await reconcile(key)
+        return await reconcile(key, *args)
 
     controller._reconcile = counted
     create = api.create

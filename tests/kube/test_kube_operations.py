@@ -118,6 +118,27 @@ def test_idle_resync_and_a_pod_change(cluster, start, in_reactor):
     assert cluster.tally() - before == {("patch", "endpointslices"): 20}
 
 
+def test_a_pod_change_patches_the_slices_without_looking_destinations_up(cluster, start, in_reactor):
+    """A pod added or gone changes EndpointSlices only: the leader patches them from its
+    caches, without a reconcile's destination lookups (here each would be a request)."""
+    for i in range(5):
+        cluster.create("secrets", "apps", secret(f"d{i}", SMTPS))
+        cluster.create("destinations", "apps", destination_cr(name=f"m{i}", ref=f"d{i}"))
+    controller, _ = start(cache_ttl=0)  # nothing cached
+    wait_for(lambda: available(cluster) == 5, timeout=30, what="5 CRs Available")
+    idle(in_reactor, controller)
+    before = cluster.tally()
+    cluster.create("pods", GW_NS, pod("gw-2", "10.0.0.12"))
+    wait_for(lambda: all(len(s["endpoints"]) == 3 for s in cluster.list("endpointslices", "apps")),
+             what="the new pod in every slice")
+    idle(in_reactor, controller)
+    assert cluster.tally() - before == {("patch", "endpointslices"): 5}
+    # a new address family needs slices created: that is a reconcile's job
+    cluster.create("pods", GW_NS, dict(pod("gw-3", "10.0.0.13"), status={
+        "podIPs": [{"ip": "10.0.0.13"}, {"ip": "fd00::13"}], "conditions": [{"type": "Ready", "status": "True"}]}))
+    wait_for(lambda: len(cluster.list("endpointslices", "apps")) == 10, what="the IPv6 slices")
+
+
 def test_terminating_pod_is_listed_not_ready(cluster, start):
     cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
     cluster.create("destinations", "apps", destination_cr())
@@ -276,3 +297,18 @@ def test_no_listener_opens_once_the_drain_has_begun():
     controller.startDrain()
     listeners.opening[0].callback(None)
     assert listeners.open_routes == {} and controller.served == {}
+
+
+def test_a_slice_patch_that_fails_after_a_pod_change_becomes_a_full_reconcile(cluster, start, in_reactor):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr())
+    controller, _ = start()
+    wait_condition(cluster, "True", model.REASON_OK)
+    idle(in_reactor, controller)
+    fault = cluster.fault(r"/endpointslices/mymail-mailgw$", method="PATCH", status=500, times=2)
+    cluster.create("pods", GW_NS, pod("gw-2", "10.0.0.12"))
+    wait_for(lambda: len(cluster.get("endpointslices", "apps", "mymail-mailgw")["endpoints"]) == 3,
+             what="the new pod in the slice, after the retry")
+    assert fault.hits == 2
+    assert model.REASON_SERVICE_FAILED in [e["reason"] for e in cluster.list("events", "apps")]
+    wait_condition(cluster, "True", model.REASON_OK)
