@@ -277,6 +277,8 @@ class KubeController(MultiService):
         #: every route's gateway port as this replica knows it, and each port's route
         self.allocations: dict[CRKey, dict[Route, int]] = {}
         self.owners: dict[int, Route] = {}
+        #: ports of CRs' recorded routes refused because another route held them
+        self._refused: dict[CRKey, set[int]] = {}
         #: CRs whose ports this leader decided itself (in this leadership epoch)
         self.decided: set[CRKey] = set()
         #: ports a route could not bind here (it gets another; others keep theirs)
@@ -628,20 +630,32 @@ class KubeController(MultiService):
         return routes
 
     def _set_allocations(self, key: CRKey, routes: Mapping[Route, int]) -> None:
-        for route, port in self.allocations.pop(key, {}).items():
+        old = self.allocations.pop(key, {})
+        for route, port in old.items():
             if self.owners.get(port) == route:
                 del self.owners[port]
+        self._refused.pop(key, None)
         mine: dict[Route, int] = {}
         for route, port in sorted(routes.items()):
             owner = self.owners.get(port)
             if owner is not None and owner != route:
                 log.warn("port {port} is recorded for both {a} and {b}: {b} is not served here",
                          port=port, a=owner.key, b=route.key)
+                self._refused.setdefault(key, set()).add(port)
                 continue
             self.owners[port] = route
             mine[route] = port
         if mine:
             self.allocations[key] = mine
+        # A route refused a port held by another is served once that port is free: the
+        # records are read in the order their events came (the leader moved the holder
+        # away before it gave the port on), and nothing else reads the refused one again
+        # until its own NetworkPolicy changes.
+        freed = {port for port in old.values() if port not in self.owners}
+        for other in [k for k, ports in self._refused.items() if k != key and ports & freed]:
+            self._refresh_trusted(other)
+            # queued after whatever freed the port, which closes its listener first
+            self.reactor.callLater(0, self.enqueue, other)
 
     # --- the queue ----------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from mailgw import metrics
 from mailgw.kube import model
 from mailgw.kube.controller import KubeSettings
 from mailgw.kube.model import Route, parse_cr
+from mailgw.kube.reconcile import policy_body
 from kubetest import (
     GW_LABELS, GW_NS, SMTPS, FakeListeners, condition, destination_cr, offline_controller, pod, secret, wait_condition,
     wait_for,
@@ -312,3 +313,32 @@ def test_a_slice_patch_that_fails_after_a_pod_change_becomes_a_full_reconcile(cl
     assert fault.hits == 2
     assert model.REASON_SERVICE_FAILED in [e["reason"] for e in cluster.list("events", "apps")]
     wait_condition(cluster, "True", model.REASON_OK)
+
+
+def test_a_follower_serves_a_route_refused_a_port_once_the_port_is_free():
+    """The leader moved mymail off a port and gave it to other; this follower read other's
+    record first and refused it (mymail still held the port).  When mymail's record moves,
+    other is served: nothing else would read its record again until it changed."""
+    other = destination_cr(name="other")
+    other["metadata"].update(namespace="apps", uid="uid-2", resourceVersion="2", generation=1)
+    controller, _, _ = offline_controller()
+    controller.crs.put(other)
+    controller._set_leading(False)
+    controller._synced[("everything", None)] = True  # the initial lists are in: the queue runs
+    listeners, version = controller.listeners, iter(range(10, 100))
+
+    def record(name, port):
+        cr = parse_cr(controller.crs.get(("apps", name)))
+        body = policy_body(cr, {Route("apps", name): port}, controller.placement)
+        body["metadata"]["resourceVersion"] = str(next(version))
+        controller._event("networkpolicies", controller.policy_store, "MODIFIED", body)
+        controller.reactor.advance(0)
+
+    record("mymail", 20001)
+    record("other", 20001)
+    assert listeners.ports() == {Route("apps", "mymail"): 20001}
+    record("mymail", 20002)
+    assert listeners.ports() == {Route("apps", "mymail"): 20002, Route("apps", "other"): 20001}
+    # mymail's listener moved away before other's opened on its old port
+    assert listeners.log.index(("close", Route("apps", "mymail"))) < listeners.log.index(
+        ("open", Route("apps", "other"), 20001))
