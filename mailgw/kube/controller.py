@@ -772,6 +772,8 @@ class KubeController(MultiService):
                 found = self.slice_store.get((ns, sname))
                 if found is not None:
                     slices[sname] = found
+                elif (ns, sname) in self.foreign:
+                    slices[sname] = {"metadata": {"name": sname, "namespace": ns}}  # someone else's
         policies = {
             o["metadata"]["name"]: o for o in self.policy_store.by_index(cr.key)
             if o["metadata"].get("namespace") == self.placement.namespace
@@ -841,6 +843,10 @@ class KubeController(MultiService):
                 self.foreign.add((failure.change.namespace, failure.change.name))
         if result.failures:
             ok = all(f.foreign for f in result.failures)  # a name clash waits for a resync
+            if ok and any(f.change.route is not None for f in result.failures):
+                # The NetworkPolicy, written first, still records the clashing route's
+                # port; the next plan knows the clash (self.foreign) and leaves it out.
+                self.enqueue(key)
             plan = failed_plan(plan, cr, result.failures, self.now())
             self._set_allocations(key, plan.routes)
             await self._sync_listeners(key, plan.routes)

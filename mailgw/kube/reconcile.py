@@ -983,9 +983,11 @@ def failed_plan(plan: Plan, cr: DestinationCR, failures: Iterable[Any], now: str
             continue
         if failure.foreign:
             routes.pop(change.route, None)
+            # reconcile()'s words, so the next plan, which knows the clash, writes no new status
+            article = "an" if change.kind[0] in "AEIOU" else "a"
             problems[change.route] = Problem(
                 REASON_NAME_PRESENT,
-                f"a {change.kind} named {change.name!r} already exists in namespace "
+                f"{article} {change.kind} named {change.name!r} already exists in namespace "
                 f"{change.namespace!r} and is not managed by mailgw for this Destination",
             )
         else:

@@ -11,6 +11,7 @@ import pytest
 
 from mailgw import metrics
 from mailgw.kube import model
+from mailgw.kube.client import KubeApiError
 from mailgw.kube.controller import KubeSettings
 from mailgw.kube.model import Route, parse_cr
 from mailgw.kube.reconcile import policy_body
@@ -342,3 +343,32 @@ def test_a_follower_serves_a_route_refused_a_port_once_the_port_is_free():
     # mymail's listener moved away before other's opened on its old port
     assert listeners.log.index(("close", Route("apps", "mymail"))) < listeners.log.index(
         ("open", Route("apps", "other"), 20001))
+
+
+def test_a_name_clash_leaves_no_port_recorded():
+    """An EndpointSlice of the wanted name belongs to someone else: the NetworkPolicy,
+    written before the slice, recorded the route's port; the CR is reconciled once more,
+    knowing the clash, which takes the record back (and writes no second status)."""
+    controller, control, api = offline_controller()
+    controller._synced[("everything", None)] = True  # the initial lists are in: the queue runs
+    create = api.create
+
+    def clash(kind, namespace, body):
+        if kind == "EndpointSlice":
+            api.calls.append(("create", kind, namespace, body["metadata"]["name"]))
+            raise KubeApiError("create: 409 AlreadyExists", 409, "AlreadyExists")
+        return create(kind, namespace, body)
+
+    api.create = clash
+    api.on_get = lambda kind, ns, name: {"metadata": {"name": name, "namespace": ns}} \
+        if kind == "EndpointSlice" else api.objects.get((kind, ns, name))
+    controller.enqueue(("apps", "mymail"))
+    while control.calls:
+        control.run_next()
+    assert not controller.queue.busy
+    assert not [o for (kind, _, _), o in api.objects.items() if kind in ("NetworkPolicy", "Service")]
+    assert controller.allocations == {} and controller.listeners.ports() == {}
+    cr = api.objects[("Destination", "apps", "mymail")]
+    assert cr["status"]["conditions"][0]["reason"] == model.REASON_NAME_PRESENT
+    assert [c[:2] for c in api.writes() if c[1] in ("Destination", "Event")] == [
+        ("status", "Destination"), ("create", "Event")]
