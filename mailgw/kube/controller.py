@@ -51,6 +51,7 @@ from mailgw.kube.listeners import IListenerManager, RouteDestination
 from mailgw.kube.model import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
+    PLURAL,
     PORTS_ANNOTATION,
     DestinationCR,
     Route,
@@ -69,6 +70,7 @@ from mailgw.kube.reconcile import (
     GatewayPlacement,
     GatewayPod,
     Plan,
+    admitted_ports,
     cr_key_of,
     policy_cr_key_of,
     deletion_changes,
@@ -81,6 +83,7 @@ from mailgw.kube.reconcile import (
     route_of_service,
     routes_from_policy,
     slice_name,
+    sorted_pairs,
 )
 from mailgw.kube.store import Store, key_of
 from mailgw.kube.watch import Watcher
@@ -101,10 +104,6 @@ WATCHED_SECRET_TTL = 3600.0
 WATCHED_SECRET_TYPE = "Opaque"
 
 
-def _labels_converter(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted(dict(labels).items()))
-
-
 @frozen
 class KubeSettings:
     """Settings of Kubernetes mode (``kubernetes:`` in gateway.yaml, and the pod's env)."""
@@ -112,7 +111,7 @@ class KubeSettings:
     gateway_namespace: str = "mailgw-system"
     #: labels of the gateway's pods (EndpointSlices and NetworkPolicies select them)
     pod_labels: tuple[tuple[str, str], ...] = field(
-        default=(("app.kubernetes.io/name", "mailgw"),), converter=_labels_converter
+        default=(("app.kubernetes.io/name", "mailgw"),), converter=sorted_pairs
     )
     #: this replica's identity in the Lease (the pod name)
     identity: str = field(factory=socket.gethostname)
@@ -132,9 +131,7 @@ class KubeSettings:
     default_instance: str | None = "secrets"
     #: destination service instances: (instance name, binding Secret name) pairs; the
     #: Secret (clientid, clientsecret, url, uri) lives in the gateway's namespace
-    btp_instances: tuple[tuple[str, str], ...] = field(
-        default=(), converter=lambda v: tuple(sorted(dict(v).items()))
-    )
+    btp_instances: tuple[tuple[str, str], ...] = field(default=(), converter=sorted_pairs)
     #: watch the Secrets (type Opaque, metadata only) of the watched namespaces, so a
     #: changed ``secrets`` destination applies within seconds (and stays cached up to an
     #: hour meanwhile).  Off by default: listing or watching Secrets needs a grant that
@@ -302,7 +299,6 @@ class KubeController(MultiService):
         self.leading = False
         self.draining = False
         self.last_error: str | None = None
-        self.reconciles = 0
         self._synced: dict[tuple[str, str | None], bool] = {}
         self._initial_done = False
         self.watchers: list[Watcher] = []
@@ -383,10 +379,6 @@ class KubeController(MultiService):
     # --- state for others ---------------------------------------------------------------
 
     @property
-    def is_leader(self) -> bool:
-        return self.leading
-
-    @property
     def ready(self) -> bool:
         """The initial lists are in (before that no reconcile runs)."""
         return bool(self._synced) and all(self._synced.values())
@@ -410,7 +402,7 @@ class KubeController(MultiService):
         managed = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
         specs: list[tuple[str, str, str | None, dict[str, Any], Store | None]] = []
         for ns in s.namespaces:
-            specs.append((PLURAL_DST, "Destination", ns, {}, self.crs))
+            specs.append((PLURAL, "Destination", ns, {}, self.crs))
             specs.append(("services", SERVICE, ns, {"label_selector": managed}, self.service_store))
             specs.append(("endpointslices", ENDPOINT_SLICE, ns, {"label_selector": managed}, self.slice_store))
             if s.watch_secrets and SECRETS in self.sources.sources:
@@ -542,7 +534,7 @@ class KubeController(MultiService):
                  cr: CRKey | None) -> None:
         """Object ``key`` of ``store`` changed (``obj``: as it is now, None: gone); ``cr``
         is the CR it belongs to."""
-        if name == PLURAL_DST:
+        if name == PLURAL:
             self._index_secret(key)
             cr = key
         elif cr is not None and name == "networkpolicies":
@@ -606,9 +598,7 @@ class KubeController(MultiService):
             return
         routes: dict[Route, int] = {}
         for policy in self.policy_store.by_index(key):
-            if policy["metadata"].get("namespace") != self.placement.namespace:
-                continue
-            _, found = routes_from_policy(policy, self.placement.port_range)
+            found = routes_from_policy(policy, self.placement.port_range)
             if not found and PORTS_ANNOTATION not in ((policy["metadata"].get("annotations")) or {}):
                 found = self._legacy_routes(key, policy)
             routes.update(found)
@@ -617,10 +607,7 @@ class KubeController(MultiService):
     def _legacy_routes(self, key: CRKey, policy: Mapping[str, Any]) -> dict[Route, int]:
         """A policy written before the ports were recorded on it: a Service's annotation
         counts only for a port that policy admits."""
-        admitted = {
-            p.get("port") for rule in (policy.get("spec") or {}).get("ingress") or []
-            for p in rule.get("ports") or [] if isinstance(p, Mapping)
-        }
+        admitted = admitted_ports(policy)
         lo, hi = self.placement.port_range
         routes = {}
         for svc in self.service_store.by_index(key):
@@ -689,7 +676,6 @@ class KubeController(MultiService):
 
     def _work(self, key: Hashable) -> "Deferred[None]":
         started = self.reactor.seconds()
-        self.reconciles += 1
         self._answers[key] = set()  # type: ignore[index]
         slices_only = key in self._slices_only
         self._slices_only.discard(key)  # type: ignore[arg-type]
@@ -756,11 +742,20 @@ class KubeController(MultiService):
         )
         return {route.tenant: (value if ok else value.value) for route, (ok, value) in zip(routes, results)}
 
+    def _owned(self, key: CRKey) -> Existing:
+        """The objects the caches list as ``key``'s.  (The policy store holds the gateway's
+        namespace only: nothing else is watched or written there.)"""
+        def by_name(store: Store) -> dict[str, dict[str, Any]]:
+            return {o["metadata"]["name"]: o for o in store.by_index(key)}
+
+        return Existing(by_name(self.service_store), by_name(self.slice_store), by_name(self.policy_store))
+
     def _existing(self, cr: DestinationCR) -> Existing:
-        """What exists for ``cr``, from the caches."""
+        """What exists for ``cr``, from the caches: what they list as its own, and
+        whatever holds the names it wants."""
         ns = cr.namespace
-        services = {o["metadata"]["name"]: o for o in self.service_store.by_index(cr.key)}
-        slices = {o["metadata"]["name"]: o for o in self.slice_store.by_index(cr.key)}
+        owned = self._owned(cr.key)
+        services, slices, policies = dict(owned.services), dict(owned.slices), dict(owned.policies)
         for route in cr.routes():
             name = route.service_name
             svc = self.service_store.get((ns, name))
@@ -774,10 +769,6 @@ class KubeController(MultiService):
                     slices[sname] = found
                 elif (ns, sname) in self.foreign:
                     slices[sname] = {"metadata": {"name": sname, "namespace": ns}}  # someone else's
-        policies = {
-            o["metadata"]["name"]: o for o in self.policy_store.by_index(cr.key)
-            if o["metadata"].get("namespace") == self.placement.namespace
-        }
         own = self.policy_store.get((self.placement.namespace, policy_name(cr)))
         if own is not None:
             policies[own["metadata"]["name"]] = own
@@ -949,13 +940,7 @@ class KubeController(MultiService):
         if not self.leading:
             return True
         fence = self._fence(self.epoch)
-        existing = Existing(
-            {o["metadata"]["name"]: o for o in self.service_store.by_index(key)},
-            {o["metadata"]["name"]: o for o in self.slice_store.by_index(key)},
-            {o["metadata"]["name"]: o for o in self.policy_store.by_index(key)
-             if o["metadata"].get("namespace") == self.placement.namespace},
-        )
-        changes = deletion_changes(existing, self.placement)
+        changes = deletion_changes(self._owned(key), self.placement)
         if not changes:
             return True
         result = await self._apply(changes, fence, key)
@@ -972,8 +957,6 @@ class KubeController(MultiService):
             for obj in store.values():
                 cr = store.index_of(obj)
                 if cr is None or cr in self.crs or (watched and cr[0] not in watched):
-                    continue
-                if kind == NETWORK_POLICY and obj["metadata"].get("namespace") != self.placement.namespace:
                     continue
                 orphans.append(Change("delete", kind, obj["metadata"].get("namespace", ""), obj["metadata"]["name"]))
         # objects without a usable annotation, labelled with a uid no CR has
@@ -1031,7 +1014,5 @@ class KubeController(MultiService):
             cr.namespace, cr.destination_ref or "", route.tenant, refresh_token=refresh_token, code=code
         )
 
-
-PLURAL_DST = "destinations"
 
 __all__ = ["KubeController", "KubeSettings", "Planes"]

@@ -107,15 +107,18 @@ class GatewayPod:
         return {"ready": self.ready and not self.terminating, "serving": self.serving, "terminating": self.terminating}
 
 
+def sorted_pairs(mapping: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """A mapping (or its items) as sorted pairs: a hashable value for frozen settings."""
+    return tuple(sorted(dict(mapping).items()))
+
+
 @frozen
 class GatewayPlacement:
     """Where the gateway runs: its namespace, its pods' labels, its port range.  (Not to
     be confused with :class:`mailgw.service.Gateway`, what the sessions share.)"""
 
     namespace: str
-    pod_labels: tuple[tuple[str, str], ...] = field(
-        converter=lambda labels: tuple(sorted(dict(labels).items()))
-    )
+    pod_labels: tuple[tuple[str, str], ...] = field(converter=sorted_pairs)
     port_range: tuple[int, int] = (20000, 29999)
 
     @property
@@ -299,17 +302,26 @@ def ports_annotation(routes: Mapping[Route, int]) -> str:
                       separators=(",", ":"), sort_keys=True)
 
 
-def routes_from_policy(
-    policy: Mapping[str, Any], port_range: tuple[int, int]
-) -> tuple[tuple[str, str] | None, dict[Route, int]]:
-    """The CR a managed NetworkPolicy belongs to and its recorded routes and ports.
+def admitted_ports(policy: Mapping[str, Any]) -> set[int]:
+    """The ports a NetworkPolicy's ingress rules admit."""
+    admitted = set()
+    spec = policy.get("spec") if isinstance(policy.get("spec"), Mapping) else {}
+    for rule in spec.get("ingress") or []:
+        for p in (rule.get("ports") or []) if isinstance(rule, Mapping) else []:
+            if isinstance(p, Mapping) and isinstance(p.get("port"), int):
+                admitted.add(p["port"])
+    return admitted
+
+
+def routes_from_policy(policy: Mapping[str, Any], port_range: tuple[int, int]) -> dict[Route, int]:
+    """The routes and ports a managed NetworkPolicy records for its CR.
 
     Only ports within ``port_range`` that the policy itself admits count: the record is
-    checked against the rule it sits next to.  ``(None, {})`` for anything else.
+    checked against the rule it sits next to.  ``{}`` for anything else.
     """
     key = policy_cr_key_of(policy)
     if key is None:
-        return None, {}
+        return {}
     namespace, name = key
     try:
         record = json.loads(_annotations(policy).get(PORTS_ANNOTATION) or "{}")
@@ -318,18 +330,13 @@ def routes_from_policy(
     if not isinstance(record, Mapping):
         record = {}
     lo, hi = port_range
-    admitted = set()
-    spec = policy.get("spec") if isinstance(policy.get("spec"), Mapping) else {}
-    for rule in spec.get("ingress") or []:
-        for p in (rule.get("ports") or []) if isinstance(rule, Mapping) else []:
-            if isinstance(p, Mapping) and isinstance(p.get("port"), int):
-                admitted.add(p["port"])
+    admitted = admitted_ports(policy)
     routes: dict[Route, int] = {}
     for tenant, port in record.items():
         if isinstance(tenant, str) and isinstance(port, int) and not isinstance(port, bool) \
                 and lo <= port <= hi and port in admitted:
             routes[Route(namespace, name, tenant or None)] = port
-    return (namespace, name), routes
+    return routes
 
 
 def slice_name(service_name: str, ipv6: bool = False) -> str:

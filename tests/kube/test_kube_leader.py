@@ -287,8 +287,8 @@ def test_two_controllers_one_writer_both_listen_and_failover(fake, reactor, in_r
     a, la = _controller(fake, reactor, in_reactor, "gw-a")
     b, lb = _controller(fake, reactor, in_reactor, "gw-b")
     try:
-        wait_for(lambda: a.is_leader or b.is_leader, what="a leader")
-        leader, follower = (a, b) if a.is_leader else (b, a)
+        wait_for(lambda: a.leading or b.leading, what="a leader")
+        leader, follower = (a, b) if a.leading else (b, a)
         fake.create("destinations", "apps", destination_cr())
         wait_condition(fake, "True", model.REASON_OK)
         route = Route("apps", "mymail")
@@ -297,10 +297,10 @@ def test_two_controllers_one_writer_both_listen_and_failover(fake, reactor, in_r
         writers = {agent for method, path, agent in fake.agents
                    if method in ("POST", "PATCH", "PUT", "DELETE") and "/leases" not in path}
         assert writers == {leader.settings.identity}
-        assert not follower.is_leader
+        assert not follower.leading
 
         in_reactor(leader.stopService)  # releases the lease
-        wait_for(lambda: follower.is_leader, what="the follower to take over")
+        wait_for(lambda: follower.leading, what="the follower to take over")
         fake.create("destinations", "apps", destination_cr(name="second"))
         wait_condition(fake, "True", model.REASON_OK, name="second")
         assert fake.get("services", "apps", "second") is not None

@@ -85,7 +85,7 @@ def test_five_hundred_crs_at_once(cluster, start, in_reactor):
             cluster.create("destinations", ns, destination_cr(name=f"mail-{i}", ref=f"d{i}"))
     wait_for(lambda: available(cluster) == 500, timeout=120, what="500 CRs Available")
     idle(in_reactor, leader, follower)
-    assert not follower.is_leader
+    assert not follower.leading
     recorded = ports_of(cluster)
     assert len(recorded) == 500 and len(set(recorded.values())) == 500
     wait_for(lambda: on_follower.ports() == recorded, timeout=30, what="the follower to serve every route")
@@ -219,11 +219,11 @@ def test_drain_start_releases_the_lease_and_closes_listeners(cluster, start, in_
     cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
     cluster.create("destinations", "apps", destination_cr())
     controller, listeners = start(leader_election=True)
-    wait_for(lambda: controller.is_leader, what="leadership")
+    wait_for(lambda: controller.leading, what="leadership")
     wait_condition(cluster, "True", model.REASON_OK)
     wait_for(lambda: listeners.ports(), what="a listener")
     in_reactor(controller.startDrain)
-    assert listeners.ports() == {} and not controller.is_leader
+    assert listeners.ports() == {} and not controller.leading
     wait_for(lambda: not (cluster.get("leases", GW_NS, "mailgw-leader")["spec"].get("holderIdentity")),
              what="the Lease released")
     since = time.monotonic()

@@ -345,12 +345,12 @@ def test_allocations_are_recorded_on_the_policy_and_read_back_from_it():
     (policy,) = existing.policies.values()
     assert json.loads(policy["metadata"]["annotations"][model.PORTS_ANNOTATION]) == {
         r.tenant: p for r, p in ok.routes.items()}
-    assert routes_from_policy(policy, GW.port_range) == (("apps", "mymail"), dict(ok.routes))
+    assert routes_from_policy(policy, GW.port_range) == dict(ok.routes)
     # a port outside the range, or one the rule does not admit, is not believed
     edited = copy.deepcopy(policy)
     unadmitted = next(p for p in range(20000, 20100) if p not in ok.routes.values())
     edited["metadata"]["annotations"][model.PORTS_ANNOTATION] = json.dumps({"t1": 80, "t2": unadmitted})
-    assert routes_from_policy(edited, GW.port_range)[1] == {}
+    assert routes_from_policy(edited, GW.port_range) == {}
 
 
 def test_an_edited_service_annotation_is_not_believed_but_restored_with_an_event():
