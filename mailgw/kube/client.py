@@ -160,19 +160,22 @@ class KubeApi:
         field_selector: str | None = None, metadata_only: bool = False,
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Items and the list's resourceVersion (all namespaces when ``namespace`` is None)."""
-        kwargs = self._list_kwargs(label_selector, field_selector, metadata_only, METADATA_LIST)
-        kwargs.update(_preload_content=False, _request_timeout=self.timeout)
-        where = namespace or "all namespaces"
+        fn, kwargs = self._lister(kind, namespace)
+        kwargs.update(self._list_kwargs(label_selector, field_selector, metadata_only, METADATA_LIST))
+        return _items(self._call("list", kind, f"list {kind} in {namespace or 'all namespaces'}", lambda: fn(
+            **kwargs, _preload_content=False, _request_timeout=self.timeout)))
+
+    def _lister(self, kind: str, namespace: str | None) -> tuple[Callable[..., Any], dict[str, Any]]:
+        """The API method listing ``kind`` in ``namespace`` (None: all namespaces) and the
+        keyword arguments that say what it lists: the same for a list and a watch."""
         if kind == "Destination":
+            what = dict(group=GROUP, version=VERSION, plural=PLURAL)
             if namespace is None:
-                fn = lambda: self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)  # noqa: E731
-            else:
-                fn = lambda: self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **kwargs)  # noqa: E731
-        elif namespace is None:
-            fn = lambda: self._method(kind, "list", "all")(**kwargs)  # noqa: E731
-        else:
-            fn = lambda: self._method(kind, "list")(namespace, **kwargs)  # noqa: E731
-        return _items(self._call("list", kind, f"list {kind} in {where}", fn))
+                return self.custom.list_cluster_custom_object, what
+            return self.custom.list_namespaced_custom_object, dict(what, namespace=namespace)
+        if namespace is None:
+            return self._method(kind, "list", "all"), {}
+        return self._method(kind, "list"), {"namespace": namespace}
 
     @staticmethod
     def _list_kwargs(label_selector: str | None, field_selector: str | None, metadata_only: bool, accept: str) -> dict[str, Any]:
@@ -222,9 +225,6 @@ class KubeApi:
 
     # --- Destination custom resources -----------------------------------------------
 
-    def list_destinations(self, namespace: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
-        return self.list("Destination", namespace)
-
     def patch_destination_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
         """Merge-patch the status subresource."""
         return self._call(
@@ -244,15 +244,9 @@ class KubeApi:
         field_selector: str | None = None, metadata_only: bool = False,
     ) -> tuple[Callable[..., Any], dict[str, Any]]:
         """``(list function, kwargs)`` for :class:`kubernetes.watch.Watch.stream`."""
-        kwargs = self._list_kwargs(label_selector, field_selector, metadata_only, METADATA_WATCH)
-        if kind == "Destination":
-            if namespace is None:
-                return self.custom.list_cluster_custom_object, dict(kwargs, group=GROUP, version=VERSION, plural=PLURAL)
-            return self.custom.list_namespaced_custom_object, dict(
-                kwargs, group=GROUP, version=VERSION, plural=PLURAL, namespace=namespace)
-        if namespace is None:
-            return self._method(kind, "list", "all"), kwargs
-        return self._method(kind, "list"), dict(kwargs, namespace=namespace)
+        fn, kwargs = self._lister(kind, namespace)
+        kwargs.update(self._list_kwargs(label_selector, field_selector, metadata_only, METADATA_WATCH))
+        return fn, kwargs
 
 
 def _items(result: Any) -> tuple[list[dict[str, Any]], str | None]:

@@ -95,16 +95,13 @@ class GatewayPod:
 
     name: str
     ips: tuple[str, ...] = field(converter=_ips)
+    #: ready and not terminating (the controller's pod_of says so)
     ready: bool = True
     serving: bool = True
     terminating: bool = False
 
-    @property
-    def ip(self) -> str:
-        return self.ips[0] if self.ips else ""
-
     def conditions(self) -> dict[str, bool]:
-        return {"ready": self.ready and not self.terminating, "serving": self.serving, "terminating": self.terminating}
+        return {"ready": self.ready, "serving": self.serving, "terminating": self.terminating}
 
 
 def sorted_pairs(mapping: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -666,7 +663,6 @@ def build_status(
         status["services"] = ",".join(r.service_name for r in sorted(served, key=Route.sort_key))
     if cr.tenants and cr.problem is None:
         status["tenantSubdomains"] = ",".join(cr.tenants)
-    if cr.tenants and cr.problem is None:
         tenants = []
         for tenant in cr.tenants:
             route = Route(cr.namespace, cr.name, tenant)
@@ -812,6 +808,7 @@ def reconcile(
 
     desired_services: dict[str, dict[str, Any]] = {}
     desired_slices: dict[str, dict[str, Any]] = {}
+    service_routes: dict[str, Route] = {}
     slice_routes: dict[str, Route] = {}
     served: dict[Route, int] = dict(kept)
     service_ports: dict[Route, int] = {}
@@ -825,6 +822,7 @@ def reconcile(
         served[route] = port
         service_ports[route] = service_port
         desired_services[route.service_name] = service_body(cr, route, service_port, port, protocol)
+        service_routes[route.service_name] = route
         svc = owned_services.get(route.service_name)
         if svc is not None and current.get(route) == port:
             warning = _drift_warning(cr, svc, route, port)
@@ -858,7 +856,7 @@ def reconcile(
             changes.append(Change("create", NETWORK_POLICY, gateway.namespace, name, policy))
 
     for name, body in desired_services.items():
-        route = Route(cr.namespace, cr.name, body["metadata"]["labels"][TENANT_LABEL] or None)
+        route = service_routes[name]
         if name in owned_services:
             patch = service_patch(owned_services[name], body)
             if patch is not None:

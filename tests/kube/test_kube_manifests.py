@@ -293,7 +293,7 @@ def test_deployment_has_probes_identity_resources_and_matching_labels():
     assert ports["http"] == 9494
     assert container["readinessProbe"]["httpGet"]["port"] in ("http", 9494)
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"] if "valueFrom" in e}
-    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_IP": "status.podIP"}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
     assert container["resources"]["requests"] and container["resources"]["limits"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     labels = pod["metadata"]["labels"]
