@@ -109,14 +109,19 @@ class Gateway:
         """Serving: not draining, and every readiness check passes."""
         return not self.not_ready()
 
+    def _source(self, route: Route):
+        """Where ``route``'s sessions find their destination: the listener's own source
+        when it has one (:attr:`Route.source`), else the gateway's."""
+        return self.source if route.source is None else route.source
+
     def lookup(self, route: Route):
-        return self.source.lookup(route.destination, route.tenant)
+        return self._source(route).lookup(route.destination, route.tenant)
 
     def exchange(self, route: Route, destination: Destination, secret: str) -> defer.Deferred:
         """The upstream access token for the application's refresh token or authorization
         code: from the destination's source when it exchanges secrets itself (the
         destination service in Kubernetes mode), else from the token service."""
-        by_source = getattr(self.source, "exchange", None)
+        by_source = getattr(self._source(route), "exchange", None)
         d = by_source(route.destination, destination, secret) if by_source is not None else None
         if d is None:
             d = self.tokens.exchange(destination, route.tenant, secret).addCallback(lambda token: token.access_token)
@@ -124,7 +129,7 @@ class Gateway:
 
     def family_of(self, route: Route) -> str:
         """The protocol family to refuse in when the destination itself is unavailable."""
-        return self.source.family(route.destination) or "smtp"
+        return self._source(route).family(route.destination) or "smtp"
 
     def upstream_endpoint(self, destination: Destination, tenant: str | None):
         return upstream_endpoint(

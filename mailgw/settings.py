@@ -7,7 +7,9 @@ each other.
 
 from __future__ import annotations
 
-from attrs import frozen
+from typing import Any
+
+from attrs import field, frozen
 
 
 @frozen
@@ -16,10 +18,16 @@ class Route:
 
     In standalone mode ``destination`` is the destination's ``Name``; in Kubernetes
     mode it is the key of the CR's route (``namespace/cr[/tenant]``).
+
+    ``source``, when set, is the destination source of this listener's sessions, asked
+    instead of the gateway's: Kubernetes mode gives each listener its own, so a session
+    keeps it after its listener has closed (a drain, a CR deleted).  It takes no part in
+    equality.
     """
 
     destination: str
     tenant: str | None = None
+    source: Any = field(default=None, eq=False, repr=False)
 
     def __str__(self) -> str:
         return self.destination + (f"/{self.tenant}" if self.tenant else "")

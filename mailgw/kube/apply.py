@@ -1,13 +1,15 @@
 """Apply a reconcile plan through :class:`~mailgw.kube.client.KubeApi` (blocking).
 
 Idempotent by construction: the plan only holds the writes needed; a delete of something
-already gone counts as done.  Failures are collected, never raised, so one failing write
+already gone counts as done.  The CR's status and its Events are written the same way
+(:func:`~mailgw.kube.reconcile.report_changes`), so one fence guards every write.  Failures are collected, never raised, so one failing write
 does not stop the others -- except that the EndpointSlices of a route whose Service could
 not be written are left out (a slice names its Service: it must never add endpoints to a
 Service that is not ours).  Every write is *fenced*: ``fence()`` is asked just before it,
 and once it answers False nothing more is written (the leadership the plan was made under
-has ended).  The objects the API server answered with are handed back, so the caller's
-caches know its own writes at once.
+has ended).  Each object the API server answers with is handed to ``on_written`` as
+soon as it arrives, so the caller's caches know a write before its watch event comes
+(which then changes nothing) -- not only once the whole plan is written.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from attrs import frozen
 
 from mailgw.kube.client import KubeApi, KubeApiError
 from mailgw.kube.model import MANAGED_BY, MANAGED_BY_LABEL, UID_LABEL
-from mailgw.kube.reconcile import ENDPOINT_SLICE, SERVICE, Change
+from mailgw.kube.reconcile import ENDPOINT_SLICE, NETWORK_POLICY, SERVICE, Change
+
+#: kinds whose create may meet an object of ours made earlier (and is then a patch)
+_ADOPTABLE = (SERVICE, ENDPOINT_SLICE, NETWORK_POLICY)
 
 
 @frozen
@@ -31,10 +36,7 @@ class ApplyFailure:
 
 @frozen
 class ApplyResult:
-    done: tuple[Change, ...]
     failures: tuple[ApplyFailure, ...]
-    #: objects as the API server stored them (creates and patches), by kind
-    written: tuple[tuple[str, dict[str, Any]], ...] = ()
     #: True when the fence stopped the writes
     fenced: bool = False
 
@@ -43,47 +45,64 @@ class ForeignObject(KubeApiError):
     """An object of the wanted name exists and is not ours."""
 
 
-def apply_changes(api: KubeApi, changes: Iterable[Change], fence: Callable[[], bool] = lambda: True) -> ApplyResult:
-    """Perform ``changes`` in order.  Blocking: call from a worker thread."""
-    done: list[Change] = []
+class _Fenced(Exception):
+    """The fence fell between two requests of one change: write nothing more."""
+
+
+def apply_changes(
+    api: KubeApi,
+    changes: Iterable[Change],
+    fence: Callable[[], bool] = lambda: True,
+    on_written: Callable[[str, dict[str, Any]], None] = lambda kind, obj: None,
+) -> ApplyResult:
+    """Perform ``changes`` in order; ``on_written(kind, obj)`` is called (in this thread)
+    with every object the API server answers a create, patch or status write with.
+    Blocking: call from a worker thread."""
     failures: list[ApplyFailure] = []
-    written: list[tuple[str, dict[str, Any]]] = []
     failed_routes = set()
     for change in changes:
         if change.kind == ENDPOINT_SLICE and change.route is not None and change.route in failed_routes:
             failures.append(ApplyFailure(change, "not written: the route's Service could not be written"))
             continue
         if not fence():
-            return ApplyResult(tuple(done), tuple(failures), tuple(written), fenced=True)
+            return ApplyResult(tuple(failures), fenced=True)
         try:
+            answer = None
             if change.action == "create":
                 assert change.body is not None
-                written.append((change.kind, _create(api, change)))
+                answer = _create(api, change, fence)
             elif change.action == "patch":
                 assert change.body is not None
-                written.append((change.kind, api.patch(change.kind, change.namespace, change.name, change.body)))
+                answer = api.patch(change.kind, change.namespace, change.name, change.body)
+            elif change.action == "status":
+                assert change.body is not None
+                answer = api.patch_destination_status(change.namespace, change.name, change.body)
             elif change.action == "delete":
                 api.delete(change.kind, change.namespace, change.name)
-            else:  # pragma: no cover - the reconciler only makes the three above
+            else:  # pragma: no cover - the reconciler only makes the four above
                 raise ValueError(change.action)
+        except _Fenced:
+            return ApplyResult(tuple(failures), fenced=True)
         except KubeApiError as e:
             failures.append(ApplyFailure(change, str(e), isinstance(e, ForeignObject)))
             if change.kind == SERVICE and change.route is not None:
                 failed_routes.add(change.route)
         else:
-            done.append(change)
-    return ApplyResult(tuple(done), tuple(failures), tuple(written))
+            if isinstance(answer, dict):
+                on_written(change.kind, answer)
+    return ApplyResult(tuple(failures))
 
 
-def _create(api: KubeApi, change: Change) -> dict[str, Any]:
+def _create(api: KubeApi, change: Change, fence: Callable[[], bool]) -> dict[str, Any]:
     """Create; when the object exists already and is ours (an earlier create whose answer
     was lost to a timeout, or a cache that has not seen it yet), patch it to the desired
-    state instead.  One that is not ours is a :class:`ForeignObject`."""
+    state instead.  One that is not ours is a :class:`ForeignObject`.  The patch is a
+    request of its own: the fence is asked again before it."""
     assert change.body is not None
     try:
         return api.create(change.kind, change.namespace, change.body)
     except KubeApiError as e:
-        if not e.conflict:
+        if not e.conflict or change.kind not in _ADOPTABLE:
             raise
         found = api.get(change.kind, change.namespace, change.name)
         labels = ((found or {}).get("metadata") or {}).get("labels") or {}
@@ -93,5 +112,7 @@ def _create(api: KubeApi, change: Change) -> dict[str, Any]:
                 f"create {change.kind} {change.namespace}/{change.name}: it already exists "
                 "and is not managed by mailgw for this Destination", 409, "AlreadyExists"
             ) from None
+    if not fence():
+        raise _Fenced()
     body = {k: v for k, v in change.body.items() if k not in ("apiVersion", "kind")}
     return api.patch(change.kind, change.namespace, change.name, body)

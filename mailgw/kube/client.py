@@ -5,13 +5,15 @@ them, camelCase keys) and raise only :class:`KubeApiError`; they block, so calle
 them in a :class:`~mailgw.blocking.BlockingPool` (never on the reactor thread).  Every
 call carries a timeout and is counted in ``mailgw_kube_api_requests_total``.
 
-Each *plane* of Kubernetes mode (session lookups, the leader election, the reconciles,
-the watches) gets a :meth:`KubeApi.clone` of its own: its own connection pool and its own
-timeout, so a slow call of one plane never holds a connection another one waits for.
+Each *plane* of Kubernetes mode (session lookups, the leader election, the reconciles)
+gets a :meth:`KubeApi.clone` of its own: its own connection pool, and a budget each of
+its calls keeps to in all, so a slow call of one plane never holds a connection another
+one waits for, and a write ends when the leadership it began under may.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -94,13 +96,24 @@ class KubeApi:
         self.networking = k8s.NetworkingV1Api(api_client)
         self.coordination = k8s.CoordinationV1Api(api_client)
         self.custom = k8s.CustomObjectsApi(api_client)
-        self.timeout = (connect_timeout, timeout)
+        #: seconds an answer may take
+        self.timeout_seconds = timeout
+        #: each call's ``_request_timeout``: (connect, read) seconds, or a clone's total
+        self.timeout: float | tuple[float, float] = (connect_timeout, timeout)
 
-    def clone(self, timeout: float | None = None) -> "KubeApi":
-        """The same server and identity over a connection pool of its own."""
-        fresh = k8s.ApiClient(self.api_client.configuration)
+    def clone(self, budget: float) -> "KubeApi":
+        """The same server and identity over a connection pool of its own, whose calls
+        take at most ``budget`` seconds each, connect and answer together, and are never
+        retried behind the caller's back: urllib3's default (the client leaves
+        ``retries`` unset) retries a failed connect for every verb and a failed read for
+        DELETE and PUT, each attempt with the whole timeout again."""
+        configuration = copy.copy(self.api_client.configuration)
+        configuration.retries = False
+        fresh = k8s.ApiClient(configuration)
         fresh.user_agent = self.api_client.user_agent
-        return KubeApi(fresh, timeout=self.timeout[1] if timeout is None else timeout, connect_timeout=min(self.timeout[0], timeout or self.timeout[0]))
+        plane = KubeApi(fresh, timeout=budget)
+        plane.timeout = float(budget)
+        return plane
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -147,19 +160,22 @@ class KubeApi:
         field_selector: str | None = None, metadata_only: bool = False,
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Items and the list's resourceVersion (all namespaces when ``namespace`` is None)."""
-        kwargs = self._list_kwargs(label_selector, field_selector, metadata_only, METADATA_LIST)
-        kwargs.update(_preload_content=False, _request_timeout=self.timeout)
-        where = namespace or "all namespaces"
+        fn, kwargs = self._lister(kind, namespace)
+        kwargs.update(self._list_kwargs(label_selector, field_selector, metadata_only, METADATA_LIST))
+        return _items(self._call("list", kind, f"list {kind} in {namespace or 'all namespaces'}", lambda: fn(
+            **kwargs, _preload_content=False, _request_timeout=self.timeout)))
+
+    def _lister(self, kind: str, namespace: str | None) -> tuple[Callable[..., Any], dict[str, Any]]:
+        """The API method listing ``kind`` in ``namespace`` (None: all namespaces) and the
+        keyword arguments that say what it lists: the same for a list and a watch."""
         if kind == "Destination":
+            what = dict(group=GROUP, version=VERSION, plural=PLURAL)
             if namespace is None:
-                fn = lambda: self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)  # noqa: E731
-            else:
-                fn = lambda: self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **kwargs)  # noqa: E731
-        elif namespace is None:
-            fn = lambda: self._method(kind, "list", "all")(**kwargs)  # noqa: E731
-        else:
-            fn = lambda: self._method(kind, "list")(namespace, **kwargs)  # noqa: E731
-        return _items(self._call("list", kind, f"list {kind} in {where}", fn))
+                return self.custom.list_cluster_custom_object, what
+            return self.custom.list_namespaced_custom_object, dict(what, namespace=namespace)
+        if namespace is None:
+            return self._method(kind, "list", "all"), {}
+        return self._method(kind, "list"), {"namespace": namespace}
 
     @staticmethod
     def _list_kwargs(label_selector: str | None, field_selector: str | None, metadata_only: bool, accept: str) -> dict[str, Any]:
@@ -209,9 +225,6 @@ class KubeApi:
 
     # --- Destination custom resources -----------------------------------------------
 
-    def list_destinations(self, namespace: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
-        return self.list("Destination", namespace)
-
     def patch_destination_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
         """Merge-patch the status subresource."""
         return self._call(
@@ -231,15 +244,9 @@ class KubeApi:
         field_selector: str | None = None, metadata_only: bool = False,
     ) -> tuple[Callable[..., Any], dict[str, Any]]:
         """``(list function, kwargs)`` for :class:`kubernetes.watch.Watch.stream`."""
-        kwargs = self._list_kwargs(label_selector, field_selector, metadata_only, METADATA_WATCH)
-        if kind == "Destination":
-            if namespace is None:
-                return self.custom.list_cluster_custom_object, dict(kwargs, group=GROUP, version=VERSION, plural=PLURAL)
-            return self.custom.list_namespaced_custom_object, dict(
-                kwargs, group=GROUP, version=VERSION, plural=PLURAL, namespace=namespace)
-        if namespace is None:
-            return self._method(kind, "list", "all"), kwargs
-        return self._method(kind, "list"), dict(kwargs, namespace=namespace)
+        fn, kwargs = self._lister(kind, namespace)
+        kwargs.update(self._list_kwargs(label_selector, field_selector, metadata_only, METADATA_WATCH))
+        return fn, kwargs
 
 
 def _items(result: Any) -> tuple[list[dict[str, Any]], str | None]:
@@ -272,6 +279,8 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None, i
         config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
     # the watches hold connections for minutes; the planes must not wait for a free one
     configuration.connection_pool_maxsize = 16
+    # every caller decides itself whether to try again (the watch loop, the work queue)
+    configuration.retries = False
     api_client = k8s.ApiClient(configuration)
     if identity:
         api_client.user_agent = user_agent(identity)

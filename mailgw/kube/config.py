@@ -10,10 +10,15 @@
       apiTimeout: 10                    # seconds per API call
       leaderElection: true
       leaseName: mailgw-leader
+      leaseDuration: 15                 # seconds; leaseDuration > renewDeadline > retryPeriod
+      renewDeadline: 10                 # a leader that has not renewed for this long stops writing
+      retryPeriod: 2                    # seconds between election rounds
       defaultInstance: secrets          # used when a CR has no destinationServiceInstanceName
       instances:                        # destination service instances (btp source)
         dest-svc: {type: btp, secret: dest-svc-binding}   # binding Secret in `namespace`
       watchNamespaces: [apps, mail]     # default: all namespaces
+      watchSecrets: false               # true: changed `secrets` destinations apply within
+                                        # seconds; needs k8s/rbac-secret-watch.yaml
       listenInterface: ""               # default: every address, IPv4 and IPv6
       kubeconfig: ~/.kube/config        # local runs only; in a pod the in-cluster config
 
@@ -40,7 +45,7 @@ _NUMBERS = {
 }
 _KEYS = set(_NUMBERS) | {
     "namespace", "podLabels", "portRange", "leaderElection", "leaseName", "defaultInstance",
-    "instances", "kubeconfig", "identity", "watchNamespaces", "listenInterface",
+    "instances", "kubeconfig", "identity", "watchNamespaces", "watchSecrets", "listenInterface",
 }
 
 
@@ -58,6 +63,21 @@ def _port_range(value: Any, where: str) -> tuple[int, int]:
     if not 1024 <= lo <= hi <= 65535:
         raise ValueError(f"{where}: portRange must lie within 1024-65535, low before high")
     return lo, hi
+
+
+def _check_lease_timings(values: Mapping[str, Any], where: str) -> None:
+    """A leader stops writing ``renewDeadline`` after its last renewal, and a follower
+    takes over ``leaseDuration`` after it: the first must come first, or two replicas
+    write at once; and a round every ``retryPeriod`` must fit in the deadline."""
+    defaults = KubeSettings.__attrs_attrs__
+    duration, deadline, period = (
+        values.get(name, getattr(defaults, name).default) for name in ("lease_duration", "renew_deadline", "retry_period")
+    )
+    if not duration > deadline > period:
+        raise ValueError(
+            f"{where}: leaseDuration > renewDeadline > retryPeriod must hold "
+            f"(now {duration:g}, {deadline:g}, {period:g} seconds)"
+        )
 
 
 def parse_kube_section(
@@ -115,6 +135,10 @@ def parse_kube_section(
         if not isinstance(raw["leaderElection"], bool):
             raise ValueError(f"{where}, key 'leaderElection': must be true or false")
         values["leader_election"] = raw["leaderElection"]
+    if "watchSecrets" in raw:
+        if not isinstance(raw["watchSecrets"], bool):
+            raise ValueError(f"{where}, key 'watchSecrets': must be true or false")
+        values["watch_secrets"] = raw["watchSecrets"]
     if "leaseName" in raw:
         if not isinstance(raw["leaseName"], str) or not is_dns_label(raw["leaseName"]):
             raise ValueError(f"{where}, key 'leaseName': must be a DNS label")
@@ -144,6 +168,7 @@ def parse_kube_section(
         if default is not None and (not isinstance(default, str) or (default != "secrets" and default not in btp)):
             raise ValueError(f"{where}, key 'defaultInstance': {default!r} is not a configured instance")
         values["default_instance"] = default
+    _check_lease_timings(values, where)
     kubeconfig = raw.get("kubeconfig")
     if kubeconfig is not None and not isinstance(kubeconfig, str):
         raise ValueError(f"{where}, key 'kubeconfig': must be a path")

@@ -2,19 +2,21 @@
 
 Watches (each in a thread of its own, see :mod:`mailgw.kube.watch`) keep
 :class:`~mailgw.kube.store.Store` caches of the Destination CRs, the Services,
-EndpointSlices and NetworkPolicies mailgw manages, and the gateway's own pods; a
-metadata-only watch of Secrets tells which ``secrets`` destinations changed.  Every change
-queues the CRs concerned in a :class:`~mailgw.kube.queue.WorkQueue`; a timer queues all of
-them every ``resync_interval`` seconds.  Reconciles read only the caches: a resync of an
-idle cluster makes no requests at all, and a reconcile makes only the writes its plan
-needs.
+EndpointSlices and NetworkPolicies mailgw manages, and the gateway's own pods; when asked
+(``watch_secrets``), a metadata-only watch of Secrets tells which ``secrets``
+destinations changed.  Every change queues the CRs concerned in a
+:class:`~mailgw.kube.queue.WorkQueue`; a timer queues all of them every
+``resync_interval`` seconds.  Reconciles read only the caches and the destination cache:
+a resync of an idle cluster whose destinations are cached makes no requests at all, and
+a reconcile makes only the writes its plan needs.
 
 On the leader a reconcile looks the destination(s) up, computes a plan
 (:func:`mailgw.kube.reconcile.reconcile`) and *records the ports it chose before it waits
 for anything*, so reconciles running at the same time never pick the same port; then it
 opens the listeners, applies the plan, writes the status and Events.  Each write is fenced
-by the leadership epoch the reconcile started under: once this replica has stepped down
-(or the drain has begun) nothing more is written.  Other replicas serve the routes whose
+by the leadership epoch the reconcile started under, checked in the worker right before
+its request: once this replica has stepped down (or the drain has begun) nothing more is
+written, however long the write waited for a worker.  Other replicas serve the routes whose
 ports the leader recorded on the NetworkPolicies in the gateway's namespace, which only
 the gateway can write (Service annotations are informative: anyone who may edit the
 CR's namespace may edit them).
@@ -42,13 +44,14 @@ from zope.interface import implementer
 from mailgw import metrics
 from mailgw.blocking import BlockingPool
 from mailgw.destination import Destination
-from mailgw.kube.apply import apply_changes
-from mailgw.kube.client import KubeApi, KubeApiError
+from mailgw.kube.apply import ApplyResult, apply_changes
+from mailgw.kube.client import KubeApi
 from mailgw.kube.leader import LeaderElector
 from mailgw.kube.listeners import IListenerManager, RouteDestination
 from mailgw.kube.model import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
+    PLURAL,
     PORTS_ANNOTATION,
     DestinationCR,
     Route,
@@ -57,24 +60,30 @@ from mailgw.kube.model import (
 )
 from mailgw.kube.queue import WorkQueue
 from mailgw.kube.reconcile import (
+    DESTINATION,
     ENDPOINT_SLICE,
+    EVENT,
     NETWORK_POLICY,
     SERVICE,
     Change,
-    Event,
     Existing,
     GatewayPlacement,
     GatewayPod,
     Plan,
+    admitted_ports,
     cr_key_of,
+    policy_cr_key_of,
     deletion_changes,
     failed_plan,
     policy_name,
     read_port,
     reconcile,
+    report_changes,
+    slice_changes,
     route_of_service,
     routes_from_policy,
     slice_name,
+    sorted_pairs,
 )
 from mailgw.kube.store import Store, key_of
 from mailgw.kube.watch import Watcher
@@ -89,10 +98,10 @@ SECRETS = "secrets"
 #: How long a ``secrets`` destination stays cached while the Secret watch runs: changes
 #: invalidate it at once, so this only bounds the damage of a lost watch event.
 WATCHED_SECRET_TTL = 3600.0
-
-
-def _labels_converter(labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted(dict(labels).items()))
+#: The only Secret type the Secret watch asks for (the others, service account tokens,
+#: TLS certificates, Helm releases, are many and never destinations); destination
+#: Secrets of another type are refused rather than cached unwatched.
+WATCHED_SECRET_TYPE = "Opaque"
 
 
 @frozen
@@ -102,7 +111,7 @@ class KubeSettings:
     gateway_namespace: str = "mailgw-system"
     #: labels of the gateway's pods (EndpointSlices and NetworkPolicies select them)
     pod_labels: tuple[tuple[str, str], ...] = field(
-        default=(("app.kubernetes.io/name", "mailgw"),), converter=_labels_converter
+        default=(("app.kubernetes.io/name", "mailgw"),), converter=sorted_pairs
     )
     #: this replica's identity in the Lease (the pod name)
     identity: str = field(factory=socket.gethostname)
@@ -122,9 +131,13 @@ class KubeSettings:
     default_instance: str | None = "secrets"
     #: destination service instances: (instance name, binding Secret name) pairs; the
     #: Secret (clientid, clientsecret, url, uri) lives in the gateway's namespace
-    btp_instances: tuple[tuple[str, str], ...] = field(
-        default=(), converter=lambda v: tuple(sorted(dict(v).items()))
-    )
+    btp_instances: tuple[tuple[str, str], ...] = field(default=(), converter=sorted_pairs)
+    #: watch the Secrets (type Opaque, metadata only) of the watched namespaces, so a
+    #: changed ``secrets`` destination applies within seconds (and stays cached up to an
+    #: hour meanwhile).  Off by default: listing or watching Secrets needs a grant that
+    #: reads every Secret's data (k8s/rbac-secret-watch.yaml); off, ``secrets``
+    #: destinations are cached ``cache_ttl`` seconds like any other.
+    watch_secrets: bool = False
     #: namespaces whose Destinations (and Services, EndpointSlices, Secrets) are watched;
     #: empty: all
     watch_namespaces: tuple[str, ...] = field(default=(), converter=lambda v: tuple(sorted(set(v))))
@@ -159,6 +172,12 @@ class KubeSettings:
     def namespaces(self) -> tuple[str | None, ...]:
         """What each namespaced watch covers: the listed namespaces, or everything."""
         return self.watch_namespaces or (None,)
+
+
+def _version_of(obj: Mapping[str, Any] | None) -> str | None:
+    meta = (obj or {}).get("metadata") or {}
+    version = meta.get("resourceVersion") if isinstance(meta, Mapping) else None
+    return str(version) if version is not None else None
 
 
 def utc_now() -> str:
@@ -243,15 +262,20 @@ class KubeController(MultiService):
         self.now = now
         self.placement = settings.placement
 
-        self.crs = Store()
-        self.service_store = Store(index=cr_key_of)
-        self.slice_store = Store(index=cr_key_of)
-        self.policy_store = Store(index=cr_key_of)
+        # a deletion is remembered as long as a write made before it may take to be
+        # answered (no plane's budget exceeds api_timeout), twice over
+        remember = dict(now=reactor.seconds, tombstone_ttl=2 * settings.api_timeout)
+        self.crs = Store(**remember)
+        self.service_store = Store(index=cr_key_of, **remember)
+        self.slice_store = Store(index=cr_key_of, **remember)
+        self.policy_store = Store(index=policy_cr_key_of, **remember)
         self.pods: dict[str, GatewayPod] = {}
 
         #: every route's gateway port as this replica knows it, and each port's route
         self.allocations: dict[CRKey, dict[Route, int]] = {}
         self.owners: dict[int, Route] = {}
+        #: ports of CRs' recorded routes refused because another route held them
+        self._refused: dict[CRKey, set[int]] = {}
         #: CRs whose ports this leader decided itself (in this leadership epoch)
         self.decided: set[CRKey] = set()
         #: ports a route could not bind here (it gets another; others keep theirs)
@@ -263,11 +287,18 @@ class KubeController(MultiService):
         self.secret_refs: dict[tuple[str, str], set[CRKey]] = {}
         self._secret_of: dict[CRKey, tuple[str, str]] = {}
 
+        #: the answers to the writes of each reconcile running now: (store, key, version)
+        self._answers: dict[CRKey, set[tuple[Store, tuple[str, str], str | None]]] = {}
+        #: changes that arrived for a CR while its reconcile ran: (store, key, version)
+        self._seen: dict[CRKey, list[tuple[Store, tuple[str, str], str | None]]] = {}
+        #: CRs queued because the gateway pods changed, and for nothing else: their
+        #: EndpointSlices are patched from the caches, without a full reconcile
+        self._slices_only: set[CRKey] = set()
+
         self.epoch = 0
         self.leading = False
         self.draining = False
         self.last_error: str | None = None
-        self.reconciles = 0
         self._synced: dict[tuple[str, str | None], bool] = {}
         self._initial_done = False
         self.watchers: list[Watcher] = []
@@ -306,8 +337,9 @@ class KubeController(MultiService):
             reactor = default_reactor
         s = settings
         # Lease calls must give up before the renew deadline; writes should end before
-        # a successor may take over (lease duration after our last renewal).
-        base = api.timeout[1]
+        # a successor may take over (lease duration after our last renewal).  Each is a
+        # whole-call budget, never retried underneath (KubeApi.clone).
+        base = api.timeout_seconds
         lease_timeout = max(0.5, min(base, s.renew_deadline / 2))
         write_timeout = base
         if s.leader_election:
@@ -316,13 +348,18 @@ class KubeController(MultiService):
             data=BlockingPool(reactor, "mailgw-kube-data", s.threads),
             control=BlockingPool(reactor, "mailgw-kube-control", s.threads),
             lease=BlockingPool(reactor, "mailgw-kube-lease", 2),
-            data_api=api.clone(),
+            data_api=api.clone(base),
             control_api=api.clone(write_timeout),
             lease_api=api.clone(lease_timeout),
             watch_api=api,
         )
-        raw: dict[str, Any] = {SECRETS: SecretsSource(planes.data_api, planes.data)}
-        ttls = {SECRETS: max(s.cache_ttl, WATCHED_SECRET_TTL)}
+        if s.watch_secrets:
+            # the watch invalidates a changed destination; a type it cannot see is refused
+            secrets = SecretsSource(planes.data_api, planes.data, required_type=WATCHED_SECRET_TYPE)
+            ttls = {SECRETS: max(s.cache_ttl, WATCHED_SECRET_TTL)}
+        else:
+            secrets, ttls = SecretsSource(planes.data_api, planes.data), {}
+        raw: dict[str, Any] = {SECRETS: secrets}
         if s.btp_instances:
             if tokens is None:
                 raise ValueError("btp instances need the gateway's token provider")
@@ -330,6 +367,7 @@ class KubeController(MultiService):
                 raw[instance] = BtpSource(
                     binding_credentials(planes.data_api, s.gateway_namespace, secret_name),
                     planes.data, tokens.client, tokens.cache, timeout=s.api_timeout,
+                    clock=reactor, credentials_ttl=s.cache_ttl,
                 )
         raw.update(extra_sources or {})
         sources = SourceRegistry(
@@ -339,10 +377,6 @@ class KubeController(MultiService):
         return cls(planes, listeners, sources, settings, reactor)
 
     # --- state for others ---------------------------------------------------------------
-
-    @property
-    def is_leader(self) -> bool:
-        return self.leading
 
     @property
     def ready(self) -> bool:
@@ -368,12 +402,13 @@ class KubeController(MultiService):
         managed = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
         specs: list[tuple[str, str, str | None, dict[str, Any], Store | None]] = []
         for ns in s.namespaces:
-            specs.append((PLURAL_DST, "Destination", ns, {}, self.crs))
+            specs.append((PLURAL, "Destination", ns, {}, self.crs))
             specs.append(("services", SERVICE, ns, {"label_selector": managed}, self.service_store))
             specs.append(("endpointslices", ENDPOINT_SLICE, ns, {"label_selector": managed}, self.slice_store))
-            if SECRETS in self.sources.sources:
+            if s.watch_secrets and SECRETS in self.sources.sources:
                 # metadata only, and only the type destinations are stored as
-                specs.append(("secrets", "Secret", ns, {"field_selector": "type=Opaque", "metadata_only": True}, None))
+                specs.append(("secrets", "Secret", ns, {"field_selector": f"type={WATCHED_SECRET_TYPE}",
+                                                        "metadata_only": True}, None))
         specs.append(("networkpolicies", NETWORK_POLICY, s.gateway_namespace, {"label_selector": managed}, self.policy_store))
         specs.append(("pods", "Pod", s.gateway_namespace, {"label_selector": s.pod_selector}, None))
         self._synced = {(name, ns): False for name, _, ns, _, _ in specs}
@@ -440,7 +475,7 @@ class KubeController(MultiService):
         self.decided.clear()
         metrics.KUBE_LEADER.set(1 if leading else 0)
         # back to what the NetworkPolicies record (a leader's undecided ports go)
-        for key in set(self.allocations) | {cr_key_of(p) for p in self.policy_store.values()} - {None}:
+        for key in set(self.allocations) | {self.policy_store.index_of(p) for p in self.policy_store.values()} - {None}:
             self._refresh_trusted(key)  # type: ignore[arg-type]
         self.enqueue_all()
 
@@ -458,16 +493,17 @@ class KubeController(MultiService):
             self._set_pods({p.name: p for p in map(pod_of, items) if p is not None})
         elif name == "secrets":
             # a fresh list: anything may have changed while the watch was away
-            for (ns, secret), keys in list(self.secret_refs.items()):
+            bindings = {(self.settings.gateway_namespace, binding) for _, binding in self.settings.btp_instances}
+            for ns, secret in set(self.secret_refs) | bindings:
                 if namespace is None or ns == namespace:
                     self._secret_changed(ns, secret)
         else:
             assert store is not None
-            before = {k: cr_key_of(o) for k in store if (o := store.get(k)) is not None}
+            before = {k: store.index_of(o) for k in store if (o := store.get(k)) is not None}
             changed = store.replace(items, namespace if name != "networkpolicies" else None)
             for key in changed:
                 obj = store.get(key)
-                self._changed(name, key, before.get(key) if obj is None else cr_key_of(obj) or before.get(key))
+                self._changed(name, store, key, obj, before.get(key) if obj is None else store.index_of(obj) or before.get(key))
         self._synced[(name, namespace)] = True
         if self.ready and not self._initial_done:
             self._initial_done = True
@@ -492,22 +528,32 @@ class KubeController(MultiService):
         assert store is not None
         old = store.get(key)
         if store.event(kind, obj):
-            self._changed(name, key, cr_key_of(obj) or (cr_key_of(old) if old else None))
+            self._changed(name, store, key, obj, store.index_of(obj) or (store.index_of(old) if old else None))
 
-    def _changed(self, name: str, key: tuple[str, str], cr: CRKey | None) -> None:
-        if name == PLURAL_DST:
+    def _changed(self, name: str, store: Store, key: tuple[str, str], obj: Mapping[str, Any] | None,
+                 cr: CRKey | None) -> None:
+        """Object ``key`` of ``store`` changed (``obj``: as it is now, None: gone); ``cr``
+        is the CR it belongs to."""
+        if name == PLURAL:
             self._index_secret(key)
-            self.enqueue(key)
-        elif cr is not None:
-            if name == "networkpolicies":
-                self._refresh_trusted(cr)
+            cr = key
+        elif cr is not None and name == "networkpolicies":
+            self._refresh_trusted(cr)
+        if cr is None:
+            return
+        if cr in self._answers:
+            # cr's reconcile is writing: this may be the watch echo of one of its writes,
+            # arrived before the write's answer; decided when the reconcile ends
+            self._seen.setdefault(cr, []).append((store, key, _version_of(obj)))
+        else:
             self.enqueue(cr)
 
     def _set_pods(self, pods: dict[str, GatewayPod]) -> None:
         if pods != self.pods:
             self.pods = pods
             if self.leading:
-                self.enqueue_all()  # from the caches: only EndpointSlices change
+                for key in sorted(self.allocations):  # the CRs with slices
+                    self._enqueue_slices(key)
 
     def _index_secret(self, key: CRKey) -> None:
         old = self._secret_of.pop(key, None)
@@ -529,6 +575,12 @@ class KubeController(MultiService):
             self.secret_refs.setdefault(ref, set()).add(key)
 
     def _secret_changed(self, namespace: str, name: str) -> None:
+        if namespace == self.settings.gateway_namespace:
+            for instance, binding in self.settings.btp_instances:
+                # a destination service binding: its credentials are read again
+                forget = getattr(getattr(self.sources.sources.get(instance), "source", None), "forget_credentials", None)
+                if binding == name and forget is not None:
+                    forget()
         keys = self.secret_refs.get((namespace, name))
         if not keys:
             return
@@ -546,9 +598,7 @@ class KubeController(MultiService):
             return
         routes: dict[Route, int] = {}
         for policy in self.policy_store.by_index(key):
-            if policy["metadata"].get("namespace") != self.placement.namespace:
-                continue
-            _, found = routes_from_policy(policy, self.placement.port_range)
+            found = routes_from_policy(policy, self.placement.port_range)
             if not found and PORTS_ANNOTATION not in ((policy["metadata"].get("annotations")) or {}):
                 found = self._legacy_routes(key, policy)
             routes.update(found)
@@ -557,10 +607,7 @@ class KubeController(MultiService):
     def _legacy_routes(self, key: CRKey, policy: Mapping[str, Any]) -> dict[Route, int]:
         """A policy written before the ports were recorded on it: a Service's annotation
         counts only for a port that policy admits."""
-        admitted = {
-            p.get("port") for rule in (policy.get("spec") or {}).get("ingress") or []
-            for p in rule.get("ports") or [] if isinstance(p, Mapping)
-        }
+        admitted = admitted_ports(policy)
         lo, hi = self.placement.port_range
         routes = {}
         for svc in self.service_store.by_index(key):
@@ -570,25 +617,47 @@ class KubeController(MultiService):
         return routes
 
     def _set_allocations(self, key: CRKey, routes: Mapping[Route, int]) -> None:
-        for route, port in self.allocations.pop(key, {}).items():
+        old = self.allocations.pop(key, {})
+        for route, port in old.items():
             if self.owners.get(port) == route:
                 del self.owners[port]
+        self._refused.pop(key, None)
         mine: dict[Route, int] = {}
         for route, port in sorted(routes.items()):
             owner = self.owners.get(port)
             if owner is not None and owner != route:
                 log.warn("port {port} is recorded for both {a} and {b}: {b} is not served here",
                          port=port, a=owner.key, b=route.key)
+                self._refused.setdefault(key, set()).add(port)
                 continue
             self.owners[port] = route
             mine[route] = port
         if mine:
             self.allocations[key] = mine
+        # A route refused a port held by another is served once that port is free: the
+        # records are read in the order their events came (the leader moved the holder
+        # away before it gave the port on), and nothing else reads the refused one again
+        # until its own NetworkPolicy changes.
+        freed = {port for port in old.values() if port not in self.owners}
+        for other in [k for k, ports in self._refused.items() if k != key and ports & freed]:
+            self._refresh_trusted(other)
+            # queued after whatever freed the port, which closes its listener first
+            self.reactor.callLater(0, self.enqueue, other)
 
     # --- the queue ----------------------------------------------------------------------
 
     def enqueue(self, key: CRKey) -> None:
+        """Queue a full reconcile of ``key``."""
         if self.ready and not self.draining:
+            self._slices_only.discard(key)
+            self.queue.add(key)
+
+    def _enqueue_slices(self, key: CRKey) -> None:
+        """Queue a pass over ``key``'s EndpointSlices only (the pods changed), unless a
+        full reconcile is due anyway."""
+        if self.ready and not self.draining:
+            if not self.queue.pending(key):
+                self._slices_only.add(key)
             self.queue.add(key)
 
     def enqueue_all(self) -> None:
@@ -607,10 +676,15 @@ class KubeController(MultiService):
 
     def _work(self, key: Hashable) -> "Deferred[None]":
         started = self.reactor.seconds()
-        self.reconciles += 1
-        d = Deferred.fromCoroutine(self._reconcile(key))  # type: ignore[arg-type]
+        self._answers[key] = set()  # type: ignore[index]
+        slices_only = key in self._slices_only
+        self._slices_only.discard(key)  # type: ignore[arg-type]
+        d = Deferred.fromCoroutine(self._reconcile(key, slices_only))  # type: ignore[arg-type]
 
         def done(ok: Any) -> None:
+            answers = self._answers.pop(key, set())  # type: ignore[arg-type]
+            if any(change not in answers for change in self._seen.pop(key, ())):  # type: ignore[arg-type]
+                self.enqueue(key)  # type: ignore[arg-type] # someone else's change came meanwhile: again
             metrics.KUBE_RECONCILE_SECONDS.observe(max(0.0, self.reactor.seconds() - started))
             metrics.KUBE_RECONCILES.labels("ok" if ok else "error").inc()
             if ok:
@@ -633,8 +707,9 @@ class KubeController(MultiService):
 
     # --- reconciling (reactor thread; blocking work in the pools) -------------------------
 
-    async def _reconcile(self, key: CRKey) -> bool:
-        """One pass for ``key``; True when everything wanted is in place."""
+    async def _reconcile(self, key: CRKey, slices_only: bool = False) -> bool:
+        """One pass for ``key`` (``slices_only``: the pods changed, and nothing else);
+        True when everything wanted is in place."""
         raw = self.crs.get(key)
         if raw is None:
             return await self._forget(key)
@@ -643,6 +718,8 @@ class KubeController(MultiService):
         except ValueError as e:
             log.warn("ignoring malformed Destination object {key}: {e}", key="/".join(key), e=e)
             return True
+        if self.leading and slices_only and key in self.decided:
+            return await self._reconcile_slices(cr, self.epoch)
         if self.leading:
             return await self._reconcile_as_leader(cr, self.epoch)
         wanted = set(cr.routes())
@@ -665,11 +742,20 @@ class KubeController(MultiService):
         )
         return {route.tenant: (value if ok else value.value) for route, (ok, value) in zip(routes, results)}
 
+    def _owned(self, key: CRKey) -> Existing:
+        """The objects the caches list as ``key``'s.  (The policy store holds the gateway's
+        namespace only: nothing else is watched or written there.)"""
+        def by_name(store: Store) -> dict[str, dict[str, Any]]:
+            return {o["metadata"]["name"]: o for o in store.by_index(key)}
+
+        return Existing(by_name(self.service_store), by_name(self.slice_store), by_name(self.policy_store))
+
     def _existing(self, cr: DestinationCR) -> Existing:
-        """What exists for ``cr``, from the caches."""
+        """What exists for ``cr``, from the caches: what they list as its own, and
+        whatever holds the names it wants."""
         ns = cr.namespace
-        services = {o["metadata"]["name"]: o for o in self.service_store.by_index(cr.key)}
-        slices = {o["metadata"]["name"]: o for o in self.slice_store.by_index(cr.key)}
+        owned = self._owned(cr.key)
+        services, slices, policies = dict(owned.services), dict(owned.slices), dict(owned.policies)
         for route in cr.routes():
             name = route.service_name
             svc = self.service_store.get((ns, name))
@@ -681,10 +767,8 @@ class KubeController(MultiService):
                 found = self.slice_store.get((ns, sname))
                 if found is not None:
                     slices[sname] = found
-        policies = {
-            o["metadata"]["name"]: o for o in self.policy_store.by_index(cr.key)
-            if o["metadata"].get("namespace") == self.placement.namespace
-        }
+                elif (ns, sname) in self.foreign:
+                    slices[sname] = {"metadata": {"name": sname, "namespace": ns}}  # someone else's
         own = self.policy_store.get((self.placement.namespace, policy_name(cr)))
         if own is not None:
             policies[own["metadata"]["name"]] = own
@@ -703,6 +787,23 @@ class KubeController(MultiService):
         self._set_allocations(cr.key, plan.routes)
         self.decided.add(cr.key)
         return plan
+
+    async def _reconcile_slices(self, cr: DestinationCR, epoch: int) -> bool:
+        """The pods changed: patch ``cr``'s EndpointSlices from the caches, with the ports
+        this leader decided -- no destination lookup, no listener, no status.  Anything
+        more (a slice to create or delete) or a failed patch makes it a full reconcile,
+        which reports as always."""
+        slices = {o["metadata"]["name"]: o for o in self.slice_store.by_index(cr.key)}
+        pods = sorted(self.pods.values(), key=lambda p: p.name)
+        changes = slice_changes(cr, self.allocations.get(cr.key, {}), slices, pods, self.placement)
+        if changes is None:
+            return await self._reconcile_as_leader(cr, epoch)
+        result = await self._apply(changes, self._fence(epoch), cr.key)
+        for failure in result.failures:
+            log.warn("Destination {key}: {message}", key="/".join(cr.key), message=failure.message)
+        if result.failures and not result.fenced:
+            return await self._reconcile_as_leader(cr, epoch)
+        return True
 
     async def _reconcile_as_leader(self, cr: DestinationCR, epoch: int) -> bool:
         key = cr.key
@@ -723,8 +824,7 @@ class KubeController(MultiService):
 
         if not fence():
             return True
-        result = await self.planes.control(apply_changes, self.planes.control_api, plan.changes, fence)
-        self._written(result.written)
+        result = await self._apply(plan.changes, fence, key)
         if result.fenced:
             return True
         ok = True
@@ -734,24 +834,24 @@ class KubeController(MultiService):
                 self.foreign.add((failure.change.namespace, failure.change.name))
         if result.failures:
             ok = all(f.foreign for f in result.failures)  # a name clash waits for a resync
+            if ok and any(f.change.route is not None for f in result.failures):
+                # The NetworkPolicy, written first, still records the clashing route's
+                # port; the next plan knows the clash (self.foreign) and leaves it out.
+                self.enqueue(key)
             plan = failed_plan(plan, cr, result.failures, self.now())
             self._set_allocations(key, plan.routes)
             await self._sync_listeners(key, plan.routes)
             if not ok:
                 self.last_error = f"Destination {'/'.join(key)}: {result.failures[0].message}"
-        if plan.status_patch is not None and fence():
-            try:
-                updated = await self.planes.control(
-                    self.planes.control_api.patch_destination_status, cr.namespace, cr.name, plan.status_patch
-                )
-                if isinstance(updated, dict):
-                    self.crs.put(updated)
-            except KubeApiError as e:
-                ok = self._error(f"cannot write the status of Destination {'/'.join(key)}: {e}")
-                log.warn("{message}", message=self.last_error)
-        for event in ((plan.event,) if plan.event else ()) + plan.warnings:
-            if fence():
-                await self._record_event(cr, event)
+        reports = report_changes(cr, plan, self.now(), self.settings.identity)
+        if reports:
+            result = await self._apply(reports, fence, key)
+            for failure in result.failures:
+                if failure.change.kind == EVENT:  # a lost Event is logged, nothing more
+                    log.warn("cannot record an event on Destination {key}: {e}", key="/".join(key), e=failure.message)
+                else:
+                    ok = self._error(f"cannot write the status of Destination {'/'.join(key)}: {failure.message}")
+                    log.warn("{message}", message=self.last_error)
         transient = [e for e in lookups.values() if isinstance(e, BaseException)
                      and not (isinstance(e, DestinationLookupError) and e.definitive)]
         if transient:
@@ -764,14 +864,33 @@ class KubeController(MultiService):
             )
         return ok
 
-    def _written(self, written: Any) -> None:
-        """The API server's answers to our writes go into the caches at once (their
-        watch events, arriving later with the same version, then change nothing)."""
-        stores = {SERVICE: self.service_store, ENDPOINT_SLICE: self.slice_store, NETWORK_POLICY: self.policy_store}
-        for kind, obj in written:
-            store = stores.get(kind)
-            if store is not None and isinstance(obj, dict):
-                store.put(obj)
+    async def _apply(
+        self, changes: tuple[Change, ...] | list[Change], fence: Callable[[], bool], cr: CRKey | None = None
+    ) -> ApplyResult:
+        """Write ``changes`` (for ``cr``'s reconcile) in the control pool; nothing to
+        write: no thread hop."""
+        if not changes:
+            return ApplyResult(())
+
+        def hand_back(kind: str, obj: dict[str, Any]) -> None:  # (worker thread)
+            self.reactor.callFromThread(self._written, cr, kind, obj)
+
+        return await self.planes.control(apply_changes, self.planes.control_api, changes, fence, hand_back)
+
+    def _written(self, cr: CRKey | None, kind: str, obj: dict[str, Any]) -> None:
+        """The API server's answer to one of ``cr``'s writes goes into the cache as soon
+        as it arrives, while the rest of the plan is still being written: its watch
+        event, which usually comes later with the same version, then changes nothing.
+        The answer is also noted for the reconcile, in case the event came first."""
+        stores = {SERVICE: self.service_store, ENDPOINT_SLICE: self.slice_store, NETWORK_POLICY: self.policy_store,
+                  DESTINATION: self.crs}
+        store = stores.get(kind)
+        if store is None:
+            return
+        store.put(obj)
+        key = key_of(obj)
+        if cr in self._answers and key is not None:
+            self._answers[cr].add((store, key, _version_of(obj)))
 
     async def _sync_listeners(self, key: CRKey, routes: Mapping[Route, int]) -> set[tuple[Route, int]]:
         """Make this pod's listeners for ``key`` match ``routes``; those that failed."""
@@ -781,12 +900,11 @@ class KubeController(MultiService):
         for route, port in list(current.items()):
             if routes.get(route) != port:
                 del current[route]
-                try:
-                    await maybeDeferred(self.listeners.close, route)
-                except Exception as e:  # noqa: BLE001 - a listener bug must not stop us
-                    log.warn("closing the listener of {route} failed: {e}", route=route.key, e=e)
+                await self._close_listener(route)
         failed: set[tuple[Route, int]] = set()
         for route, port in sorted(routes.items()):
+            if self.draining:
+                break  # the drain began while an open was under way: open nothing more
             if current.get(route) == port:
                 continue
             try:
@@ -796,9 +914,20 @@ class KubeController(MultiService):
                 failed.add((route, port))
             else:
                 current[route] = port
-        if not current:
+        if self.draining:
+            # opens that finished after the drain began (which closed what was open then)
+            for route in list(current):
+                del current[route]
+                await self._close_listener(route)
+        if not current and self.served.get(key) is current:
             self.served.pop(key, None)
         return failed
+
+    async def _close_listener(self, route: Route) -> None:
+        try:
+            await maybeDeferred(self.listeners.close, route)
+        except Exception as e:  # noqa: BLE001 - a listener bug must not stop us
+            log.warn("closing the listener of {route} failed: {e}", route=route.key, e=e)
 
     async def _forget(self, key: CRKey) -> bool:
         """The CR is gone: close its listeners; the leader deletes what it made."""
@@ -811,16 +940,10 @@ class KubeController(MultiService):
         if not self.leading:
             return True
         fence = self._fence(self.epoch)
-        existing = Existing(
-            {o["metadata"]["name"]: o for o in self.service_store.by_index(key)},
-            {o["metadata"]["name"]: o for o in self.slice_store.by_index(key)},
-            {o["metadata"]["name"]: o for o in self.policy_store.by_index(key)
-             if o["metadata"].get("namespace") == self.placement.namespace},
-        )
-        changes = deletion_changes(existing, self.placement)
+        changes = deletion_changes(self._owned(key), self.placement)
         if not changes:
             return True
-        result = await self.planes.control(apply_changes, self.planes.control_api, changes, fence)
+        result = await self._apply(changes, fence, key)
         if result.failures:
             return self._error(f"cannot clean up after Destination {'/'.join(key)}: {result.failures[0].message}")
         return True
@@ -832,50 +955,19 @@ class KubeController(MultiService):
         orphans = []
         for kind, store in ((SERVICE, self.service_store), (ENDPOINT_SLICE, self.slice_store), (NETWORK_POLICY, self.policy_store)):
             for obj in store.values():
-                cr = cr_key_of(obj)
+                cr = store.index_of(obj)
                 if cr is None or cr in self.crs or (watched and cr[0] not in watched):
-                    continue
-                if kind == NETWORK_POLICY and obj["metadata"].get("namespace") != self.placement.namespace:
                     continue
                 orphans.append(Change("delete", kind, obj["metadata"].get("namespace", ""), obj["metadata"]["name"]))
         # objects without a usable annotation, labelled with a uid no CR has
         live = {(o.get("metadata") or {}).get("uid") for o in self.crs.values()}
         for kind, store in ((SERVICE, self.service_store), (ENDPOINT_SLICE, self.slice_store), (NETWORK_POLICY, self.policy_store)):
             for obj in store.values():
-                if cr_key_of(obj) is None and (obj["metadata"].get("labels") or {}).get("mailgw.io/destination-uid") not in live:
+                if store.index_of(obj) is None and (obj["metadata"].get("labels") or {}).get("mailgw.io/destination-uid") not in live:
                     orphans.append(Change("delete", kind, obj["metadata"].get("namespace", ""), obj["metadata"]["name"]))
         if orphans:
             log.info("removing {n} objects whose Destination is gone", n=len(orphans))
-            await self.planes.control(apply_changes, self.planes.control_api, orphans, self._fence(epoch))
-
-    async def _record_event(self, cr: DestinationCR, event: Event) -> None:
-        stamp = self.now()
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{cr.name}.", "namespace": cr.namespace},
-            "involvedObject": {
-                "apiVersion": "destination.connectivity.api.sap/v1",
-                "kind": "Destination",
-                "name": cr.name,
-                "namespace": cr.namespace,
-                "uid": cr.uid,
-                "resourceVersion": cr.resource_version,
-            },
-            "reason": event.reason,
-            "message": event.message[:1024],
-            "type": event.type,
-            "source": {"component": "mailgw"},
-            "reportingComponent": "mailgw",
-            "reportingInstance": self.settings.identity,
-            "firstTimestamp": stamp,
-            "lastTimestamp": stamp,
-            "count": 1,
-        }
-        try:
-            await self.planes.control(self.planes.control_api.create_event, cr.namespace, body)
-        except KubeApiError as e:
-            log.warn("cannot record an event on Destination {key}: {e}", key="/".join(cr.key), e=str(e))
+            await self._apply(orphans, self._fence(epoch))
 
     # --- what listeners ask (the data plane) ----------------------------------------------
 
@@ -922,7 +1014,5 @@ class KubeController(MultiService):
             cr.namespace, cr.destination_ref or "", route.tenant, refresh_token=refresh_token, code=code
         )
 
-
-PLURAL_DST = "destinations"
 
 __all__ = ["KubeController", "KubeSettings", "Planes"]

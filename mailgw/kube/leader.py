@@ -3,10 +3,13 @@
 Every ``retry_period`` seconds each replica reads the Lease.  Absent: create it holding
 it.  Held by us: renew ``renewTime``.  Held by another: take it over only after its
 record has not changed for ``leaseDurationSeconds`` as measured by *our* clock (so clock
-skew between nodes does not matter), or at once when the holder released it.  Writes use
+skew between nodes does not matter; it is the reactor's ``seconds()``, wall-clock time,
+so a step of this node's clock lengthens or shortens that one wait), or at once when the
+holder released it.  Writes use
 the Lease's resourceVersion, so of two replicas racing only one wins.  A leader that has
 not renewed for ``renew_deadline`` seconds steps down, as does one that sees another
-holder.  On stop a leader releases the Lease so a successor takes over immediately.
+holder.  On stop a leader releases the Lease so a successor takes over immediately (so
+does a replica whose round, in flight at the stop, may have acquired it).
 
 The renew deadline is a timer on the reactor's clock, armed at every successful renewal:
 it fires whatever the Lease calls are doing (a call that hangs holds only the elector's
@@ -39,7 +42,8 @@ def micro_time(now: datetime.datetime | None = None) -> str:
 
 @frozen
 class Observed:
-    """The last Lease record seen and when (our monotonic clock) it last changed."""
+    """The last Lease record seen and when it last changed, in the elector's
+    ``clock.seconds()`` (the reactor's: wall-clock time, not a monotonic clock)."""
 
     record: tuple[Any, ...]
     since: float
@@ -114,8 +118,9 @@ class LeaderElector:
         self.wall_clock = wall_clock
         self.is_leader = False
         self._observed: Observed | None = None
-        self._last_renew = 0.0
         self._busy = False
+        #: fired when the round in flight is over (see stop)
+        self._round_waiters: list[Deferred[None]] = []
         self._stopped = False
         self._loop: LoopingCall | None = None
         self._deadline: Any = None
@@ -132,12 +137,29 @@ class LeaderElector:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._cancel_deadline()
-        if not self.is_leader:
-            return succeed(None)
+        leading = self.is_leader
         self._step_down("stopping")
-        d = self.run(self._release)
-        d.addCallback(lambda _: log.info("{identity} released lease {name}", identity=self.identity, name=self.name))
+        if not (leading or self._busy):
+            return succeed(None)
+
+        def released(done: bool) -> None:
+            if done:
+                log.info("{identity} released lease {name}", identity=self.identity, name=self.name)
+
+        # A round still in flight may yet renew the Lease (a release made meanwhile would
+        # meet its new version) or acquire it (a create or takeover sent before the stop,
+        # which _won then ignores): release once it is over, if the Lease is ours.
+        d = self._round_over()
+        d.addCallback(lambda _: self.run(self._release))
+        d.addCallback(released)
         d.addErrback(lambda f: log.warn("could not release lease {name}: {e}", name=self.name, e=f.value))
+        return d
+
+    def _round_over(self) -> "Deferred[None]":
+        if not self._busy:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._round_waiters.append(d)
         return d
 
     def tick(self) -> "Deferred[None] | None":
@@ -155,6 +177,9 @@ class LeaderElector:
 
     def _idle(self, _: Any) -> None:
         self._busy = False
+        waiters, self._round_waiters = self._round_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     def _got(self, lease: Mapping[str, Any] | None) -> "Deferred[None] | None":
         if self._stopped:
@@ -190,8 +215,7 @@ class LeaderElector:
 
     def _won(self, _: Any, now: float) -> None:
         if self._stopped:
-            return
-        self._last_renew = now
+            return  # stop() releases it, once this round is over
         # measured from the start of the round, like the Lease record's renewTime
         self._cancel_deadline()
         self._deadline = self.clock.callLater(
@@ -230,14 +254,23 @@ class LeaderElector:
             if self.on_stopped is not None:
                 self.on_stopped()
 
-    def _release(self) -> None:
-        lease = self.api.get(LEASE, self.namespace, self.name)
-        if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.identity:
-            return
-        spec = dict(lease.get("spec") or {})
-        spec.update(holderIdentity=None, leaseDurationSeconds=1, renewTime=self.wall_clock())
-        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": self.name, "namespace": self.namespace,
-                             "resourceVersion": lease["metadata"]["resourceVersion"]},
-                "spec": spec}
-        self.api.replace(LEASE, self.namespace, self.name, body)
+    def _release(self) -> bool:
+        """Give the Lease up if it is ours (blocking); True when released.  A conflict
+        (the Lease changed between the read and the write) is tried once more."""
+        for attempt in (1, 2):
+            lease = self.api.get(LEASE, self.namespace, self.name)
+            if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.identity:
+                return False
+            spec = dict(lease.get("spec") or {})
+            spec.update(holderIdentity=None, leaseDurationSeconds=1, renewTime=self.wall_clock())
+            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": self.name, "namespace": self.namespace,
+                                 "resourceVersion": lease["metadata"]["resourceVersion"]},
+                    "spec": spec}
+            try:
+                self.api.replace(LEASE, self.namespace, self.name, body)
+                return True
+            except KubeApiError as e:
+                if not e.conflict or attempt == 2:
+                    raise
+        return False

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, implementer
 
 from mailgw.destination import Destination
 from mailgw.kube.model import Route
@@ -51,6 +51,7 @@ class IListenerManager(Interface):
         not be disturbed by listeners of other routes coming and going."""
 
 
+@implementer(IRouteDestination)
 class RouteDestination:
     """:class:`IRouteDestination` backed by the controller's current view of the CR."""
 
@@ -77,10 +78,3 @@ class RouteDestination:
 
     def __repr__(self) -> str:
         return f"<RouteDestination {self.route.key}>"
-
-
-# zope.interface declarations (kept explicit rather than a decorator so the class stays
-# importable without the interface machinery getting in the way of attrs users)
-from zope.interface import classImplements  # noqa: E402
-
-classImplements(RouteDestination, IRouteDestination)

@@ -1,9 +1,9 @@
 """``twistd -n mailgw --kubernetes``: the controller opens gateway listeners per route.
 
 The controller (``mailgw.kube.controller``) decides which routes exist and on which
-port; :class:`ListenerManager` opens real gateway listeners for them, and
-:class:`RouteSource` answers each session's destination lookup through the controller's
-view of the CR (so a changed destination applies to the next session).
+port; :class:`ListenerManager` opens real gateway listeners for them, each with a
+:class:`RouteSource` of its own that answers its sessions' destination lookups through
+the controller's view of the CR (so a changed destination applies to the next session).
 """
 
 from __future__ import annotations
@@ -21,56 +21,53 @@ from zope.interface import implementer
 from ..config import ConfigError, HttpConfig, load_config, parse_config
 from ..destination import OAUTH2_REFRESH_TOKEN
 from ..errors import GatewayError
+from ..listening import DEFAULT_BACKLOG
 from ..oauth import TokenError
-from ..service import GatewayService, make_service
+from ..service import GatewayService, StaticSource, make_service
 from ..session import GatewayFactory
+from ..settings import Route as ListenerRoute
 from ..sources.base import DestinationLookupError
 from ..status import listener_info
 from .listeners import IListenerManager, IRouteDestination
 from .model import Route
 
 DEFAULT_HTTP = "tcp:9494"  # probes and metrics; the Deployment points at this port
-BACKLOG = 1024
 
 
 class RouteSource:
-    """Destinations for sessions on controller-opened listeners.  Keyed by the lookup
-    name of each listener's :class:`mailgw.settings.Route` (``Route.listener_route()``
-    of the controller's route: ``namespace/cr[@tenant]``)."""
+    """The destination source of one controller-opened listener, carried by its route
+    (:attr:`mailgw.settings.Route.source`): its sessions ask it directly, never a table
+    by name, so a session keeps it after the listener has closed (the drain, the CR
+    deleted, a port moved) and still exchanges its secret where the route says."""
 
-    def __init__(self):
-        self.routes: dict[str, IRouteDestination] = {}
-        self._families: dict[str, str] = {}
+    def __init__(self, destination: IRouteDestination):
+        self.destination = destination
+        self._family: str | None = None
 
     def lookup(self, name: str, tenant: str | None = None):
-        route_destination = self.routes.get(name)
-        if route_destination is None:
-            raise GatewayError(f"route {name} is no longer served")
-
         def remember(destination):
-            self._families[name] = destination.family
+            self._family = destination.family
             return destination
 
         def explain(failure):
             failure.trap(DestinationLookupError)
             raise GatewayError(getattr(failure.value, "message", None) or str(failure.value))
 
-        return route_destination.lookup().addCallbacks(remember, explain)
+        return self.destination.lookup().addCallbacks(remember, explain)
 
     def family(self, name: str) -> str | None:
-        return self._families.get(name)
+        return self._family
 
     def exchange(self, name: str, destination, secret: str):
         """The destination service's token for the application's secret (sent as
         ``X-refresh-token`` or ``X-code``), or ``None`` when the route's source does not
         exchange secrets (the gateway then uses the destination's token service)."""
-        route_destination = self.routes.get(name)
-        if route_destination is None or not route_destination.can_exchange():
+        if not self.destination.can_exchange():
             return None
         if destination.authentication == OAUTH2_REFRESH_TOKEN:
-            d = route_destination.exchange(refresh_token=secret)
+            d = self.destination.exchange(refresh_token=secret)
         else:
-            d = route_destination.exchange(code=secret)
+            d = self.destination.exchange(code=secret)
 
         def explain(failure):
             failure.trap(DestinationLookupError)
@@ -83,24 +80,25 @@ class RouteSource:
 def listen_tcp(reactor, port: int, factory, interface: str = ""):
     """Listen on ``port``: on ``interface`` when given, else on every address of both
     families -- one dual-stack socket (``IPV6_V6ONLY`` off, whatever the host's default),
-    or IPv4 alone where the pod has no IPv6.  Fires with the listening port."""
+    or IPv4 alone where the pod has no IPv6.  Every way listens with the gateway's
+    backlog (SPEC 9.6), not Twisted's 50.  Fires with the listening port."""
     if interface:
         endpoint_class = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
-        return endpoint_class(reactor, port, interface=interface).listen(factory)
+        return endpoint_class(reactor, port, backlog=DEFAULT_BACKLOG, interface=interface).listen(factory)
     try:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     except OSError:
-        return TCP4ServerEndpoint(reactor, port).listen(factory)
+        return TCP4ServerEndpoint(reactor, port, backlog=DEFAULT_BACKLOG).listen(factory)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(("::", port))
-        sock.listen(BACKLOG)
+        sock.listen(DEFAULT_BACKLOG)
         sock.setblocking(False)
         listening = reactor.adoptStreamPort(sock.fileno(), socket.AF_INET6, factory)
     except OSError as e:
         if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):  # IPv6 switched off
-            return TCP4ServerEndpoint(reactor, port).listen(factory)
+            return TCP4ServerEndpoint(reactor, port, backlog=DEFAULT_BACKLOG).listen(factory)
         return defer.fail(CannotListenError("::", port, e))
     finally:
         sock.close()  # the reactor has its own duplicate
@@ -111,29 +109,30 @@ def listen_tcp(reactor, port: int, factory, interface: str = ""):
 class ListenerManager:
     """Real listeners: one TCP port per route, IPv4 and IPv6 (``interface``: one only)."""
 
-    def __init__(self, reactor, gateway, source: RouteSource, interface: str = ""):
+    def __init__(self, reactor, gateway, interface: str = ""):
         self.reactor = reactor
         self.gateway = gateway
-        self.source = source
         self.interface = interface
         self.ports: dict[Route, object] = {}
+        #: the session layer's route of each open listener (it carries the source)
+        self.routes: dict[Route, ListenerRoute] = {}
 
     def open(self, route: Route, port: int, destination: IRouteDestination):
-        listener_route = route.listener_route()
-        self.source.routes[listener_route.destination] = destination
+        listener_route = route.listener_route(source=RouteSource(destination))
         factory = GatewayFactory(listener_route, self.gateway)
         factory.noisy = False
 
         def listening(listening_port):
             self.ports[route] = listening_port
+            self.routes[route] = listener_route
             self._update_pools()
 
         return listen_tcp(self.reactor, port, factory, self.interface).addCallback(listening)
 
     def close(self, route: Route):
-        # Sessions already running keep their connections and their destination.
-        self.source.routes.pop(route.listener_route().destination, None)
+        # Sessions already running keep their connections and their route's source.
         listening_port = self.ports.pop(route, None)
+        self.routes.pop(route, None)
         if listening_port is None:
             return defer.succeed(None)
         self._update_pools()
@@ -141,7 +140,7 @@ class ListenerManager:
 
     def _update_pools(self) -> None:
         """Warm pools (SPEC 9.7) for the routes served now."""
-        self.gateway.update_pools([route.listener_route() for route in self.ports])
+        self.gateway.update_pools(list(self.routes.values()))
 
 
 def make_kubernetes_service(reactor, config_path: str | None, *, api=None, settings=None) -> GatewayService:
@@ -167,9 +166,9 @@ def make_kubernetes_service(reactor, config_path: str | None, *, api=None, setti
     if api is None:
         api_client = load_api_client(kubeconfig or os.environ.get("KUBECONFIG"), identity=settings.identity)
         api = KubeApi(api_client, timeout=settings.api_timeout)
-    source = RouteSource()
-    service = make_service(config, reactor, source=source, send_api=False)
-    listeners = ListenerManager(reactor, service.gateway, source, settings.listen_interface)
+    # every listener the controller opens brings its route's own source (RouteSource)
+    service = make_service(config, reactor, source=StaticSource({}), send_api=False)
+    listeners = ListenerManager(reactor, service.gateway, settings.listen_interface)
     controller = KubeController.create(api, listeners, settings, reactor, tokens=service.gateway.tokens)
     controller.setServiceParent(service)
     service.gateway.add_readiness_check("controller not synced", lambda: controller.ready)  # initial lists in

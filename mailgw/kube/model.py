@@ -130,9 +130,10 @@ class Route:
     def sort_key(self) -> tuple[str, str, str]:
         return (self.namespace, self.cr_name, self.tenant or "")
 
-    def listener_route(self) -> ListenerRoute:
-        """The session layer's view of this route (lookup name and tenant)."""
-        return ListenerRoute(self.key, self.tenant)
+    def listener_route(self, source: Any = None) -> ListenerRoute:
+        """The session layer's view of this route (lookup name and tenant, and the
+        destination source its sessions ask)."""
+        return ListenerRoute(self.key, self.tenant, source)
 
 
 @frozen

@@ -76,6 +76,7 @@ class WorkQueue:
         self._again: set[Hashable] = set()
         self._delayed: dict[Hashable, Any] = {}
         self._failures: dict[Hashable, int] = {}
+        self._pumping = False
         self.stopped = False
 
     # --- what callers see -----------------------------------------------------------------
@@ -91,6 +92,10 @@ class WorkQueue:
 
     def running(self, key: Hashable) -> bool:
         return key in self._running
+
+    def pending(self, key: Hashable) -> bool:
+        """Will ``key`` be worked on (again) without another :meth:`add`?"""
+        return key in self._queued or key in self._again
 
     def failures(self, key: Hashable) -> int:
         return self._failures.get(key, 0)
@@ -161,13 +166,22 @@ class WorkQueue:
             self.on_change(self)
 
     def _pump(self) -> None:
-        while self._ready and len(self._running) < self.concurrency and not self.stopped:
-            key = self._ready.popleft()
-            self._queued.discard(key)
-            done: Deferred = Deferred()
-            self._running[key] = done
-            d = maybeDeferred(self.work, key)
-            d.addBoth(self._finished, key, done)
+        # Not re-entrant: work that finishes at once calls back into _pump (through
+        # _finished, or add()); that inner call returns and this loop starts the next
+        # key.  Nested, a backlog of such keys would grow the stack by one level per key.
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._ready and len(self._running) < self.concurrency and not self.stopped:
+                key = self._ready.popleft()
+                self._queued.discard(key)
+                done: Deferred = Deferred()
+                self._running[key] = done
+                d = maybeDeferred(self.work, key)
+                d.addBoth(self._finished, key, done)
+        finally:
+            self._pumping = False
         self._changed()
 
     def _finished(self, result: Any, key: Hashable, done: Deferred) -> None:

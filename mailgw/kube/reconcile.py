@@ -66,6 +66,9 @@ from mailgw.sources.base import DestinationLookupError, SourceUnavailable
 SERVICE = "Service"
 ENDPOINT_SLICE = "EndpointSlice"
 NETWORK_POLICY = "NetworkPolicy"
+#: the CR itself: its status subresource (Change action ``status``)
+DESTINATION = "Destination"
+EVENT = "Event"
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SLICE_MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
@@ -92,16 +95,18 @@ class GatewayPod:
 
     name: str
     ips: tuple[str, ...] = field(converter=_ips)
+    #: ready and not terminating (the controller's pod_of says so)
     ready: bool = True
     serving: bool = True
     terminating: bool = False
 
-    @property
-    def ip(self) -> str:
-        return self.ips[0] if self.ips else ""
-
     def conditions(self) -> dict[str, bool]:
-        return {"ready": self.ready and not self.terminating, "serving": self.serving, "terminating": self.terminating}
+        return {"ready": self.ready, "serving": self.serving, "terminating": self.terminating}
+
+
+def sorted_pairs(mapping: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """A mapping (or its items) as sorted pairs: a hashable value for frozen settings."""
+    return tuple(sorted(dict(mapping).items()))
 
 
 @frozen
@@ -110,9 +115,7 @@ class GatewayPlacement:
     be confused with :class:`mailgw.service.Gateway`, what the sessions share.)"""
 
     namespace: str
-    pod_labels: tuple[tuple[str, str], ...] = field(
-        converter=lambda labels: tuple(sorted(dict(labels).items()))
-    )
+    pod_labels: tuple[tuple[str, str], ...] = field(converter=sorted_pairs)
     port_range: tuple[int, int] = (20000, 29999)
 
     @property
@@ -136,7 +139,8 @@ class Existing:
 
 @frozen
 class Change:
-    """One write: ``create`` / ``patch`` (JSON merge patch) / ``delete`` of an object."""
+    """One write: ``create`` / ``patch`` (JSON merge patch) / ``delete`` of an object, or
+    ``status``: a merge patch of a Destination's status subresource."""
 
     action: str
     kind: str
@@ -213,6 +217,16 @@ def owned_by(obj: Mapping[str, Any], cr: DestinationCR) -> bool:
     return _labels(obj).get(UID_LABEL) == cr.uid or _annotations(obj).get(CR_ANNOTATION) == cr_ref(cr)
 
 
+def _namespace_of(obj: Mapping[str, Any], cr: DestinationCR) -> str:
+    """Where a delete of ``obj`` goes: its own namespace, never one derived from a name."""
+    return str(_meta(obj).get("namespace") or cr.namespace)
+
+
+def _here(obj: Mapping[str, Any], cr: DestinationCR) -> bool:
+    """Is ``obj`` in ``cr``'s namespace (an object without one is taken to be)?"""
+    return _meta(obj).get("namespace", cr.namespace) == cr.namespace
+
+
 def read_port(obj: Mapping[str, Any]) -> int | None:
     """The gateway port recorded on an owned Service, or None."""
     text = _annotations(obj).get(PORT_ANNOTATION)
@@ -223,8 +237,8 @@ def read_port(obj: Mapping[str, Any]) -> int | None:
     return port if 0 < port < 65536 else None
 
 
-def cr_key_of(obj: Mapping[str, Any]) -> tuple[str, str] | None:
-    """``(namespace, name)`` of the CR a managed object belongs to (its annotation)."""
+def _annotated_cr(obj: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(namespace, name)`` from a managed object's ``mailgw.io/destination`` annotation."""
     if not is_managed(obj):
         return None
     ref = _annotations(obj).get(CR_ANNOTATION)
@@ -232,6 +246,23 @@ def cr_key_of(obj: Mapping[str, Any]) -> tuple[str, str] | None:
         return None
     namespace, _, name = ref.partition("/")
     return (namespace, name)
+
+
+def cr_key_of(obj: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(namespace, name)`` of the CR a managed Service or EndpointSlice belongs to: its
+    annotation, believed only when it names the object's own namespace.  Anyone who may
+    edit one namespace may label and annotate objects there; were an object in ``a``
+    annotated ``b/x`` taken for CR ``b/x``'s, the leader would delete ``b``'s objects of
+    its name."""
+    key = _annotated_cr(obj)
+    return key if key is not None and _meta(obj).get("namespace") == key[0] else None
+
+
+def policy_cr_key_of(policy: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(namespace, name)`` of the CR a managed NetworkPolicy belongs to.  Policies live
+    in the gateway's namespace (only they are watched), which only the gateway and
+    cluster administrators write, so their annotation is believed as it is."""
+    return _annotated_cr(policy)
 
 
 def route_of_service(obj: Mapping[str, Any]) -> Route | None:
@@ -268,20 +299,27 @@ def ports_annotation(routes: Mapping[Route, int]) -> str:
                       separators=(",", ":"), sort_keys=True)
 
 
-def routes_from_policy(
-    policy: Mapping[str, Any], port_range: tuple[int, int]
-) -> tuple[tuple[str, str] | None, dict[Route, int]]:
-    """The CR a managed NetworkPolicy belongs to and its recorded routes and ports.
+def admitted_ports(policy: Mapping[str, Any]) -> set[int]:
+    """The ports a NetworkPolicy's ingress rules admit."""
+    admitted = set()
+    spec = policy.get("spec") if isinstance(policy.get("spec"), Mapping) else {}
+    for rule in spec.get("ingress") or []:
+        for p in (rule.get("ports") or []) if isinstance(rule, Mapping) else []:
+            if isinstance(p, Mapping) and isinstance(p.get("port"), int):
+                admitted.add(p["port"])
+    return admitted
+
+
+def routes_from_policy(policy: Mapping[str, Any], port_range: tuple[int, int]) -> dict[Route, int]:
+    """The routes and ports a managed NetworkPolicy records for its CR.
 
     Only ports within ``port_range`` that the policy itself admits count: the record is
-    checked against the rule it sits next to.  ``(None, {})`` for anything else.
+    checked against the rule it sits next to.  ``{}`` for anything else.
     """
-    if not is_managed(policy):
-        return None, {}
-    ref = _annotations(policy).get(CR_ANNOTATION)
-    if not isinstance(ref, str) or "/" not in ref:
-        return None, {}
-    namespace, _, name = ref.partition("/")
+    key = policy_cr_key_of(policy)
+    if key is None:
+        return {}
+    namespace, name = key
     try:
         record = json.loads(_annotations(policy).get(PORTS_ANNOTATION) or "{}")
     except ValueError:
@@ -289,18 +327,13 @@ def routes_from_policy(
     if not isinstance(record, Mapping):
         record = {}
     lo, hi = port_range
-    admitted = set()
-    spec = policy.get("spec") if isinstance(policy.get("spec"), Mapping) else {}
-    for rule in spec.get("ingress") or []:
-        for p in (rule.get("ports") or []) if isinstance(rule, Mapping) else []:
-            if isinstance(p, Mapping) and isinstance(p.get("port"), int):
-                admitted.add(p["port"])
+    admitted = admitted_ports(policy)
     routes: dict[Route, int] = {}
     for tenant, port in record.items():
         if isinstance(tenant, str) and isinstance(port, int) and not isinstance(port, bool) \
                 and lo <= port <= hi and port in admitted:
             routes[Route(namespace, name, tenant or None)] = port
-    return (namespace, name), routes
+    return routes
 
 
 def slice_name(service_name: str, ipv6: bool = False) -> str:
@@ -630,7 +663,6 @@ def build_status(
         status["services"] = ",".join(r.service_name for r in sorted(served, key=Route.sort_key))
     if cr.tenants and cr.problem is None:
         status["tenantSubdomains"] = ",".join(cr.tenants)
-    if cr.tenants and cr.problem is None:
         tenants = []
         for tenant in cr.tenants:
             route = Route(cr.namespace, cr.name, tenant)
@@ -715,8 +747,9 @@ def reconcile(
     routes = cr.routes()
     own_key = cr.key
 
-    owned_services = {n: s for n, s in existing.services.items() if owned_by(s, cr)}
-    owned_slices = {n: s for n, s in existing.slices.items() if owned_by(s, cr)}
+    # (a Service or slice of another namespace is never this CR's, whatever it says)
+    owned_services = {n: s for n, s in existing.services.items() if owned_by(s, cr) and _here(s, cr)}
+    owned_slices = {n: s for n, s in existing.slices.items() if owned_by(s, cr) and _here(s, cr)}
     current = {r: p for r, p in allocations.items() if (r.namespace, r.cr_name) == own_key}
     if taken is None:
         taken = {p for r, p in allocations.items() if (r.namespace, r.cr_name) != own_key}
@@ -775,6 +808,7 @@ def reconcile(
 
     desired_services: dict[str, dict[str, Any]] = {}
     desired_slices: dict[str, dict[str, Any]] = {}
+    service_routes: dict[str, Route] = {}
     slice_routes: dict[str, Route] = {}
     served: dict[Route, int] = dict(kept)
     service_ports: dict[Route, int] = {}
@@ -788,6 +822,7 @@ def reconcile(
         served[route] = port
         service_ports[route] = service_port
         desired_services[route.service_name] = service_body(cr, route, service_port, port, protocol)
+        service_routes[route.service_name] = route
         svc = owned_services.get(route.service_name)
         if svc is not None and current.get(route) == port:
             warning = _drift_warning(cr, svc, route, port)
@@ -821,7 +856,7 @@ def reconcile(
             changes.append(Change("create", NETWORK_POLICY, gateway.namespace, name, policy))
 
     for name, body in desired_services.items():
-        route = Route(cr.namespace, cr.name, body["metadata"]["labels"][TENANT_LABEL] or None)
+        route = service_routes[name]
         if name in owned_services:
             patch = service_patch(owned_services[name], body)
             if patch is not None:
@@ -846,10 +881,10 @@ def reconcile(
         tenant = _labels(svc_slice).get(TENANT_LABEL) or None
         kept_slice = Route(cr.namespace, cr.name, tenant).service_name in kept_names
         if name not in desired_slices and not kept_slice:
-            changes.append(Change("delete", ENDPOINT_SLICE, cr.namespace, name))
-    for name in sorted(owned_services):
+            changes.append(Change("delete", ENDPOINT_SLICE, _namespace_of(svc_slice, cr), name))
+    for name, svc in sorted(owned_services.items()):
         if name not in desired_services and name not in kept_names:
-            changes.append(Change("delete", SERVICE, cr.namespace, name))
+            changes.append(Change("delete", SERVICE, _namespace_of(svc, cr), name))
 
     status, status_patch, event = build_status(cr, problems, served, service_ports, now)
     return Plan(
@@ -864,6 +899,36 @@ def reconcile(
     )
 
 
+def slice_changes(
+    cr: DestinationCR,
+    routes: Mapping[Route, int],
+    slices: Mapping[str, Mapping[str, Any]],
+    pods: Iterable[GatewayPod],
+    gateway: GatewayPlacement,
+) -> tuple[Change, ...] | None:
+    """The gateway pods changed: the patches that bring the EndpointSlices of ``cr``'s
+    served ``routes`` (route -> gateway port) up to date with ``pods``, given its
+    ``slices`` (name -> object).  None when that takes more than patching the slices
+    there are (a slice to create or delete: a new or gone address family, a slice
+    missing) -- a full reconcile's job."""
+    pods = tuple(pods)
+    owned = {n: o for n, o in slices.items() if owned_by(o, cr) and _here(o, cr)}
+    desired: dict[str, tuple[Route, dict[str, Any]]] = {}
+    for route, port in routes.items():
+        for name, body in slice_bodies(cr, route, port, pods, gateway).items():
+            desired[name] = (route, body)
+    if set(desired) != set(owned):
+        return None
+    changes = []
+    for name, (route, body) in sorted(desired.items()):
+        if owned[name].get("addressType") not in (None, body["addressType"]):
+            return None
+        patch = slice_patch(owned[name], body)
+        if patch is not None:
+            changes.append(Change("patch", ENDPOINT_SLICE, cr.namespace, name, patch, route))
+    return tuple(changes)
+
+
 class _Either:
     """``port in a or port in b`` without building a set of every port in use."""
 
@@ -872,6 +937,43 @@ class _Either:
 
     def __contains__(self, port: object) -> bool:
         return any(port in part for part in self.parts)
+
+
+def event_body(cr: DestinationCR, event: Event, now: str, reporter: str) -> dict[str, Any]:
+    """The Kubernetes Event recording ``event`` on ``cr`` (``reporter``: this replica)."""
+    return {
+        "apiVersion": "v1",
+        "kind": EVENT,
+        "metadata": {"generateName": f"{cr.name}.", "namespace": cr.namespace},
+        "involvedObject": {
+            "apiVersion": "destination.connectivity.api.sap/v1",
+            "kind": "Destination",
+            "name": cr.name,
+            "namespace": cr.namespace,
+            "uid": cr.uid,
+            "resourceVersion": cr.resource_version,
+        },
+        "reason": event.reason,
+        "message": event.message[:1024],
+        "type": event.type,
+        "source": {"component": "mailgw"},
+        "reportingComponent": "mailgw",
+        "reportingInstance": reporter,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+
+
+def report_changes(cr: DestinationCR, plan: Plan, now: str, reporter: str) -> tuple[Change, ...]:
+    """The writes that report ``plan`` on the CR: its status (when it changed), then its
+    Events.  They go through the same fenced write path as the objects."""
+    changes = []
+    if plan.status_patch is not None:
+        changes.append(Change("status", DESTINATION, cr.namespace, cr.name, plan.status_patch))
+    for event in ((plan.event,) if plan.event else ()) + plan.warnings:
+        changes.append(Change("create", EVENT, cr.namespace, "", event_body(cr, event, now, reporter)))
+    return tuple(changes)
 
 
 def failed_plan(plan: Plan, cr: DestinationCR, failures: Iterable[Any], now: str) -> Plan:
@@ -886,9 +988,11 @@ def failed_plan(plan: Plan, cr: DestinationCR, failures: Iterable[Any], now: str
             continue
         if failure.foreign:
             routes.pop(change.route, None)
+            # reconcile()'s words, so the next plan, which knows the clash, writes no new status
+            article = "an" if change.kind[0] in "AEIOU" else "a"
             problems[change.route] = Problem(
                 REASON_NAME_PRESENT,
-                f"a {change.kind} named {change.name!r} already exists in namespace "
+                f"{article} {change.kind} named {change.name!r} already exists in namespace "
                 f"{change.namespace!r} and is not managed by mailgw for this Destination",
             )
         else:

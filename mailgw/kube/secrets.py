@@ -8,8 +8,10 @@
 - :func:`binding_credentials`: the blocking loader of a destination service binding
   (``clientid``, ``clientsecret``, ``url``, ``uri``) for the ``btp`` source.
 
-The controller watches Secrets (metadata only) and invalidates the cached answers of a
-Secret when it changes, so a changed destination applies within seconds.
+The controller watches Secrets of type Opaque (metadata only) and invalidates the cached
+answers of a Secret when it changes, so a changed destination applies within seconds; a
+destination Secret of another type is then refused (``required_type``), since nothing
+would tell the cache that it changed.
 """
 
 from __future__ import annotations
@@ -65,12 +67,17 @@ def secret_value(secret: Mapping[str, Any], key: str) -> str | None:
 class SecretsSource:
     """Reads destinations from Secrets through the Kubernetes API, in a worker pool."""
 
-    def __init__(self, api: KubeApi, run: Callable[..., "Deferred[Any]"], key: str = KEY):
+    def __init__(
+        self, api: KubeApi, run: Callable[..., "Deferred[Any]"], key: str = KEY, *, required_type: str | None = None
+    ):
         """``run(fn, *args)`` runs blocking ``fn`` in a worker pool (a
-        :class:`~mailgw.blocking.BlockingPool`) and is the default of :meth:`lookup`."""
+        :class:`~mailgw.blocking.BlockingPool`) and is the default of :meth:`lookup`.
+        ``required_type``: the only Secret type accepted (the type the controller's
+        Secret watch sees; a destination it cannot see change would stay cached)."""
         self.api = api
         self.run = run
         self.key = key
+        self.required_type = required_type
 
     def lookup(
         self, namespace: str, name: str, tenant: str | None = None, *, run: Callable[..., Deferred] | None = None
@@ -87,6 +94,12 @@ class SecretsSource:
             raise SourceUnavailable(f"cannot read {origin}: {e}") from None
         if secret is None:
             raise DestinationNotFound(f"{origin} holding destination {name!r} not found")
+        kind = secret.get("type") or "Opaque"
+        if self.required_type is not None and kind != self.required_type:
+            raise InvalidDestination(
+                f"{origin} has type {str(kind)[:100]!r}: a destination Secret must be of type "
+                f"{self.required_type} (kubectl create secret generic), the type whose changes the gateway watches"
+            )
         keys = [self.key]
         if tenant is not None and self.key.endswith(".json"):
             keys.insert(0, f"{self.key[:-5]}.{tenant}.json")

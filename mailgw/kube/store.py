@@ -8,6 +8,7 @@ finds an object's siblings without a scan.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping
 
 Key = tuple[str, str]
@@ -27,31 +28,55 @@ def _version(obj: Mapping[str, Any]) -> int | None:
         return None
 
 
+def _later(a: int | None, b: int | None) -> bool:
+    """Resource versions are opaque to clients, but every API server in use hands out
+    increasing integers; when either is not one, the newcomer wins (as a watch event
+    would)."""
+    return a is None or b is None or a > b
+
+
 def newer(new: Mapping[str, Any], old: Mapping[str, Any] | None) -> bool:
-    """Is ``new`` a later version than ``old``?  Resource versions are opaque to
-    clients, but every API server in use hands out increasing integers; when either is
-    not one, the newcomer wins (as a watch event would)."""
-    if old is None:
-        return True
-    a, b = _version(new), _version(old)
-    if a is None or b is None:
-        return True
-    return a > b
+    """Is ``new`` a later version than ``old``?"""
+    return old is None or _later(_version(new), _version(old))
+
+
+def _without_managed_fields(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """``obj`` without ``metadata.managedFields`` (often most of an object's size, and
+    never read here)."""
+    meta = obj.get("metadata")
+    if isinstance(meta, Mapping) and "managedFields" in meta:
+        return dict(obj, metadata={k: v for k, v in meta.items() if k != "managedFields"})
+    return dict(obj)
 
 
 class Store:
     """Objects of one kind by ``(namespace, name)``, with an optional secondary index."""
 
-    def __init__(self, index: Callable[[Mapping[str, Any]], Hashable | None] | None = None):
+    def __init__(
+        self,
+        index: Callable[[Mapping[str, Any]], Hashable | None] | None = None,
+        *,
+        now: Callable[[], float] = time.monotonic,
+        tombstone_ttl: float = 60.0,
+    ):
+        """``tombstone_ttl``: how long a deletion is remembered -- longer than any write
+        made before it may take to be answered (the controller: twice a write's budget)."""
         self._objects: dict[Key, dict[str, Any]] = {}
         self._index_fn = index
         self._index: dict[Hashable, set[Key]] = {}
-        #: versions at which watched objects were deleted: the answer to a write made
-        #: before the deletion, arriving after its event, must not bring the object back
-        self._gone: dict[Key, dict[str, Any]] = {}
+        #: the version at which each watched object was deleted, and until when that is
+        #: remembered: the answer to a write made before the deletion, arriving after its
+        #: event, must not bring the object back.  Oldest first.
+        self._gone: dict[Key, tuple[int | None, float]] = {}
+        self._now = now
+        self.tombstone_ttl = tombstone_ttl
 
     def __len__(self) -> int:
         return len(self._objects)
+
+    @property
+    def tombstones(self) -> int:
+        return len(self._gone)
 
     def __contains__(self, key: object) -> bool:
         return key in self._objects
@@ -64,6 +89,10 @@ class Store:
 
     def values(self) -> list[dict[str, Any]]:
         return list(self._objects.values())
+
+    def index_of(self, obj: Mapping[str, Any]) -> Hashable | None:
+        """``obj``'s index value (None without an index, or when ``obj`` has none)."""
+        return self._index_fn(obj) if self._index_fn is not None else None
 
     def by_index(self, value: Hashable) -> list[dict[str, Any]]:
         return [self._objects[k] for k in sorted(self._index.get(value, ()))]
@@ -89,11 +118,12 @@ class Store:
             return False
         tombstone = self._gone.get(key)
         if not force and tombstone is not None:
-            if not newer(obj, tombstone):
+            deleted_at, until = tombstone
+            if self._now() < until and not _later(_version(obj), deleted_at):
                 return False
             del self._gone[key]
         self._unindex(key)
-        self._objects[key] = dict(obj)
+        self._objects[key] = _without_managed_fields(obj)
         if self._index_fn is not None:
             value = self._index_fn(obj)
             if value is not None:
@@ -120,6 +150,17 @@ class Store:
             self.put(obj, force=True)
         return changed
 
+    def _bury(self, key: Key, version: int | None) -> None:
+        """Remember ``key``'s deletion; forget those that have expired (oldest first)."""
+        now = self._now()
+        while self._gone:
+            oldest = next(iter(self._gone))
+            if self._gone[oldest][1] > now:
+                break
+            del self._gone[oldest]
+        self._gone.pop(key, None)
+        self._gone[key] = (version, now + self.tombstone_ttl)
+
     def event(self, kind: str, obj: Mapping[str, Any]) -> bool:
         """Apply a watch event; True when the store changed (an echo of a write this
         replica made, already stored from the write's answer, changes nothing)."""
@@ -127,6 +168,6 @@ class Store:
         if key is None:
             return False
         if kind == "DELETED":
-            self._gone[key] = {"metadata": dict(obj.get("metadata") or {})}
+            self._bury(key, _version(obj))
             return self.remove(key) is not None
         return self.put(obj)

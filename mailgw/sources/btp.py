@@ -12,7 +12,9 @@ in ``X-refresh-token`` / ``X-code`` and the returned ``authTokens`` carry the up
 access token (:meth:`BtpSource.exchange`).
 
 The find request runs through ``requests`` in a worker pool (``run``), never on the
-reactor thread.  Neither secrets nor tokens reach a log line or an exception message.
+reactor thread.  The binding is read once per ``credentials_ttl`` seconds (or when
+:meth:`BtpSource.forget_credentials` is called: its Secret changed), not at every lookup.
+Neither secrets nor tokens reach a log line or an exception message.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from typing import Any, Callable, Mapping
 import requests
 from attrs import field, frozen
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailgw.cache import SingleFlightCache
 from mailgw.destination import Destination
 from mailgw.oauth import TokenCache, TokenClient, TokenError, client_credentials_key, safe_description, secret_forms
 from mailgw.sources.base import (
@@ -105,18 +109,32 @@ class BtpSource:
         tokens: TokenClient,
         token_cache: TokenCache,
         timeout: float = 10.0,
+        *,
+        clock: Any = None,
+        credentials_ttl: float = 0.0,
     ):
-        """``credentials`` is a blocking loader of the binding; ``run`` runs blocking
-        callables in a worker pool (a :class:`~mailgw.blocking.BlockingPool`) and is the
-        default pool of :meth:`lookup`; ``tokens`` and ``token_cache`` are the gateway's
-        token client and cache (the binding's client-credentials token is cached like any
-        other)."""
+        """``credentials`` is a blocking loader of the binding, whose answer is kept
+        ``credentials_ttl`` seconds on ``clock`` (a failure is not kept); ``run`` runs
+        blocking callables in a worker pool (a :class:`~mailgw.blocking.BlockingPool`)
+        and is the default pool of :meth:`lookup`; ``tokens`` and ``token_cache`` are the
+        gateway's token client and cache (the binding's client-credentials token is
+        cached like any other)."""
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.credentials = credentials
         self.run = run
         self.tokens = tokens
         self.token_cache = token_cache
         self.timeout = timeout
+        # keyed by worker pool: a session's read never waits behind a reconcile's
+        self._bindings = SingleFlightCache(
+            clock, lambda result: None if isinstance(result, Failure) else credentials_ttl, max_entries=8
+        )
         self._local = threading.local()
+
+    def forget_credentials(self) -> None:
+        """The binding changed: read it again at the next lookup."""
+        self._bindings.clear()
 
     def lookup(
         self, namespace: str, name: str, tenant: str | None = None, *, run: Callable[..., Deferred] | None = None
@@ -167,7 +185,7 @@ class BtpSource:
     async def _find(
         self, name: str, tenant: str | None, headers: Mapping[str, str], run: Callable[..., Deferred]
     ) -> FindResult:
-        creds = await run(self.credentials)
+        creds = await self._bindings.get(run, lambda: run(self.credentials))
         token_url = tenant_url(creds.url, tenant).rstrip("/") + "/oauth/token"
         key = client_credentials_key(token_url, creds.clientid, creds.clientsecret, tenant)
         url = creds.uri.rstrip("/") + FIND_PATH + urllib.parse.quote(name, safe="")

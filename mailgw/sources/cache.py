@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -43,17 +43,31 @@ class CachingSource:
     """Caches another source's answers per ``(namespace, name, tenant)``; concurrent
     lookups of one key share one request (:class:`~mailgw.cache.SingleFlightCache`).
 
-    Keyword arguments of :meth:`lookup` (e.g. the worker pool to use) go to the inner
-    source on a miss; they are not part of the key.
+    ``run`` (the worker pool a lookup runs in, None: the source's own) goes to the inner
+    source on a miss, as do other keyword arguments.  A lookup joins only a request made
+    in its own pool: a session must never queue behind a reconcile's request in the
+    control pool.  A stored answer serves every pool.
     """
 
     def __init__(self, source: Any, clock: Any, ttl: float, *, max_entries: int = 10000):
         self.source = source
         self.ttl = ttl
+        # keyed (namespace, name, tenant, run): one flight, and its answer, per pool
         self.cache = SingleFlightCache(clock, destination_lifetime(ttl), max_entries=max_entries)
+        self._pools: list[Any] = []  # the pools lookups have run in: where answers may be
 
-    def lookup(self, namespace: str, name: str, tenant: str | None = None, **kwargs: Any) -> "Deferred[Destination]":
-        return self.cache.get((namespace, name, tenant), lambda: self.source.lookup(namespace, name, tenant, **kwargs))
+    def lookup(
+        self, namespace: str, name: str, tenant: str | None = None, *, run: Any = None, **kwargs: Any
+    ) -> "Deferred[Destination]":
+        key = (namespace, name, tenant)
+        for pool in self._pools:
+            if pool is not run:
+                stored = self.cache.peek(key + (pool,))
+                if stored is not None:
+                    return fail(stored) if isinstance(stored, Failure) else succeed(stored)
+        if not any(pool is run for pool in self._pools):
+            self._pools.append(run)
+        return self.cache.get(key + (run,), lambda: self.source.lookup(namespace, name, tenant, run=run, **kwargs))
 
     def invalidate(self, namespace: str | None = None, name: str | None = None) -> None:
         """Forget the answers for ``namespace`` / ``name`` (None: any)."""

@@ -327,8 +327,7 @@ def test_kubernetes_mode_serves_a_destination_end_to_end(run_container, mounted,
         gateway = run_container(
             spec["args"],
             volumes={str(mounted): "/etc/mailgw"},
-            env={"KUBECONFIG": "/etc/mailgw/kubeconfig", "POD_NAME": "gw-0", "POD_NAMESPACE": "mailgw-system",
-                 "POD_IP": LOCAL},
+            env={"KUBECONFIG": "/etc/mailgw/kubeconfig", "POD_NAME": "gw-0", "POD_NAMESPACE": "mailgw-system"},
         )
         gateway.wait_until(lambda: http_status(f"http://{LOCAL}:{http_port}/readyz") == 200, "/readyz")
         check_the_run(gateway)

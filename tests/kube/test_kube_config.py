@@ -43,6 +43,7 @@ def test_full_section():
         ({"namespace": "Bad_NS"}, "namespace"),
         ({"podLabels": {}}, "podLabels"),
         ({"leaderElection": "yes"}, "leaderElection"),
+        ({"watchSecrets": "yes"}, "watchSecrets"),
         ({"instances": {"x": {"type": "btp"}}}, "secret"),
         ({"instances": {"x": {"type": "ldap"}}}, "type"),
         ({"defaultInstance": "missing"}, "defaultInstance"),
@@ -55,8 +56,10 @@ def test_errors_name_the_key(section, fragment):
 
 
 def test_watch_namespaces_and_listen_interface():
-    settings, _ = parse_kube_section({"watchNamespaces": ["apps", "mail"], "listenInterface": "::1"}, environ={})
+    settings, _ = parse_kube_section({"watchNamespaces": ["apps", "mail"], "listenInterface": "::1",
+                                      "watchSecrets": True}, environ={})
     assert settings.watch_namespaces == ("apps", "mail") and settings.listen_interface == "::1"
+    assert settings.watch_secrets and not parse_kube_section(None, environ={})[0].watch_secrets
     assert settings.namespaces == ("apps", "mail")
     assert parse_kube_section(None, environ={})[0].namespaces == (None,)
     for bad in ({"watchNamespaces": "apps"}, {"watchNamespaces": ["Bad_NS"]}, {"listenInterface": "eth0"}):
@@ -78,3 +81,16 @@ def test_a_send_api_in_kubernetes_mode_stops_start_up_with_one_line(tmp_path):
     message = str(info.value)
     assert message.startswith("mailgw: configuration error:") and "send API" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("section", [
+    {"renewDeadline": 15},  # the default leaseDuration: a follower could take over while we write
+    {"leaseDuration": 8},  # below the default renewDeadline
+    {"renewDeadline": 2},  # the default retryPeriod: no round would ever renew in time
+    {"leaseDuration": 30, "renewDeadline": 20, "retryPeriod": 25},
+])
+def test_lease_timings_must_nest(section):
+    with pytest.raises(ValueError, match=r"leaseDuration > renewDeadline > retryPeriod"):
+        parse_kube_section(section, "gateway.yaml", environ={})
+    settings, _ = parse_kube_section({"leaseDuration": 30, "renewDeadline": 20, "retryPeriod": 5}, environ={})
+    assert (settings.lease_duration, settings.renew_deadline, settings.retry_period) == (30, 20, 5)

@@ -3,6 +3,8 @@ and a recording listener manager."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from kubetest import GW_LABELS, GW_NS, SMTPS, condition, destination_cr, pod, secret, wait_condition, wait_for
 from mailgw.kube import model
@@ -147,6 +149,47 @@ def test_name_clash_with_a_service_we_do_not_own(cluster, make_controller):
     assert listeners.ports() == {}
 
 
+def test_a_namespace_editor_cannot_make_the_leader_delete_in_another_namespace(cluster, make_controller, in_reactor):
+    """Objects in namespace ``a`` labelled as mailgw's and annotated as CR ``b/x``'s are
+    not ``b/x``'s: the leader never deletes ``b``'s Service and slice of the same name
+    (those of CR ``b/victim``)."""
+    cluster.create("secrets", "b", secret("example-dest-smtps", SMTPS, "b"))
+    cluster.create("destinations", "b", destination_cr(name="victim"))
+    cluster.create("destinations", "b", destination_cr(name="x"))
+    bait = {"labels": {model.MANAGED_BY_LABEL: "mailgw"}, "annotations": {model.CR_ANNOTATION: "b/x"}}
+    cluster.create("services", "a", {"metadata": {"name": "victim", **bait}})
+    cluster.create("endpointslices", "a", {"metadata": {"name": "victim-mailgw", **bait}, "addressType": "IPv4"})
+    controller, _ = make_controller()
+    wait_condition(cluster, "True", model.REASON_OK, name="x", ns="b")
+    wait_condition(cluster, "True", model.REASON_OK, name="victim", ns="b")
+    settle(in_reactor, controller)
+    in_reactor(controller.resync)
+    settle(in_reactor, controller)
+    assert cluster.count("DELETE", r"/namespaces/b/") == 0
+    assert cluster.get("services", "b", "victim") is not None
+
+
+def test_a_destination_secret_the_secret_watch_cannot_see_is_refused(cluster, make_controller):
+    """The Secret watch sees type Opaque only: a destination in a Secret of another type
+    would be cached for an hour with nothing to tell it changed."""
+    obj = secret("example-dest-smtps", SMTPS)
+    obj["type"] = "example.com/mail"
+    cluster.create("secrets", "apps", obj)
+    cluster.create("destinations", "apps", destination_cr())
+    make_controller(watch_secrets=True)
+    cond = wait_condition(cluster, "False", model.REASON_DESTINATION_INVALID)
+    assert "example.com/mail" in cond["message"] and "Opaque" in cond["message"]
+    assert cluster.list("services", "apps") == []
+
+
+def test_secrets_are_neither_listed_nor_watched_unless_asked(cluster, make_controller):
+    """A list or watch of Secrets is granted cluster-wide or not at all, and the grant
+    reads every Secret's data: the Secret watch is opt-in (kubernetes.watchSecrets)."""
+    controller, _ = make_controller()
+    assert "secrets" not in {w.name for w in controller.watchers}
+    assert not [p for m, p in cluster.requests if m == "GET" and re.search(r"/secrets(\?|$)", p)]
+
+
 def test_cr_update_port_change(cluster, make_controller, in_reactor):
     cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
     cluster.create("destinations", "apps", destination_cr())
@@ -250,7 +293,7 @@ def test_a_failed_call_is_retried(cluster, make_controller, method, path, status
 def test_secret_read_failure_is_transient(cluster, make_controller, in_reactor):
     cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
     cluster.create("destinations", "apps", destination_cr())
-    controller, listeners = make_controller()
+    controller, listeners = make_controller(watch_secrets=True)
     wait_condition(cluster, "True", model.REASON_OK)
     settle(in_reactor, controller)
     cluster.fault(r"/secrets/example-dest-smtps$", method="GET", status=500, times=None)

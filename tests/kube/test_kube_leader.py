@@ -167,6 +167,77 @@ def test_release_on_stop_hands_over_at_once():
     assert b.is_leader
 
 
+class HandRun:
+    """A lease pool whose calls wait until the test runs them, one by one."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, fn, *args):
+        d = Deferred()
+        self.calls.append((fn, args, d))
+        return d
+
+    def next(self):
+        fn, args, d = self.calls.pop(0)
+        maybeDeferred(fn, *args).chainDeferred(d)
+        return fn
+
+
+def test_a_takeover_in_flight_at_stop_is_released():
+    """stop() came while a takeover was on its way: the Lease it acquired was kept (by a
+    replica that campaigns no more) until it expired."""
+    store, clock, run, events = LeaseStore(), Clock(), HandRun(), []
+    store.lease = {"metadata": {"resourceVersion": "0"}, "spec": {"holderIdentity": None}}
+    store.rv = 0
+    b = LeaderElector(store, run, clock, "gw", "lease", "b", on_started=lambda: events.append("started"))
+    b.start()
+    run.next()  # the read: released, take it over
+    stopped = b.stop()  # while the takeover is in flight
+    assert not stopped.called
+    run.next()  # the takeover succeeds
+    assert store.holder == "b" and not b.is_leader and events == []
+    run.next()  # the release
+    assert store.holder is None and stopped.called and run.calls == []
+
+
+def test_a_renewal_in_flight_at_stop_does_not_keep_the_lease():
+    """The release used to go out at once: the renewal in flight changed the Lease's
+    version under it, the release met a conflict, and the Lease stayed held."""
+    store, clock, run, events = LeaseStore(), Clock(), HandRun(), []
+    a = LeaderElector(store, run, clock, "gw", "lease", "a", on_stopped=lambda: events.append("stopped"))
+    a.start()
+    run.next(), run.next()  # read, create: leader
+    clock.advance(2)
+    run.next()  # the next round read the Lease; its renewal waits for a worker
+    stopped = a.stop()
+    assert not a.is_leader and events == ["stopped"] and not stopped.called
+    # the release waits for the renewal (the pool would run them side by side)
+    assert [fn for fn, _, _ in run.calls] == [store.replace]
+    run.next()  # the renewal
+    run.next()  # then the release
+    assert store.holder is None and stopped.called
+
+
+def test_a_release_that_meets_a_conflict_tries_once_more():
+    store, clock, events = LeaseStore(), Clock(), []
+    a = elector(store, clock, "a", events)
+    a.start()
+    replace = store.replace
+    changed = []
+
+    def changed_meanwhile(kind, ns, name, body):
+        if not changed:  # the Lease changed between the release's read and its write
+            changed.append(True)
+            store.lease["metadata"]["resourceVersion"] = str(store.rv + 1)
+            store.rv += 1
+        return replace(kind, ns, name, body)
+
+    store.replace = changed_meanwhile
+    a.stop()
+    assert store.holder is None and changed
+
+
 def test_leader_steps_down_when_it_cannot_renew():
     store, clock, events = LeaseStore(), Clock(), []
     a = elector(store, clock, "a", events)
@@ -216,8 +287,8 @@ def test_two_controllers_one_writer_both_listen_and_failover(fake, reactor, in_r
     a, la = _controller(fake, reactor, in_reactor, "gw-a")
     b, lb = _controller(fake, reactor, in_reactor, "gw-b")
     try:
-        wait_for(lambda: a.is_leader or b.is_leader, what="a leader")
-        leader, follower = (a, b) if a.is_leader else (b, a)
+        wait_for(lambda: a.leading or b.leading, what="a leader")
+        leader, follower = (a, b) if a.leading else (b, a)
         fake.create("destinations", "apps", destination_cr())
         wait_condition(fake, "True", model.REASON_OK)
         route = Route("apps", "mymail")
@@ -226,10 +297,10 @@ def test_two_controllers_one_writer_both_listen_and_failover(fake, reactor, in_r
         writers = {agent for method, path, agent in fake.agents
                    if method in ("POST", "PATCH", "PUT", "DELETE") and "/leases" not in path}
         assert writers == {leader.settings.identity}
-        assert not follower.is_leader
+        assert not follower.leading
 
         in_reactor(leader.stopService)  # releases the lease
-        wait_for(lambda: follower.is_leader, what="the follower to take over")
+        wait_for(lambda: follower.leading, what="the follower to take over")
         fake.create("destinations", "apps", destination_cr(name="second"))
         wait_condition(fake, "True", model.REASON_OK, name="second")
         assert fake.get("services", "apps", "second") is not None

@@ -102,6 +102,8 @@ def docs(path):
 
 KUSTOMIZATION = "kustomization.yaml"
 EXAMPLES = {"destinations-example.yaml", "sidecar-example.yaml"}
+#: applied on its own, when kubernetes.watchSecrets is on
+SECRET_WATCH = "rbac-secret-watch.yaml"
 
 
 def manifest_files():
@@ -216,7 +218,6 @@ def _allowed(rules, group, resource, verb, name=None):
 NEEDED = [
     (GROUP, "destinations", "list", True), (GROUP, "destinations", "watch", True),
     (GROUP, "destinations/status", "patch", True), (GROUP, "destinations/finalizers", "update", True),
-    ("", "secrets", "list", True), ("", "secrets", "watch", True),
     ("discovery.k8s.io", "endpointslices", "watch", True),
     ("networking.k8s.io", "networkpolicies", "watch", False),
     ("", "services", "get", True), ("", "services", "list", True), ("", "services", "watch", True),
@@ -249,11 +250,35 @@ def test_rbac_covers_the_code_and_nothing_wild():
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
     # nothing the code does not do
     assert not _allowed(cluster, GROUP, "destinations", "update") and not _allowed(cluster, "", "secrets", "create")
+    # listing or watching Secrets returns their data, whatever the gateway asks for: opt-in only
+    assert not _allowed(cluster, "", "secrets", "list") and not _allowed(cluster, "", "secrets", "watch")
+    # the binding Secrets of the destination service instances, by name (watchNamespaces
+    # mode binds the ClusterRole only where the Destinations are)
+    (config,) = find("ConfigMap", "mailgw")
+    instances = (yaml.safe_load(config["data"]["gateway.yaml"])["kubernetes"].get("instances") or {}).values()
+    for binding in [i["secret"] for i in instances if i.get("type") == "btp"] + ["dest-svc-binding"]:
+        assert _allowed(local, "", "secrets", "get", binding), binding
+    assert not _allowed(local, "", "secrets", "get", "any-other-secret")
+    assert not _allowed(local, "", "secrets", "list") and not _allowed(local, "", "secrets", "watch")
     assert not _allowed(cluster, "", "events", "patch") and not _allowed(local, "", "pods", "get")
     (binding,) = find("ClusterRoleBinding", "mailgw")
     (sa,) = find("ServiceAccount", "mailgw")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mailgw",
                                     "namespace": sa["metadata"]["namespace"]}]
+
+
+def test_the_secret_watch_is_granted_apart_and_only_on_request():
+    """kubernetes.watchSecrets needs list and watch on Secrets: a ClusterRole of its own,
+    in a file of its own that `kubectl apply -k k8s/` leaves out."""
+    (role,) = find("ClusterRole", "mailgw-secret-watch")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "watch"]}]
+    (binding,) = find("ClusterRoleBinding", "mailgw-secret-watch")
+    assert binding["roleRef"]["name"] == "mailgw-secret-watch"
+    assert binding["subjects"] == find("ClusterRoleBinding", "mailgw")[0]["subjects"]
+    (kustomization,) = docs(os.path.join(K8S, KUSTOMIZATION))
+    assert SECRET_WATCH not in kustomization["resources"]
+    with open(os.path.join(K8S, SECRET_WATCH)) as f:
+        assert "every Secret" in f.read()  # says plainly what the grant allows
 
 
 def test_deployment_has_probes_identity_resources_and_matching_labels():
@@ -268,7 +293,7 @@ def test_deployment_has_probes_identity_resources_and_matching_labels():
     assert ports["http"] == 9494
     assert container["readinessProbe"]["httpGet"]["port"] in ("http", 9494)
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"] if "valueFrom" in e}
-    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_IP": "status.podIP"}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
     assert container["resources"]["requests"] and container["resources"]["limits"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     labels = pod["metadata"]["labels"]
@@ -365,7 +390,7 @@ def test_kustomization_ties_the_gateway_manifests_together():
     resources = kustomization["resources"]
     for resource in resources:
         assert os.path.isfile(os.path.join(K8S, resource)), resource
-    gateway_files = {os.path.basename(p) for p in manifest_files()} - EXAMPLES
+    gateway_files = {os.path.basename(p) for p in manifest_files()} - EXAMPLES - {SECRET_WATCH}
     assert set(resources) == gateway_files
     assert len(resources) == len(set(resources))
     (deploy,) = find("Deployment", "mailgw")

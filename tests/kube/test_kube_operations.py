@@ -11,9 +11,15 @@ import pytest
 
 from mailgw import metrics
 from mailgw.kube import model
+from mailgw.kube.client import KubeApiError
 from mailgw.kube.controller import KubeSettings
-from mailgw.kube.model import Route
-from kubetest import GW_LABELS, GW_NS, SMTPS, condition, destination_cr, pod, secret, wait_condition, wait_for
+from mailgw.kube.model import Route, parse_cr
+from mailgw.kube.reconcile import policy_body
+from kubetest import (
+    GW_LABELS, GW_NS, SMTPS, FakeListeners, condition, destination_cr, offline_controller, pod, secret, wait_condition,
+    wait_for,
+)
+from twisted.internet.defer import Deferred
 from support.reactor import holds
 
 RANGE = (20000, 24999)
@@ -79,7 +85,7 @@ def test_five_hundred_crs_at_once(cluster, start, in_reactor):
             cluster.create("destinations", ns, destination_cr(name=f"mail-{i}", ref=f"d{i}"))
     wait_for(lambda: available(cluster) == 500, timeout=120, what="500 CRs Available")
     idle(in_reactor, leader, follower)
-    assert not follower.is_leader
+    assert not follower.leading
     recorded = ports_of(cluster)
     assert len(recorded) == 500 and len(set(recorded.values())) == 500
     wait_for(lambda: on_follower.ports() == recorded, timeout=30, what="the follower to serve every route")
@@ -112,6 +118,27 @@ def test_idle_resync_and_a_pod_change(cluster, start, in_reactor):
              what="the new pod in every slice")
     idle(in_reactor, controller)
     assert cluster.tally() - before == {("patch", "endpointslices"): 20}
+
+
+def test_a_pod_change_patches_the_slices_without_looking_destinations_up(cluster, start, in_reactor):
+    """A pod added or gone changes EndpointSlices only: the leader patches them from its
+    caches, without a reconcile's destination lookups (here each would be a request)."""
+    for i in range(5):
+        cluster.create("secrets", "apps", secret(f"d{i}", SMTPS))
+        cluster.create("destinations", "apps", destination_cr(name=f"m{i}", ref=f"d{i}"))
+    controller, _ = start(cache_ttl=0)  # nothing cached
+    wait_for(lambda: available(cluster) == 5, timeout=30, what="5 CRs Available")
+    idle(in_reactor, controller)
+    before = cluster.tally()
+    cluster.create("pods", GW_NS, pod("gw-2", "10.0.0.12"))
+    wait_for(lambda: all(len(s["endpoints"]) == 3 for s in cluster.list("endpointslices", "apps")),
+             what="the new pod in every slice")
+    idle(in_reactor, controller)
+    assert cluster.tally() - before == {("patch", "endpointslices"): 5}
+    # a new address family needs slices created: that is a reconcile's job
+    cluster.create("pods", GW_NS, dict(pod("gw-3", "10.0.0.13"), status={
+        "podIPs": [{"ip": "10.0.0.13"}, {"ip": "fd00::13"}], "conditions": [{"type": "Ready", "status": "True"}]}))
+    wait_for(lambda: len(cluster.list("endpointslices", "apps")) == 10, what="the IPv6 slices")
 
 
 def test_terminating_pod_is_listed_not_ready(cluster, start):
@@ -192,11 +219,11 @@ def test_drain_start_releases_the_lease_and_closes_listeners(cluster, start, in_
     cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
     cluster.create("destinations", "apps", destination_cr())
     controller, listeners = start(leader_election=True)
-    wait_for(lambda: controller.is_leader, what="leadership")
+    wait_for(lambda: controller.leading, what="leadership")
     wait_condition(cluster, "True", model.REASON_OK)
     wait_for(lambda: listeners.ports(), what="a listener")
     in_reactor(controller.startDrain)
-    assert listeners.ports() == {} and not controller.is_leader
+    assert listeners.ports() == {} and not controller.leading
     wait_for(lambda: not (cluster.get("leases", GW_NS, "mailgw-leader")["spec"].get("holderIdentity")),
              what="the Lease released")
     since = time.monotonic()
@@ -248,3 +275,100 @@ def test_a_follower_forgets_a_deleted_cr(cluster, start, in_reactor):
     wait_for(lambda: not cluster.list("networkpolicies", GW_NS), what="the policy to go")
     idle(in_reactor, leader, follower)
     assert in_reactor(lambda: (follower.allocations, follower.owners, follower.served)) == ({}, {}, {})
+
+
+def test_no_listener_opens_once_the_drain_has_begun():
+    """The drain was checked only when a listener sync began: a listener still opening
+    when SIGTERM came stayed open, and the CR's next route was opened after it."""
+
+    class SlowListeners(FakeListeners):
+        def __init__(self):
+            super().__init__()
+            self.opening: list[Deferred] = []
+
+        def open(self, route, port, destination):
+            super().open(route, port, destination)
+            self.opening.append(Deferred())
+            return self.opening[-1]
+
+    listeners = SlowListeners()
+    controller, _, _ = offline_controller(destination_cr(tenants='["t1", "t2"]'), listeners)
+    cr = parse_cr(controller.crs.get(("apps", "mymail")))
+    Deferred.fromCoroutine(controller._reconcile_as_leader(cr, controller.epoch))
+    assert [r.tenant for r in listeners.open_routes] == ["t1"]  # still opening
+    controller.startDrain()
+    listeners.opening[0].callback(None)
+    assert listeners.open_routes == {} and controller.served == {}
+
+
+def test_a_slice_patch_that_fails_after_a_pod_change_becomes_a_full_reconcile(cluster, start, in_reactor):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr())
+    controller, _ = start()
+    wait_condition(cluster, "True", model.REASON_OK)
+    idle(in_reactor, controller)
+    fault = cluster.fault(r"/endpointslices/mymail-mailgw$", method="PATCH", status=500, times=2)
+    cluster.create("pods", GW_NS, pod("gw-2", "10.0.0.12"))
+    wait_for(lambda: len(cluster.get("endpointslices", "apps", "mymail-mailgw")["endpoints"]) == 3,
+             what="the new pod in the slice, after the retry")
+    assert fault.hits == 2
+    assert model.REASON_SERVICE_FAILED in [e["reason"] for e in cluster.list("events", "apps")]
+    wait_condition(cluster, "True", model.REASON_OK)
+
+
+def test_a_follower_serves_a_route_refused_a_port_once_the_port_is_free():
+    """The leader moved mymail off a port and gave it to other; this follower read other's
+    record first and refused it (mymail still held the port).  When mymail's record moves,
+    other is served: nothing else would read its record again until it changed."""
+    other = destination_cr(name="other")
+    other["metadata"].update(namespace="apps", uid="uid-2", resourceVersion="2", generation=1)
+    controller, _, _ = offline_controller()
+    controller.crs.put(other)
+    controller._set_leading(False)
+    controller._synced[("everything", None)] = True  # the initial lists are in: the queue runs
+    listeners, version = controller.listeners, iter(range(10, 100))
+
+    def record(name, port):
+        cr = parse_cr(controller.crs.get(("apps", name)))
+        body = policy_body(cr, {Route("apps", name): port}, controller.placement)
+        body["metadata"]["resourceVersion"] = str(next(version))
+        controller._event("networkpolicies", controller.policy_store, "MODIFIED", body)
+        controller.reactor.advance(0)
+
+    record("mymail", 20001)
+    record("other", 20001)
+    assert listeners.ports() == {Route("apps", "mymail"): 20001}
+    record("mymail", 20002)
+    assert listeners.ports() == {Route("apps", "mymail"): 20002, Route("apps", "other"): 20001}
+    # mymail's listener moved away before other's opened on its old port
+    assert listeners.log.index(("close", Route("apps", "mymail"))) < listeners.log.index(
+        ("open", Route("apps", "other"), 20001))
+
+
+def test_a_name_clash_leaves_no_port_recorded():
+    """An EndpointSlice of the wanted name belongs to someone else: the NetworkPolicy,
+    written before the slice, recorded the route's port; the CR is reconciled once more,
+    knowing the clash, which takes the record back (and writes no second status)."""
+    controller, control, api = offline_controller()
+    controller._synced[("everything", None)] = True  # the initial lists are in: the queue runs
+    create = api.create
+
+    def clash(kind, namespace, body):
+        if kind == "EndpointSlice":
+            api.calls.append(("create", kind, namespace, body["metadata"]["name"]))
+            raise KubeApiError("create: 409 AlreadyExists", 409, "AlreadyExists")
+        return create(kind, namespace, body)
+
+    api.create = clash
+    api.on_get = lambda kind, ns, name: {"metadata": {"name": name, "namespace": ns}} \
+        if kind == "EndpointSlice" else api.objects.get((kind, ns, name))
+    controller.enqueue(("apps", "mymail"))
+    while control.calls:
+        control.run_next()
+    assert not controller.queue.busy
+    assert not [o for (kind, _, _), o in api.objects.items() if kind in ("NetworkPolicy", "Service")]
+    assert controller.allocations == {} and controller.listeners.ports() == {}
+    cr = api.objects[("Destination", "apps", "mymail")]
+    assert cr["status"]["conditions"][0]["reason"] == model.REASON_NAME_PRESENT
+    assert [c[:2] for c in api.writes() if c[1] in ("Destination", "Event")] == [
+        ("status", "Destination"), ("create", "Event")]

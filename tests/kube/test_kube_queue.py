@@ -129,3 +129,62 @@ def test_the_store_keeps_the_newest_and_a_late_write_answer_does_not_resurrect()
     assert store.get(("ns", "x")) is None
     assert store.put(obj(10))  # created again
     assert store.replace([obj(11)], "ns") == {("ns", "x")}
+
+
+def test_a_backlog_of_work_that_finishes_at_once_neither_recurses_nor_wedges():
+    """Work that finishes synchronously (a reconcile with nothing to do) used to start the
+    next key from inside the previous one's callback: thousands of keys queued behind
+    busy workers overflowed the stack, left keys in progress for ever and made stop()
+    wait for ever."""
+    clock = Clock()
+    done, slow = [], {}
+
+    def work(key):
+        if key.startswith("slow"):
+            slow[key] = Deferred()
+            return slow[key]
+        done.append(key)
+        return None
+
+    q = WorkQueue(clock, work, concurrency=4)
+    for i in range(4):
+        q.add(f"slow{i}")
+    for i in range(5000):
+        q.add(f"k{i}")
+    assert q.depth == 5000
+    slow["slow0"].callback(None)
+    assert len(done) == 5000 and q.depth == 0
+    for key in ("slow1", "slow2", "slow3"):
+        slow[key].callback(None)
+    assert not q.busy
+    q.add("again")
+    assert done[-1] == "again"
+    assert q.stop().called
+
+
+def test_tombstones_keep_a_version_only_and_expire():
+    """A tombstone only has to outlive the answer of a write made before the deletion
+    (at most a write's time budget); they were kept for ever, whole metadata included."""
+    from mailgw.kube.store import Store
+
+    def obj(name, rv, **extra):
+        return {"metadata": {"namespace": "ns", "name": name, "resourceVersion": str(rv), **extra}}
+
+    now = [0.0]
+    store = Store(now=lambda: now[0], tombstone_ttl=20.0)
+    for i in range(1000):
+        store.event("DELETED", obj(f"x{i}", 5, labels={"big": "x" * 100}))
+    assert store.tombstones == 1000
+    assert not store.put(obj("x0", 4))  # the late answer of an earlier write
+    now[0] = 21.0
+    store.event("DELETED", obj("y", 9))  # any deletion sweeps the expired ones out
+    assert store.tombstones == 1
+    assert store.put(obj("x1", 4))  # long after: an object of that name again
+
+
+def test_the_store_drops_managed_fields():
+    from mailgw.kube.store import Store
+
+    store = Store()
+    store.put({"metadata": {"namespace": "ns", "name": "x", "resourceVersion": "1", "managedFields": [{"f": 1}]}})
+    assert "managedFields" not in store.get(("ns", "x"))["metadata"]

@@ -282,6 +282,21 @@ def test_name_clash_with_a_service_of_another_destination():
     assert plan.changes == ()
 
 
+def test_objects_of_another_namespace_are_never_ours():
+    """An editor of namespace ``a`` labels a Service of theirs as mailgw's and points its
+    annotation at CR ``b/x``: neither the index nor the reconciler takes it for ``b/x``'s,
+    so no plan deletes ``b``'s object of the same name."""
+    from mailgw.kube.reconcile import cr_key_of
+
+    bait = {"metadata": {"name": "victim", "namespace": "a", "labels": {model.MANAGED_BY_LABEL: "mailgw"},
+                         "annotations": {model.CR_ANNOTATION: "b/x"}}}
+    assert cr_key_of(bait) is None
+    _, plan = run(cr_obj(name="x", ns="b"), existing=Existing(
+        services={"victim": bait}, slices={"victim-mailgw": dict(bait, metadata=dict(bait["metadata"], name="victim-mailgw"))}))
+    assert [c for c in plan.changes if c.action == "delete"] == []
+    assert condition(plan)["status"] == "True"
+
+
 def test_leftovers_of_a_recreated_cr_are_adopted():
     _, old = run(cr_obj(uid="old-uid"))
     existing = apply(old, Existing())
@@ -330,12 +345,12 @@ def test_allocations_are_recorded_on_the_policy_and_read_back_from_it():
     (policy,) = existing.policies.values()
     assert json.loads(policy["metadata"]["annotations"][model.PORTS_ANNOTATION]) == {
         r.tenant: p for r, p in ok.routes.items()}
-    assert routes_from_policy(policy, GW.port_range) == (("apps", "mymail"), dict(ok.routes))
+    assert routes_from_policy(policy, GW.port_range) == dict(ok.routes)
     # a port outside the range, or one the rule does not admit, is not believed
     edited = copy.deepcopy(policy)
     unadmitted = next(p for p in range(20000, 20100) if p not in ok.routes.values())
     edited["metadata"]["annotations"][model.PORTS_ANNOTATION] = json.dumps({"t1": 80, "t2": unadmitted})
-    assert routes_from_policy(edited, GW.port_range)[1] == {}
+    assert routes_from_policy(edited, GW.port_range) == {}
 
 
 def test_an_edited_service_annotation_is_not_believed_but_restored_with_an_event():

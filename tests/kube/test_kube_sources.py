@@ -154,6 +154,33 @@ def test_cache_keeps_definitive_failures_only():
     assert len(inner.calls) == 4
 
 
+def test_a_session_lookup_never_waits_for_a_flight_of_another_plane():
+    """A reconcile's lookup runs in the control pool: a session looking the same
+    destination up must not queue behind it (its own flight, in its own pool), while a
+    stored answer serves every plane."""
+    clock, control = Clock(), object()
+    runs = []
+
+    class Planed(Scripted):
+        def lookup(self, ns, name, tenant=None, *, run=None):
+            runs.append(run)
+            return super().lookup(ns, name, tenant)
+
+    inner = Planed()
+    cache = CachingSource(inner, clock, 120)
+    reconcile = cache.lookup("a", "x", run=control)
+    session, other_session = cache.lookup("a", "x"), cache.lookup("a", "x")
+    assert runs == [control, None]  # the sessions share one flight of their own
+    inner.pending[1].callback("dest")
+    assert outcome(session) == outcome(other_session) == "dest" and not reconcile.called
+    assert outcome(cache.lookup("a", "x", run=control)) == "dest" and len(runs) == 2  # the stored answer
+    inner.pending[0].callback("dest")
+    assert outcome(reconcile) == "dest"
+    cache.invalidate("a", "x")
+    cache.lookup("a", "x", run=control)
+    assert len(runs) == 3
+
+
 def test_registry_default_and_unknown():
     static = MappingSource({("a", "x"): "dest"})
     reg = SourceRegistry({"secrets": static}, default="secrets")
@@ -293,37 +320,69 @@ def test_credentials_from_secret():
         credentials_from_secret({"data": {"clientid": enc("c"), "clientsecret": enc("s"), "url": enc("https://a")}}, "S")
 
 
-def test_btp_through_the_controller(fake, destsvc, reactor, in_reactor):
-    """A CR naming a btp instance whose binding is a Secret in the gateway namespace."""
+BINDING = f"/namespaces/{GW_NS}/secrets/dest-svc-binding$"
+
+
+@pytest.fixture
+def btp_controller(fake, destsvc, reactor, in_reactor):
+    """``start(**settings)``: a controller whose CR apps/mymail (tenants provider and t1)
+    names the btp instance dest-svc, whose binding is a Secret in the gateway namespace."""
     enc = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
     fake.create("secrets", GW_NS, {"metadata": {"name": "dest-svc-binding"}, "data": {
         "clientid": enc("dest-client"), "clientsecret": enc("dest-secret"),
         "url": enc("http://provider.auth.test"), "uri": enc("http://destination.test")}})
     fake.create("pods", GW_NS, pod("gw-0", "10.0.0.10"))
     fake.create("destinations", "apps", destination_cr(instance="dest-svc", tenants='["provider", "t1"]'))
-    api = KubeApi(k8s.ApiClient(fake.configuration()), timeout=2)
-    settings = KubeSettings(gateway_namespace=GW_NS, pod_labels=GW_LABELS, identity="gw-0",
-                            port_range=(20000, 20999), resync_interval=3600, cache_ttl=60,
-                            leader_election=False, retry_delay=0.05,
-                            btp_instances={"dest-svc": "dest-svc-binding"})
-    listeners = FakeListeners()
     token_client = TokenClient(reactor, deadline=5)
     in_reactor(token_client.start)
-    controller = in_reactor(KubeController.create, api, listeners, settings, reactor, None,
-                            TokenProvider(token_client, TokenCache(reactor)))
-    in_reactor(controller.startService)
-    try:
-        wait_condition(fake, "True", model.REASON_OK)
-        assert {s["metadata"]["name"] for s in fake.list("services", "apps")} == {"mymail-provider", "mymail-t1"}
-        route = Route("apps", "mymail", "t1")
-        wait_for(lambda: route in listeners.ports(), what="tenant listener")
-        dest = listeners.open_routes[route][1]
-        assert in_reactor(dest.lookup).host == "t1.example.org"
-        assert in_reactor(dest.can_exchange) is True
-        assert sorted(destsvc.token_requests) == ["provider", "t1"]
-    finally:
+    started = []
+
+    def start(**overrides):
+        api = KubeApi(k8s.ApiClient(fake.configuration()), timeout=2)
+        values = dict(gateway_namespace=GW_NS, pod_labels=GW_LABELS, identity="gw-0",
+                      port_range=(20000, 20999), resync_interval=3600, cache_ttl=60,
+                      leader_election=False, retry_delay=0.05, btp_instances={"dest-svc": "dest-svc-binding"})
+        values.update(overrides)
+        listeners = FakeListeners()
+        controller = in_reactor(KubeController.create, api, listeners, KubeSettings(**values), reactor, None,
+                                TokenProvider(token_client, TokenCache(reactor)))
+        in_reactor(controller.startService)
+        started.append(controller)
+        return controller, listeners
+
+    yield start
+    for controller in started:
         in_reactor(controller.stopService)
-        in_reactor(token_client.stop)
+    in_reactor(token_client.stop)
+
+
+def test_btp_through_the_controller(fake, destsvc, btp_controller, in_reactor):
+    """A CR naming a btp instance whose binding is a Secret in the gateway namespace."""
+    controller, listeners = btp_controller()
+    wait_condition(fake, "True", model.REASON_OK)
+    assert {s["metadata"]["name"] for s in fake.list("services", "apps")} == {"mymail-provider", "mymail-t1"}
+    route = Route("apps", "mymail", "t1")
+    wait_for(lambda: route in listeners.ports(), what="tenant listener")
+    dest = listeners.open_routes[route][1]
+    assert in_reactor(dest.lookup).host == "t1.example.org"
+    assert in_reactor(dest.can_exchange) is True
+    assert sorted(destsvc.token_requests) == ["provider", "t1"]
+
+
+def test_the_binding_secret_is_read_once_until_it_changes(fake, destsvc, btp_controller, in_reactor):
+    """The binding was read for every destination lookup and every token exchange."""
+    controller, listeners = btp_controller(watch_secrets=True)
+    wait_condition(fake, "True", model.REASON_OK)  # two lookups, one per tenant
+    route = Route("apps", "mymail", "t1")
+    wait_for(lambda: route in listeners.ports(), what="tenant listener")
+    dest = listeners.open_routes[route][1]
+    for i in range(3):  # sessions: each exchanges its own refresh token (never cached)
+        assert in_reactor(lambda: dest.exchange(refresh_token=f"rt-{i}")).auth_tokens[0].value.startswith("access-")
+    assert fake.count("GET", BINDING) <= 2  # one per worker pool (reconciles, sessions)
+    fake.update("secrets", GW_NS, "dest-svc-binding", {"metadata": {"labels": {"rotated": "1"}}})
+    before = fake.count("GET", BINDING)
+    wait_for(lambda: in_reactor(lambda: dest.exchange(refresh_token="rt-9")) and fake.count("GET", BINDING) > before,
+             what="the changed binding read again")
 
 
 def test_sources_fail_fast_when_the_pool_is_not_running(fake, reactor, in_reactor):

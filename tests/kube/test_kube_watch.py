@@ -36,7 +36,7 @@ def start_watcher(fake, reactor, in_reactor):
         api = KubeApi(k8s.ApiClient(fake.configuration()), timeout=5)
         rec = Recorder()
         w = Watcher(
-            kind, (lambda: api.list_destinations()) if kind == "Destination" else (lambda: api.list(kind)),
+            kind, lambda: api.list(kind),
             lambda: api.watch_source(kind), rec.on_list, rec.on_event, reactor,
             timeout_seconds=timeout_seconds, min_backoff=0.05, max_backoff=0.2, **kw,
         )
