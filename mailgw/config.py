@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import stat
 import typing
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +21,7 @@ from attrs import field, frozen
 
 from .destination import Destination, DestinationError, parse_destination
 from .endpoints.tls import TLSConfigError, check_tls_files
+from .files import UnreadableFile, read_capped
 from .protocol.socks5 import SOCKSConfigurationError, userpass_request
 from .settings import Settings
 
@@ -36,23 +36,11 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message says where and why."""
 
 
-def read_capped(path: Path | str, limit: int, what: str) -> bytes:
-    """The bytes of ``path``, reading at most ``limit + 1`` of them (``/dev/zero`` and
-    runaway files are refused, not read until memory runs out)."""
+def _read(path: Path | str, limit: int, what: str) -> bytes:
     try:
-        if stat.S_ISFIFO(os.stat(path).st_mode):  # opening one would wait for a writer
-            raise ConfigError(f"{path}: cannot read {what}: it is a FIFO, not a file")
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read {what}: {e.strerror}") from None
-    if len(data) > limit:
-        raise ConfigError(f"{path}: {what} is larger than {_size(limit)}")
-    return data
-
-
-def _size(limit: int) -> str:
-    return f"{limit // (1024 * 1024)} MiB" if limit % (1024 * 1024) == 0 else f"{limit // 1024} KiB"
+        return read_capped(path, limit, what)
+    except UnreadableFile as e:
+        raise ConfigError(str(e)) from None
 
 
 def _text(data: bytes, path: Path, what: str) -> str:
@@ -169,13 +157,13 @@ def resolve_secret(value: Any, where: str, base: Path) -> Any:
         return os.environ[ref]
     path = base / ref
     try:
-        return _text(read_capped(path, MAX_SECRET_BYTES, "secret file"), path, "secret file").rstrip("\r\n")
+        return _text(_read(path, MAX_SECRET_BYTES, "secret file"), path, "secret file").rstrip("\r\n")
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
 
 def _load_document(path: Path) -> Any:
-    text = _text(read_capped(path, MAX_CONFIG_BYTES, "configuration file"), path, "configuration file")
+    text = _text(_read(path, MAX_CONFIG_BYTES, "configuration file"), path, "configuration file")
     try:
         if path.suffix == ".json":
             return json.loads(text)

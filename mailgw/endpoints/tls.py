@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from ..destination import Destination
 from ..errors import GatewayError
+from ..files import UnreadableFile, read_capped
 from ..protocol.refusal import Reason
 
 log = Logger()
@@ -40,12 +41,9 @@ class TLSConfigError(GatewayError, ValueError):
 
 
 def _read(destination: Destination, key: str, path: str) -> bytes:
-    # (imported here: the configuration module imports this one for its start-up checks)
-    from ..config import ConfigError, read_capped
-
     try:
         return read_capped(path, MAX_PEM_BYTES, "PEM file")
-    except ConfigError as e:  # "<path>: cannot read PEM file: ...", "... is larger than 4 MiB"
+    except UnreadableFile as e:  # "<path>: cannot read PEM file: ...", "... is larger than 4 MiB"
         raise TLSConfigError(f"destination {destination.name!r}, key {key!r}: {e}") from None
 
 

@@ -152,7 +152,7 @@ def test_config_errors_are_one_clear_line(doc, expected, tmp_path):
 
 
 def test_a_fifo_as_a_pem_file_is_refused_instead_of_blocking(tmp_path):
-    # The PEM files are read like every file of the configuration (config.read_capped).
+    # The PEM files are read like every file of the configuration (files.read_capped).
     fifo = tmp_path / "ca.pem"
     os.mkfifo(fifo)
 
