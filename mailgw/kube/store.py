@@ -76,6 +76,7 @@ class Store:
 
     @property
     def tombstones(self) -> int:
+        """How many deletions are remembered now (each for ``tombstone_ttl`` seconds)."""
         return len(self._gone)
 
     def __contains__(self, key: object) -> bool:
