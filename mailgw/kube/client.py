@@ -234,9 +234,6 @@ class KubeApi:
                 _content_type=MERGE_PATCH, _preload_content=False, _request_timeout=self.timeout),
         )
 
-    def create_event(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return self.create("Event", namespace, body)
-
     # --- what the watch loop calls ----------------------------------------------------
 
     def watch_source(

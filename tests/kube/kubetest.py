@@ -193,9 +193,6 @@ class RecordingApi:
         key = ("Destination", namespace, name)
         return self._store(*key, merge_patch(self.objects.get(key, {}), {"status": dict(status)}))
 
-    def create_event(self, namespace, body):
-        return self.create("Event", namespace, body)
-
     def writes(self):
         return [c for c in self.calls if c[0] != "get"]
 
