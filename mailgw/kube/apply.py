@@ -62,7 +62,8 @@ def apply_changes(
     failed_routes = set()
     for change in changes:
         if change.kind == ENDPOINT_SLICE and change.route is not None and change.route in failed_routes:
-            failures.append(ApplyFailure(change, "not written: the route's Service could not be written"))
+            # Not written, and no failure of its own: the Service's failure (a clash or
+            # an outage) already stands for the route.
             continue
         if not fence():
             return ApplyResult(tuple(failures), fenced=True)

@@ -280,8 +280,9 @@ class KubeController(MultiService):
         self.decided: set[CRKey] = set()
         #: ports a route could not bind here (it gets another; others keep theirs)
         self.bind_failures: dict[Route, set[int]] = {}
-        #: Service names of other owners met when creating (until the next resync)
-        self.foreign: set[tuple[str, str]] = set()
+        #: names another owner holds, met when creating: (kind, namespace, name) -> the CR
+        #: that wanted it.  Each resync asks whether they are still held (a read each).
+        self.foreign: dict[tuple[str, str, str], CRKey] = {}
         #: listeners open, by CR
         self.served: dict[CRKey, dict[Route, int]] = {}
         self.secret_refs: dict[tuple[str, str], set[CRKey]] = {}
@@ -666,13 +667,30 @@ class KubeController(MultiService):
 
     def resync(self) -> "Deferred[None]":
         """Queue every CR again, and (leader) remove objects whose CR is gone."""
-        self.foreign.clear()
         self.enqueue_all()
         if not (self.leading and self.ready):
             return succeed(None)
-        d = Deferred.fromCoroutine(self._sweep(self.epoch))
+        d = Deferred.fromCoroutine(self._resync_as_leader(self.epoch))
         d.addErrback(lambda f: log.failure("resync sweep failed", f))  # the timer must survive
         return d
+
+    async def _resync_as_leader(self, epoch: int) -> None:
+        await self._recheck_foreign()
+        await self._sweep(epoch)
+
+    async def _recheck_foreign(self) -> None:
+        """Ask whether the names other owners held are still theirs: a CR whose clash
+        is gone is reconciled again.  (Forgetting them all instead had every clashing CR
+        create its Service and delete it again at each resync.)"""
+        for (kind, namespace, name), key in list(self.foreign.items()):
+            try:
+                found = await self.planes.control(self.planes.control_api.get, kind, namespace, name)
+            except Exception as e:  # the API is down: ask again at the next resync
+                log.warn("cannot read {kind} {namespace}/{name}: {e}", kind=kind, namespace=namespace, name=name, e=e)
+                continue
+            if found is None:
+                del self.foreign[(kind, namespace, name)]
+                self.enqueue(key)
 
     def _work(self, key: Hashable) -> "Deferred[None]":
         started = self.reactor.seconds()
@@ -761,13 +779,13 @@ class KubeController(MultiService):
             svc = self.service_store.get((ns, name))
             if svc is not None:
                 services[name] = svc
-            elif (ns, name) in self.foreign:
+            elif (SERVICE, ns, name) in self.foreign:
                 services[name] = {"metadata": {"name": name, "namespace": ns}}  # someone else's
             for sname in (slice_name(name), slice_name(name, True)):
                 found = self.slice_store.get((ns, sname))
                 if found is not None:
                     slices[sname] = found
-                elif (ns, sname) in self.foreign:
+                elif (ENDPOINT_SLICE, ns, sname) in self.foreign:
                     slices[sname] = {"metadata": {"name": sname, "namespace": ns}}  # someone else's
         own = self.policy_store.get((self.placement.namespace, policy_name(cr)))
         if own is not None:
@@ -831,7 +849,7 @@ class KubeController(MultiService):
         for failure in result.failures:
             log.warn("Destination {key}: {message}", key="/".join(key), message=failure.message)
             if failure.foreign:
-                self.foreign.add((failure.change.namespace, failure.change.name))
+                self.foreign[(failure.change.kind, failure.change.namespace, failure.change.name)] = key
         if result.failures:
             ok = all(f.foreign for f in result.failures)  # a name clash waits for a resync
             if ok and any(f.change.route is not None for f in result.failures):

@@ -149,6 +149,28 @@ def test_name_clash_with_a_service_we_do_not_own(cluster, make_controller):
     assert listeners.ports() == {}
 
 
+def test_a_name_clash_costs_a_read_per_resync_and_heals_once_the_name_is_free(cluster, make_controller, in_reactor):
+    """The leader remembers names other owners hold across resyncs: a resync reads each
+    and writes nothing (forgetting them had the CR create its Service and delete it
+    again each time), and the CR is served once the name is free."""
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("services", "apps", {"metadata": {"name": "mymail", "labels": {"app": "theirs"}},
+                                        "spec": {"ports": [{"port": 25}], "selector": {"app": "theirs"}}})
+    cluster.create("destinations", "apps", destination_cr())
+    controller, listeners = make_controller()
+    wait_condition(cluster, "False", model.REASON_NAME_PRESENT)
+    settle(in_reactor, controller)
+    assert cluster.list("networkpolicies", GW_NS) == []  # no port recorded for the clashing route
+    before = cluster.tally()
+    in_reactor(controller.resync)
+    settle(in_reactor, controller)
+    assert cluster.tally() - before == {("get", "services"): 1, ("get", "secrets"): 1}  # (cache_ttl 0: a lookup)
+    cluster.delete("services", "apps", "mymail")
+    in_reactor(controller.resync)
+    wait_condition(cluster, "True", model.REASON_OK)
+    assert cluster.get("services", "apps", "mymail")["metadata"]["labels"][model.MANAGED_BY_LABEL] == "mailgw"
+
+
 def test_a_namespace_editor_cannot_make_the_leader_delete_in_another_namespace(cluster, make_controller, in_reactor):
     """Objects in namespace ``a`` labelled as mailgw's and annotated as CR ``b/x``'s are
     not ``b/x``'s: the leader never deletes ``b``'s Service and slice of the same name
