@@ -39,16 +39,18 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw import metrics
 from mailgw.blocking import BlockingPool
 from mailgw.destination import Destination
 from mailgw.kube.apply import ApplyResult, apply_changes
-from mailgw.kube.client import KubeApi
+from mailgw.kube.client import KubeApi, KubeApiError
 from mailgw.kube.leader import LeaderElector
 from mailgw.kube.listeners import IListenerManager, RouteDestination
 from mailgw.kube.model import (
+    UNBOUND_PORTS_ANNOTATION,
     MANAGED_BY,
     MANAGED_BY_LABEL,
     PLURAL,
@@ -198,8 +200,9 @@ def pod_of(obj: Mapping[str, Any]) -> GatewayPod | None:
         for c in status.get("conditions") or []
     )
     terminating = bool(meta.get("deletionTimestamp"))
+    unbound = str((meta.get("annotations") or {}).get(UNBOUND_PORTS_ANNOTATION) or "")
     return GatewayPod(meta.get("name", ""), tuple(ips), ready=ready and not terminating, serving=ready,
-                      terminating=terminating)
+                      terminating=terminating, unbound_ports={int(p) for p in unbound.split(",") if p.strip().isdigit()})
 
 
 @frozen
@@ -306,6 +309,12 @@ class KubeController(MultiService):
         self.elector: LeaderElector | None = None
         self._resync: LoopingCall | None = None
         self._releasing: Deferred | None = None
+        #: the ports this pod could not open, by CR, and what its Pod says of them now
+        #: (None: unknown, say it again)
+        self._unbound: dict[CRKey, set[int]] = {}
+        self._told_unbound: tuple[int, ...] | None = ()
+        self._telling: Deferred | None = None
+        self._tell_again: Any = None  # the DelayedCall of a retry after a failed patch
         self.queue = WorkQueue(
             reactor, self._work, concurrency=settings.concurrency, base_delay=settings.retry_delay,
             max_delay=settings.resync_interval, rng=rng,
@@ -458,6 +467,8 @@ class KubeController(MultiService):
         self.draining = True
         if self._resync is not None and self._resync.running:
             self._resync.stop()
+        if self._tell_again is not None and self._tell_again.active():
+            self._tell_again.cancel()
         steps: list[Deferred[Any]] = [w.stop() for w in self.watchers]
         steps.append(self.queue.stop())
         if self.elector is not None:
@@ -939,7 +950,45 @@ class KubeController(MultiService):
                 await self._close_listener(route)
         if not current and self.served.get(key) is current:
             self.served.pop(key, None)
+        if failed:
+            self._unbound[key] = {port for _, port in failed}
+        else:
+            self._unbound.pop(key, None)
+        self._tell_unbound()
         return failed
+
+    def _tell_unbound(self) -> None:
+        """Say on this pod's own Pod which gateway ports it could not open (something
+        else holds them here): the leader then lists it neither ready nor serving in
+        those routes' EndpointSlices.  One patch at a time, the latest state last; a
+        failed one is tried again after ``retry_delay``."""
+        ports = tuple(sorted(set().union(*self._unbound.values())))
+        if self._telling is not None or ports == self._told_unbound or self.draining:
+            return
+        value = ",".join(map(str, ports)) or None  # None: a merge patch removes the annotation
+        patch = {"metadata": {"annotations": {UNBOUND_PORTS_ANNOTATION: value}}}
+        self._telling = self.planes.control(
+            self.planes.control_api.patch, "Pod", self.settings.gateway_namespace, self.settings.identity, patch)
+
+        def told(result: Any) -> None:
+            self._telling = None
+            if isinstance(result, Failure) and result.check(KubeApiError) and result.value.not_found:
+                # not running as a pod of that name (POD_NAME): nobody to tell
+                log.warn("cannot say on Pod {pod} which ports it could not open: no such Pod",
+                         pod=self.settings.identity)
+                self._told_unbound = ports
+                return
+            if isinstance(result, Failure):
+                self._told_unbound = None
+                log.warn("cannot say on Pod {pod} which ports it could not open: {e}",
+                         pod=self.settings.identity, e=result.getErrorMessage())
+                if not self.draining:
+                    self._tell_again = self.reactor.callLater(self.settings.retry_delay, self._tell_unbound)
+                return
+            self._told_unbound = ports
+            self._tell_unbound()  # the state may have changed meanwhile
+
+        self._telling.addBoth(told)
 
     async def _close_listener(self, route: Route) -> None:
         try:

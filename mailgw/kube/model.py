@@ -51,6 +51,10 @@ PORT_ANNOTATION = "mailgw.io/gateway-port"
 #: NetworkPolicy in the gateway's namespace: the record every replica trusts, and what
 #: a new leader reads back after a restart.
 PORTS_ANNOTATION = "mailgw.io/gateway-ports"
+#: On a gateway pod, written by that pod itself: the gateway ports it could not open
+#: (``20458,20461``; absent when none).  The leader lists the pod neither ready nor
+#: serving in those routes' EndpointSlices, so clients are not sent where nobody listens.
+UNBOUND_PORTS_ANNOTATION = "mailgw.io/unbound-ports"
 #: Name of the single port on Services and EndpointSlices (they must agree on it).
 PORT_NAME = "mail"
 

@@ -99,9 +99,15 @@ class GatewayPod:
     ready: bool = True
     serving: bool = True
     terminating: bool = False
+    #: gateway ports this pod could not open (``UNBOUND_PORTS_ANNOTATION``)
+    unbound_ports: frozenset[int] = field(default=frozenset(), converter=frozenset)
 
-    def conditions(self) -> dict[str, bool]:
-        return {"ready": self.ready, "serving": self.serving, "terminating": self.terminating}
+    def conditions(self, port: int | None = None) -> dict[str, bool]:
+        """The EndpointSlice conditions of this pod for gateway ``port``: where it could
+        not open the port it is neither ready nor serving."""
+        listening = port not in self.unbound_ports
+        return {"ready": self.ready and listening, "serving": self.serving and listening,
+                "terminating": self.terminating}
 
 
 def sorted_pairs(mapping: Mapping[str, str] | Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -454,7 +460,7 @@ def slice_bodies(
             "endpoints": [
                 {
                     "addresses": [ip],
-                    "conditions": pod.conditions(),
+                    "conditions": pod.conditions(gateway_port),
                     "targetRef": {"kind": "Pod", "namespace": gateway.namespace, "name": pod.name},
                 }
                 for ip, pod in sorted(members, key=lambda m: (m[0], m[1].name))

@@ -226,7 +226,7 @@ NEEDED = [
     ("discovery.k8s.io", "endpointslices", "patch", True), ("discovery.k8s.io", "endpointslices", "delete", True),
     ("discovery.k8s.io", "endpointslices", "get", True),
     ("", "secrets", "get", True), ("", "events", "create", True),
-    ("", "pods", "list", False), ("", "pods", "watch", False),
+    ("", "pods", "list", False), ("", "pods", "watch", False), ("", "pods", "patch", False),
     ("networking.k8s.io", "networkpolicies", "list", False), ("networking.k8s.io", "networkpolicies", "get", False),
     ("networking.k8s.io", "networkpolicies", "create", False),
     ("networking.k8s.io", "networkpolicies", "patch", False),

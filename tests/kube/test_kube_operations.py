@@ -14,7 +14,7 @@ from mailgw.kube import model
 from mailgw.kube.client import KubeApiError
 from mailgw.kube.controller import KubeSettings
 from mailgw.kube.model import Route, parse_cr
-from mailgw.kube.reconcile import policy_body
+from mailgw.kube.reconcile import allocate, policy_body
 from kubetest import (
     GW_LABELS, GW_NS, SMTPS, FakeListeners, condition, destination_cr, offline_controller, pod, secret, wait_condition,
     wait_for,
@@ -27,14 +27,14 @@ RANGE = (20000, 24999)
 
 @pytest.fixture
 def start(controllers):
-    def make(identity="gw-0", leader_election=False, **overrides):
+    def make(identity="gw-0", leader_election=False, fail_ports=(), **overrides):
         values = dict(
             gateway_namespace=GW_NS, pod_labels=GW_LABELS, identity=identity, port_range=RANGE,
             resync_interval=3600, cache_ttl=60, watch_timeout=60, leader_election=leader_election,
             retry_delay=0.05, lease_duration=30.0, renew_deadline=20.0, retry_period=0.2,
         )
         values.update(overrides)
-        return controllers(KubeSettings(**values), api_timeout=5.0)
+        return controllers(KubeSettings(**values), api_timeout=5.0, fail_ports=fail_ports)
 
     return make
 
@@ -155,6 +155,36 @@ def test_terminating_pod_is_listed_not_ready(cluster, start):
     wait_for(lambda: conditions()["gw-1"]["terminating"], what="gw-1 terminating in the slice")
     assert conditions() == {"gw-0": {"ready": True, "serving": True, "terminating": False},
                             "gw-1": {"ready": False, "serving": True, "terminating": True}}
+
+
+def test_a_follower_that_cannot_open_a_port_is_listed_not_ready_for_it(cluster, start, in_reactor):
+    """Something else holds a route's port on the follower: the follower says so on its
+    own Pod (mailgw.io/unbound-ports) and the leader lists it neither ready nor serving in
+    that route's EndpointSlice, so clients are not sent where nobody listens.  Once the
+    follower opens the port (its retries), it is listed ready again."""
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    route = Route("apps", "mymail")
+    port = allocate([route], {}, (), RANGE)[route]
+    held_lease(cluster)
+    leader, _ = start("gw-0")
+    follower, on_follower = start("gw-1", leader_election=True, fail_ports={port})
+    cluster.create("destinations", "apps", destination_cr())
+    wait_condition(cluster, "True", model.REASON_OK)
+
+    def conditions():
+        es = cluster.get("endpointslices", "apps", "mymail-mailgw") or {"endpoints": []}
+        return {e["targetRef"]["name"]: e["conditions"] for e in es["endpoints"]}
+
+    wait_for(lambda: conditions().get("gw-1", {}).get("ready") is False, what="gw-1 not ready for the port")
+    assert conditions() == {"gw-0": {"ready": True, "serving": True, "terminating": False},
+                            "gw-1": {"ready": False, "serving": False, "terminating": False}}
+    annotations = cluster.get("pods", GW_NS, "gw-1")["metadata"]["annotations"]
+    assert annotations[model.UNBOUND_PORTS_ANNOTATION] == str(port)
+    assert ports_of(cluster) == {route: port}  # the port did not move for one pod's sake
+    in_reactor(on_follower.fail_ports.clear)
+    wait_for(lambda: conditions().get("gw-1", {}).get("ready") is True, what="gw-1 ready once it listens")
+    assert model.UNBOUND_PORTS_ANNOTATION not in (cluster.get("pods", GW_NS, "gw-1")["metadata"].get("annotations") or {})
+    assert on_follower.ports() == {route: port}
 
 
 def test_network_policy_names_do_not_collide(cluster, start):
