@@ -225,6 +225,7 @@ class IMAPUpstream(UpstreamMachine):
         return self._next_tag() + b" " + text
 
     SASL_COMMAND = b"AUTHENTICATE"
+    LOGOUT_COMMAND = b"LOGOUT"
 
     def _takes_initial_response(self) -> bool:
         return self._has("SASL-IR")  # else it answers the first "+"

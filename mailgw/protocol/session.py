@@ -457,6 +457,8 @@ class SessionMachine:
             elif isinstance(action, Release):
                 out += self._release(action.leftover)
             elif isinstance(action, Close):
+                if self.upstream is not None:  # a logged-in upstream hears the goodbye too
+                    out += self._from_upstream(self.upstream.logout())
                 out += self._close(action.reason)
             else:
                 raise MisuseError(f"unknown application action {action!r}")

@@ -145,8 +145,9 @@ class SMTPAppSide(AppSide):
     """The application-facing SMTP dialogue before release.
 
     Eager mode: EHLO/HELO and AUTH are answered locally (the offered credentials are
-    discarded), RSET/NOOP too; every other command (MAIL FROM straight after the
-    greeting included) releases the session.
+    discarded), RSET/NOOP and QUIT too (as IMAP's LOGOUT and POP3's QUIT: the upstream
+    gets its own QUIT from the gateway); every other command (MAIL FROM straight after
+    the greeting included) releases the session.
 
     Lazy mode: EHLO advertises ``AUTH XOAUTH2 OAUTHBEARER``; before authentication mail
     commands get ``530 5.7.0 Authentication required``; after it, as in eager mode.
@@ -170,7 +171,7 @@ class SMTPAppSide(AppSide):
             return [SendToApp(b"250 2.0.0 OK" + CRLF)]
         if verb == b"STARTTLS":
             return [SendToApp(b"502 5.5.1 mailgw: STARTTLS is not offered on this listener" + CRLF)]
-        if verb == b"QUIT" and self.lazy and not self.authenticated:
+        if verb == b"QUIT":  # nothing was relayed: no relay to build for the goodbye
             return self._quit(b"221 2.0.0 mailgw closing connection" + CRLF)
         return self._release(line)
 

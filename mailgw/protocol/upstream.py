@@ -223,6 +223,16 @@ class UpstreamMachine:
         self.step = Step.PING
         return self._send_ping()
 
+    def logout(self) -> list:
+        """The application ended its session before release: end a logged-in upstream
+        session with the protocol's own goodbye (QUIT, IMAP's LOGOUT), so the server
+        sees a session that ended, not a lost connection.  Its answer is not awaited:
+        the connection closes after it."""
+        if self.step is not Step.READY:
+            return []
+        self.step = Step.FAILED  # nothing more is read or sent
+        return [SendUpstream(self._tagged(self.LOGOUT_COMMAND) + CRLF)]
+
     def _command(self, step: Step, text: bytes) -> list:
         """Send the command ``text`` and wait for its answer in ``step``."""
         self.step = step
@@ -402,6 +412,8 @@ class UpstreamMachine:
     CAPABILITY_COMMAND = b"CAPABILITY"
     #: the command that starts a SASL login
     SASL_COMMAND = b"AUTH"
+    #: the command that ends a session (IMAP: LOGOUT)
+    LOGOUT_COMMAND = b"QUIT"
 
     def _offered(self) -> set[str]:  # pragma: no cover - abstract
         raise NotImplementedError

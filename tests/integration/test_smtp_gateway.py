@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 from support.clients import smtp_reply
+from support.reactor import wait_for
 from support.skips import require_or_skip
 
 import realservers
@@ -79,6 +80,22 @@ def test_smtplib_with_login_is_answered_locally(gw, smtp_sink):
         client.login("anything", "the application's password is discarded")
         client.sendmail("alice@example.org", ["rcpt@example.org"], message(mark))
     wait_delivered(smtp_sink, mark)
+
+
+def test_quit_before_release_ends_the_upstream_session_with_quit(gw, postfix):
+    """A probe (connect, EHLO, QUIT) is answered by the gateway, which ends its logged-in
+    session at Postfix with QUIT: Postfix logs quit=1, not a lost connection."""
+    seen = postfix.maillog.read_text(errors="replace").count("disconnect from")
+    with smtp_to(gw, "submission") as client:
+        assert client.ehlo()[0] == 250
+        assert client.quit()[0] == 221
+
+    def next_disconnect():
+        lines = [l for l in postfix.maillog.read_text(errors="replace").splitlines() if "disconnect from" in l]
+        return lines[seen] if len(lines) > seen else None
+
+    line = wait_for(next_disconnect, timeout=15, what="Postfix to log the session's end")
+    assert "quit=1" in line and "auth=1" in line, line
 
 
 def test_raw_session_without_ehlo(gw, smtp_sink):

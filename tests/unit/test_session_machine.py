@@ -235,6 +235,29 @@ def test_application_quit_closes_without_goodbye():
     m.upstream_data(b"-ERR no CAPA\r\n")
     actions = m.app_data(b"QUIT\r\n")
     assert to_app(actions) == b"+OK mailgw signing off\r\n" and actions[-1] == CloseApp()
+    assert upstream_bytes(actions) == b"QUIT\r\n"  # the server sees the session end
+
+
+def test_smtp_quit_before_release_is_answered_here_and_the_upstream_hears_its_own():
+    """No relay is built for a session that relayed nothing (a probe's connect, EHLO,
+    QUIT): the gateway answers 221 and says QUIT to the logged-in server itself."""
+    m, _ = smtp_greeted()
+    m.app_data(b"EHLO app\r\n")
+    actions = m.app_data(b"QUIT\r\n")
+    assert to_app(actions) == b"221 2.0.0 mailgw closing connection\r\n"
+    assert upstream_bytes(actions) == b"QUIT\r\n" and actions[-1] == CloseApp()
+    assert not of(actions, StartRelay) and m.outcome is Outcome.CLOSED
+
+
+def test_imap_logout_before_release_logs_the_upstream_out():
+    m = started(destination("imap4", **{"mail.imap4.starttls.enable": "false"}))
+    m.upstream_connected()
+    m.upstream_data(b"* OK ready\r\n")
+    m.upstream_data(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\ng1 OK done\r\n")
+    m.upstream_data(b"g2 OK [CAPABILITY IMAP4rev1] logged in\r\n")
+    actions = m.app_data(b"a1 LOGOUT\r\n")
+    assert to_app(actions).endswith(b"a1 OK LOGOUT completed\r\n")
+    assert upstream_bytes(actions) == b"g3 LOGOUT\r\n" and actions[-1] == CloseApp()
 
 
 # -- lazy: the application presents its secret -------------------------------------------------

@@ -4,7 +4,7 @@ import base64
 
 import pytest
 
-from mailgw.protocol.actions import Close, LoginRefused, MisuseError, Release, StartTLS, UpstreamAwaitingLogin
+from mailgw.protocol.actions import Close, LoginRefused, MisuseError, Release, SendToApp, StartTLS, UpstreamAwaitingLogin
 from mailgw.protocol.actions import UpstreamFailed, UpstreamReady
 from mailgw.protocol.credentials import BearerToken, Password
 from mailgw.protocol.smtp import SMTPAppSide, SMTPUpstream
@@ -136,7 +136,7 @@ def test_bare_lf_and_local_commands():
     m = app()
     assert to_app(m.receive(b"NOOP\n")) == b"250 2.0.0 OK\r\n"
     assert to_app(m.receive(b"STARTTLS\r\n")).startswith(b"502")
-    assert m.receive(b"QUIT\r\n") == [Release(b"QUIT\r\n")]
+    assert m.receive(b"QUIT\r\n") == [SendToApp(b"221 2.0.0 mailgw closing connection\r\n"), Close("application quit")]
 
 
 # -- lazy OAuth2 types: the upstream waits for the application's token ----------------
