@@ -64,6 +64,12 @@ def ports_of(fake):
     return found
 
 
+def slice_conditions(fake, name="mymail-mailgw"):
+    """pod name -> its conditions in EndpointSlice ``name`` of namespace apps."""
+    found = fake.get("endpointslices", "apps", name) or {"endpoints": []}
+    return {e["targetRef"]["name"]: e["conditions"] for e in found["endpoints"]}
+
+
 def writes(fake):
     return sum(n for (verb, _), n in fake.tally().items() if verb not in ("get", "list"))
 
@@ -147,13 +153,8 @@ def test_terminating_pod_is_listed_not_ready(cluster, start):
     start()
     wait_condition(cluster, "True", model.REASON_OK)
     cluster.update("pods", GW_NS, "gw-1", {"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}})
-
-    def conditions():
-        es = cluster.get("endpointslices", "apps", "mymail-mailgw")
-        return {e["targetRef"]["name"]: e["conditions"] for e in es["endpoints"]}
-
-    wait_for(lambda: conditions()["gw-1"]["terminating"], what="gw-1 terminating in the slice")
-    assert conditions() == {"gw-0": {"ready": True, "serving": True, "terminating": False},
+    wait_for(lambda: slice_conditions(cluster)["gw-1"]["terminating"], what="gw-1 terminating in the slice")
+    assert slice_conditions(cluster) == {"gw-0": {"ready": True, "serving": True, "terminating": False},
                             "gw-1": {"ready": False, "serving": True, "terminating": True}}
 
 
@@ -170,19 +171,14 @@ def test_a_follower_that_cannot_open_a_port_is_listed_not_ready_for_it(cluster, 
     follower, on_follower = start("gw-1", leader_election=True, fail_ports={port})
     cluster.create("destinations", "apps", destination_cr())
     wait_condition(cluster, "True", model.REASON_OK)
-
-    def conditions():
-        es = cluster.get("endpointslices", "apps", "mymail-mailgw") or {"endpoints": []}
-        return {e["targetRef"]["name"]: e["conditions"] for e in es["endpoints"]}
-
-    wait_for(lambda: conditions().get("gw-1", {}).get("ready") is False, what="gw-1 not ready for the port")
-    assert conditions() == {"gw-0": {"ready": True, "serving": True, "terminating": False},
+    wait_for(lambda: slice_conditions(cluster).get("gw-1", {}).get("ready") is False, what="gw-1 not ready for the port")
+    assert slice_conditions(cluster) == {"gw-0": {"ready": True, "serving": True, "terminating": False},
                             "gw-1": {"ready": False, "serving": False, "terminating": False}}
     annotations = cluster.get("pods", GW_NS, "gw-1")["metadata"]["annotations"]
     assert annotations[model.UNBOUND_PORTS_ANNOTATION] == str(port)
     assert ports_of(cluster) == {route: port}  # the port did not move for one pod's sake
     in_reactor(on_follower.fail_ports.clear)
-    wait_for(lambda: conditions().get("gw-1", {}).get("ready") is True, what="gw-1 ready once it listens")
+    wait_for(lambda: slice_conditions(cluster).get("gw-1", {}).get("ready") is True, what="gw-1 ready once it listens")
     assert model.UNBOUND_PORTS_ANNOTATION not in (cluster.get("pods", GW_NS, "gw-1")["metadata"].get("annotations") or {})
     assert on_follower.ports() == {route: port}
 
