@@ -50,11 +50,11 @@ from mailgw.kube.client import KubeApi, KubeApiError
 from mailgw.kube.leader import LeaderElector
 from mailgw.kube.listeners import IListenerManager, RouteDestination
 from mailgw.kube.model import (
-    UNBOUND_PORTS_ANNOTATION,
     MANAGED_BY,
     MANAGED_BY_LABEL,
     PLURAL,
     PORTS_ANNOTATION,
+    UNBOUND_PORTS_ANNOTATION,
     DestinationCR,
     Route,
     lookup_problem,
@@ -310,9 +310,9 @@ class KubeController(MultiService):
         self._resync: LoopingCall | None = None
         self._releasing: Deferred | None = None
         #: the ports this pod could not open, by CR, and what its Pod says of them now
-        #: (None: unknown, say it again)
+        #: (None: not known; the pod watch's copy of the Pod tells)
         self._unbound: dict[CRKey, set[int]] = {}
-        self._told_unbound: tuple[int, ...] | None = ()
+        self._told_unbound: tuple[int, ...] | None = None
         self._telling: Deferred | None = None
         self._tell_again: Any = None  # the DelayedCall of a retry after a failed patch
         self.queue = WorkQueue(
@@ -963,6 +963,9 @@ class KubeController(MultiService):
         those routes' EndpointSlices.  One patch at a time, the latest state last; a
         failed one is tried again after ``retry_delay``."""
         ports = tuple(sorted(set().union(*self._unbound.values())))
+        if self._told_unbound is None and self.settings.identity in self.pods:
+            # what the Pod says now: a restarted process may find its predecessor's ports
+            self._told_unbound = tuple(sorted(self.pods[self.settings.identity].unbound_ports))
         if self._telling is not None or ports == self._told_unbound or self.draining:
             return
         value = ",".join(map(str, ports)) or None  # None: a merge patch removes the annotation

@@ -183,6 +183,18 @@ def test_a_follower_that_cannot_open_a_port_is_listed_not_ready_for_it(cluster, 
     assert on_follower.ports() == {route: port}
 
 
+def test_a_restarted_replica_clears_the_ports_its_predecessor_could_not_open(cluster, start):
+    """The annotation outlives a container restart: the new process, which opens every
+    port, removes it, so the leader lists the pod ready again."""
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.update("pods", GW_NS, "gw-1", {"metadata": {"annotations": {model.UNBOUND_PORTS_ANNOTATION: "20001"}}})
+    start("gw-1")
+    cluster.create("destinations", "apps", destination_cr())
+    wait_condition(cluster, "True", model.REASON_OK)
+    wait_for(lambda: model.UNBOUND_PORTS_ANNOTATION not in (cluster.get("pods", GW_NS, "gw-1")["metadata"].get("annotations") or {}),
+             what="the stale annotation removed")
+
+
 def test_network_policy_names_do_not_collide(cluster, start):
     for ns, name in (("a", "b-c"), ("a-b", "c")):
         cluster.create("secrets", ns, secret("example-dest-smtps", SMTPS, ns))
