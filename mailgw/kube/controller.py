@@ -963,9 +963,11 @@ class KubeController(MultiService):
         those routes' EndpointSlices.  One patch at a time, the latest state last; a
         failed one is tried again after ``retry_delay``."""
         ports = tuple(sorted(set().union(*self._unbound.values())))
-        if self._told_unbound is None and self.settings.identity in self.pods:
-            # what the Pod says now: a restarted process may find its predecessor's ports
-            self._told_unbound = tuple(sorted(self.pods[self.settings.identity].unbound_ports))
+        if self._told_unbound is None:
+            # What the Pod says now (a restarted process may find its predecessor's
+            # ports); nothing when it is not among the pods watched (not a pod, no IP yet).
+            own = self.pods.get(self.settings.identity)
+            self._told_unbound = tuple(sorted(own.unbound_ports)) if own is not None else ()
         if self._telling is not None or ports == self._told_unbound or self.draining:
             return
         value = ",".join(map(str, ports)) or None  # None: a merge patch removes the annotation
