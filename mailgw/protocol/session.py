@@ -322,7 +322,8 @@ class SessionMachine:
                 return self._refuse(refusal or Refusal("the upstream server closed the connection", Reason.CONNECT, False))
             return self._from_upstream(self.upstream.receive_eof())
         if self.phase is Phase.DIALOGUE:
-            return [Log("info", "upstream closed before release")] + self._goodbye("the upstream server closed the connection")
+            return [Log("info", "upstream closed before release")] + self._goodbye(
+                "the upstream server closed the connection", upstream_gone=True)
         return []
 
     # -- events: the application leg -------------------------------------------------------
@@ -457,8 +458,6 @@ class SessionMachine:
             elif isinstance(action, Release):
                 out += self._release(action.leftover)
             elif isinstance(action, Close):
-                if self.upstream is not None:  # a logged-in upstream hears the goodbye too
-                    out += self._from_upstream(self.upstream.logout())
                 out += self._close(action.reason)
             else:
                 raise MisuseError(f"unknown application action {action!r}")
@@ -565,13 +564,24 @@ class SessionMachine:
             CloseApp(),
         ]
 
-    def _goodbye(self, text: str) -> list:
+    def _goodbye(self, text: str, *, upstream_gone: bool = False) -> list:
+        out = [] if upstream_gone else self._upstream_goodbye()
         self.phase = Phase.CLOSING
-        return [SendToApp(self.goodbye_bytes(text)), CloseApp()]
+        return out + [SendToApp(self.goodbye_bytes(text)), CloseApp()]
 
     def _close(self, reason: str) -> list:
+        out = self._upstream_goodbye()
         self.phase = Phase.CLOSING
-        return [Log("debug", f"closing: {reason}"), CloseApp()]
+        return out + [Log("debug", f"closing: {reason}"), CloseApp()]
+
+    def _upstream_goodbye(self) -> list:
+        """Before release, a logged-in upstream session ends with the protocol's own
+        goodbye (QUIT, IMAP's LOGOUT) rather than a dropped connection, whoever ends it
+        (the application, a timeout, the drain).  After release the bytes are the
+        application's: nothing is added to them."""
+        if self.upstream is None or self.phase is not Phase.DIALOGUE:
+            return []
+        return self._from_upstream(self.upstream.logout())
 
     def _expect(self, *phases: Phase) -> None:
         if self.phase not in phases:

@@ -214,18 +214,28 @@ def test_dialogue_deadline_holds_however_the_application_trickles():
     actions = m.timer(DIALOGUE)  # ...but not the dialogue deadline
     assert to_app(actions) == b"421 4.3.2 mailgw: the login dialogue took longer than 120s\r\n"
     assert actions[-1] == CloseApp() and not of(actions, Refused) and m.outcome is Outcome.CLOSED
+    assert upstream_bytes(actions) == b"QUIT\r\n"
 
 
-@pytest.mark.parametrize("event, text", [
-    (lambda m: m.timer(IDLE), b"idle timeout"),
-    (lambda m: m.upstream_lost(), b"the upstream server closed the connection"),
-    (lambda m: m.shutdown("the gateway is shutting down"), b"the gateway is shutting down"),
+@pytest.mark.parametrize("event, text, to_server", [
+    (lambda m: m.timer(IDLE), b"idle timeout", b"QUIT\r\n"),
+    (lambda m: m.upstream_lost(), b"the upstream server closed the connection", b""),
+    (lambda m: m.shutdown("the gateway is shutting down"), b"the gateway is shutting down", b"QUIT\r\n"),
 ])
-def test_endings_after_the_greeting_say_goodbye(event, text):
+def test_endings_after_the_greeting_say_goodbye(event, text, to_server):
+    """To the application, and with QUIT to the logged-in server while it is there."""
     m, _ = smtp_greeted()
     actions = event(m)
     assert to_app(actions) == b"421 4.3.2 mailgw: " + text + b"\r\n" and actions[-1] == CloseApp()
+    assert upstream_bytes(actions) == to_server
     assert m.outcome is Outcome.CLOSED and not of(actions, Refused)
+
+
+def test_after_release_the_gateway_adds_nothing_to_the_upstream_stream():
+    m, _ = smtp_greeted()
+    assert of(m.app_data(b"MAIL FROM:<a@example.org>\r\n"), StartRelay)
+    for event in (lambda: m.timer(IDLE), lambda: m.shutdown("the gateway is shutting down")):
+        assert upstream_bytes(event()) == b""
 
 
 def test_application_quit_closes_without_goodbye():
