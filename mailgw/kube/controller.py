@@ -200,9 +200,10 @@ def pod_of(obj: Mapping[str, Any]) -> GatewayPod | None:
         for c in status.get("conditions") or []
     )
     terminating = bool(meta.get("deletionTimestamp"))
-    unbound = str((meta.get("annotations") or {}).get(UNBOUND_PORTS_ANNOTATION) or "")
+    unbound = str((meta.get("annotations") or {}).get(UNBOUND_PORTS_ANNOTATION) or "").split(",")
     return GatewayPod(meta.get("name", ""), tuple(ips), ready=ready and not terminating, serving=ready,
-                      terminating=terminating, unbound_ports={int(p) for p in unbound.split(",") if p.strip().isdigit()})
+                      terminating=terminating,
+                      unbound_ports={int(p) for p in (p.strip() for p in unbound) if p.isascii() and p.isdigit()})
 
 
 @frozen
@@ -471,6 +472,8 @@ class KubeController(MultiService):
             self._tell_again.cancel()
         steps: list[Deferred[Any]] = [w.stop() for w in self.watchers]
         steps.append(self.queue.stop())
+        if self._telling is not None:  # a Pod patch under way finishes before the pools stop
+            steps.append(self._telling)
         if self.elector is not None:
             steps.append(self._releasing or self.elector.stop())
         self._set_leading(False)
@@ -694,14 +697,25 @@ class KubeController(MultiService):
         is gone is reconciled again.  (Forgetting them all instead had every clashing CR
         create its Service and delete it again at each resync.)"""
         for (kind, namespace, name), key in list(self.foreign.items()):
+            if name not in self._wanted_names(key):  # the CR is gone, or wants it no more
+                del self.foreign[(kind, namespace, name)]
+                continue
             try:
                 found = await self.planes.control(self.planes.control_api.get, kind, namespace, name)
-            except Exception as e:  # the API is down: ask again at the next resync
+            except KubeApiError as e:  # the API is down: ask again at the next resync
                 log.warn("cannot read {kind} {namespace}/{name}: {e}", kind=kind, namespace=namespace, name=name, e=e)
                 continue
             if found is None:
                 del self.foreign[(kind, namespace, name)]
                 self.enqueue(key)
+
+    def _wanted_names(self, key: CRKey) -> set[str]:
+        """The Service and EndpointSlice names CR ``key`` wants now (none once it is gone)."""
+        try:
+            cr = parse_cr(self.crs.get(key))
+        except ValueError:  # gone (None) or malformed
+            return set()
+        return {n for r in cr.routes() for n in (r.service_name, slice_name(r.service_name), slice_name(r.service_name, True))}
 
     def _work(self, key: Hashable) -> "Deferred[None]":
         started = self.reactor.seconds()
@@ -716,7 +730,7 @@ class KubeController(MultiService):
                 self.enqueue(key)  # type: ignore[arg-type] # someone else's change came meanwhile: again
             metrics.KUBE_RECONCILE_SECONDS.observe(max(0.0, self.reactor.seconds() - started))
             metrics.KUBE_RECONCILES.labels("ok" if ok else "error").inc()
-            if ok:
+            if ok and not slices_only:  # (a slices-only pass leaves a pending retry be)
                 self.queue.forget(key)
             elif not self.draining:
                 self.queue.retry(key)
@@ -987,7 +1001,7 @@ class KubeController(MultiService):
                 self._told_unbound = None
                 log.warn("cannot say on Pod {pod} which ports it could not open: {e}",
                          pod=self.settings.identity, e=result.getErrorMessage())
-                if not self.draining:
+                if not self.draining and not (self._tell_again is not None and self._tell_again.active()):
                     self._tell_again = self.reactor.callLater(self.settings.retry_delay, self._tell_unbound)
                 return
             self._told_unbound = ports

@@ -171,6 +171,21 @@ def test_a_name_clash_costs_a_read_per_resync_and_heals_once_the_name_is_free(cl
     assert cluster.get("services", "apps", "mymail")["metadata"]["labels"][model.MANAGED_BY_LABEL] == "mailgw"
 
 
+def test_a_name_clash_is_forgotten_with_its_destination(cluster, make_controller, in_reactor):
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("services", "apps", {"metadata": {"name": "mymail", "labels": {"app": "theirs"}}})
+    cluster.create("destinations", "apps", destination_cr())
+    controller, _ = make_controller()
+    wait_condition(cluster, "False", model.REASON_NAME_PRESENT)
+    cluster.delete("destinations", "apps", "mymail")
+    wait_for(lambda: in_reactor(lambda: ("apps", "mymail") not in controller.crs), what="the CR gone")
+    settle(in_reactor, controller)
+    before = cluster.tally()
+    in_reactor(controller.resync)
+    settle(in_reactor, controller)
+    assert ("get", "services") not in cluster.tally() - before  # nothing left to ask about
+
+
 def test_a_namespace_editor_cannot_make_the_leader_delete_in_another_namespace(cluster, make_controller, in_reactor):
     """Objects in namespace ``a`` labelled as mailgw's and annotated as CR ``b/x``'s are
     not ``b/x``'s: the leader never deletes ``b``'s Service and slice of the same name

@@ -147,6 +147,19 @@ def test_a_pod_change_patches_the_slices_without_looking_destinations_up(cluster
     wait_for(lambda: len(cluster.list("endpointslices", "apps")) == 10, what="the IPv6 slices")
 
 
+def test_a_pod_change_does_not_cancel_the_retry_of_a_failed_reconcile(cluster, start):
+    """The slices-only pass a pod change causes succeeds; the failed full reconcile (its
+    status write) is still retried after its backoff, not at the next resync."""
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    fault = cluster.fault(r"/destinations/mymail/status$", method="PATCH", status=500, times=1)
+    start(retry_delay=1.0)
+    cluster.create("destinations", "apps", destination_cr())
+    wait_for(lambda: fault.hits == 1, what="the status write to fail")
+    cluster.create("pods", GW_NS, pod("gw-2", "10.0.0.12"))
+    wait_for(lambda: len(slice_conditions(cluster)) == 3, what="the new pod in the slice")
+    wait_condition(cluster, "True", model.REASON_OK)
+
+
 def test_terminating_pod_is_listed_not_ready(cluster, start):
     cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
     cluster.create("destinations", "apps", destination_cr())
