@@ -102,7 +102,7 @@ class GatewayPod:
     #: gateway ports this pod could not open (``UNBOUND_PORTS_ANNOTATION``)
     unbound_ports: frozenset[int] = field(default=frozenset(), converter=frozenset)
 
-    def conditions(self, port: int | None = None) -> dict[str, bool]:
+    def conditions(self, port: int) -> dict[str, bool]:
         """The EndpointSlice conditions of this pod for gateway ``port``: where it could
         not open the port it is neither ready nor serving."""
         listening = port not in self.unbound_ports
