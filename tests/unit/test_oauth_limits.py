@@ -121,34 +121,31 @@ def test_echoed_credentials_are_redacted(reactor, svc, make_client, events, clie
     assert_no_secrets(logged, SECRETS, "the log", ignore_case=True)
 
 
-def test_error_code_that_echoes_a_secret_is_not_used():
+def parse_secret_echoing(status_code, reason, content_type, content):
+    """The TokenError for a token-service response, to a grant whose client secret is
+    ``cs-Secret``."""
     from mailgw.oauth import _Grant, _parse_response
 
     class Response:
-        status_code = 400
-        reason = "Bad Request"
-        headers = {"Content-Type": "application/json"}
-        content = b'{"error": "cs-Secret", "error_description": "x"}'
+        headers = {"Content-Type": content_type}
 
+    response = Response()
+    response.status_code, response.reason, response.content = status_code, reason, content
     grant = _Grant("client_credentials", "http://t.example/token", CLIENT_ID, "cs-Secret")
     with pytest.raises(TokenError) as info:
-        _parse_response(Response(), grant)
-    assert info.value.error_code == "unknown_error" and "cs-Secret" not in str(info.value)
+        _parse_response(response, grant)
+    return info.value
+
+
+def test_error_code_that_echoes_a_secret_is_not_used():
+    error = parse_secret_echoing(400, "Bad Request", "application/json",
+                                 b'{"error": "cs-Secret", "error_description": "x"}')
+    assert error.error_code == "unknown_error" and "cs-Secret" not in str(error)
 
 
 def test_a_content_type_that_echoes_a_secret_is_redacted():
-    from mailgw.oauth import _Grant, _parse_response
-
-    class Response:
-        status_code = 200
-        reason = "OK"
-        headers = {"Content-Type": "text/x-cs-Secret-and-more; charset=utf-8"}
-        content = b"not json"
-
-    grant = _Grant("client_credentials", "http://t.example/token", CLIENT_ID, "cs-Secret")
-    with pytest.raises(TokenError) as info:
-        _parse_response(Response(), grant)
-    assert info.value.error_code == "malformed_response" and "cs-Secret" not in str(info.value)
+    error = parse_secret_echoing(200, "OK", "text/x-cs-Secret-and-more; charset=utf-8", b"not json")
+    assert error.error_code == "malformed_response" and "cs-Secret" not in str(error)
 
 
 def test_secret_forms():
