@@ -15,7 +15,10 @@ imap
     IMAP ``FETCH 1 (BODY.PEEK[])`` of the large message with imaplib (the FETCH alone,
     after LOGIN and SELECT), and the session time: connect -> LOGIN -> SELECT -> LOGOUT.
     Routes: direct Dovecot; a client doing TLS itself (IMAPS to Dovecot); nginx's mail
-    proxy (plain); mailgw plain with the splice relay and with the Twisted relay; mailgw
+    proxy (plain); the floor, a bare forwarder (``bench/forwarder.py``: blocking
+    ``splice(2)`` in two threads per connection, no protocol, no event loop), which shows
+    what the second TCP hop alone costs; mailgw plain with the splice relay (also as a
+    ratio against the floor) and with the Twisted relay; mailgw
     with TLS upstream (imap4s); mailgw imap4s with a warm pool (``mailgw.pool.size``,
     SPEC 9.7; skipped with a note when the gateway has no ``mailgw_pool_connections``
     metric).  The client logs in on every route (mailgw answers LOGIN locally).  Each
@@ -65,6 +68,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 import realservers  # noqa: E402
 
 USER, PASSWORD = "bench", "bench-password"
+#: Route names the IMAP section compares with each other.
+FLOOR = "floor: bare splice forwarder, plain"
+SPLICE = "mailgw imap4, splice relay"
 HOST = "127.0.0.1"
 NGINX_MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
 
@@ -215,7 +221,7 @@ class Route:
     def __init__(self, name: str, port: int, tls_context=None, tls: bool = False, pid: int | None = None):
         self.name, self.port, self.tls_context = name, port, tls_context
         self.tls = tls  # TLS somewhere on the way (compared with the client doing TLS itself)
-        self.pid = pid  # the gateway's process: its CPU time per FETCH is reported
+        self.pid = pid  # the relaying process (gateway, floor): its CPU time per FETCH is reported
         self.fetch: list[float] = []
         self.fetch_cpu: list[float] = []
         self.session: list[float] = []
@@ -336,7 +342,7 @@ def section_imap(args, routes: list[Route]) -> None:
             route.measure_session()
     direct = routes[0]
     tls_client = next((r for r in routes if r.name.startswith("client doing TLS")), None)
-    print(f"{'route':40} {'FETCH s':>8} {'x direct':>9} {'x TLS cl.':>9} {'gw CPU ms':>9} "
+    print(f"{'route':40} {'FETCH s':>8} {'x direct':>9} {'x TLS cl.':>9} {'CPU ms':>9} "
           f"{'session ms':>11} {'x direct':>9} {'x TLS cl.':>9}")
     for route in routes:
         f, s = median(route.fetch), median(route.session)
@@ -345,13 +351,20 @@ def section_imap(args, routes: list[Route]) -> None:
         cpu = f"{statistics.mean(route.fetch_cpu) * 1e3:9.0f}" if route.fetch_cpu else f"{'':9}"
         print(f"{route.name:40} {f:8.3f} {f / median(direct.fetch):9.2f} {tls_f} {cpu} {s * 1e3:11.2f} "
               f"{s / median(direct.session):9.2f} {tls_s}")
-    print("(gw CPU ms: the gateway process's CPU time per FETCH, mean; clock-tick resolution)")
+    print("(CPU ms: the relaying process's CPU time per FETCH, the gateway's or the floor's; mean; "
+          "clock-tick resolution)")
     # Paired ratios (each against the direct FETCH of the same run) are steadier than the
     # ratio of medians when other work shares the machine.
     print("FETCH ratios against direct, run by run, and their median:")
     for route in routes[1:]:
         ratios = [r / d for r, d in zip(route.fetch, direct.fetch)]
         print(f"  {route.name:38} " + " ".join(f"{x:.2f}" for x in ratios) + f"   median {median(ratios):.2f}")
+    floor = next((r for r in routes if r.name == FLOOR), None)
+    splice = next((r for r in routes if r.name == SPLICE), None)
+    if floor and splice:
+        ratios = [r / f for r, f in zip(splice.fetch, floor.fetch)]
+        print(f"FETCH of the {SPLICE!r} route against the floor, run by run:\n  {'':38} "
+              + " ".join(f"{x:.2f}" for x in ratios) + f"   median {median(ratios):.2f}")
 
 
 def section_smtp(args, direct_port: int, gateway_port: int) -> None:
@@ -513,8 +526,12 @@ def main(argv=None):
                              gateway_config([destination("imap", "imap4", dovecot.imap_port)], {"imap": twisted_port}),
                              env_extra={"MAILGW_SPLICE": "0"})
         stack.callback(twisted_gw.stop)
-        nginx = None
+        nginx = floor = None
         if "imap" in sections:
+            floor_port = realservers.free_port()
+            floor = start_process([sys.executable, str(HERE / "forwarder.py"), str(floor_port), str(dovecot.imap_port)],
+                                  log=work / "forwarder.log")
+            stack.callback(stop_process, floor)
             if os.path.exists(NGINX_MAIL_MODULE):
                 nginx = Nginx(work, dovecot.imap_port)
                 stack.callback(nginx.stop)
@@ -526,6 +543,8 @@ def main(argv=None):
             realservers.wait_for_banner(HOST, port, "* OK", timeout=30)
         if nginx:
             realservers.wait_for_banner(HOST, nginx.port, "* OK", timeout=20)
+        if floor:
+            realservers.wait_for_banner(HOST, floor_port, "* OK", timeout=20)
 
         if "imap" in sections:
             routes = [
@@ -535,7 +554,8 @@ def main(argv=None):
             if nginx:
                 routes.append(Route("nginx mail proxy, plain", nginx.port))
             routes += [
-                Route("mailgw imap4, splice relay", ports["imap"], pid=gateway.proc.pid),
+                Route(FLOOR, floor_port, pid=floor.pid),
+                Route(SPLICE, ports["imap"], pid=gateway.proc.pid),
                 Route("mailgw imap4, Twisted relay", twisted_port, pid=twisted_gw.proc.pid),
                 Route("mailgw imap4s (TLS upstream)", ports["imaps"], tls=True, pid=gateway.proc.pid),
             ]
