@@ -68,6 +68,7 @@ from mailgw.kube.reconcile import (
     NETWORK_POLICY,
     SERVICE,
     Change,
+    Event,
     Existing,
     GatewayPlacement,
     GatewayPod,
@@ -76,6 +77,7 @@ from mailgw.kube.reconcile import (
     cr_key_of,
     policy_cr_key_of,
     deletion_changes,
+    event_changes,
     failed_plan,
     policy_name,
     read_port,
@@ -86,6 +88,7 @@ from mailgw.kube.reconcile import (
     routes_from_policy,
     slice_name,
     sorted_pairs,
+    unbound_warnings,
 )
 from mailgw.kube.store import Store, key_of
 from mailgw.kube.watch import Watcher
@@ -838,14 +841,19 @@ class KubeController(MultiService):
         which reports as always."""
         slices = {o["metadata"]["name"]: o for o in self.slice_store.by_index(cr.key)}
         pods = sorted(self.pods.values(), key=lambda p: p.name)
-        changes = slice_changes(cr, self.allocations.get(cr.key, {}), slices, pods, self.placement)
+        routes = self.allocations.get(cr.key, {})
+        changes = slice_changes(cr, routes, slices, pods, self.placement)
         if changes is None:
             return await self._reconcile_as_leader(cr, epoch)
-        result = await self._apply(changes, self._fence(epoch), cr.key)
+        warnings = [w for route, port in sorted(routes.items()) for w in unbound_warnings(cr, route, port, pods, slices)]
+        fence = self._fence(epoch)
+        result = await self._apply(changes, fence, cr.key)
         for failure in result.failures:
             log.warn("Destination {key}: {message}", key="/".join(cr.key), message=failure.message)
         if result.failures and not result.fenced:
             return await self._reconcile_as_leader(cr, epoch)
+        if warnings and not result.fenced:
+            await self._record(cr, warnings, fence)
         return True
 
     async def _reconcile_as_leader(self, cr: DestinationCR, epoch: int) -> bool:
@@ -890,8 +898,8 @@ class KubeController(MultiService):
         if reports:
             result = await self._apply(reports, fence, key)
             for failure in result.failures:
-                if failure.change.kind == EVENT:  # a lost Event is logged, nothing more
-                    log.warn("cannot record an event on Destination {key}: {e}", key="/".join(key), e=failure.message)
+                if failure.change.kind == EVENT:
+                    self._lost_event(key, failure.message)
                 else:
                     ok = self._error(f"cannot write the status of Destination {'/'.join(key)}: {failure.message}")
                     log.warn("{message}", message=self.last_error)
@@ -906,6 +914,16 @@ class KubeController(MultiService):
                 reason=problem.reason, message=problem.message,
             )
         return ok
+
+    async def _record(self, cr: DestinationCR, events: list[Event], fence: Callable[[], bool]) -> None:
+        """Record ``events`` on ``cr``."""
+        result = await self._apply(event_changes(cr, events, self.now(), self.settings.identity), fence, cr.key)
+        for failure in result.failures:
+            self._lost_event(cr.key, failure.message)
+
+    def _lost_event(self, key: CRKey, message: str) -> None:
+        # An Event is a notice: a lost one is logged, nothing more (no retry, no error).
+        log.warn("cannot record an event on Destination {key}: {e}", key="/".join(key), e=message)
 
     async def _apply(
         self, changes: tuple[Change, ...] | list[Change], fence: Callable[[], bool], cr: CRKey | None = None

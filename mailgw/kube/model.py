@@ -79,6 +79,8 @@ REASON_INSTANCE_NOT_FOUND = "ConfigurationError-DestinationServiceInstance-NotFo
 REASON_LOOKUP_FAILED = "DestinationLookupFailed"
 #: Event reason: an object the gateway owns was edited behind its back (and restored).
 EVENT_SERVICE_EDITED = "ServiceEdited"
+#: Event reason: a gateway replica cannot open a route's port (something else holds it there).
+EVENT_PORT_UNAVAILABLE = "PortUnavailable"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")

@@ -41,6 +41,7 @@ from mailgw.kube.model import (
     PORTS_ANNOTATION,
     CONDITION_AVAILABLE,
     CR_ANNOTATION,
+    EVENT_PORT_UNAVAILABLE,
     EVENT_SERVICE_EDITED,
     MANAGED_BY,
     MANAGED_BY_LABEL,
@@ -725,6 +726,35 @@ def _drift_warning(cr: DestinationCR, svc: Mapping[str, Any], route: Route, port
     )
 
 
+def unbound_warnings(
+    cr: DestinationCR, route: Route, gateway_port: int, pods: Iterable[GatewayPod], slices: Mapping[str, Any]
+) -> list[Event]:
+    """A Warning for each ready gateway pod that cannot open ``gateway_port`` (``route``'s)
+    and that ``slices`` (the CR's EndpointSlices as they are, name -> object) do not list
+    as neither ready nor serving yet: one Event when the slices change, not one a pass."""
+    told = set()
+    for ipv6 in (False, True):
+        endpoints = (slices.get(slice_name(route.service_name, ipv6)) or {}).get("endpoints")
+        for endpoint in endpoints if isinstance(endpoints, list) else ():
+            if not isinstance(endpoint, Mapping):
+                continue
+            conditions, target = endpoint.get("conditions"), endpoint.get("targetRef")
+            if (isinstance(conditions, Mapping) and conditions.get("ready") is False
+                    and conditions.get("serving") is False and isinstance(target, Mapping)):
+                told.add(target.get("name"))
+    return [
+        Event(
+            "Warning",
+            EVENT_PORT_UNAVAILABLE,
+            f"gateway pod {pod.name} cannot listen on port {gateway_port} for Service "
+            f"{cr.namespace}/{route.service_name} (something else holds it there): it is listed "
+            "neither ready nor serving in the Service's EndpointSlices until it can",
+        )
+        for pod in pods
+        if pod.ready and gateway_port in pod.unbound_ports and pod.name not in told
+    ]
+
+
 def reconcile(
     cr: DestinationCR,
     lookups: Mapping[str | None, Destination | BaseException],
@@ -837,6 +867,7 @@ def reconcile(
         for name, body in slice_bodies(cr, route, port, pods, gateway).items():
             desired_slices[name] = body
             slice_routes[name] = route
+        warnings += unbound_warnings(cr, route, port, pods, owned_slices)
     for route, port in kept.items():
         svc_ports = (owned_services[route.service_name].get("spec") or {}).get("ports") or [{}]
         service_ports[route] = svc_ports[0].get("port", "?")
@@ -977,9 +1008,12 @@ def report_changes(cr: DestinationCR, plan: Plan, now: str, reporter: str) -> tu
     changes = []
     if plan.status_patch is not None:
         changes.append(Change("status", DESTINATION, cr.namespace, cr.name, plan.status_patch))
-    for event in ((plan.event,) if plan.event else ()) + plan.warnings:
-        changes.append(Change("create", EVENT, cr.namespace, "", event_body(cr, event, now, reporter)))
-    return tuple(changes)
+    return tuple(changes) + event_changes(cr, ((plan.event,) if plan.event else ()) + plan.warnings, now, reporter)
+
+
+def event_changes(cr: DestinationCR, events: Iterable[Event], now: str, reporter: str) -> tuple[Change, ...]:
+    """The writes that record ``events`` on ``cr``."""
+    return tuple(Change("create", EVENT, cr.namespace, "", event_body(cr, event, now, reporter)) for event in events)
 
 
 def failed_plan(plan: Plan, cr: DestinationCR, failures: Iterable[Any], now: str) -> Plan:

@@ -190,6 +190,16 @@ def test_a_follower_that_cannot_open_a_port_is_listed_not_ready_for_it(cluster, 
     annotations = cluster.get("pods", GW_NS, "gw-1")["metadata"]["annotations"]
     assert annotations[model.UNBOUND_PORTS_ANNOTATION] == str(port)
     assert ports_of(cluster) == {route: port}  # the port did not move for one pod's sake
+
+    def warned():
+        return [e for e in cluster.list("events", "apps") if e["reason"] == model.EVENT_PORT_UNAVAILABLE]
+
+    wait_for(warned, what="the Warning on the Destination")
+    in_reactor(leader.resync)
+    idle(in_reactor, leader, follower)
+    (event,) = warned()  # once, not at every pass
+    assert event["type"] == "Warning" and event["involvedObject"]["name"] == "mymail"
+    assert f"gw-1 cannot listen on port {port}" in event["message"]
     in_reactor(on_follower.fail_ports.clear)
     wait_for(lambda: slice_conditions(cluster).get("gw-1", {}).get("ready") is True, what="gw-1 ready once it listens")
     assert model.UNBOUND_PORTS_ANNOTATION not in (cluster.get("pods", GW_NS, "gw-1")["metadata"].get("annotations") or {})

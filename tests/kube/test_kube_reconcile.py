@@ -370,6 +370,28 @@ def test_an_edited_service_annotation_is_not_believed_but_restored_with_an_event
     assert "'22'" in warning.message and str(ok.routes[route]) in warning.message
 
 
+def test_a_pod_that_cannot_open_the_port_is_warned_about_once():
+    """A ready pod that cannot open a route's port: one Warning when the slices first list
+    it neither ready nor serving, none while they already do, none for a pod not ready."""
+    _, ok = run(cr_obj())
+    port = ok.routes[Route("apps", "mymail")]
+    existing = apply(ok, Existing())
+    unbound = (GatewayPod("gw-1", "10.0.0.1", unbound_ports={port}), GatewayPod("gw-0", "10.0.0.2"),
+               GatewayPod("gw-2", "10.0.0.3", ready=False, serving=False, unbound_ports={port}))
+    _, plan = run(cr_obj(status=ok.status), existing=existing, allocations=ok.routes, pods=unbound)
+    (warning,) = plan.warnings
+    assert warning.type == "Warning" and warning.reason == model.EVENT_PORT_UNAVAILABLE
+    assert "gw-1" in warning.message and str(port) in warning.message and "apps/mymail" in warning.message
+    (patch,) = [c for c in plan.changes if c.kind == "EndpointSlice"]
+    _, again = run(cr_obj(status=ok.status), existing=apply(plan, existing), allocations=ok.routes, pods=unbound)
+    assert again.warnings == () and again.changes == ()
+    # a slice someone mangled is no reason to fail: the pod is simply not known as told
+    mangled = apply(plan, existing)
+    mangled.slices["mymail-mailgw"]["endpoints"] = ["x", {"conditions": "no", "targetRef": 3}]
+    _, plan = run(cr_obj(status=ok.status), existing=mangled, allocations=ok.routes, pods=unbound)
+    assert [w.reason for w in plan.warnings] == [model.EVENT_PORT_UNAVAILABLE]
+
+
 def test_allocation_avoids_ports_of_other_destinations():
     route = Route("apps", "mymail")
     natural = allocate([route], {}, (), GW.port_range)[route]
