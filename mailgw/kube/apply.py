@@ -54,9 +54,11 @@ def apply_changes(
     changes: Iterable[Change],
     fence: Callable[[], bool] = lambda: True,
     on_written: Callable[[str, dict[str, Any]], None] = lambda kind, obj: None,
+    on_deleted: Callable[[str, str, str], None] = lambda kind, namespace, name: None,
 ) -> ApplyResult:
     """Perform ``changes`` in order; ``on_written(kind, obj)`` is called (in this thread)
-    with every object the API server answers a create, patch or status write with.
+    with every object the API server answers a create, patch or status write with, and
+    ``on_deleted(kind, namespace, name)`` for every object a delete found gone.
     Blocking: call from a worker thread."""
     failures: list[ApplyFailure] = []
     failed_routes = set()
@@ -79,7 +81,8 @@ def apply_changes(
                 assert change.body is not None
                 answer = api.patch_destination_status(change.namespace, change.name, change.body)
             elif change.action == "delete":
-                api.delete(change.kind, change.namespace, change.name)
+                api.delete(change.kind, change.namespace, change.name)  # gone either way
+                on_deleted(change.kind, change.namespace, change.name)
             else:  # pragma: no cover - the reconciler only makes the four above
                 raise ValueError(change.action)
         except _Fenced:

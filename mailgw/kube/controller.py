@@ -546,7 +546,8 @@ class KubeController(MultiService):
         assert store is not None
         old = store.get(key)
         if store.event(kind, obj):
-            self._changed(name, store, key, obj, store.index_of(obj) or (store.index_of(old) if old else None))
+            now = None if kind == "DELETED" else obj  # (a deletion is noted without a version)
+            self._changed(name, store, key, now, store.index_of(obj) or (store.index_of(old) if old else None))
 
     def _changed(self, name: str, store: Store, key: tuple[str, str], obj: Mapping[str, Any] | None,
                  cr: CRKey | None) -> None:
@@ -936,22 +937,39 @@ class KubeController(MultiService):
         def hand_back(kind: str, obj: dict[str, Any]) -> None:  # (worker thread)
             self.reactor.callFromThread(self._written, cr, kind, obj)
 
-        return await self.planes.control(apply_changes, self.planes.control_api, changes, fence, hand_back)
+        def hand_back_deletion(kind: str, namespace: str, name: str) -> None:  # (worker thread)
+            self.reactor.callFromThread(self._deleted, cr, kind, (namespace, name))
+
+        return await self.planes.control(
+            apply_changes, self.planes.control_api, changes, fence, hand_back, hand_back_deletion)
+
+    def _store_of(self, kind: str) -> Store | None:
+        return {SERVICE: self.service_store, ENDPOINT_SLICE: self.slice_store, NETWORK_POLICY: self.policy_store,
+                DESTINATION: self.crs}.get(kind)
 
     def _written(self, cr: CRKey | None, kind: str, obj: dict[str, Any]) -> None:
         """The API server's answer to one of ``cr``'s writes goes into the cache as soon
         as it arrives, while the rest of the plan is still being written: its watch
         event, which usually comes later with the same version, then changes nothing.
         The answer is also noted for the reconcile, in case the event came first."""
-        stores = {SERVICE: self.service_store, ENDPOINT_SLICE: self.slice_store, NETWORK_POLICY: self.policy_store,
-                  DESTINATION: self.crs}
-        store = stores.get(kind)
+        store = self._store_of(kind)
         if store is None:
             return
         store.put(obj)
         key = key_of(obj)
         if cr in self._answers and key is not None:
             self._answers[cr].add((store, key, _version_of(obj)))
+
+    def _deleted(self, cr: CRKey | None, kind: str, key: tuple[str, str]) -> None:
+        """One of ``cr``'s deletes is done: the object leaves the cache now, so its watch
+        event changes nothing (and starts no reconcile); noted for the reconcile as a
+        deletion (no version), in case the event came first."""
+        store = self._store_of(kind)
+        if store is None:
+            return
+        store.forget(key)
+        if cr in self._answers:
+            self._answers[cr].add((store, key, None))
 
     async def _sync_listeners(self, key: CRKey, routes: Mapping[Route, int]) -> set[tuple[Route, int]]:
         """Make this pod's listeners for ``key`` match ``routes``; those that failed."""

@@ -135,6 +135,17 @@ class Store:
         self._unindex(key)
         return self._objects.pop(key, None)
 
+    def forget(self, key: Key) -> bool:
+        """This replica deleted ``key``: remove it, and remember the deletion as of the
+        version stored (an older version arriving later must not bring it back).  True
+        when it was stored; its watch event then changes nothing."""
+        old = self._objects.get(key)
+        if old is None:
+            return False
+        self._bury(key, _version(old))
+        self.remove(key)
+        return True
+
     def replace(self, items: Iterable[Mapping[str, Any]], namespace: str | None = None) -> set[Key]:
         """A fresh list (of ``namespace``, or of everything): the keys that changed."""
         fresh = {k: o for o in items if (k := key_of(o)) is not None}

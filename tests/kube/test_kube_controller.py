@@ -4,6 +4,7 @@ and a recording listener manager."""
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from kubetest import GW_LABELS, GW_NS, SMTPS, condition, destination_cr, pod, secret, wait_condition, wait_for
@@ -258,6 +259,32 @@ def test_cr_delete_closes_listener_and_removes_objects(cluster, make_controller)
     assert {s["metadata"]["name"] for s in cluster.list("endpointslices", "apps")} == {"other-mailgw"}
     # the other CR's listener was never touched
     assert [e for e in listeners.log if e[1] == Route("apps", "other")] == [("open", Route("apps", "other"), listeners.ports()[Route("apps", "other")])]
+
+
+def reconciles() -> float:
+    from prometheus_client import REGISTRY
+
+    return sum(REGISTRY.get_sample_value("mailgw_kube_reconciles_total", {"result": r}) or 0 for r in ("ok", "error"))
+
+
+def test_a_reconcile_that_deletes_is_not_run_again_by_its_own_deletions(cluster, make_controller, in_reactor):
+    """The deletes' answers reach the caches as the creates' and patches' do: the watch
+    events of a tenant's Service and EndpointSlice, deleted by the reconcile of the CR
+    change, start no second reconcile."""
+    cluster.create("secrets", "apps", secret("example-dest-smtps", SMTPS))
+    cluster.create("destinations", "apps", destination_cr(tenants='["t1", "t2"]'))
+    controller, listeners = make_controller()
+    wait_condition(cluster, "True", model.REASON_OK)
+    settle(in_reactor, controller)
+    before = reconciles()
+    cluster.update("destinations", "apps", "mymail", {"metadata": {"annotations": {model.TENANTS_ANNOTATION: '["t1"]'}}})
+    wait_for(lambda: cluster.get("services", "apps", "mymail-t2") is None, what="t2's Service deleted")
+    settle(in_reactor, controller)
+    wait_for(lambda: cluster.get("endpointslices", "apps", "mymail-t2-mailgw") is None, what="t2's slice deleted")
+    time.sleep(0.3)  # time for the watch events of the deletions (an extra reconcile would follow them)
+    settle(in_reactor, controller)
+    assert reconciles() - before == 1
+    assert set(listeners.ports()) == {Route("apps", "mymail", "t1")}
 
 
 def test_restart_reads_allocations_back(cluster, make_controller, in_reactor):

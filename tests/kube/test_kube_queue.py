@@ -182,6 +182,24 @@ def test_tombstones_keep_a_version_only_and_expire():
     assert store.put(obj("x1", 4))  # long after: an object of that name again
 
 
+def test_a_deletion_this_replica_made_leaves_the_store_at_once():
+    """``forget``: gone now; an older version (a late event or answer) does not bring it
+    back; the deletion's own watch event then changes nothing; a later object of that
+    name is stored."""
+    from mailgw.kube.store import Store
+
+    def obj(rv):
+        return {"metadata": {"namespace": "ns", "name": "x", "resourceVersion": str(rv)}}
+
+    store = Store()
+    store.put(obj(7))
+    assert store.forget(("ns", "x")) and ("ns", "x") not in store
+    assert not store.put(obj(6)) and not store.put(obj(7))
+    assert not store.event("DELETED", obj(8))  # the echo: nothing to change
+    assert not store.forget(("ns", "x"))
+    assert store.put(obj(9))
+
+
 def test_the_store_drops_managed_fields():
     from mailgw.kube.store import Store
 
