@@ -843,9 +843,8 @@ def reconcile(
     )
 
     desired_services: dict[str, dict[str, Any]] = {}
-    desired_slices: dict[str, dict[str, Any]] = {}
+    desired_slices: dict[str, tuple[Route, dict[str, Any]]] = {}
     service_routes: dict[str, Route] = {}
-    slice_routes: dict[str, Route] = {}
     served: dict[Route, int] = dict(kept)
     service_ports: dict[Route, int] = {}
     warnings: list[Event] = []
@@ -865,8 +864,7 @@ def reconcile(
             if warning is not None:
                 warnings.append(warning)
         for name, body in slice_bodies(cr, route, port, pods, gateway).items():
-            desired_slices[name] = body
-            slice_routes[name] = route
+            desired_slices[name] = (route, body)
         warnings += unbound_warnings(cr, route, port, pods, owned_slices)
     for route, port in kept.items():
         svc_ports = (owned_services[route.service_name].get("spec") or {}).get("ports") or [{}]
@@ -901,18 +899,7 @@ def reconcile(
         else:
             changes.append(Change("create", SERVICE, cr.namespace, name, body, route))
 
-    for name, body in desired_slices.items():
-        route = slice_routes[name]
-        old = owned_slices.get(name)
-        if old is not None and old.get("addressType") not in (None, body["addressType"]):
-            changes.append(Change("delete", ENDPOINT_SLICE, cr.namespace, name, None, route))
-            old = None
-        if old is not None:
-            patch = slice_patch(old, body)
-            if patch is not None:
-                changes.append(Change("patch", ENDPOINT_SLICE, cr.namespace, name, patch, route))
-        else:
-            changes.append(Change("create", ENDPOINT_SLICE, cr.namespace, name, body, route))
+    changes += slice_writes(cr, desired_slices, owned_slices)
 
     for name, svc_slice in sorted(owned_slices.items()):
         tenant = _labels(svc_slice).get(TENANT_LABEL) or None
@@ -954,16 +941,30 @@ def slice_changes(
     for route, port in routes.items():
         for name, body in slice_bodies(cr, route, port, pods, gateway).items():
             desired[name] = (route, body)
-    if set(desired) != set(owned):
+    changes = slice_writes(cr, dict(sorted(desired.items())), owned)
+    if set(desired) != set(owned) or any(c.action != "patch" for c in changes):
         return None
-    changes = []
-    for name, (route, body) in sorted(desired.items()):
-        if owned[name].get("addressType") not in (None, body["addressType"]):
-            return None
-        patch = slice_patch(owned[name], body)
-        if patch is not None:
-            changes.append(Change("patch", ENDPOINT_SLICE, cr.namespace, name, patch, route))
     return tuple(changes)
+
+
+def slice_writes(
+    cr: DestinationCR, desired: Mapping[str, tuple[Route, dict[str, Any]]], owned: Mapping[str, Mapping[str, Any]]
+) -> list[Change]:
+    """The writes that make the EndpointSlices ``desired`` (name -> route and body) out
+    of those ``owned`` (name -> object): a create, a patch where anything differs, and a
+    delete before the create where the address type changed (it cannot be patched).
+    Owned slices not desired are left to the caller."""
+    changes = []
+    for name, (route, body) in desired.items():
+        old = owned.get(name)
+        if old is not None and old.get("addressType") not in (None, body["addressType"]):
+            changes.append(Change("delete", ENDPOINT_SLICE, cr.namespace, name, None, route))
+            old = None
+        if old is None:
+            changes.append(Change("create", ENDPOINT_SLICE, cr.namespace, name, body, route))
+        elif (patch := slice_patch(old, body)) is not None:
+            changes.append(Change("patch", ENDPOINT_SLICE, cr.namespace, name, patch, route))
+    return changes
 
 
 class _Either:
