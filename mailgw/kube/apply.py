@@ -58,7 +58,7 @@ def apply_changes(
 ) -> ApplyResult:
     """Perform ``changes`` in order; ``on_written(kind, obj)`` is called (in this thread)
     with every object the API server answers a create, patch or status write with, and
-    ``on_deleted(kind, namespace, name)`` for every object a delete found gone.
+    ``on_deleted(kind, namespace, name)`` for every object a delete removed.
     Blocking: call from a worker thread."""
     failures: list[ApplyFailure] = []
     failed_routes = set()
@@ -81,8 +81,9 @@ def apply_changes(
                 assert change.body is not None
                 answer = api.patch_destination_status(change.namespace, change.name, change.body)
             elif change.action == "delete":
-                api.delete(change.kind, change.namespace, change.name)  # gone either way
-                on_deleted(change.kind, change.namespace, change.name)
+                if api.delete(change.kind, change.namespace, change.name):
+                    on_deleted(change.kind, change.namespace, change.name)
+                # (already gone: not this delete's doing; its watch event tells the cache)
             else:  # pragma: no cover - the reconciler only makes the four above
                 raise ValueError(change.action)
         except _Fenced:

@@ -958,7 +958,11 @@ class KubeController(MultiService):
         store.put(obj)
         key = key_of(obj)
         if cr in self._answers and key is not None:
-            self._answers[cr].add((store, key, _version_of(obj)))
+            answers = self._answers[cr]
+            # A deletion seen from now on is not the one this reconcile made (it wrote
+            # the object again since): it must queue the CR again.
+            answers.discard((store, key, None))
+            answers.add((store, key, _version_of(obj)))
 
     def _deleted(self, cr: CRKey | None, kind: str, key: tuple[str, str]) -> None:
         """One of ``cr``'s deletes is done: the object leaves the cache now, so its watch

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Container, Iterable, Mapping
+from typing import Any, Container, Iterable, Mapping, Sequence
 
 from attrs import field, frozen
 
@@ -164,6 +164,8 @@ class Event:
     type: str  # Normal | Warning
     reason: str
     message: str
+    #: the route it is about, when it is about one: not recorded when that route's writes failed
+    route: Route | None = None
 
 
 @frozen
@@ -723,6 +725,7 @@ def _drift_warning(cr: DestinationCR, svc: Mapping[str, Any], route: Route, port
         f"Service {cr.namespace}/{route.service_name} was edited: gateway port annotation "
         f"{str(shown)[:20]!r}, targetPort {', '.join(sorted(t[:20] for t in targets)) or 'none'}; "
         f"the gateway port of this route is {port}: restored",
+        route,
     )
 
 
@@ -731,16 +734,21 @@ def unbound_warnings(
 ) -> list[Event]:
     """A Warning for each ready gateway pod that cannot open ``gateway_port`` (``route``'s)
     and that ``slices`` (the CR's EndpointSlices as they are, name -> object) do not list
-    as neither ready nor serving yet: one Event when the slices change, not one a pass."""
+    for that port as neither ready nor serving (nor terminating) yet: one Event when the
+    slices change, not one a pass."""
     told = set()
     for ipv6 in (False, True):
-        endpoints = (slices.get(slice_name(route.service_name, ipv6)) or {}).get("endpoints")
+        found = slices.get(slice_name(route.service_name, ipv6))
+        if not isinstance(found, Mapping) or _slice_port(found) != gateway_port:
+            continue
+        endpoints = found.get("endpoints")
         for endpoint in endpoints if isinstance(endpoints, list) else ():
             if not isinstance(endpoint, Mapping):
                 continue
             conditions, target = endpoint.get("conditions"), endpoint.get("targetRef")
-            if (isinstance(conditions, Mapping) and conditions.get("ready") is False
-                    and conditions.get("serving") is False and isinstance(target, Mapping)):
+            if (isinstance(conditions, Mapping) and isinstance(target, Mapping)
+                    and (conditions.get("ready"), conditions.get("serving"), conditions.get("terminating"))
+                    == (False, False, False)):
                 told.add(target.get("name"))
     return [
         Event(
@@ -749,10 +757,18 @@ def unbound_warnings(
             f"gateway pod {pod.name} cannot listen on port {gateway_port} for Service "
             f"{cr.namespace}/{route.service_name} (something else holds it there): it is listed "
             "neither ready nor serving in the Service's EndpointSlices until it can",
+            route,
         )
         for pod in pods
         if pod.ready and gateway_port in pod.unbound_ports and pod.name not in told
     ]
+
+
+def _slice_port(obj: Mapping[str, Any]) -> Any:
+    """The port an EndpointSlice lists (its first; mailgw's list one)."""
+    ports = obj.get("ports")
+    first = ports[0] if isinstance(ports, list) and ports else None
+    return first.get("port") if isinstance(first, Mapping) else None
 
 
 def reconcile(
@@ -1017,7 +1033,7 @@ def event_changes(cr: DestinationCR, events: Iterable[Event], now: str, reporter
     return tuple(Change("create", EVENT, cr.namespace, "", event_body(cr, event, now, reporter)) for event in events)
 
 
-def failed_plan(plan: Plan, cr: DestinationCR, failures: Iterable[Any], now: str) -> Plan:
+def failed_plan(plan: Plan, cr: DestinationCR, failures: Sequence[Any], now: str) -> Plan:
     """The plan with its status rewritten after some of its changes failed to apply
     (``failures``: :class:`~mailgw.kube.apply.ApplyFailure`).  An object of a wanted
     name that exists and is not ours is a name clash; anything else a creation failure."""
@@ -1042,7 +1058,10 @@ def failed_plan(plan: Plan, cr: DestinationCR, failures: Iterable[Any], now: str
                 f"could not {change.action} {change.kind} {change.namespace}/{change.name}: {failure.message}",
             )
     status, patch, event = build_status(cr, problems, routes, plan.service_ports, now)
-    return Plan(routes, plan.changes, status, patch, problems, plan.service_ports, event, plan.warnings)
+    # A warning about a route whose writes failed would be written again at every retry.
+    failed = {failure.change.route for failure in failures}
+    warnings = tuple(w for w in plan.warnings if w.route is None or w.route not in failed)
+    return Plan(routes, plan.changes, status, patch, problems, plan.service_ports, event, warnings)
 
 
 def deletion_changes(existing: Existing, gateway: GatewayPlacement) -> tuple[Change, ...]:

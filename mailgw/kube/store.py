@@ -181,5 +181,9 @@ class Store:
             return False
         if kind == "DELETED":
             self._bury(key, _version(obj))
+            stored = self._objects.get(key)
+            current, deleted_at = _version(stored) if stored is not None else None, _version(obj)
+            if current is not None and deleted_at is not None and current > deleted_at:
+                return False  # a later object of that name (created again) is not the one deleted
             return self.remove(key) is not None
         return self.put(obj)

@@ -198,6 +198,12 @@ def test_a_deletion_this_replica_made_leaves_the_store_at_once():
     assert not store.event("DELETED", obj(8))  # the echo: nothing to change
     assert not store.forget(("ns", "x"))
     assert store.put(obj(9))
+    # deleted and created again by this replica; the deletion's event comes after the
+    # new object's answer: it is not the new object's deletion
+    store.forget(("ns", "x"))
+    assert store.put(obj(12))
+    assert not store.event("DELETED", obj(11)) and store.get(("ns", "x")) is not None
+    assert store.event("DELETED", obj(13)) and store.get(("ns", "x")) is None
 
 
 def test_the_store_drops_managed_fields():

@@ -40,6 +40,7 @@ from mailgw.kube.reconcile import (
     policy_name,
     reconcile,
     routes_from_policy,
+    unbound_warnings,
 )
 
 NOW = "2026-01-01T00:00:00Z"
@@ -390,6 +391,26 @@ def test_a_pod_that_cannot_open_the_port_is_warned_about_once():
     mangled.slices["mymail-mailgw"]["endpoints"] = ["x", {"conditions": "no", "targetRef": 3}]
     _, plan = run(cr_obj(status=ok.status), existing=mangled, allocations=ok.routes, pods=unbound)
     assert [w.reason for w in plan.warnings] == [model.EVENT_PORT_UNAVAILABLE]
+
+
+def test_a_port_warning_is_not_repeated_while_the_slice_write_fails_and_is_new_for_a_new_port():
+    route = Route("apps", "mymail")
+    _, ok = run(cr_obj())
+    port = ok.routes[route]
+    existing = apply(ok, Existing())
+    pods = (GatewayPod("gw-1", "10.0.0.1", unbound_ports={port, port + 1}), GatewayPod("gw-0", "10.0.0.2"))
+    _, plan = run(cr_obj(status=ok.status), existing=existing, allocations=ok.routes, pods=pods)
+    (patch,) = plan.changes
+    assert len(plan.warnings) == 1
+    # the slice patch fails (an outage, a webhook): the retry would find the same cache
+    failed = failed_plan(plan, parse_cr(cr_obj(status=ok.status)), [ApplyFailure(patch, "boom")], NOW)
+    assert failed.warnings == ()
+    # told for the old port is not told for the new one
+    told = apply(plan, existing).slices
+    assert unbound_warnings(parse_cr(cr_obj()), route, port, pods, told) == []
+    moved = copy.deepcopy(told)
+    moved["mymail-mailgw"]["ports"][0]["port"] = port + 1
+    assert [w.route for w in unbound_warnings(parse_cr(cr_obj()), route, port, pods, moved)] == [route]
 
 
 def test_allocation_avoids_ports_of_other_destinations():

@@ -28,8 +28,8 @@ def test_floor_forwarder_relays_both_ways():
         with conn:
             conn.sendall(b"hello\r\n")
             got = b""
-            while len(got) < len(payload):
-                got += conn.recv(1 << 16)
+            while len(got) < len(payload) and (chunk := conn.recv(1 << 16)):
+                got += chunk
             conn.sendall(got[::-1])
 
     threading.Thread(target=serve, daemon=True).start()
@@ -39,11 +39,13 @@ def test_floor_forwarder_relays_both_ways():
     forwarder = subprocess.Popen([sys.executable, str(BENCH.parent / "forwarder.py"), str(port),
                                   str(upstream.getsockname()[1])])
     try:
-        for _ in range(100):
+        for attempt in range(100):
             try:
                 client = socket.create_connection(("127.0.0.1", port), timeout=10)
                 break
             except ConnectionRefusedError:
+                if attempt == 99:
+                    raise
                 threading.Event().wait(0.05)
         with client, client.makefile("rb") as reader:
             assert reader.readline() == b"hello\r\n"
