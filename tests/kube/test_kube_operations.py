@@ -50,6 +50,16 @@ def idle(in_reactor, *controllers):
         wait_for(lambda: in_reactor(lambda: not c.queue.busy), what="the controller to go idle")
 
 
+def requests_for_a_third_pod(cluster, in_reactor, controller):
+    """Add gateway pod gw-2; the requests made until it is in every slice and all is idle."""
+    before = cluster.tally()
+    cluster.create("pods", GW_NS, pod("gw-2", "10.0.0.12"))
+    wait_for(lambda: all(len(s["endpoints"]) == 3 for s in cluster.list("endpointslices", "apps")),
+             what="the new pod in every slice")
+    idle(in_reactor, controller)
+    return cluster.tally() - before
+
+
 def available(fake):
     return sum(1 for d in fake.list("destinations") if (condition(fake, d["metadata"]["name"], d["metadata"]["namespace"]) or {}).get("status") == "True")
 
@@ -118,12 +128,7 @@ def test_idle_resync_and_a_pod_change(cluster, start, in_reactor):
     in_reactor(controller.resync)
     idle(in_reactor, controller)
     assert cluster.tally() - before == {}  # an idle resync asks nothing and writes nothing
-    before = cluster.tally()
-    cluster.create("pods", GW_NS, pod("gw-2", "10.0.0.12"))
-    wait_for(lambda: all(len(s["endpoints"]) == 3 for s in cluster.list("endpointslices", "apps")),
-             what="the new pod in every slice")
-    idle(in_reactor, controller)
-    assert cluster.tally() - before == {("patch", "endpointslices"): 20}
+    assert requests_for_a_third_pod(cluster, in_reactor, controller) == {("patch", "endpointslices"): 20}
 
 
 def test_a_pod_change_patches_the_slices_without_looking_destinations_up(cluster, start, in_reactor):
@@ -135,12 +140,7 @@ def test_a_pod_change_patches_the_slices_without_looking_destinations_up(cluster
     controller, _ = start(cache_ttl=0)  # nothing cached
     wait_for(lambda: available(cluster) == 5, timeout=30, what="5 CRs Available")
     idle(in_reactor, controller)
-    before = cluster.tally()
-    cluster.create("pods", GW_NS, pod("gw-2", "10.0.0.12"))
-    wait_for(lambda: all(len(s["endpoints"]) == 3 for s in cluster.list("endpointslices", "apps")),
-             what="the new pod in every slice")
-    idle(in_reactor, controller)
-    assert cluster.tally() - before == {("patch", "endpointslices"): 5}
+    assert requests_for_a_third_pod(cluster, in_reactor, controller) == {("patch", "endpointslices"): 5}
     # a new address family needs slices created: that is a reconcile's job
     cluster.create("pods", GW_NS, dict(pod("gw-3", "10.0.0.13"), status={
         "podIPs": [{"ip": "10.0.0.13"}, {"ip": "fd00::13"}], "conditions": [{"type": "Ready", "status": "True"}]}))

@@ -97,12 +97,18 @@ def test_application_closing_closes_upstream_and_ends_the_session():
     assert session.closed.called
 
 
-@pytest.mark.parametrize("released", [False, True])
-def test_drain_timeout_closes_open_sessions_with_goodbye(released):
-    clock, gateway, session, app, endpoint = make()
+def logged_in(released):
+    """A session logged in upstream (``make()``'s five), released by ``MAIL FROM`` or not."""
+    clock, gateway, session, app, endpoint = made = make()
     endpoint.smtp_ready()
     if released:
         session.dataReceived(b"MAIL FROM:<a@example.org>\r\n")
+    return made
+
+
+@pytest.mark.parametrize("released", [False, True])
+def test_drain_timeout_closes_open_sessions_with_goodbye(released):
+    clock, gateway, session, app, endpoint = logged_in(released)
     app.clear()
     done = gateway.drain(10)
     assert not done.called
@@ -220,10 +226,7 @@ def test_the_login_phase_of_a_lazy_destination_times_the_login_not_the_dialogue(
 @pytest.mark.parametrize("released", [False, True])
 def test_a_closed_session_leaves_no_abort_timer_behind(released):
     # Each would keep the session's whole object graph alive for CLOSE_GRACE seconds.
-    clock, gateway, session, app, endpoint = make()
-    endpoint.smtp_ready()
-    if released:
-        session.dataReceived(b"MAIL FROM:<a@example.org>\r\n")
+    clock, gateway, session, app, endpoint = logged_in(released)
     session.connectionLost(None)
     assert endpoint.transport.disconnecting and clock.getDelayedCalls()  # the upstream's deadline
     endpoint.protocol.connectionLost(None)
