@@ -546,8 +546,8 @@ class KubeController(MultiService):
         assert store is not None
         old = store.get(key)
         if store.event(kind, obj):
-            now = None if kind == "DELETED" else obj  # (a deletion is noted without a version)
-            self._changed(name, store, key, now, store.index_of(obj) or (store.index_of(old) if old else None))
+            current = None if kind == "DELETED" else obj  # (a deletion is noted without a version)
+            self._changed(name, store, key, current, store.index_of(obj) or (store.index_of(old) if old else None))
 
     def _changed(self, name: str, store: Store, key: tuple[str, str], obj: Mapping[str, Any] | None,
                  cr: CRKey | None) -> None:
